@@ -98,14 +98,21 @@ mod tests {
     #[test]
     fn flat_ids_are_indices() {
         let t = CpuTopology::flat(4);
-        assert_eq!((0..4).map(|i| t.apic_id(i)).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(
+            (0..4).map(|i| t.apic_id(i)).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
         assert_eq!(t.package_shift(), 2);
     }
 
     #[test]
     fn hostos_topology_packs_fields() {
         // HostOS: sockets=2, cores=vcpus/4, threads=2; 12 vCPUs -> 2 x 3 x 2.
-        let t = CpuTopology { sockets: 2, cores: 3, threads: 2 };
+        let t = CpuTopology {
+            sockets: 2,
+            cores: 3,
+            threads: 2,
+        };
         assert_eq!(t.vcpus(), 12);
         assert_eq!(t.thread_bits(), 1);
         assert_eq!(t.core_bits(), 2);

@@ -1,0 +1,9 @@
+//! x86-64 specifics: address map, boot protocols, CPUID, MP table, vCPU
+//! register state.
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod regs;
+pub mod topology;

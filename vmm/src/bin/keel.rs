@@ -1,0 +1,102 @@
+//! `keel`: boot one VM from a config file and/or Cloud Hypervisor style
+//! flags, run it until it ends, exit with a code saying how it ended.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use log::{error, LevelFilter};
+use vmm::config::{FlagOverrides, VmConfig};
+use vmm::exit::EXIT_CONFIG_ERROR;
+
+/// Keel: a VMM for one large, security-critical guest.
+///
+/// Exit codes: 0 guest powered off or stopped on SIGTERM/SIGINT; 1 bad
+/// configuration or set-up failure; 2 usage error; 3 guest reset/reboot;
+/// 4 guest triple fault; 5 guest crash report; 6 fatal VMM/KVM error.
+#[derive(Parser, Debug)]
+#[command(name = "keel", version)]
+struct Args {
+    /// TOML config file; flags given too override its settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Kernel: ELF vmlinux (PVH entry used when present) or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Guest memory: size=512M[,hugepages=on].
+    #[arg(long, value_name = "OPTIONS")]
+    memory: Option<String>,
+    /// vCPUs: boot=N[,sockets=S,cores=C,threads=T][,mask=feat1:feat2].
+    #[arg(long, value_name = "OPTIONS")]
+    cpus: Option<String>,
+    /// Serial console: stdout | off | file=PATH.
+    #[arg(long, value_name = "MODE")]
+    serial: Option<String>,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    log_level: LevelFilter,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => VmConfig::from_file(path)?,
+        None => VmConfig::default(),
+    };
+    config.apply_flags(&FlagOverrides {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        memory: args.memory.clone(),
+        cpus: args.cpus.clone(),
+        serial: args.serial.clone(),
+    })?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let args = Args::parse();
+    vmm::logger::init(args.log_level);
+    if let Err(e) = vmm::vmm::block_stop_signals() {
+        error!("cannot block SIGTERM/SIGINT: {e}");
+        return ExitCode::from(EXIT_CONFIG_ERROR);
+    }
+    let config = match config_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_CONFIG_ERROR);
+        }
+    };
+    if args.print_config {
+        return match toml::to_string(&config) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                error!("cannot print config: {e}");
+                ExitCode::from(EXIT_CONFIG_ERROR)
+            }
+        };
+    }
+    let vmm = match vmm::builder::build_and_start(&config, start) {
+        Ok(v) => v,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_CONFIG_ERROR);
+        }
+    };
+    let outcome = vmm.run();
+    ExitCode::from(outcome.exit_code())
+}

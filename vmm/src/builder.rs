@@ -1,0 +1,160 @@
+//! From a validated [`VmConfig`] to a running [`Vmm`], in one readable
+//! sequence: KVM and memory, payload and boot tables, devices, vCPUs.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use devices::bus::Bus;
+use log::info;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, BootError};
+use crate::arch::x86_64::cpuid::{self, CpuidError, CpuidOptions, NativeCpuid};
+use crate::arch::x86_64::mptable::{self, MpTableError};
+use crate::arch::x86_64::regs::{self, RegsError};
+use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{self, DeviceError};
+use crate::vmm::Vmm;
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Command line used when the config gives none.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Everything that can stop a VM from being built. Nothing is left running
+/// when one is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM or VM creation.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or boot information.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// MP table.
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    /// CPUID table.
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    /// Devices.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Boot vCPU registers.
+    #[error("boot vCPU: {0}")]
+    Regs(#[from] RegsError),
+    /// Reading the host's supported CPUID.
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    /// The control loop's eventfd.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// Builds and starts the VM described by `config`. `start` is the VMM's
+/// start time, the zero of the boot timer.
+pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
+    config.validate()?;
+    let topology = config.cpus.topology()?;
+    let vcpus = topology.vcpus();
+    let mem_size = config.memory.size;
+
+    let vm = Vm::new(vcpus)?;
+    let guest_memory = memory::create_guest_memory(mem_size, config.memory.hugepages)?;
+    vm.register_memory(&guest_memory)?;
+
+    let cmdline = config.payload.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
+    // `validate` guarantees the kernel is set.
+    let kernel = config
+        .payload
+        .kernel
+        .as_deref()
+        .ok_or(ConfigError::Missing("kernel"))?;
+    let payload = boot::load_payload(
+        &guest_memory,
+        mem_size,
+        kernel,
+        config.payload.initrd.as_deref(),
+        cmdline,
+    )?;
+    boot::write_boot_info(&guest_memory, mem_size, &payload, cmdline.len())?;
+    mptable::setup_mptable(&guest_memory, &topology)?;
+    info!(
+        "payload: {} ({:?} entry at {:#x}), {} MiB, {} vCPUs ({}x{}x{})",
+        kernel.display(),
+        payload.entry.mode,
+        payload.entry.entry,
+        mem_size >> 20,
+        vcpus,
+        topology.sockets,
+        topology.cores,
+        topology.threads
+    );
+
+    let mut pio = Bus::new();
+    let legacy = device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start)?;
+    let mmio = Bus::new();
+
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let mut cpuid_opts = CpuidOptions {
+        masked_features: config.cpus.mask.clone(),
+        tsc_khz: None,
+        tsc_deadline: vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    };
+    let mut created = Vec::with_capacity(vcpus as usize);
+    for index in 0..vcpus {
+        let apic_id = topology.apic_id(index);
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(apic_id))
+            .map_err(|e| VcpuError::Kvm(index, "create vCPU", e))?;
+        if index == 0 {
+            cpuid_opts.tsc_khz = fd.get_tsc_khz().ok();
+        }
+        let table =
+            cpuid::build_vcpu_cpuid(&supported, &NativeCpuid, &topology, index, &cpuid_opts)?;
+        created.push(Vcpu::configure(fd, index, &table)?);
+    }
+    let bsp = &created[0];
+    regs::setup_sregs(&guest_memory, bsp.fd(), payload.entry.mode)?;
+    regs::setup_regs(bsp.fd(), payload.entry.mode, payload.entry.entry)?;
+
+    vcpu::install_kick_handler()?;
+    let (tx, rx) = mpsc::channel();
+    let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
+    let shared = VcpuShared {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        stop: Arc::new(AtomicBool::new(false)),
+        events: tx,
+        events_ready: events_ready.clone(),
+    };
+    let mut vmm = Vmm::new(
+        vm,
+        guest_memory,
+        legacy,
+        shared.stop.clone(),
+        rx,
+        events_ready,
+    );
+    for v in created {
+        vmm.add_vcpu_counters(v.counters());
+        let handle = v.start(shared.clone())?;
+        vmm.add_vcpu(handle);
+    }
+    Ok(vmm)
+}

@@ -1,0 +1,691 @@
+//! The one typed configuration model of a VM, shared by the command line,
+//! the TOML config file and (later) the control API.
+//!
+//! A config file is deserialized straight into [`VmConfig`]; command-line
+//! flags then override it field by field (a `--memory` flag replaces the
+//! whole `[memory]` table, `--kernel` just the kernel). [`VmConfig::validate`]
+//! checks the result before anything is created, so a VM never starts
+//! half-configured.
+
+mod options;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::x86_64::cpuid;
+use crate::arch::x86_64::layout;
+use crate::arch::x86_64::topology::CpuTopology;
+pub use options::{parse_size, parse_switch, OptionList};
+
+/// A configuration error; `field` names the offending setting, as a flag
+/// (`memory.size`) or file key, so the admin knows exactly what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    #[error("invalid value for {field}: {value:?}: {why}")]
+    Invalid {
+        /// The setting.
+        field: String,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A key the option does not know.
+    #[error("unknown key `{key}` in {field} (known keys: {known})")]
+    UnknownKey {
+        /// The option.
+        field: String,
+        /// The key given.
+        key: String,
+        /// The keys it accepts.
+        known: String,
+    },
+    /// A required setting is absent.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this model.
+    #[error("config file {path}: {message}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key and line).
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// An [`ConfigError::Invalid`] for `field`.
+    pub fn invalid(field: &str, value: &str, why: String) -> Self {
+        ConfigError::Invalid {
+            field: field.to_string(),
+            value: value.to_string(),
+            why,
+        }
+    }
+}
+
+/// What to boot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// Guest memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Size in bytes (a string such as `"512M"` in the file).
+    #[serde(with = "size_serde")]
+    pub size: u64,
+    /// Back guest memory with 2 MiB hugetlbfs pages.
+    #[serde(default)]
+    pub hugepages: bool,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: 512 << 20,
+            hugepages: false,
+        }
+    }
+}
+
+/// vCPUs and what the guest sees of the CPU.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpusConfig {
+    /// vCPUs started at boot.
+    pub boot: u16,
+    /// Sockets (packages); 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sockets: Option<u16>,
+    /// Cores per socket; derived from the others when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<u16>,
+    /// Threads per core; 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u16>,
+    /// CPUID features hidden from the guest (libvirt's `policy='disable'`).
+    #[serde(default)]
+    pub mask: Vec<String>,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot: 1,
+            sockets: None,
+            cores: None,
+            threads: None,
+            mask: Vec::new(),
+        }
+    }
+}
+
+impl CpusConfig {
+    /// The topology in force: sockets and threads default to 1, cores to
+    /// whatever makes `sockets x cores x threads` equal `boot`.
+    pub fn topology(&self) -> Result<CpuTopology, ConfigError> {
+        let sockets = self.sockets.unwrap_or(1);
+        let threads = self.threads.unwrap_or(1);
+        let cores = match self.cores {
+            Some(c) => c,
+            None => {
+                let per = sockets.saturating_mul(threads).max(1);
+                if self.boot % per != 0 {
+                    return Err(ConfigError::invalid(
+                        "cpus.cores",
+                        "(derived)",
+                        format!(
+                            "boot={} is not divisible by sockets x threads = {per}",
+                            self.boot
+                        ),
+                    ));
+                }
+                self.boot / per
+            }
+        };
+        Ok(CpuTopology {
+            sockets,
+            cores,
+            threads,
+        })
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SerialConfig {
+    /// Keel's standard output.
+    #[default]
+    Stdout,
+    /// Nowhere.
+    Off,
+    /// A log file, truncated at each launch.
+    File {
+        /// The log file.
+        path: PathBuf,
+    },
+}
+
+/// A whole VM.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Boot payload.
+    #[serde(default)]
+    pub payload: PayloadConfig,
+    /// Guest memory.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    /// Serial console.
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+/// Command-line flag values, as given (each overrides the file).
+#[derive(Clone, Debug, Default)]
+pub struct FlagOverrides {
+    /// `--kernel PATH`
+    pub kernel: Option<PathBuf>,
+    /// `--initrd PATH`
+    pub initrd: Option<PathBuf>,
+    /// `--cmdline STRING`
+    pub cmdline: Option<String>,
+    /// `--memory size=..[,hugepages=on]`
+    pub memory: Option<String>,
+    /// `--cpus boot=N[,sockets=S,cores=C,threads=T][,mask=a:b]`
+    pub cpus: Option<String>,
+    /// `--serial stdout|off|file=PATH`
+    pub serial: Option<String>,
+}
+
+/// Smallest guest memory Keel accepts.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Longest kernel command line accepted.
+pub const MAX_CMDLINE: usize = layout::CMDLINE_MAX_SIZE - 1;
+
+impl VmConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Applies command-line flags over this config.
+    pub fn apply_flags(&mut self, flags: &FlagOverrides) -> Result<(), ConfigError> {
+        if let Some(k) = &flags.kernel {
+            self.payload.kernel = Some(k.clone());
+        }
+        if let Some(i) = &flags.initrd {
+            self.payload.initrd = Some(i.clone());
+        }
+        if let Some(c) = &flags.cmdline {
+            self.payload.cmdline = Some(c.clone());
+        }
+        if let Some(m) = &flags.memory {
+            self.memory = parse_memory_flag(m)?;
+        }
+        if let Some(c) = &flags.cpus {
+            self.cpus = parse_cpus_flag(c)?;
+        }
+        if let Some(s) = &flags.serial {
+            self.serial = parse_serial_flag(s)?;
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked before creating the VM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let kernel = self
+            .payload
+            .kernel
+            .as_deref()
+            .ok_or(ConfigError::Missing("kernel (--kernel or payload.kernel)"))?;
+        check_readable_file("payload.kernel", kernel)?;
+        if let Some(initrd) = &self.payload.initrd {
+            check_readable_file("payload.initrd", initrd)?;
+        }
+        if let Some(c) = &self.payload.cmdline {
+            if c.len() > MAX_CMDLINE {
+                return Err(ConfigError::invalid(
+                    "payload.cmdline",
+                    &format!("{}...", &c[..c.floor_char_boundary(32)]),
+                    format!("longer than {MAX_CMDLINE} bytes"),
+                ));
+            }
+            if !c.is_ascii() || c.contains('\0') {
+                return Err(ConfigError::invalid(
+                    "payload.cmdline",
+                    c,
+                    "must be printable ASCII".into(),
+                ));
+            }
+        }
+        self.validate_memory()?;
+        self.validate_cpus()?;
+        if let SerialConfig::File { path } = &self.serial {
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(ConfigError::invalid(
+                    "serial.path",
+                    &path.display().to_string(),
+                    format!("directory {} does not exist", parent.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_memory(&self) -> Result<(), ConfigError> {
+        let size = self.memory.size;
+        let shown = size.to_string();
+        if size < MIN_MEMORY {
+            return Err(ConfigError::invalid(
+                "memory.size",
+                &shown,
+                format!("at least {} MiB is needed", MIN_MEMORY >> 20),
+            ));
+        }
+        if size > layout::MAX_MEMORY {
+            return Err(ConfigError::invalid(
+                "memory.size",
+                &shown,
+                format!("at most {} GiB is supported", layout::MAX_MEMORY >> 30),
+            ));
+        }
+        let align: u64 = if self.memory.hugepages {
+            2 << 20
+        } else {
+            4 << 10
+        };
+        if size % align != 0 {
+            return Err(ConfigError::invalid(
+                "memory.size",
+                &shown,
+                format!(
+                    "must be a multiple of {} KiB{}",
+                    align >> 10,
+                    if self.memory.hugepages {
+                        " with hugepages=on"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_cpus(&self) -> Result<(), ConfigError> {
+        let boot = self.cpus.boot;
+        if boot == 0 {
+            return Err(ConfigError::invalid(
+                "cpus.boot",
+                "0",
+                "at least one vCPU".into(),
+            ));
+        }
+        let t = self.cpus.topology()?;
+        if t.sockets == 0 || t.cores == 0 || t.threads == 0 {
+            return Err(ConfigError::invalid(
+                "cpus.topology",
+                &format!("{}x{}x{}", t.sockets, t.cores, t.threads),
+                "sockets, cores and threads must all be at least 1".into(),
+            ));
+        }
+        if t.vcpus() != u32::from(boot) {
+            return Err(ConfigError::invalid(
+                "cpus.topology",
+                &format!(
+                    "sockets={},cores={},threads={}",
+                    t.sockets, t.cores, t.threads
+                ),
+                format!(
+                    "describes {} vCPUs but boot={boot}: sockets x cores x threads must equal boot",
+                    t.vcpus()
+                ),
+            ));
+        }
+        let max_id = t.apic_id(t.vcpus() - 1);
+        if max_id > layout::MAX_APIC_ID {
+            return Err(ConfigError::invalid(
+                "cpus.topology",
+                &format!(
+                    "sockets={},cores={},threads={}",
+                    t.sockets, t.cores, t.threads
+                ),
+                format!(
+                    "highest APIC ID would be {max_id}; the MP table describes at most {}",
+                    layout::MAX_APIC_ID
+                ),
+            ));
+        }
+        for name in &self.cpus.mask {
+            cpuid::parse_feature(name)
+                .map_err(|e| ConfigError::invalid("cpus.mask", name, e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_readable_file(field: &str, path: &Path) -> Result<(), ConfigError> {
+    let shown = path.display().to_string();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => std::fs::File::open(path)
+            .map(|_| ())
+            .map_err(|e| ConfigError::invalid(field, &shown, e.to_string())),
+        Ok(_) => Err(ConfigError::invalid(
+            field,
+            &shown,
+            "not a regular file".into(),
+        )),
+        Err(e) => Err(ConfigError::invalid(field, &shown, e.to_string())),
+    }
+}
+
+/// Parses `--memory size=512M[,hugepages=on]`.
+pub fn parse_memory_flag(input: &str) -> Result<MemoryConfig, ConfigError> {
+    let o = OptionList::parse("memory", input, &["size", "hugepages"], None)?;
+    Ok(MemoryConfig {
+        size: o.size("size")?.ok_or(ConfigError::Missing("memory.size"))?,
+        hugepages: o.switch("hugepages")?.unwrap_or(false),
+    })
+}
+
+/// Parses `--cpus boot=N[,sockets=S,cores=C,threads=T][,mask=feat1:feat2]`.
+///
+/// Missing topology values are derived: sockets and threads default to 1,
+/// cores to whatever makes the product equal `boot`; `boot` defaults to the
+/// product when all three are given.
+pub fn parse_cpus_flag(input: &str) -> Result<CpusConfig, ConfigError> {
+    let o = OptionList::parse(
+        "cpus",
+        input,
+        &["boot", "sockets", "cores", "threads", "mask"],
+        None,
+    )?;
+    let sockets: Option<u16> = o.number("sockets")?;
+    let cores: Option<u16> = o.number("cores")?;
+    let threads: Option<u16> = o.number("threads")?;
+    let boot = match (o.number::<u16>("boot")?, sockets, cores, threads) {
+        (Some(b), ..) => b,
+        (None, Some(s), Some(c), Some(t)) => s
+            .checked_mul(c)
+            .and_then(|x| x.checked_mul(t))
+            .ok_or_else(|| ConfigError::invalid("cpus", input, "too many vCPUs".into()))?,
+        _ => return Err(ConfigError::Missing("cpus.boot")),
+    };
+    let mask = o
+        .get("mask")
+        .map(|m| {
+            m.split(':')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let cpus = CpusConfig {
+        boot,
+        sockets,
+        cores,
+        threads,
+        mask,
+    };
+    cpus.topology()?;
+    Ok(cpus)
+}
+
+/// Parses `--serial stdout|off|file=PATH`.
+pub fn parse_serial_flag(input: &str) -> Result<SerialConfig, ConfigError> {
+    match input {
+        "stdout" => Ok(SerialConfig::Stdout),
+        "off" => Ok(SerialConfig::Off),
+        _ => match input.split_once('=') {
+            Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File { path: p.into() }),
+            _ => Err(ConfigError::invalid(
+                "serial",
+                input,
+                "expected stdout, off or file=PATH".into(),
+            )),
+        },
+    }
+}
+
+/// Serializes sizes as byte counts and accepts `"512M"` or a number.
+mod size_serde {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(b),
+            Raw::Text(t) => super::parse_size(&t).map_err(de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags_override() {
+        let mut cfg = VmConfig::from_toml(
+            r#"
+            [payload]
+            kernel = "/boot/vmlinux"
+            cmdline = "console=ttyS0"
+            [memory]
+            size = "1G"
+            hugepages = true
+            [cpus]
+            boot = 4
+            sockets = 2
+            cores = 1
+            threads = 2
+            mask = ["avx512f"]
+            [serial]
+            mode = "file"
+            path = "/var/log/guest.log"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.memory.size, 1 << 30);
+        assert!(cfg.memory.hugepages);
+        assert_eq!(
+            cfg.cpus.topology().unwrap(),
+            CpuTopology {
+                sockets: 2,
+                cores: 1,
+                threads: 2
+            }
+        );
+        assert_eq!(
+            cfg.serial,
+            SerialConfig::File {
+                path: "/var/log/guest.log".into()
+            }
+        );
+        cfg.apply_flags(&FlagOverrides {
+            memory: Some("size=256M".into()),
+            serial: Some("off".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.memory.size, 256 << 20);
+        assert!(!cfg.memory.hugepages, "a flag replaces the whole section");
+        assert_eq!(cfg.serial, SerialConfig::Off);
+        assert_eq!(cfg.payload.cmdline.as_deref(), Some("console=ttyS0"));
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let e = VmConfig::from_toml("[memory]\nsise = 1").unwrap_err();
+        assert!(e.contains("sise"), "{e}");
+        let e = VmConfig::from_toml("[memory]\nsize = \"12Q\"").unwrap_err();
+        assert!(e.contains("suffix"), "{e}");
+        let e = VmConfig::from_toml("[serial]\nmode = \"tty\"").unwrap_err();
+        assert!(e.contains("tty"), "{e}");
+    }
+
+    #[test]
+    fn cpus_flag_derives_topology() {
+        let c = parse_cpus_flag("boot=8,sockets=2,threads=2").unwrap();
+        assert_eq!(
+            c.topology().unwrap(),
+            CpuTopology {
+                sockets: 2,
+                cores: 2,
+                threads: 2
+            }
+        );
+        assert_eq!(
+            parse_cpus_flag("sockets=2,cores=3,threads=2").unwrap().boot,
+            12
+        );
+        assert_eq!(
+            parse_cpus_flag("boot=3").unwrap().topology().unwrap(),
+            CpuTopology::flat(3)
+        );
+        assert_eq!(
+            parse_cpus_flag("boot=2,mask=avx512f:rtm").unwrap().mask,
+            ["avx512f", "rtm"]
+        );
+        assert!(parse_cpus_flag("boot=6,sockets=4").is_err());
+        assert!(parse_cpus_flag("boot=x")
+            .unwrap_err()
+            .to_string()
+            .contains("cpus.boot"));
+        assert!(parse_cpus_flag("sockets=2").is_err());
+    }
+
+    #[test]
+    fn serial_flag() {
+        assert_eq!(parse_serial_flag("stdout").unwrap(), SerialConfig::Stdout);
+        assert_eq!(
+            parse_serial_flag("file=/tmp/x").unwrap(),
+            SerialConfig::File {
+                path: "/tmp/x".into()
+            }
+        );
+        assert!(parse_serial_flag("file=").is_err());
+        assert!(parse_serial_flag("tty").is_err());
+    }
+
+    fn valid() -> VmConfig {
+        let exe = std::env::current_exe().unwrap();
+        VmConfig {
+            payload: PayloadConfig {
+                kernel: Some(exe),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(valid().validate().is_ok());
+        let check = |f: &dyn Fn(&mut VmConfig), field: &str| {
+            let mut c = valid();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e} should name {field}");
+        };
+        check(&|c| c.payload.kernel = None, "kernel");
+        check(
+            &|c| c.payload.kernel = Some("/nonexistent".into()),
+            "payload.kernel",
+        );
+        check(
+            &|c| c.payload.kernel = Some("/tmp".into()),
+            "payload.kernel",
+        );
+        check(
+            &|c| c.payload.initrd = Some("/nonexistent".into()),
+            "payload.initrd",
+        );
+        check(
+            &|c| c.payload.cmdline = Some("x".repeat(5000)),
+            "payload.cmdline",
+        );
+        check(&|c| c.memory.size = 1 << 20, "memory.size");
+        check(&|c| c.memory.size = (64 << 20) + 512, "memory.size");
+        check(
+            &|c| {
+                c.memory.size = (64 << 20) + (4 << 10);
+                c.memory.hugepages = true
+            },
+            "memory.size",
+        );
+        check(&|c| c.cpus.boot = 0, "cpus.boot");
+        check(
+            &|c| {
+                c.cpus.boot = 4;
+                c.cpus.sockets = Some(2);
+                c.cpus.cores = Some(1);
+            },
+            "cpus.topology",
+        );
+        check(
+            &|c| c.cpus.mask = vec!["no-such-feature".into()],
+            "cpus.mask",
+        );
+        check(
+            &|c| {
+                c.serial = SerialConfig::File {
+                    path: "/nonexistent/dir/log".into(),
+                }
+            },
+            "serial.path",
+        );
+    }
+}

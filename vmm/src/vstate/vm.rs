@@ -1,0 +1,119 @@
+//! The KVM VM: capabilities, guest memory slots, in-kernel irqchip and PIT,
+//! interrupt lines as irqfds.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where KVM puts the real-mode TSS it needs on Intel (3 pages, in the hole).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors of creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    /// KVM lacks a capability Keel needs.
+    #[error("KVM lacks the {0:?} capability")]
+    MissingCap(Cap),
+    /// A KVM ioctl failed.
+    #[error("{0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// More vCPUs than KVM allows.
+    #[error("{wanted} vCPUs requested but KVM allows at most {max}")]
+    TooManyVcpus {
+        /// Requested.
+        wanted: u32,
+        /// KVM's limit.
+        max: usize,
+    },
+}
+
+const REQUIRED_CAPS: [Cap; 6] = [
+    Cap::Irqchip,
+    Cap::Ioeventfd,
+    Cap::Irqfd,
+    Cap::UserMemory,
+    Cap::SetTssAddr,
+    Cap::Pit2,
+];
+
+/// An open VM with memory and interrupt controllers in place.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Opens KVM, checks its capabilities and creates a VM able to hold
+    /// `vcpus` vCPUs.
+    pub fn new(vcpus: u32) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for cap in REQUIRED_CAPS {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(cap));
+            }
+        }
+        let max = kvm.get_max_vcpus();
+        if vcpus as usize > max {
+            return Err(VmError::TooManyVcpus { wanted: vcpus, max });
+        }
+        let fd = kvm.create_vm().map_err(|e| VmError::Kvm("create VM", e))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| VmError::Kvm("set TSS address", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Kvm("create irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("create PIT", e))?;
+        Ok(Vm { kvm, fd })
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM handle.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Registers every region of `mem` as a KVM memory slot.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region's host mapping lives as long as `mem`, which
+            // the VMM keeps for the whole life of the VM, and slots do not
+            // overlap (the regions of a GuestMemoryMmap never do).
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(|e| VmError::Kvm("set memory region", e))?;
+        }
+        Ok(())
+    }
+
+    /// An eventfd that raises interrupt line `gsi` when written.
+    pub fn irq_line(&self, gsi: u32) -> Result<EventFd, VmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+            VmError::Kvm(
+                "eventfd",
+                kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+            )
+        })?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(|e| VmError::Kvm("register irqfd", e))?;
+        Ok(evt)
+    }
+}
