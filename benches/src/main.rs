@@ -1,1 +1,26 @@
-fn main() {}
+//! `keel-bench`: benchmarks that print tables, Keel beside its anchors in
+//! the same run.
+//!
+//! `keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH]
+//! [--firecracker PATH]` boots the probe guest under Keel, QEMU `-M microvm`
+//! and (given the path of a binary built by hand, outside this project)
+//! Firecracker, and reports medians of: exec to the guest's first console
+//! byte, exec to the probe's last report line, and peak RSS of the VMM
+//! process minus the guest memory it touched.
+
+mod boot;
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]"
+    );
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("boot") => boot::main(&args[1..]),
+        _ => usage(),
+    }
+}

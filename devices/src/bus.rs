@@ -57,7 +57,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::EmptyRange(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let clash_before = self
             .ranges
             .range(..end)
@@ -138,7 +140,8 @@ mod tests {
     #[test]
     fn rejects_overlaps_and_empty_ranges() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Reg(0))), 0x100, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Reg(0))), 0x100, 0x10)
+            .unwrap();
         let d = || Arc::new(Mutex::new(Reg(0)));
         assert!(bus.insert(d(), 0x10f, 1).is_err());
         assert!(bus.insert(d(), 0xf0, 0x11).is_err());

@@ -125,7 +125,9 @@ impl I8042 {
     }
 
     fn kbd_interrupt(&self) -> std::io::Result<()> {
-        if self.config & CB_KBD_INT != 0 && self.config & CB_KBD_DISABLE == 0 && !self.out.is_empty()
+        if self.config & CB_KBD_INT != 0
+            && self.config & CB_KBD_DISABLE == 0
+            && !self.out.is_empty()
         {
             self.irq.trigger()?;
         }

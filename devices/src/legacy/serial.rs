@@ -115,7 +115,10 @@ mod tests {
         }
         let mut out = String::new();
         File::open(&path).unwrap().read_to_string(&mut out).unwrap();
-        assert_eq!(out, "hi\n", "log is truncated at start, then holds the output");
+        assert_eq!(
+            out, "hi\n",
+            "log is truncated at start, then holds the output"
+        );
         assert!(irq.read().unwrap() >= 1);
         // Scratch register round trip, as the probe checks it.
         s.write(7, &[0x5a]);

@@ -40,11 +40,16 @@ struct Args {
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
     /// Log level: error, warn, info, debug, trace.
-    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    #[arg(long, default_value = "info", value_name = "LEVEL", value_parser = parse_level)]
     log_level: LevelFilter,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+fn parse_level(s: &str) -> Result<LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("unknown log level {s:?} (error, warn, info, debug, trace, off)"))
 }
 
 fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
@@ -67,6 +72,14 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let args = Args::parse();
     vmm::logger::init(args.log_level);
+    // A panic anywhere (a vCPU or device thread included) ends the whole
+    // VMM: a half-dead VMM holding a guest is worse than a clean restart.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        error!("internal error (panic); aborting");
+        std::process::abort();
+    }));
     if let Err(e) = vmm::vmm::block_stop_signals() {
         error!("cannot block SIGTERM/SIGINT: {e}");
         return ExitCode::from(EXIT_CONFIG_ERROR);

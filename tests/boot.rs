@@ -1,0 +1,236 @@
+//! Boots the probe guest under real KVM and checks what it reports, the
+//! console log, the boot timer and Keel's exit codes.
+
+use std::process::Command;
+use std::time::Duration;
+
+use keel_tests::{probe_guest, repo_root, run_keel, run_with_deadline, scratch_dir, ProbeReport};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Checks the probe runs for the devices of this milestone.
+const BASE_CHECKS: &[&str] = &[
+    "boot.start_info",
+    "boot.cmdline",
+    "boot.memmap",
+    "boot.cpl3",
+    "cpuid.hypervisor",
+    "cpuid.apic_id",
+    "cpuid.topology",
+    "smp.mptable",
+    "serial.scratch",
+    "smp.ap_startup",
+];
+
+fn probe_args(mem: &str, cpus: &str, expect: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        probe_guest().display().to_string(),
+        "--memory".into(),
+        format!("size={mem}"),
+        "--cpus".into(),
+        cpus.into(),
+        "--cmdline".into(),
+        format!("console=ttyS0 {expect}"),
+    ]
+}
+
+fn run(args: &[String]) -> keel_tests::RunResult {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_keel(&refs, DEADLINE)
+}
+
+#[test]
+fn probe_passes_every_check_on_a_small_guest() {
+    let args = probe_args(
+        "512M",
+        "boot=1",
+        &format!(
+            "probe.mem={} probe.cpus=1 probe.topo=1,1,1 probe.echo=keel-cmdline-ok",
+            512u64 << 20
+        ),
+    );
+    let r = run(&args);
+    ProbeReport::parse(&r.stdout).assert_all_passed(BASE_CHECKS, &r.stdout);
+    assert!(
+        r.stdout.contains("keel-cmdline-ok"),
+        "cmdline echoed:\n{}",
+        r.stdout
+    );
+    assert_eq!(r.code(), 0, "clean guest end exits 0\n{}", r.stderr);
+    assert!(r.stderr.contains("guest powered off"), "{}", r.stderr);
+}
+
+#[test]
+fn hostos_topology_and_memory_above_4g() {
+    // HostOS: sockets=2, cores=vcpus/4, threads=2. 8 vCPUs, 5 GiB of
+    // memory so RAM continues above the 32-bit MMIO hole (NORESERVE: only
+    // touched pages cost host memory).
+    let mem = 5u64 << 30;
+    let args = probe_args(
+        "5G",
+        "boot=8,sockets=2,cores=2,threads=2",
+        &format!("probe.mem={mem} probe.cpus=8 probe.topo=2,2,2"),
+    );
+    let r = run(&args);
+    ProbeReport::parse(&r.stdout).assert_all_passed(BASE_CHECKS, &r.stdout);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+}
+
+#[test]
+fn odd_topology_with_sparse_apic_ids() {
+    // 3 cores per socket leaves holes in the APIC ID space (core field is 2
+    // bits wide): the probe checks the MP table lists exactly the IDs CPUID
+    // implies.
+    let args = probe_args(
+        "256M",
+        "boot=12,sockets=2,cores=3,threads=2",
+        &format!("probe.mem={} probe.cpus=12 probe.topo=2,3,2", 256u64 << 20),
+    );
+    let r = run(&args);
+    ProbeReport::parse(&r.stdout).assert_all_passed(BASE_CHECKS, &r.stdout);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+}
+
+#[test]
+fn boot_timer_records_guest_milestones() {
+    let r = run(&probe_args("128M", "boot=1", ""));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    for code in ["0x01", "0x02", "0x03"] {
+        assert!(
+            r.stderr
+                .contains(&format!("boot-timer: guest milestone {code} at")),
+            "milestone {code} missing:\n{}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn serial_log_file_is_truncated_at_each_launch() {
+    let dir = scratch_dir("serial-log");
+    let log = dir.join("guestos-serial.log");
+    std::fs::write(&log, "stale output of an earlier boot\n".repeat(100)).unwrap();
+    let mut args = probe_args("128M", "boot=1", "");
+    args.extend(["--serial".into(), format!("file={}", log.display())]);
+    let r = run(&args);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.starts_with("probe: start"),
+        "log starts fresh:\n{text}"
+    );
+    assert!(!text.contains("stale output"));
+    ProbeReport::parse(&text).assert_all_passed(BASE_CHECKS, &text);
+    assert!(!r.stdout.contains("PROBE"), "console went to the file only");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn example_config_file_boots_the_probe() {
+    let mut cmd = Command::new(keel_tests::keel());
+    cmd.current_dir(repo_root())
+        .args(["--config", "resources/examples/probe.toml"]);
+    let r = run_with_deadline(cmd, DEADLINE);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    ProbeReport::parse(&r.stdout).assert_all_passed(BASE_CHECKS, &r.stdout);
+}
+
+#[test]
+fn guest_reset_exits_3() {
+    let r = run(&probe_args(
+        "128M",
+        "boot=1",
+        "probe.check=boot.cpl3 probe.end=reset",
+    ));
+    assert_eq!(r.code(), 3, "{}", r.stderr);
+    assert!(r.stderr.contains("reset"), "{}", r.stderr);
+}
+
+#[test]
+fn guest_triple_fault_exits_4_with_registers() {
+    let r = run(&probe_args(
+        "128M",
+        "boot=1",
+        "probe.check=boot.cpl3 probe.end=triple-fault",
+    ));
+    assert_eq!(r.code(), 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("triple fault") && r.stderr.contains("rip="),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn sigterm_stops_a_running_guest_cleanly() {
+    let args = probe_args("128M", "boot=2", "probe.idle");
+    let mut child = Command::new(keel_tests::keel())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the guest says it is idle, then SIGTERM.
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    let start = std::time::Instant::now();
+    while !seen.contains("probe: idle") {
+        use std::io::Read;
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0 && start.elapsed() < DEADLINE, "no idle line:\n{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("stopped on SIGTERM"), "{err}");
+}
+
+#[test]
+fn hugepage_backed_memory_boots() {
+    let sys = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+    let before: u64 = std::fs::read_to_string(sys)
+        .expect("2 MiB hugepage pool")
+        .trim()
+        .parse()
+        .unwrap();
+    let want = before + 64; // 128 MiB more
+    std::fs::write(sys, want.to_string()).expect("reserve hugepages (needs root)");
+    let got: u64 = std::fs::read_to_string(sys)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let r = run(&probe_args(
+        "128M",
+        "boot=1",
+        &format!("probe.mem={} probe.check=boot.memmap", 128u64 << 20),
+    )
+    .into_iter()
+    .map(|a| {
+        if a == "size=128M" {
+            "size=128M,hugepages=on".into()
+        } else {
+            a
+        }
+    })
+    .collect::<Vec<_>>());
+    std::fs::write(sys, before.to_string()).unwrap();
+    assert!(
+        got >= want,
+        "host could only reserve {got} of {want} hugepages"
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    ProbeReport::parse(&r.stdout).assert_all_passed(&["boot.memmap"], &r.stdout);
+}

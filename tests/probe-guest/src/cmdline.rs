@@ -1,0 +1,168 @@
+//! The probe's kernel command line options.
+//!
+//! - `probe.idle`: after the checks, print `probe: idle` and halt between
+//!   interrupts forever instead of ending the VM.
+//! - `probe.check=<prefix>[,<prefix>...]` (repeatable): run only the checks
+//!   whose names start with one of the prefixes.
+//! - `probe.mem=<bytes>`, `probe.cpus=<n>`, `probe.topo=<s>,<c>,<t>`,
+//!   `probe.echo=<word>`: what the VMM was configured with, checked.
+//!
+//! Other tokens (the VMM's own, such as `virtio_mmio.device=`) are ignored.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// CPU topology: sockets, cores per socket, threads per core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Sockets.
+    pub sockets: u32,
+    /// Cores per socket.
+    pub cores: u32,
+    /// Threads per core.
+    pub threads: u32,
+}
+
+impl Topology {
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.sockets * self.cores * self.threads
+    }
+
+    /// Width of the thread field of an APIC ID.
+    pub fn thread_bits(&self) -> u32 {
+        ceil_log2(self.threads)
+    }
+
+    /// Width of the core field of an APIC ID.
+    pub fn core_bits(&self) -> u32 {
+        ceil_log2(self.cores)
+    }
+
+    /// The APIC ID of vCPU `index` (socket-major numbering).
+    pub fn apic_id(&self, index: u32) -> u32 {
+        let thread = index % self.threads;
+        let core = (index / self.threads) % self.cores;
+        let socket = index / (self.threads * self.cores);
+        socket << (self.thread_bits() + self.core_bits()) | core << self.thread_bits() | thread
+    }
+}
+
+/// ceil(log2(n)), 0 for n <= 1.
+pub fn ceil_log2(n: u32) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
+}
+
+/// How the probe ends the VM once its checks are done (`probe.end=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum End {
+    /// `poweroff` (default): S5, then the fallbacks of [`crate::power::off`].
+    #[default]
+    PowerOff,
+    /// `reset`: an i8042 reset pulse, as a rebooting Linux guest does.
+    Reset,
+    /// `triple-fault`: a triple fault, as a crashing kernel does.
+    TripleFault,
+}
+
+/// Options the probe understands, parsed from the command line.
+#[derive(Debug, Default)]
+pub struct Options<'a> {
+    /// `probe.idle`.
+    pub idle: bool,
+    /// `probe.check` prefixes (empty: run everything).
+    pub checks: Vec<&'a str>,
+    /// `probe.mem`: configured guest memory in bytes.
+    pub mem: Option<u64>,
+    /// `probe.cpus`: configured vCPU count.
+    pub cpus: Option<u32>,
+    /// `probe.topo`: configured topology.
+    pub topo: Option<Topology>,
+    /// `probe.echo`: a word that must appear on the command line.
+    pub echo: Option<&'a str>,
+    /// `probe.end`: how to end the VM after the checks.
+    pub end: End,
+    /// `virtio_mmio.device=` values, as given.
+    pub virtio_mmio: Vec<&'a str>,
+    /// Malformed probe options (reported by the boot.cmdline check).
+    pub errors: Vec<String>,
+}
+
+impl<'a> Options<'a> {
+    /// Parses whitespace-separated tokens.
+    pub fn parse(cmdline: &'a str) -> Self {
+        let mut opts = Options::default();
+        for token in cmdline.split_ascii_whitespace() {
+            let (key, value) = match token.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (token, None),
+            };
+            match (key, value) {
+                ("probe.idle", None) => opts.idle = true,
+                ("probe.check", Some(v)) => {
+                    opts.checks.extend(v.split(',').filter(|p| !p.is_empty()))
+                }
+                ("probe.mem", Some(v)) => opts.mem = opts.number(token, v),
+                ("probe.cpus", Some(v)) => {
+                    opts.cpus = opts.number(token, v).and_then(|n| opts.u32(token, n))
+                }
+                ("probe.topo", Some(v)) => opts.topo = opts.topology(token, v),
+                ("probe.echo", Some(v)) => opts.echo = Some(v),
+                ("probe.end", Some("poweroff")) => opts.end = End::PowerOff,
+                ("probe.end", Some("reset")) => opts.end = End::Reset,
+                ("probe.end", Some("triple-fault")) => opts.end = End::TripleFault,
+                ("virtio_mmio.device", Some(v)) => opts.virtio_mmio.push(v),
+                _ if key.starts_with("probe.") => opts
+                    .errors
+                    .push(format!("unknown or malformed option {token:?}")),
+                _ => {}
+            }
+        }
+        opts
+    }
+
+    /// Whether check `name` is selected by `probe.check`.
+    pub fn selects(&self, name: &str) -> bool {
+        self.checks.is_empty() || self.checks.iter().any(|p| name.starts_with(p))
+    }
+
+    fn number(&mut self, token: &str, value: &str) -> Option<u64> {
+        let parsed = match value.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => value.parse(),
+        };
+        parsed
+            .map_err(|_| self.errors.push(format!("bad number in {token:?}")))
+            .ok()
+    }
+
+    fn u32(&mut self, token: &str, n: u64) -> Option<u32> {
+        u32::try_from(n)
+            .map_err(|_| self.errors.push(format!("{token:?} out of range")))
+            .ok()
+    }
+
+    fn topology(&mut self, token: &str, value: &str) -> Option<Topology> {
+        let mut parts = value
+            .split(',')
+            .map(|p| p.parse::<u32>().ok().filter(|&n| (1..=256).contains(&n)));
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(Some(sockets)), Some(Some(cores)), Some(Some(threads)), None) => Some(Topology {
+                sockets,
+                cores,
+                threads,
+            }),
+            _ => {
+                self.errors.push(format!(
+                    "{token:?}: want <sockets>,<cores>,<threads>, each 1..=256"
+                ));
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! virtio glue for the `virtio-drivers` crate: a [`Hal`] over the probe's
+//! identity map and heap, and discovery of the virtio-mmio devices the VMM
+//! announced on the command line (`virtio_mmio.device=<size>@<base>:<irq>`).
+
+use alloc::alloc::{alloc_zeroed, dealloc, Layout};
+use core::ptr::NonNull;
+
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use virtio_drivers::transport::Transport;
+use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
+
+use crate::arch::phys;
+use crate::println;
+
+/// DMA through the identity map: physical address == pointer, memory from
+/// the global allocator, nothing to share or bounce.
+#[allow(dead_code, reason = "for the virtio device checks to come")]
+pub struct ProbeHal;
+
+#[allow(dead_code, reason = "see ProbeHal")]
+fn dma_layout(pages: usize) -> Option<Layout> {
+    Layout::from_size_align(pages.checked_mul(PAGE_SIZE)?, PAGE_SIZE).ok()
+}
+
+// SAFETY: allocations are zeroed, page-aligned, exclusively owned until
+// `dma_dealloc`; addresses are identity-mapped, so a pointer is its
+// physical address.
+unsafe impl Hal for ProbeHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let layout = dma_layout(pages.max(1)).expect("DMA allocation size overflows");
+        // SAFETY: the layout has a non-zero size.
+        let ptr =
+            NonNull::new(unsafe { alloc_zeroed(layout) }).expect("probe heap exhausted (DMA)");
+        (ptr.as_ptr() as PhysAddr, ptr)
+    }
+
+    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        match dma_layout(pages.max(1)) {
+            Some(layout) => {
+                // SAFETY: the caller passes what `dma_alloc` returned for
+                // the same page count, hence the same layout.
+                unsafe { dealloc(vaddr.as_ptr(), layout) };
+                0
+            }
+            None => -1,
+        }
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        phys::map(paddr, size as u64).expect("MMIO region outside the identity map");
+        NonNull::new(paddr as *mut u8).expect("MMIO region at address 0")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+        buffer.cast::<u8>().as_ptr() as PhysAddr
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
+}
+
+/// One `virtio_mmio.device=` announcement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioDevice {
+    /// Size of the register window.
+    pub size: u64,
+    /// Guest-physical base address.
+    pub base: u64,
+    /// Interrupt line (GSI).
+    pub irq: u32,
+}
+
+impl MmioDevice {
+    /// Parses Linux's `<size>@<base>:<irq>[:<id>]` (size with an optional
+    /// K/M/G suffix; numbers decimal or 0x-hex).
+    pub fn parse(value: &str) -> Option<Self> {
+        let (size, rest) = value.split_once('@')?;
+        let (base, rest) = rest.split_once(':')?;
+        let irq = rest.split(':').next()?;
+        Some(MmioDevice {
+            size: parse_size(size)?,
+            base: parse_u64(base)?,
+            irq: u32::try_from(parse_u64(irq)?).ok()?,
+        })
+    }
+
+    /// Opens the transport. The returned transport borrows the window for
+    /// as long as the caller keeps it; only one may exist per device.
+    pub fn transport(&self) -> Result<MmioTransport<'static>, alloc::string::String> {
+        let size = usize::try_from(self.size)
+            .map_err(|_| alloc::string::String::from("size too large"))?;
+        phys::map(self.base, self.size).map_err(|e| alloc::format!("{e}"))?;
+        let header = NonNull::new(self.base as *mut VirtIOHeader).ok_or("base address 0")?;
+        // SAFETY: the window is identity-mapped device MMIO announced by the
+        // VMM, aligned (virtio-mmio windows are page-aligned) and not
+        // otherwise accessed by the probe.
+        unsafe { MmioTransport::new(header, size) }.map_err(|e| alloc::format!("{e}"))
+    }
+}
+
+fn parse_u64(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    parse_u64(digits)?.checked_mul(1 << shift)
+}
+
+/// Prints one `probe: virtio-mmio ...` line per announced device.
+pub fn describe(announcements: &[&str]) {
+    for value in announcements {
+        match MmioDevice::parse(value) {
+            None => println!("probe: virtio-mmio {value}: cannot parse"),
+            Some(dev) => match dev.transport() {
+                Ok(t) => println!(
+                    "probe: virtio-mmio {:#x} irq {}: {:?}, transport {:?}",
+                    dev.base,
+                    dev.irq,
+                    t.device_type(),
+                    t.version()
+                ),
+                Err(e) => println!("probe: virtio-mmio {:#x} irq {}: {e}", dev.base, dev.irq),
+            },
+        }
+    }
+}
