@@ -74,7 +74,20 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let guest_memory = memory::create_guest_memory(mem_size, config.memory.hugepages)?;
     vm.register_memory(&guest_memory)?;
 
-    let cmdline = config.payload.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
+    let mut mmio = Bus::new();
+    let virtio =
+        device_manager::setup_virtio_devices(&vm, &guest_memory, &mut mmio, &config.disks)?;
+    let mut cmdline = config
+        .payload
+        .cmdline
+        .as_deref()
+        .unwrap_or(DEFAULT_CMDLINE)
+        .to_string();
+    for entry in &virtio.cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(entry);
+    }
+    let cmdline = cmdline.as_str();
     // `validate` guarantees the kernel is set.
     let kernel = config
         .payload
@@ -104,7 +117,6 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
 
     let mut pio = Bus::new();
     let legacy = device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start)?;
-    let mmio = Bus::new();
 
     let supported = vm
         .kvm()
@@ -133,6 +145,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     regs::setup_sregs(&guest_memory, bsp.fd(), payload.entry.mode)?;
     regs::setup_regs(bsp.fd(), payload.entry.mode, payload.entry.entry)?;
 
+    let disk_counters = virtio.disk_counters;
+    device_manager::start_device_thread(virtio.event_manager).map_err(BuildError::EventFd)?;
     vcpu::install_kick_handler()?;
     let (tx, rx) = mpsc::channel();
     let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
@@ -151,6 +165,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         rx,
         events_ready,
     );
+    vmm.set_disk_counters(disk_counters);
     for v in created {
         vmm.add_vcpu_counters(v.counters());
         let handle = v.start(shared.clone())?;

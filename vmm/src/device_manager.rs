@@ -11,7 +11,16 @@ use devices::legacy::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::SerialConfig;
+use devices::virtio::block::{
+    BlockConfig, BlockCounters, DiskBackend, DiskError, EngineKind, VirtioBlock,
+};
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::virtio::{Interrupt, VirtioDevice};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::x86_64::layout::MMIO_DEVICES_START;
+use crate::config::{DiskConfig, DiskEngine, SerialConfig};
 use crate::vstate::vm::{Vm, VmError};
 
 /// ISA interrupt line of the i8042 keyboard.
@@ -37,6 +46,120 @@ pub enum DeviceError {
     /// Two devices claim the same addresses.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// A disk cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// No interrupt line left for another virtio device.
+    #[error("no free interrupt line for virtio device {0}")]
+    NoIrq(usize),
+    /// The device thread's event loop could not be set up.
+    #[error("device event loop: {0}")]
+    EventLoop(String),
+}
+
+/// First interrupt line given to virtio-mmio devices (below: legacy ISA).
+const VIRTIO_IRQ_BASE: u32 = 5;
+/// Last usable I/O APIC pin.
+const VIRTIO_IRQ_LAST: u32 = 23;
+
+/// Event loop type of the device thread.
+pub type DeviceEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// The virtio-mmio devices: where they are, and what the VMM keeps of them.
+pub struct VirtioDevices {
+    /// The device thread's event loop (moved into the thread at start).
+    pub event_manager: DeviceEventManager,
+    /// `virtio_mmio.device=` command-line entries, one per device.
+    pub cmdline: Vec<String>,
+    /// Per-disk counters, in disk order.
+    pub disk_counters: Vec<Arc<BlockCounters>>,
+}
+
+/// Creates every configured virtio device, puts its transport on `mmio`,
+/// wires its interrupt (irqfd) and queue notifications (ioeventfds).
+pub fn setup_virtio_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    disks: &[DiskConfig],
+) -> Result<VirtioDevices, DeviceError> {
+    let mut event_manager =
+        DeviceEventManager::new().map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?;
+    let mut out = VirtioDevices {
+        event_manager: DeviceEventManager::new()
+            .map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?,
+        cmdline: Vec::new(),
+        disk_counters: Vec::new(),
+    };
+    for (index, d) in disks.iter().enumerate() {
+        let backend = DiskBackend::open(&d.path, d.readonly, d.direct)?;
+        let block = VirtioBlock::new(
+            backend,
+            BlockConfig {
+                serial: d.serial.clone(),
+                engine: match d.engine {
+                    DiskEngine::IoUring => EngineKind::IoUring,
+                    DiskEngine::Sync => EngineKind::Sync,
+                },
+            },
+        )
+        .map_err(DeviceError::EventFd)?;
+        out.disk_counters.push(block.counters());
+        let block = Arc::new(Mutex::new(block));
+        event_manager.add_subscriber(block.clone());
+        let slot = out.cmdline.len();
+        out.cmdline.push(attach_mmio(vm, mem, mmio, block, slot)?);
+        log::info!(
+            "disk {index}: {} on virtio-mmio slot {slot}",
+            d.path.display()
+        );
+    }
+    out.event_manager = event_manager;
+    Ok(out)
+}
+
+/// Places `device` in virtio-mmio slot `slot`; returns its command-line entry.
+fn attach_mmio<D: VirtioDevice + 'static>(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    device: Arc<Mutex<D>>,
+    slot: usize,
+) -> Result<String, DeviceError> {
+    let irq = VIRTIO_IRQ_BASE + slot as u32;
+    if irq > VIRTIO_IRQ_LAST {
+        return Err(DeviceError::NoIrq(slot));
+    }
+    let base = MMIO_DEVICES_START + slot as u64 * MMIO_WINDOW;
+    let queues = lock(&device).queue_max_sizes().len();
+    let mut queue_evts = Vec::with_capacity(queues);
+    for q in 0..queues {
+        let evt = eventfd()?;
+        vm.register_mmio_notify(&evt, base + NOTIFY_OFFSET, q as u32)?;
+        queue_evts.push(evt);
+    }
+    let interrupt = Arc::new(Interrupt::new(vm.irq_line(irq)?));
+    let transport = MmioTransport::new(mem.clone(), device, interrupt, queue_evts);
+    mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+    Ok(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+}
+
+fn lock<D: ?Sized>(m: &Mutex<D>) -> std::sync::MutexGuard<'_, D> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the device thread: all virtio queue work happens here, never on a
+/// vCPU thread.
+pub fn start_device_thread(mut em: DeviceEventManager) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("keel-devices".into())
+        .spawn(move || loop {
+            if let Err(e) = em.run() {
+                log::error!("device event loop: {e:?}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        })
+        .map(|_| ())
 }
 
 /// The legacy devices and the VMM's handles on them.

@@ -14,6 +14,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use devices::virtio::block::BlockCounters;
+
 use crate::device_manager::LegacyDevices;
 use crate::exit::VmOutcome;
 use crate::vstate::vcpu::{self, ExitCounters, VcpuEvent, VcpuHandle};
@@ -44,6 +46,7 @@ pub struct Vmm {
     events: Receiver<VcpuEvent>,
     events_ready: Arc<EventFd>,
     legacy: LegacyDevices,
+    disk_counters: Vec<Arc<BlockCounters>>,
     _vm: Vm,
     _memory: GuestMemoryMmap,
 }
@@ -70,9 +73,20 @@ impl Vmm {
             events,
             events_ready,
             legacy,
+            disk_counters: Vec::new(),
             _vm: vm,
             _memory: memory,
         }
+    }
+
+    /// Keeps the disks' counters.
+    pub fn set_disk_counters(&mut self, c: Vec<Arc<BlockCounters>>) {
+        self.disk_counters = c;
+    }
+
+    /// Counters of each disk, in disk order.
+    pub fn disk_counters(&self) -> &[Arc<BlockCounters>] {
+        &self.disk_counters
     }
 
     /// Adds a started vCPU thread.
@@ -106,6 +120,14 @@ impl Vmm {
             })
             .sum();
         info!("VM ended: {} ({exits} I/O exits)", outcome.describe());
+        for (i, c) in self.disk_counters.iter().enumerate() {
+            let s = c.snapshot();
+            info!(
+                "disk {i}: {} reads ({} B), {} writes ({} B), {} flushes, {} discards, {} write-zeroes, {} invalid, {} unsupported, {} I/O errors",
+                s.read_ops, s.read_bytes, s.write_ops, s.write_bytes, s.flush_ops, s.discard_ops,
+                s.write_zeroes_ops, s.invalid_requests, s.unsupported_requests, s.io_errors
+            );
+        }
         outcome
     }
 

@@ -36,6 +36,9 @@ struct Args {
     /// vCPUs: boot=N[,sockets=S,cores=C,threads=T][,mask=feat1:feat2].
     #[arg(long, value_name = "OPTIONS")]
     cpus: Option<String>,
+    /// A virtio-blk disk (repeatable): path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync].
+    #[arg(long = "disk", value_name = "OPTIONS")]
+    disks: Vec<String>,
     /// Serial console: stdout | off | file=PATH.
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
@@ -64,6 +67,7 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         memory: args.memory.clone(),
         cpus: args.cpus.clone(),
         serial: args.serial.clone(),
+        disks: args.disks.clone(),
     })?;
     Ok(config)
 }

@@ -188,6 +188,38 @@ pub enum SerialConfig {
     },
 }
 
+/// I/O engine of a disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskEngine {
+    /// io_uring, batching a queue's requests per submission (falls back to
+    /// sync when the kernel refuses io_uring).
+    #[default]
+    IoUring,
+    /// Synchronous preadv/pwritev on the device thread.
+    Sync,
+}
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Block device (LVM volume, loop device) or regular file.
+    pub path: PathBuf,
+    /// Guest may not write (VIRTIO_BLK_F_RO; the file is opened read-only).
+    #[serde(default)]
+    pub readonly: bool,
+    /// Open with O_DIRECT (HostOS's `cache=none`).
+    #[serde(default)]
+    pub direct: bool,
+    /// Serial returned by GET_ID (at most 20 ASCII characters).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// I/O engine.
+    #[serde(default)]
+    pub engine: DiskEngine,
+}
+
 /// A whole VM.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,6 +236,9 @@ pub struct VmConfig {
     /// Serial console.
     #[serde(default)]
     pub serial: SerialConfig,
+    /// Disks, in the order the guest sees them.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Command-line flag values, as given (each overrides the file).
@@ -221,8 +256,13 @@ pub struct FlagOverrides {
     pub cpus: Option<String>,
     /// `--serial stdout|off|file=PATH`
     pub serial: Option<String>,
+    /// `--disk path=P[,readonly=on][,direct=on][,serial=ID][,engine=..]`,
+    /// repeated; when any is given they replace the file's disks.
+    pub disks: Vec<String>,
 }
 
+/// Most disks a VM can have (virtio-mmio slots with a free interrupt line).
+pub const MAX_DISKS: usize = 16;
 /// Smallest guest memory Keel accepts.
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// Longest kernel command line accepted.
@@ -266,6 +306,13 @@ impl VmConfig {
         if let Some(s) = &flags.serial {
             self.serial = parse_serial_flag(s)?;
         }
+        if !flags.disks.is_empty() {
+            self.disks = flags
+                .disks
+                .iter()
+                .map(|d| parse_disk_flag(d))
+                .collect::<Result<_, _>>()?;
+        }
         Ok(())
     }
 
@@ -298,6 +345,7 @@ impl VmConfig {
         }
         self.validate_memory()?;
         self.validate_cpus()?;
+        self.validate_disks()?;
         if let SerialConfig::File { path } = &self.serial {
             let parent = path
                 .parent()
@@ -350,6 +398,43 @@ impl VmConfig {
                     }
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_disks(&self) -> Result<(), ConfigError> {
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::invalid(
+                "disk",
+                &self.disks.len().to_string(),
+                format!("at most {MAX_DISKS} disks"),
+            ));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            let field = format!("disks[{i}].path");
+            let shown = d.path.display().to_string();
+            let meta = std::fs::metadata(&d.path)
+                .map_err(|e| ConfigError::invalid(&field, &shown, e.to_string()))?;
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.is_file() && !meta.file_type().is_block_device() {
+                return Err(ConfigError::invalid(
+                    &field,
+                    &shown,
+                    "not a block device or regular file".into(),
+                ));
+            }
+            if let Some(s) = &d.serial {
+                if s.len() > 20 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(ConfigError::invalid(
+                        &format!("disks[{i}].serial"),
+                        s,
+                        "at most 20 printable ASCII characters, no spaces".into(),
+                    ));
+                }
+            }
+            if self.disks[..i].iter().any(|o| o.path == d.path) {
+                return Err(ConfigError::invalid(&field, &shown, "given twice".into()));
+            }
         }
         Ok(())
     }
@@ -471,6 +556,37 @@ pub fn parse_cpus_flag(input: &str) -> Result<CpusConfig, ConfigError> {
     };
     cpus.topology()?;
     Ok(cpus)
+}
+
+/// Parses `--disk path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync]`.
+pub fn parse_disk_flag(input: &str) -> Result<DiskConfig, ConfigError> {
+    let o = OptionList::parse(
+        "disk",
+        input,
+        &["path", "readonly", "direct", "serial", "engine"],
+        None,
+    )?;
+    let engine = match o.get("engine") {
+        None | Some("io_uring") => DiskEngine::IoUring,
+        Some("sync") => DiskEngine::Sync,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "disk.engine",
+                other,
+                "expected io_uring or sync".into(),
+            ))
+        }
+    };
+    Ok(DiskConfig {
+        path: o
+            .get("path")
+            .ok_or(ConfigError::Missing("disk.path"))?
+            .into(),
+        readonly: o.switch("readonly")?.unwrap_or(false),
+        direct: o.switch("direct")?.unwrap_or(false),
+        serial: o.get("serial").map(str::to_string),
+        engine,
+    })
 }
 
 /// Parses `--serial stdout|off|file=PATH`.
@@ -605,6 +721,34 @@ mod tests {
             .to_string()
             .contains("cpus.boot"));
         assert!(parse_cpus_flag("sockets=2").is_err());
+    }
+
+    #[test]
+    fn disk_flag() {
+        let d = parse_disk_flag("path=/dev/hostlvm/guestos,direct=on,serial=guestos").unwrap();
+        assert_eq!(d.path, PathBuf::from("/dev/hostlvm/guestos"));
+        assert!(d.direct && !d.readonly);
+        assert_eq!(d.serial.as_deref(), Some("guestos"));
+        assert_eq!(d.engine, DiskEngine::IoUring);
+        assert_eq!(
+            parse_disk_flag("path=x,engine=sync").unwrap().engine,
+            DiskEngine::Sync
+        );
+        assert!(parse_disk_flag("readonly=on")
+            .unwrap_err()
+            .to_string()
+            .contains("disk.path"));
+        assert!(parse_disk_flag("path=x,engine=aio")
+            .unwrap_err()
+            .to_string()
+            .contains("disk.engine"));
+        assert!(parse_disk_flag("path=x,cache=none").is_err());
+        let cfg = VmConfig::from_toml(
+            "[[disks]]\npath = \"/dev/loop0\"\ndirect = true\n[[disks]]\npath = \"cfg.img\"\nreadonly = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.disks.len(), 2);
+        assert!(cfg.disks[1].readonly);
     }
 
     #[test]

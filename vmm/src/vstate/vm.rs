@@ -103,6 +103,19 @@ impl Vm {
         Ok(())
     }
 
+    /// Makes KVM signal `evt` (without leaving the guest) when the guest
+    /// writes the 32-bit value `datamatch` at MMIO address `addr`.
+    pub fn register_mmio_notify(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|e| VmError::Kvm("register ioeventfd", e))
+    }
+
     /// An eventfd that raises interrupt line `gsi` when written.
     pub fn irq_line(&self, gsi: u32) -> Result<EventFd, VmError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {

@@ -1,0 +1,1001 @@
+//! The virtio-blk device: configuration space, feature set, and the queue
+//! handler running on the device thread (an event-manager subscriber).
+//!
+//! Path of a request: queue notification (ioeventfd) -> pop every available
+//! chain -> parse into a free slot -> one io_uring submission for the whole
+//! batch -> completion eventfd -> status byte, used ring, one interrupt
+//! (subject to EVENT_IDX suppression). Slots, descriptor and iovec buffers
+//! are allocated once at activation: the request path does not allocate.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{error, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::DiskBackend;
+use super::counters::{bump, BlockCounters};
+use super::engine::{sync_rw, Completion, EngineKind, Uring};
+use super::request::{self, Request, RequestError, RequestKind, ID_LEN};
+use crate::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// Virtio-blk sector size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size offered.
+const QUEUE_SIZE: u16 = 256;
+/// Data segments per request (queue size less header and status).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest discard / write-zeroes request, in sectors (2 GiB).
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Discard granularity, in sectors (4 KiB).
+const DISCARD_ALIGNMENT: u32 = 8;
+/// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap`.
+const CONFIG_LEN: usize = 60;
+
+/// How a disk is presented.
+#[derive(Clone, Debug, Default)]
+pub struct BlockConfig {
+    /// Serial returned by GET_ID (at most 20 bytes kept).
+    pub serial: Option<String>,
+    /// I/O engine.
+    pub engine: EngineKind,
+}
+
+/// Event-manager data tags of the device thread's fds.
+const EV_ACTIVATE: u32 = 0;
+const EV_QUEUE: u32 = 1;
+const EV_URING: u32 = 2;
+
+/// One request in flight (or being parsed).
+struct Slot {
+    head: u16,
+    status: GuestAddress,
+    used_len: u32,
+    kind: RequestKind,
+    bytes: u64,
+    start: Instant,
+    descs: Vec<Descriptor>,
+    data: Vec<(GuestAddress, u32)>,
+    iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw pointers in `iovecs` point into guest memory, which is
+// shared by design and stays mapped for the life of the VM; a slot is only
+// ever used by the one thread owning the device.
+unsafe impl Send for Slot {}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    queue_evt: EventFd,
+    interrupt: Arc<Interrupt>,
+    uring: Option<Uring>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+}
+
+/// A virtio-blk device.
+pub struct VirtioBlock {
+    disk: DiskBackend,
+    config: BlockConfig,
+    id: [u8; ID_LEN],
+    config_space: [u8; CONFIG_LEN],
+    avail_features: u64,
+    acked_features: u64,
+    queue_sizes: [u16; 1],
+    counters: Arc<BlockCounters>,
+    activate_evt: EventFd,
+    pending_activation: Option<ActivateContext>,
+    active: Option<Active>,
+}
+
+impl VirtioBlock {
+    /// A device serving `disk`.
+    pub fn new(disk: DiskBackend, config: BlockConfig) -> std::io::Result<Self> {
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE);
+        if disk.read_only() {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            avail_features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        let mut id = [0u8; ID_LEN];
+        if let Some(s) = &config.serial {
+            let n = s.len().min(ID_LEN);
+            id[..n].copy_from_slice(&s.as_bytes()[..n]);
+        }
+        Ok(VirtioBlock {
+            config_space: config_space(disk.capacity()),
+            disk,
+            config,
+            id,
+            avail_features,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE],
+            counters: Arc::new(BlockCounters::default()),
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            pending_activation: None,
+            active: None,
+        })
+    }
+
+    /// This disk's counters.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+
+    fn start(&mut self, ctx: ActivateContext, ops: &mut EventOps) -> Result<(), String> {
+        let mut queues = ctx.queues.into_iter();
+        let mut evts = ctx.queue_evts.into_iter();
+        let (Some(mut queue), Some(queue_evt)) = (queues.next(), evts.next()) else {
+            return Err("no queue".into());
+        };
+        queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        let uring = match self.config.engine {
+            EngineKind::IoUring => match Uring::new(u32::from(QUEUE_SIZE)) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    warn!("virtio-blk: io_uring unavailable ({e}); using synchronous I/O");
+                    None
+                }
+            },
+            EngineKind::Sync => None,
+        };
+        let size = usize::from(queue.size().max(1));
+        let slots = (0..size)
+            .map(|_| Slot {
+                head: 0,
+                status: GuestAddress(0),
+                used_len: 0,
+                kind: RequestKind::Flush,
+                bytes: 0,
+                start: Instant::now(),
+                descs: Vec::with_capacity(size),
+                data: Vec::with_capacity(size),
+                iovecs: Vec::with_capacity(size),
+            })
+            .collect();
+        ops.add(Events::with_data(&queue_evt, EV_QUEUE, EventSet::IN))
+            .map_err(|e| format!("watch queue: {e:?}"))?;
+        if let Some(u) = &uring {
+            ops.add(Events::with_data(u.eventfd(), EV_URING, EventSet::IN))
+                .map_err(|e| format!("watch io_uring: {e:?}"))?;
+        }
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queue,
+            queue_evt,
+            interrupt: ctx.interrupt,
+            uring,
+            slots,
+            free: (0..size as u16).rev().collect(),
+        });
+        Ok(())
+    }
+
+    /// Handles a queue notification: parses every available request and
+    /// submits the whole batch at once.
+    fn process_queue(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let _ = a.queue_evt.read();
+        let mut completed_now = false;
+        loop {
+            while let Some(slot_idx) = a.free.last().copied() {
+                let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
+                    break;
+                };
+                a.free.pop();
+                let slot = &mut a.slots[usize::from(slot_idx)];
+                slot.head = chain.head_index();
+                slot.start = Instant::now();
+                slot.descs.clear();
+                slot.descs.extend(chain);
+                let done = start_request(
+                    &self.disk,
+                    &self.id,
+                    &self.counters,
+                    &a.mem,
+                    a.uring.as_mut(),
+                    slot,
+                    slot_idx,
+                );
+                if done {
+                    finish(&a.mem, &mut a.queue, &self.counters, slot);
+                    a.free.push(slot_idx);
+                    completed_now = true;
+                }
+            }
+            // Re-enable notifications; if more arrived meanwhile, go again.
+            match a.queue.enable_notification(&a.mem) {
+                Ok(true) if !a.free.is_empty() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    error!("virtio-blk: queue error: {e}");
+                    break;
+                }
+            }
+        }
+        if let Some(u) = a.uring.as_mut() {
+            if let Err(e) = u.submit() {
+                error!("virtio-blk: io_uring submit: {e}");
+            }
+        }
+        if completed_now {
+            notify(a);
+        }
+    }
+
+    /// Handles io_uring completions.
+    fn process_completions(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Some(u) = a.uring.as_mut() else { return };
+        let mut any = false;
+        let (slots, free, queue, mem) = (&mut a.slots, &mut a.free, &mut a.queue, &a.mem);
+        let counters = &self.counters;
+        u.complete(|(tag, res): Completion| {
+            let Some(slot) = slots.get_mut(tag as usize) else {
+                return;
+            };
+            complete_io(counters, slot, res);
+            finish(mem, queue, counters, slot);
+            free.push(tag as u16);
+            any = true;
+        });
+        if any {
+            notify(a);
+        }
+        // Requests may have waited for free slots.
+        if a.queue.ready() && !a.free.is_empty() {
+            let _ = a.queue_evt.write(1);
+        }
+    }
+}
+
+/// Raises the interrupt unless EVENT_IDX says the driver does not need it.
+fn notify(a: &mut Active) {
+    match a.queue.needs_notification(&a.mem) {
+        Ok(false) => {}
+        _ => a.interrupt.signal_used_queue(),
+    }
+}
+
+/// Writes the status byte and returns the chain to the guest.
+fn finish(mem: &GuestMemoryMmap, queue: &mut Queue, counters: &BlockCounters, slot: &mut Slot) {
+    if slot.used_len > 0 {
+        // The status address was validated as part of a writable descriptor.
+        let status = (slot.used_len >> 24) as u8;
+        if mem.write_obj(status, slot.status).is_err() {
+            bump(&counters.invalid_requests, 1);
+        }
+    }
+    let len = slot.used_len & 0x00ff_ffff;
+    if let Err(e) = queue.add_used(mem, slot.head, len) {
+        error!("virtio-blk: cannot return descriptor {}: {e}", slot.head);
+    }
+    counters.latency(slot.start.elapsed().as_nanos() as u64);
+}
+
+/// Packs a status byte and used length into `Slot::used_len`.
+fn pack(status: u32, len: u64) -> u32 {
+    (status << 24) | (len.min(0x00ff_fffe) as u32 + 1)
+}
+
+/// Parses and starts the request in `slot`. Returns true when it completed
+/// synchronously (errors, small requests, the sync engine).
+fn start_request(
+    disk: &DiskBackend,
+    id: &[u8; ID_LEN],
+    counters: &BlockCounters,
+    mem: &GuestMemoryMmap,
+    uring: Option<&mut Uring>,
+    slot: &mut Slot,
+    tag: u16,
+) -> bool {
+    let req = match request::parse(
+        mem,
+        &slot.descs,
+        disk.capacity(),
+        disk.read_only(),
+        SEG_MAX as usize,
+        &mut slot.data,
+        &mut slot.iovecs,
+    ) {
+        Ok(r) => r,
+        Err(RequestError::NoStatus) => {
+            bump(&counters.invalid_requests, 1);
+            slot.used_len = 0;
+            return true;
+        }
+        Err(e) => {
+            let status = if matches!(e, RequestError::Unsupported(_)) {
+                bump(&counters.unsupported_requests, 1);
+                VIRTIO_BLK_S_UNSUPP
+            } else {
+                bump(&counters.invalid_requests, 1);
+                VIRTIO_BLK_S_IOERR
+            };
+            slot.status = request::status_addr(&slot.descs).unwrap_or(GuestAddress(0));
+            slot.used_len = pack(status, 0);
+            return true;
+        }
+    };
+    slot.status = req.status;
+    slot.kind = req.kind;
+    slot.bytes = req.data_len;
+    let offset = req.sector * SECTOR_SIZE;
+    match (req.kind, uring) {
+        (RequestKind::In, Some(u)) => {
+            // SAFETY: the iovecs point into guest memory (mapped for the
+            // VM's life) and the slot is not reused before completion.
+            submit_or_fail(counters, slot, unsafe {
+                u.readv(disk.fd(), &slot.iovecs, offset, u64::from(tag))
+            })
+        }
+        (RequestKind::Out, Some(u)) => {
+            // SAFETY: as above.
+            submit_or_fail(counters, slot, unsafe {
+                u.writev(disk.fd(), &slot.iovecs, offset, u64::from(tag))
+            })
+        }
+        (RequestKind::Flush, Some(u)) => {
+            submit_or_fail(counters, slot, u.fsync(disk.fd(), u64::from(tag)))
+        }
+        (RequestKind::In | RequestKind::Out, None) => {
+            let res = sync_rw(
+                disk.fd(),
+                &mut slot.iovecs,
+                offset,
+                req.kind == RequestKind::Out,
+            );
+            complete_io(counters, slot, res);
+            true
+        }
+        (RequestKind::Flush, None) => {
+            let res = match disk.flush() {
+                Ok(()) => 0,
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            };
+            complete_io(counters, slot, res);
+            true
+        }
+        (RequestKind::GetId, _) => {
+            let written = write_id(mem, &slot.data, id);
+            slot.used_len = pack(VIRTIO_BLK_S_OK, written as u64);
+            true
+        }
+        (RequestKind::Discard | RequestKind::WriteZeroes, _) => {
+            let status = trim(disk, mem, counters, &req, &slot.data);
+            slot.used_len = pack(status, 0);
+            true
+        }
+    }
+}
+
+fn submit_or_fail(counters: &BlockCounters, slot: &mut Slot, r: std::io::Result<()>) -> bool {
+    match r {
+        Ok(()) => false,
+        Err(e) => {
+            error!("virtio-blk: cannot queue I/O: {e}");
+            bump(&counters.io_errors, 1);
+            slot.used_len = pack(VIRTIO_BLK_S_IOERR, 0);
+            true
+        }
+    }
+}
+
+/// Records the result `res` (bytes or -errno) of the read/write/flush in
+/// `slot`.
+fn complete_io(counters: &BlockCounters, slot: &mut Slot, res: i32) {
+    let ok = match slot.kind {
+        RequestKind::Flush => res >= 0,
+        _ => res >= 0 && res as u64 == slot.bytes,
+    };
+    if !ok {
+        if res < 0 {
+            warn!(
+                "virtio-blk: host I/O error on {:?}: {}",
+                slot.kind,
+                std::io::Error::from_raw_os_error(-res)
+            );
+        } else {
+            warn!(
+                "virtio-blk: short {:?}: {res} of {} bytes",
+                slot.kind, slot.bytes
+            );
+        }
+        bump(&counters.io_errors, 1);
+        slot.used_len = pack(VIRTIO_BLK_S_IOERR, 0);
+        return;
+    }
+    match slot.kind {
+        RequestKind::In => {
+            bump(&counters.read_ops, 1);
+            bump(&counters.read_bytes, slot.bytes);
+            slot.used_len = pack(VIRTIO_BLK_S_OK, slot.bytes);
+        }
+        RequestKind::Out => {
+            bump(&counters.write_ops, 1);
+            bump(&counters.write_bytes, slot.bytes);
+            slot.used_len = pack(VIRTIO_BLK_S_OK, 0);
+        }
+        _ => {
+            bump(&counters.flush_ops, 1);
+            slot.used_len = pack(VIRTIO_BLK_S_OK, 0);
+        }
+    }
+}
+
+/// GET_ID: copies the serial into the data buffers; returns bytes written.
+fn write_id(mem: &GuestMemoryMmap, data: &[(GuestAddress, u32)], id: &[u8; ID_LEN]) -> usize {
+    let mut off = 0usize;
+    for &(addr, len) in data {
+        let n = (len as usize).min(ID_LEN - off);
+        if n == 0 || mem.write_slice(&id[off..off + n], addr).is_err() {
+            break;
+        }
+        off += n;
+    }
+    off
+}
+
+/// Runs every segment of a discard / write-zeroes request.
+fn trim(
+    disk: &DiskBackend,
+    mem: &GuestMemoryMmap,
+    counters: &BlockCounters,
+    req: &Request,
+    data: &[(GuestAddress, u32)],
+) -> u32 {
+    let n = req.data_len / u64::from(request::SEGMENT_LEN);
+    for i in 0..n {
+        let seg = match request::read_segment(mem, data, i, disk.capacity()) {
+            Ok(s) => s,
+            Err(_) => {
+                bump(&counters.invalid_requests, 1);
+                return VIRTIO_BLK_S_IOERR;
+            }
+        };
+        if seg.len > u64::from(MAX_DISCARD_SECTORS) * SECTOR_SIZE {
+            bump(&counters.invalid_requests, 1);
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let r = if req.kind == RequestKind::Discard {
+            disk.discard(seg.offset, seg.len)
+        } else {
+            disk.write_zeroes(seg.offset, seg.len, seg.unmap)
+        };
+        if let Err(e) = r {
+            warn!("virtio-blk: {:?} failed: {e}", req.kind);
+            bump(&counters.io_errors, 1);
+            return VIRTIO_BLK_S_IOERR;
+        }
+    }
+    if req.kind == RequestKind::Discard {
+        bump(&counters.discard_ops, 1);
+    } else {
+        bump(&counters.write_zeroes_ops, 1);
+    }
+    VIRTIO_BLK_S_OK
+}
+
+/// `struct virtio_blk_config` for a disk of `capacity` bytes.
+fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    c[0..8].copy_from_slice(&(capacity / SECTOR_SIZE).to_le_bytes());
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+    c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+    c[44..48].copy_from_slice(&DISCARD_ALIGNMENT.to_le_bytes());
+    c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for VirtioBlock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Nothing in the block config is writable without CONFIG_WCE.
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 1 || ctx.queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: ctx.queues.len(),
+            });
+        }
+        if !ctx.queues[0].is_valid(&ctx.mem) {
+            return Err(ActivateError::InvalidQueue(0));
+        }
+        // The device thread picks the context up and starts serving.
+        self.pending_activation = Some(ctx);
+        self.activate_evt
+            .write(1)
+            .map_err(|e| ActivateError::Backend(e.to_string()))
+    }
+
+    fn reset(&mut self) -> bool {
+        self.pending_activation = None;
+        if let Some(mut a) = self.active.take() {
+            // In-flight I/O targets guest buffers: wait for it.
+            if let Some(u) = a.uring.as_mut() {
+                u.drain(|_| {});
+            }
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+impl MutEventSubscriber for VirtioBlock {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            EV_ACTIVATE,
+            EventSet::IN,
+        )) {
+            error!("virtio-blk: cannot watch activation: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_ACTIVATE => {
+                let _ = self.activate_evt.read();
+                // A reset while running leaves stale fds registered.
+                if let Some(old) = self.active.take() {
+                    let _ = ops.remove(Events::with_data(&old.queue_evt, EV_QUEUE, EventSet::IN));
+                    if let Some(u) = &old.uring {
+                        let _ = ops.remove(Events::with_data(u.eventfd(), EV_URING, EventSet::IN));
+                    }
+                }
+                if let Some(ctx) = self.pending_activation.take() {
+                    if let Err(e) = self.start(ctx, ops) {
+                        error!("virtio-blk: activation failed: {e}");
+                    } else {
+                        // Requests queued before activation finished.
+                        self.process_queue();
+                    }
+                }
+            }
+            EV_QUEUE => self.process_queue(),
+            EV_URING => self.process_completions(),
+            _ => {}
+        }
+    }
+}
+
+impl std::fmt::Debug for VirtioBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioBlock")
+            .field("capacity", &self.disk.capacity())
+            .field("read_only", &self.disk.read_only())
+            .field("fd", &self.disk.fd())
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    };
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    type Em = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const N: u16 = VRING_DESC_F_NEXT as u16;
+
+    struct Disk(PathBuf);
+    impl Drop for Disk {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn disk(name: &str, bytes: usize) -> Disk {
+        let p = std::env::temp_dir().join(format!("keel-blk-{name}-{}", std::process::id()));
+        std::fs::write(&p, vec![0x11u8; bytes]).unwrap();
+        Disk(p)
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    /// Writes a request header for `kind` at sector `sector`, slot `i`.
+    fn header(mem: &GuestMemoryMmap, i: u64, kind: u32, sector: u64) -> u64 {
+        let at = HDR + i * 16;
+        mem.write_obj(kind, GuestAddress(at)).unwrap();
+        mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+        at
+    }
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        dev: Arc<Mutex<VirtioBlock>>,
+        em: Em,
+        interrupt: Arc<Interrupt>,
+        irq: EventFd,
+        used_addr: GuestAddress,
+    }
+
+    fn rig(
+        path: &std::path::Path,
+        ro: bool,
+        engine: EngineKind,
+        chains: &[RawDescriptor],
+        mem: GuestMemoryMmap,
+    ) -> Rig {
+        let q = MockSplitQueue::new(&mem, 32);
+        let used_addr = q.used_addr();
+        q.add_desc_chains(chains, 0).unwrap();
+        let queue: Queue = q.create_queue().unwrap();
+        let backend = DiskBackend::open(path, ro, false).unwrap();
+        let mut blk = VirtioBlock::new(
+            backend,
+            BlockConfig {
+                serial: Some("keel-disk-0".into()),
+                engine,
+            },
+        )
+        .unwrap();
+        blk.set_acked_features(VIRTIO_F_VERSION_1);
+        let dev = Arc::new(Mutex::new(blk));
+        let mut em = Em::new().unwrap();
+        em.add_subscriber(dev.clone());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        dev.lock()
+            .unwrap()
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                queues: vec![queue],
+                queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+                interrupt: interrupt.clone(),
+            })
+            .unwrap();
+        Rig {
+            mem,
+            dev,
+            em,
+            interrupt,
+            irq,
+            used_addr,
+        }
+    }
+
+    /// Runs the device until `n` chains are used; returns (head, len) pairs.
+    fn run_until_used(r: &mut Rig, n: u16) -> Vec<(u32, u32)> {
+        let used_addr = r.used_addr;
+        for _ in 0..200 {
+            r.em.run_with_timeout(10).unwrap();
+            let idx: u16 = r.mem.read_obj(used_addr.unchecked_add(2)).unwrap();
+            if idx >= n {
+                return (0..u64::from(n))
+                    .map(|i| {
+                        let e = used_addr.unchecked_add(4 + i * 8);
+                        (
+                            r.mem.read_obj(e).unwrap(),
+                            r.mem.read_obj(e.unchecked_add(4)).unwrap(),
+                        )
+                    })
+                    .collect();
+            }
+        }
+        panic!("device did not complete {n} requests");
+    }
+
+    use vm_memory::Address;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+    }
+
+    fn status(m: &GuestMemoryMmap, i: u64) -> u8 {
+        m.read_obj(GuestAddress(STATUS + i)).unwrap()
+    }
+
+    fn write_then_read(engine: EngineKind) {
+        let d = disk(&format!("rw-{engine:?}"), 1 << 20);
+        // The host's own pattern at sector 100, for the read.
+        let host: Vec<u8> = (0..8192u32).map(|i| (i * 13 % 241) as u8).collect();
+        let mut file = std::fs::read(&d.0).unwrap();
+        file[100 * 512..100 * 512 + 8192].copy_from_slice(&host);
+        std::fs::write(&d.0, &file).unwrap();
+        let m = mem();
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        let h0 = header(&m, 0, VIRTIO_BLK_T_OUT, 16);
+        let h1 = header(&m, 1, VIRTIO_BLK_T_IN, 100);
+        let h2 = header(&m, 2, VIRTIO_BLK_T_FLUSH, 0);
+        let chains = [
+            // write: header, two data segments, status
+            desc(h0, 16, N, 1),
+            desc(DATA, 4096, N, 2),
+            desc(DATA + 4096, 4096, N, 3),
+            desc(STATUS, 1, W, 0),
+            // read the host's pattern into another buffer
+            desc(h1, 16, N, 5),
+            desc(DATA + 0x10000, 8192, N | W, 6),
+            desc(STATUS + 1, 1, W, 0),
+            // flush (ordered after the write by the engine)
+            desc(h2, 16, N, 8),
+            desc(STATUS + 2, 1, W, 0),
+        ];
+        for i in 0..3 {
+            m.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+        }
+        let mut r = rig(&d.0, false, engine, &chains, m);
+        let used = run_until_used(&mut r, 3);
+        let m = &r.mem;
+        assert_eq!((status(m, 0), status(m, 1), status(m, 2)), (0, 0, 0));
+        // Read's used length covers data and status; write's only the status.
+        let lens: std::collections::HashMap<u32, u32> = used.into_iter().collect();
+        assert_eq!(lens[&0], 1);
+        assert_eq!(lens[&4], 8193);
+        let mut back = vec![0u8; 8192];
+        m.read_slice(&mut back, GuestAddress(DATA + 0x10000))
+            .unwrap();
+        assert!(back == host, "the guest read what the host wrote");
+        let on_disk = std::fs::read(&d.0).unwrap();
+        assert!(
+            on_disk[16 * 512..16 * 512 + 8192] == pattern[..],
+            "the write landed"
+        );
+        assert_eq!(
+            on_disk[16 * 512 - 1],
+            0x11,
+            "nothing before the request touched"
+        );
+        assert_eq!(on_disk[16 * 512 + 8192], 0x11, "nothing after it either");
+        let c = r.dev.lock().unwrap().counters().snapshot();
+        assert_eq!(
+            (c.read_ops, c.write_ops, c.flush_ops, c.write_bytes),
+            (1, 1, 1, 8192)
+        );
+        assert!(r.interrupt.status() & 1 == 1 && r.irq.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn write_then_read_io_uring() {
+        write_then_read(EngineKind::IoUring);
+    }
+
+    #[test]
+    fn write_then_read_sync() {
+        write_then_read(EngineKind::Sync);
+    }
+
+    #[test]
+    fn malformed_requests_fail_cleanly_and_the_queue_keeps_working() {
+        let d = disk("bad", 64 << 10); // 128 sectors
+        let m = mem();
+        let past_end = header(&m, 0, VIRTIO_BLK_T_IN, 128);
+        let unknown = header(&m, 1, 0xff, 0);
+        let wrong_dir = header(&m, 2, VIRTIO_BLK_T_IN, 0);
+        let bad_addr = header(&m, 3, VIRTIO_BLK_T_OUT, 0);
+        let odd_len = header(&m, 4, VIRTIO_BLK_T_OUT, 0);
+        let hdr_only = header(&m, 5, VIRTIO_BLK_T_IN, 0);
+        let good = header(&m, 6, VIRTIO_BLK_T_IN, 0);
+        let chains = [
+            desc(past_end, 16, N, 1),
+            desc(DATA, 512, N | W, 2),
+            desc(STATUS, 1, W, 0),
+            desc(unknown, 16, N, 4),
+            desc(STATUS + 1, 1, W, 0),
+            desc(wrong_dir, 16, N, 6),
+            desc(DATA, 512, N, 7), // read into a device-readable buffer
+            desc(STATUS + 2, 1, W, 0),
+            desc(bad_addr, 16, N, 9),
+            desc(0x7f00_0000_0000, 512, N, 10),
+            desc(STATUS + 3, 1, W, 0),
+            desc(odd_len, 16, N, 12),
+            desc(DATA, 100, N, 13),
+            desc(STATUS + 4, 1, W, 0),
+            desc(hdr_only, 16, 0, 0),
+            desc(good, 16, N, 16),
+            desc(DATA, 512, N | W, 17),
+            desc(STATUS + 6, 1, W, 0),
+        ];
+        for i in 0..7 {
+            m.write_obj(0xeeu8, GuestAddress(STATUS + i)).unwrap();
+        }
+        let mut r = rig(&d.0, false, EngineKind::IoUring, &chains, m);
+        let used = run_until_used(&mut r, 7);
+        let m = &r.mem;
+        assert_eq!(status(m, 0), VIRTIO_BLK_S_IOERR as u8, "past the end");
+        assert_eq!(status(m, 1), VIRTIO_BLK_S_UNSUPP as u8, "unknown type");
+        assert_eq!(status(m, 2), VIRTIO_BLK_S_IOERR as u8, "wrong direction");
+        assert_eq!(
+            status(m, 3),
+            VIRTIO_BLK_S_IOERR as u8,
+            "outside guest memory"
+        );
+        assert_eq!(status(m, 4), VIRTIO_BLK_S_IOERR as u8, "not whole sectors");
+        assert_eq!(
+            status(m, 6),
+            VIRTIO_BLK_S_OK as u8,
+            "the next good request works"
+        );
+        let hdr_only_used = used
+            .iter()
+            .find(|(h, _)| *h == 14)
+            .expect("header-only chain returned");
+        assert_eq!(
+            hdr_only_used.1, 0,
+            "nothing written for a chain without status"
+        );
+        let c = r.dev.lock().unwrap().counters().snapshot();
+        assert_eq!(
+            (c.invalid_requests, c.unsupported_requests, c.read_ops),
+            (5, 1, 1)
+        );
+        assert_eq!(
+            std::fs::read(&d.0).unwrap(),
+            vec![0x11u8; 64 << 10],
+            "disk untouched"
+        );
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_and_serves_get_id() {
+        let d = disk("ro", 64 << 10);
+        let m = mem();
+        let w = header(&m, 0, VIRTIO_BLK_T_OUT, 0);
+        let id = header(&m, 1, VIRTIO_BLK_T_GET_ID, 0);
+        let z = header(&m, 2, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let chains = [
+            desc(w, 16, N, 1),
+            desc(DATA, 512, N, 2),
+            desc(STATUS, 1, W, 0),
+            desc(id, 16, N, 4),
+            desc(DATA + 4096, 20, N | W, 5),
+            desc(STATUS + 1, 1, W, 0),
+            desc(z, 16, N, 7),
+            desc(DATA + 8192, 16, N, 8),
+            desc(STATUS + 2, 1, W, 0),
+        ];
+        let mut r = rig(&d.0, true, EngineKind::IoUring, &chains, m);
+        run_until_used(&mut r, 3);
+        let m = &r.mem;
+        assert_eq!(status(m, 0), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(status(m, 1), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(status(m, 2), VIRTIO_BLK_S_IOERR as u8);
+        let mut serial = [0u8; 20];
+        m.read_slice(&mut serial, GuestAddress(DATA + 4096))
+            .unwrap();
+        assert_eq!(&serial[..11], b"keel-disk-0");
+        assert!(serial[11..].iter().all(|b| *b == 0));
+        assert_eq!(std::fs::read(&d.0).unwrap(), vec![0x11u8; 64 << 10]);
+        assert!(r.dev.lock().unwrap().avail_features() & (1 << VIRTIO_BLK_F_RO) != 0);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_reach_the_file() {
+        let d = disk("trim", 1 << 20);
+        let m = mem();
+        let dis = header(&m, 0, VIRTIO_BLK_T_DISCARD, 0);
+        let wz = header(&m, 1, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let past = header(&m, 2, VIRTIO_BLK_T_DISCARD, 0);
+        // segment: sector, num_sectors, flags
+        let seg = |at: u64, sector: u64, n: u32| {
+            m.write_obj(sector, GuestAddress(at)).unwrap();
+            m.write_obj(n, GuestAddress(at + 8)).unwrap();
+            m.write_obj(0u32, GuestAddress(at + 12)).unwrap();
+        };
+        seg(DATA, 8, 16); // discard [4 KiB, 12 KiB)
+        seg(DATA + 16, 64, 8); // zero [32 KiB, 36 KiB)
+        seg(DATA + 32, 2040, 16); // past the end of 2048 sectors
+        let chains = [
+            desc(dis, 16, N, 1),
+            desc(DATA, 16, N, 2),
+            desc(STATUS, 1, W, 0),
+            desc(wz, 16, N, 4),
+            desc(DATA + 16, 16, N, 5),
+            desc(STATUS + 1, 1, W, 0),
+            desc(past, 16, N, 7),
+            desc(DATA + 32, 16, N, 8),
+            desc(STATUS + 2, 1, W, 0),
+        ];
+        let mut r = rig(&d.0, false, EngineKind::Sync, &chains, m);
+        run_until_used(&mut r, 3);
+        let m = &r.mem;
+        assert_eq!((status(m, 0), status(m, 1)), (0, 0));
+        assert_eq!(status(m, 2), VIRTIO_BLK_S_IOERR as u8);
+        let bytes = std::fs::read(&d.0).unwrap();
+        assert!(
+            bytes[4096..12288].iter().all(|b| *b == 0),
+            "discarded range reads zero"
+        );
+        assert!(bytes[32768..36864].iter().all(|b| *b == 0), "zeroed range");
+        assert_eq!(bytes[4095], 0x11);
+        assert_eq!(bytes[36864], 0x11);
+        let c = r.dev.lock().unwrap().counters().snapshot();
+        assert_eq!((c.discard_ops, c.write_zeroes_ops), (1, 1));
+    }
+
+    #[test]
+    fn config_space_reports_capacity_and_limits() {
+        let d = disk("cfg", 1 << 20);
+        let blk = VirtioBlock::new(
+            DiskBackend::open(&d.0, false, false).unwrap(),
+            BlockConfig::default(),
+        )
+        .unwrap();
+        let mut cap = [0u8; 8];
+        blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+        let mut seg = [0u8; 4];
+        blk.read_config(12, &mut seg);
+        assert_eq!(u32::from_le_bytes(seg), SEG_MAX);
+        let mut past = [0xffu8; 4];
+        blk.read_config(100, &mut past);
+        assert_eq!(past, [0; 4]);
+        let f = blk.avail_features();
+        assert!(f & (1 << VIRTIO_BLK_F_FLUSH) != 0 && f & (1 << VIRTIO_BLK_F_DISCARD) != 0);
+    }
+}

@@ -1,0 +1,15 @@
+//! virtio-blk: a raw block device (an LVM volume, a loop device) or a
+//! regular file, served through io_uring (whole queue batches per
+//! submission) or synchronous I/O.
+
+mod backend;
+mod counters;
+mod device;
+mod engine;
+mod request;
+
+pub use backend::{DiskBackend, DiskError};
+pub use counters::{BlockCounters, BlockCountersSnapshot};
+pub use device::{BlockConfig, VirtioBlock, SECTOR_SIZE};
+pub use engine::EngineKind;
+pub use request::{RequestError, RequestKind};

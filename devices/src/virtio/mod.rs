@@ -1,0 +1,132 @@
+//! Virtio devices over the virtio-mmio transport (virtio 1.x).
+//!
+//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] serves its
+//! registers to the guest and, once the driver sets DRIVER_OK, hands it the
+//! configured queues, their notification eventfds (KVM ioeventfds) and an
+//! [`Interrupt`] (a KVM irqfd). From then on the device works on its own
+//! thread: the vCPUs never touch a queue.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit: the device complies with virtio 1.x.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: indirect descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
+    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// Feature bit: used/avail event index notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Errors of activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up fewer or more queues than the device has.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues given.
+        got: usize,
+    },
+    /// A queue's rings do not lie in guest memory.
+    #[error("queue {0} is not valid (size or ring addresses)")]
+    InvalidQueue(usize),
+    /// Setting up the device's back end failed.
+    #[error("device back end: {0}")]
+    Backend(String),
+}
+
+/// The device's interrupt line (an irqfd) and the transport's
+/// INTERRUPT_STATUS register it sets bits in.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised by writing `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Signals "used buffer" to the driver.
+    pub fn signal_used_queue(&self) {
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::error!("virtio: cannot raise interrupt: {e}");
+        }
+    }
+
+    /// The INTERRUPT_STATUS register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// INTERRUPT_ACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears everything (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What a device receives when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The configured queues, in index order.
+    pub queues: Vec<Queue>,
+    /// Their notification eventfds (KVM ioeventfds), in index order.
+    pub queue_evts: Vec<EventFd>,
+    /// The interrupt line.
+    pub interrupt: std::sync::Arc<Interrupt>,
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 = block, 1 = net, 19 = vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn avail_features(&self) -> u64;
+    /// Records the features the driver accepted (a subset of the offer).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device on the driver's queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops the device and forgets its queues (driver reset). Returns
+    /// false if the device cannot be reset (it then needs a VM restart).
+    fn reset(&mut self) -> bool;
+}
+
+/// Copies `src[offset..]` into `data`, or fills `data` with zeros when the
+/// access falls outside `src` (config space reads).
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    match start
+        .checked_add(data.len())
+        .and_then(|end| src.get(start..end))
+    {
+        Some(bytes) => data.copy_from_slice(bytes),
+        None => data.fill(0),
+    }
+}
