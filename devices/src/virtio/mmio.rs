@@ -127,8 +127,12 @@ impl MmioTransport {
         if new_bits & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let offered = lock(&self.device).avail_features();
             if self.driver_features & !offered != 0 || self.status & VIRTIO_CONFIG_S_DRIVER == 0 {
-                // Leave FEATURES_OK clear: the driver must notice and give up.
-                self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+                // Leave FEATURES_OK clear: the driver must notice and give
+                // up; going on to DRIVER_OK regardless fails the device.
+                self.status = value & !(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
+                if value & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+                    self.status |= VIRTIO_CONFIG_S_FAILED;
+                }
                 return;
             }
             lock(&self.device).set_acked_features(self.driver_features);
@@ -310,4 +314,167 @@ fn lock(
     dev: &Arc<Mutex<dyn VirtioDevice>>,
 ) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
     dev.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::ActivateError;
+    use vm_memory::GuestAddress;
+
+    #[derive(Default)]
+    struct Dummy {
+        acked: u64,
+        activated: usize,
+        resets: usize,
+        sizes: [u16; 2],
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn avail_features(&self) -> u64 {
+            super::super::VIRTIO_F_VERSION_1 | 1
+        }
+        fn set_acked_features(&mut self, f: u64) {
+            self.acked = f;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::virtio::read_config_bytes(&[1, 2, 3, 4], offset, data);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+            assert_eq!(ctx.queues.len(), 2);
+            assert_eq!(ctx.queues[0].size(), 16);
+            self.activated += 1;
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            self.resets += 1;
+            true
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let dev = Arc::new(Mutex::new(Dummy {
+            sizes: [16, 16],
+            ..Default::default()
+        }));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evts = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let t = MmioTransport::new(mem, dev.clone(), Arc::new(Interrupt::new(irq)), evts);
+        (t, dev)
+    }
+
+    fn r(t: &mut MmioTransport, off: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(off), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, off: u32, v: u32) {
+        t.write(u64::from(off), &v.to_le_bytes());
+    }
+
+    const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    const DRV: u32 = VIRTIO_CONFIG_S_DRIVER;
+    const FOK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+    const DOK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+
+    fn negotiate(t: &mut MmioTransport, features_hi: u32) {
+        w(t, VIRTIO_MMIO_STATUS, ACK);
+        w(t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, features_hi);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK);
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = transport();
+        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 2);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES),
+            1,
+            "VERSION_1 is bit 32"
+        );
+        let mut b = [0u8; 2];
+        t.read(u64::from(VIRTIO_MMIO_CONFIG) + 1, &mut b);
+        assert_eq!(b, [2, 3]);
+        // Registers need aligned 32-bit accesses.
+        let mut odd = [0xffu8; 2];
+        t.read(0, &mut odd);
+        assert_eq!(odd, [0, 0]);
+    }
+
+    #[test]
+    fn full_handshake_activates_once() {
+        let (mut t, dev) = transport();
+        negotiate(&mut t, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS) & FOK, FOK);
+        assert_eq!(dev.lock().unwrap().acked, (1 << 32) | 1);
+        for q in 0..2 {
+            w(&mut t, VIRTIO_MMIO_QUEUE_SEL, q);
+            assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
+            w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+            w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000 + q * 0x1000);
+            w(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x4000 + q * 0x1000);
+            w(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x8000 + q * 0x1000);
+            w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        }
+        w(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(dev.lock().unwrap().activated, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
+        // Queue registers are frozen once running.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_QUEUE_READY),
+            0,
+            "reset clears the queues"
+        );
+    }
+
+    #[test]
+    fn features_the_device_never_offered_keep_features_ok_clear() {
+        let (mut t, dev) = transport();
+        negotiate(&mut t, 1 | (1 << 7));
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS) & FOK, 0);
+        w(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(dev.lock().unwrap().activated, 0, "never activated");
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FAILED, 0);
+    }
+
+    #[test]
+    fn driver_ok_without_features_ok_fails() {
+        let (mut t, dev) = transport();
+        w(&mut t, VIRTIO_MMIO_STATUS, ACK);
+        w(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        w(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | DOK);
+        assert_eq!(dev.lock().unwrap().activated, 0);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FAILED, 0);
+    }
+
+    #[test]
+    fn stray_notify_writes_reach_the_queue_eventfd() {
+        let (mut t, _) = transport();
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_evts[1].read().unwrap(), 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 7); // no such queue: ignored
+    }
 }

@@ -5,7 +5,10 @@
 //! - `probe.check=<prefix>[,<prefix>...]` (repeatable): run only the checks
 //!   whose names start with one of the prefixes.
 //! - `probe.mem=<bytes>`, `probe.cpus=<n>`, `probe.topo=<s>,<c>,<t>`,
-//!   `probe.echo=<word>`: what the VMM was configured with, checked.
+//!   `probe.echo=<word>`, `probe.blk=<n>`: what the VMM was configured
+//!   with, checked.
+//! - `probe.bench.blk=<read|write|randread|randwrite>,<bs>,<qd>,<count>`:
+//!   a virtio-blk benchmark on disk 0 (check `bench.blk`).
 //!
 //! Other tokens (the VMM's own, such as `virtio_mmio.device=`) are ignored.
 
@@ -70,6 +73,54 @@ pub enum End {
     TripleFault,
 }
 
+/// The access pattern of a block benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchKind {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Reads at random block-aligned offsets.
+    RandRead,
+    /// Writes at random block-aligned offsets.
+    RandWrite,
+}
+
+impl BenchKind {
+    /// The name used on the command line and in the result line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchKind::Read => "read",
+            BenchKind::Write => "write",
+            BenchKind::RandRead => "randread",
+            BenchKind::RandWrite => "randwrite",
+        }
+    }
+
+    /// Whether requests write to the disk.
+    pub fn writes(self) -> bool {
+        matches!(self, BenchKind::Write | BenchKind::RandWrite)
+    }
+
+    /// Whether offsets are random (else sequential, wrapping around).
+    pub fn random(self) -> bool {
+        matches!(self, BenchKind::RandRead | BenchKind::RandWrite)
+    }
+}
+
+/// `probe.bench.blk=<kind>,<block size>,<queue depth>,<count>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlkBench {
+    /// Access pattern.
+    pub kind: BenchKind,
+    /// Bytes per request: a non-zero multiple of 512.
+    pub block_size: u32,
+    /// Requests kept in flight (at least 1).
+    pub queue_depth: u32,
+    /// Requests in all (at least 1).
+    pub count: u64,
+}
+
 /// Options the probe understands, parsed from the command line.
 #[derive(Debug, Default)]
 pub struct Options<'a> {
@@ -87,6 +138,10 @@ pub struct Options<'a> {
     pub echo: Option<&'a str>,
     /// `probe.end`: how to end the VM after the checks.
     pub end: End,
+    /// `probe.blk`: number of virtio-blk devices configured.
+    pub blk: Option<u32>,
+    /// `probe.bench.blk`: the block benchmark to run.
+    pub bench_blk: Option<BlkBench>,
     /// `virtio_mmio.device=` values, as given.
     pub virtio_mmio: Vec<&'a str>,
     /// Malformed probe options (reported by the boot.cmdline check).
@@ -116,6 +171,10 @@ impl<'a> Options<'a> {
                 ("probe.end", Some("poweroff")) => opts.end = End::PowerOff,
                 ("probe.end", Some("reset")) => opts.end = End::Reset,
                 ("probe.end", Some("triple-fault")) => opts.end = End::TripleFault,
+                ("probe.blk", Some(v)) => {
+                    opts.blk = opts.number(token, v).and_then(|n| opts.u32(token, n))
+                }
+                ("probe.bench.blk", Some(v)) => opts.bench_blk = opts.blk_bench(token, v),
                 ("virtio_mmio.device", Some(v)) => opts.virtio_mmio.push(v),
                 _ if key.starts_with("probe.") => opts
                     .errors
@@ -145,6 +204,37 @@ impl<'a> Options<'a> {
         u32::try_from(n)
             .map_err(|_| self.errors.push(format!("{token:?} out of range")))
             .ok()
+    }
+
+    fn blk_bench(&mut self, token: &str, value: &str) -> Option<BlkBench> {
+        let mut parts = value.split(',');
+        let kind = match parts.next() {
+            Some("read") => Some(BenchKind::Read),
+            Some("write") => Some(BenchKind::Write),
+            Some("randread") => Some(BenchKind::RandRead),
+            Some("randwrite") => Some(BenchKind::RandWrite),
+            _ => None,
+        };
+        let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
+        let (block_size, queue_depth, count) = (number(), number(), number());
+        match (kind, block_size, queue_depth, count, parts.next()) {
+            (Some(kind), Some(bs), Some(qd), Some(count), None)
+                if bs > 0 && bs % 512 == 0 && bs <= 1 << 30 && (1..=1024).contains(&qd) && count > 0 =>
+            {
+                Some(BlkBench {
+                    kind,
+                    block_size: bs as u32,
+                    queue_depth: qd as u32,
+                    count,
+                })
+            }
+            _ => {
+                self.errors.push(format!(
+                    "{token:?}: want <read|write|randread|randwrite>,<block size: multiple of 512>,<queue depth 1..=1024>,<count >= 1>"
+                ));
+                None
+            }
+        }
     }
 
     fn topology(&mut self, token: &str, value: &str) -> Option<Topology> {

@@ -15,13 +15,16 @@
 extern crate alloc;
 
 mod arch;
+mod blkdev;
 mod checks;
 mod cmdline;
 mod heap;
 mod mem;
 mod mptable;
 mod power;
+mod rawblk;
 mod report;
+mod scratch;
 mod serial;
 mod start_info;
 mod virtio;

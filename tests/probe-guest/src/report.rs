@@ -34,6 +34,21 @@ impl<'o> Report<'o> {
         }
     }
 
+    /// Whether check `name` is selected by `probe.check`.
+    pub fn selects(&self, name: &str) -> bool {
+        self.options.selects(name)
+    }
+
+    /// Whether some check whose name starts with `prefix` may be selected.
+    pub fn selects_prefix(&self, prefix: &str) -> bool {
+        self.options.checks.is_empty()
+            || self
+                .options
+                .checks
+                .iter()
+                .any(|p| p.starts_with(prefix) || prefix.starts_with(p))
+    }
+
     /// Runs check `name` if selected and prints its line.
     pub fn check(&mut self, name: &str, check: impl FnOnce() -> CheckResult) {
         if !self.options.selects(name) {

@@ -14,10 +14,8 @@ use crate::println;
 
 /// DMA through the identity map: physical address == pointer, memory from
 /// the global allocator, nothing to share or bounce.
-#[allow(dead_code, reason = "for the virtio device checks to come")]
 pub struct ProbeHal;
 
-#[allow(dead_code, reason = "see ProbeHal")]
 fn dma_layout(pages: usize) -> Option<Layout> {
     Layout::from_size_align(pages.checked_mul(PAGE_SIZE)?, PAGE_SIZE).ok()
 }

@@ -29,7 +29,10 @@ const SYS_READ_CR: u64 = 2;
 const SYS_FLUSH_TLB: u64 = 3;
 /// Loads an empty IDT and raises an exception: a triple fault.
 const SYS_TRIPLE_FAULT: u64 = 4;
-const SYSCALLS: u64 = 5;
+/// WRMSR: RDI = MSR index, RSI = value. The caller makes sure the MSR
+/// exists (a #GP here ends the VM through the exception path).
+const SYS_WRMSR: u64 = 5;
+const SYSCALLS: u64 = 6;
 
 global_asm!(
     r#"
@@ -76,6 +79,14 @@ sys_flush_tlb:
     mov %cr3, %rax
     mov %rax, %cr3
     iretq
+
+sys_wrmsr:
+    mov %edi, %ecx
+    mov %esi, %eax
+    mov %rsi, %rdx
+    shr $32, %rdx
+    wrmsr
+    iretq
     .popsection
 
     .pushsection .rodata.syscall, "a"
@@ -86,6 +97,7 @@ syscall_table:
     .quad sys_read_cr
     .quad sys_flush_tlb
     .quad triple_fault
+    .quad sys_wrmsr
     .popsection
 "#,
     SYSCALLS = const SYSCALLS,
@@ -160,6 +172,24 @@ pub fn flush_tlb() {
     // page-table writes before it.
     unsafe {
         asm!("int3", inout("rax") SYS_FLUSH_TLB => _, options(nostack, preserves_flags));
+    }
+}
+
+/// Writes `value` to model-specific register `msr` at CPL0. The MSR must
+/// exist (check CPUID first): a #GP ends the VM.
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the gate runs WRMSR and returns; the caller picks an MSR
+    // whose effect on memory is accounted for (`memory` is not excluded).
+    unsafe {
+        asm!(
+            "int3",
+            inout("rax") SYS_WRMSR => _,
+            in("rdi") u64::from(msr),
+            in("rsi") value,
+            out("rcx") _,
+            out("rdx") _,
+            options(nostack, preserves_flags),
+        );
     }
 }
 

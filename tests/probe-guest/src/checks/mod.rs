@@ -1,6 +1,7 @@
 //! The checks, by area. Each returns `Ok(())` or the reason it failed; the
 //! order here is the order of the output lines.
 
+mod blk;
 mod boot;
 mod cpuid;
 mod serial;
@@ -43,6 +44,10 @@ pub fn run_all(ctx: &Context<'_>, report: &mut Report<'_>) {
     report.check("cpuid.topology", || cpuid::topology(ctx));
     report.check("smp.mptable", || smp::mptable(ctx));
     report.check("serial.scratch", serial::scratch);
+    if report.selects_prefix("blk.") {
+        blk::run(ctx, report);
+    }
+    blk::bench(ctx, report);
     // Last: it leaves the other processors halted in real mode.
     report.check("smp.ap_startup", || smp::ap_startup(ctx));
 }
