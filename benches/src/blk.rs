@@ -1,0 +1,384 @@
+//! virtio-blk benchmark: Keel's device request path, driven in-process
+//! through real split rings in guest memory, against raw io_uring on the
+//! same backing at the same depth.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::virtio::block::{BlockConfig, DiskBackend, EngineKind, VirtioBlock};
+use devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use io_uring::{opcode, types, IoUring};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const DISK_SIZE: u64 = 256 << 20;
+const QSIZE: u16 = 256;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x3000;
+const USED: u64 = 0x4000;
+const HDRS: u64 = 0x10000;
+const STATUS: u64 = 0x20000;
+const BUFS: u64 = 0x100000;
+const MEM: usize = 48 << 20;
+
+/// One workload row.
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    random: bool,
+    bs: u64,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "4K randread",
+        write: false,
+        random: true,
+        bs: 4096,
+    },
+    Workload {
+        name: "4K randwrite",
+        write: true,
+        random: true,
+        bs: 4096,
+    },
+    Workload {
+        name: "1M seqread",
+        write: false,
+        random: false,
+        bs: 1 << 20,
+    },
+    Workload {
+        name: "1M seqwrite",
+        write: true,
+        random: false,
+        bs: 1 << 20,
+    },
+];
+
+/// Offsets of a workload: xorshift over the disk, or sequential, wrapping.
+struct Offsets {
+    state: u64,
+    next_seq: u64,
+    w: Workload,
+}
+
+impl Offsets {
+    fn new(w: Workload) -> Self {
+        Offsets {
+            state: 0x9e37_79b9_7f4a_7c15,
+            next_seq: 0,
+            w,
+        }
+    }
+    fn next(&mut self) -> u64 {
+        let blocks = DISK_SIZE / self.w.bs;
+        if self.w.random {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            (self.state % blocks) * self.w.bs
+        } else {
+            let o = self.next_seq;
+            self.next_seq = (self.next_seq + self.w.bs) % (blocks * self.w.bs);
+            o
+        }
+    }
+}
+
+/// Result of one run: operations and bytes per second.
+#[derive(Clone, Copy, Default)]
+struct Rate {
+    iops: f64,
+    mib_s: f64,
+}
+
+fn rate(ops: u64, bs: u64, elapsed: Duration) -> Rate {
+    let s = elapsed.as_secs_f64();
+    Rate {
+        iops: ops as f64 / s,
+        mib_s: (ops * bs) as f64 / s / (1 << 20) as f64,
+    }
+}
+
+fn open_direct(path: &Path) -> std::fs::File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Raw io_uring: `qd` single-buffer requests kept in flight.
+fn raw(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
+    let file = open_direct(path);
+    let layout = std::alloc::Layout::from_size_align(w.bs as usize * qd, 4096).expect("layout");
+    // SAFETY: non-zero size; freed below.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buf.is_null());
+    let mut ring = IoUring::new(64).expect("io_uring");
+    let mut offs = Offsets::new(w);
+    let push = |ring: &mut IoUring, slot: usize, off: u64| {
+        // SAFETY: the buffer outlives the ring's operations (drained below).
+        let ptr = unsafe { buf.add(slot * w.bs as usize) };
+        let e = if w.write {
+            opcode::Write::new(types::Fd(file.as_raw_fd()), ptr, w.bs as u32)
+                .offset(off)
+                .build()
+        } else {
+            opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, w.bs as u32)
+                .offset(off)
+                .build()
+        };
+        // SAFETY: as above.
+        unsafe { ring.submission().push(&e.user_data(slot as u64)) }.expect("sq space");
+    };
+    for slot in 0..qd {
+        push(&mut ring, slot, offs.next());
+    }
+    let start = Instant::now();
+    let mut ops = 0u64;
+    let mut in_flight = qd;
+    loop {
+        ring.submit_and_wait(1).expect("submit");
+        let done: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (slot, res) in done {
+            assert_eq!(res as u64, w.bs, "raw I/O failed: {res}");
+            ops += 1;
+            in_flight -= 1;
+            if start.elapsed() < dur {
+                push(&mut ring, slot as usize, offs.next());
+                in_flight += 1;
+            }
+        }
+        if in_flight == 0 {
+            break;
+        }
+    }
+    let r = rate(ops, w.bs, start.elapsed());
+    // SAFETY: allocated above with this layout; no I/O in flight.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    r
+}
+
+type Em = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// Keel's device: a driver on real rings in guest memory, `qd` requests in
+/// flight, each a header/data/status chain; the device runs on its own
+/// thread exactly as in the VMM.
+fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
+    let backend = DiskBackend::open(path, false, true).expect("disk");
+    let mut blk = VirtioBlock::new(
+        backend,
+        BlockConfig {
+            serial: None,
+            engine: EngineKind::IoUring,
+        },
+    )
+    .expect("device");
+    blk.set_acked_features(VIRTIO_F_VERSION_1);
+    let dev = Arc::new(Mutex::new(blk));
+    let mut em = Em::new().expect("event manager");
+    em.add_subscriber(dev.clone());
+    let mut q = Queue::new(QSIZE).expect("queue");
+    q.set_size(QSIZE);
+    q.set_desc_table_address(Some(DESC as u32), Some(0));
+    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+    q.set_used_ring_address(Some(USED as u32), Some(0));
+    q.set_ready(true);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    // The driver sleeps on the interrupt like a guest that halts: a
+    // spinning driver would steal a core from the device on small hosts.
+    let irq = EventFd::new(0).expect("eventfd");
+    let irq_wait = irq.try_clone().expect("clone");
+    dev.lock()
+        .expect("lock")
+        .activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![q],
+            queue_evts: vec![kick.try_clone().expect("clone")],
+            interrupt: Arc::new(Interrupt::new(irq)),
+        })
+        .expect("activate");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Relaxed) {
+            let _ = em.run_with_timeout(50);
+        }
+    });
+
+    let mut offs = Offsets::new(w);
+    let mut avail_idx: u16 = 0;
+    let mut used_seen: u16 = 0;
+    let kind: u32 = if w.write { 1 } else { 0 };
+    let post = |slot: u64, off: u64, avail_idx: &mut u16| {
+        let head = (slot * 3) as u16;
+        let hdr = HDRS + slot * 16;
+        mem.write_obj(kind, GuestAddress(hdr)).expect("hdr");
+        mem.write_obj(off / 512, GuestAddress(hdr + 8))
+            .expect("hdr");
+        let descs: [(u64, u32, u16); 3] = [
+            (hdr, 16, 1),
+            (
+                BUFS + slot * w.bs,
+                w.bs as u32,
+                1 | if w.write { 0 } else { 2 },
+            ),
+            (STATUS + slot, 1, 2),
+        ];
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let d = DESC + (u64::from(head) + i as u64) * 16;
+            mem.write_obj(*addr, GuestAddress(d)).expect("desc");
+            mem.write_obj(*len, GuestAddress(d + 8)).expect("desc");
+            mem.write_obj(*flags, GuestAddress(d + 12)).expect("desc");
+            mem.write_obj(head + i as u16 + 1, GuestAddress(d + 14))
+                .expect("desc");
+        }
+        let at = AVAIL + 4 + 2 * u64::from(*avail_idx % QSIZE);
+        mem.write_obj(head, GuestAddress(at)).expect("avail");
+        *avail_idx = avail_idx.wrapping_add(1);
+    };
+    for slot in 0..qd as u64 {
+        post(slot, offs.next(), &mut avail_idx);
+    }
+    mem.store(avail_idx, GuestAddress(AVAIL + 2), Ordering::Release)
+        .expect("avail idx");
+    kick.write(1).expect("kick");
+    let start = Instant::now();
+    let mut ops = 0u64;
+    let mut in_flight = qd;
+    while in_flight > 0 {
+        let mut used: u16 = mem
+            .load(GuestAddress(USED + 2), Ordering::Acquire)
+            .expect("used idx");
+        if used == used_seen {
+            irq_wait.read().expect("interrupt");
+            used = mem
+                .load(GuestAddress(USED + 2), Ordering::Acquire)
+                .expect("used idx");
+            if used == used_seen {
+                continue;
+            }
+        }
+        while used_seen != used {
+            let e = USED + 4 + 8 * u64::from(used_seen % QSIZE);
+            let head: u32 = mem.read_obj(GuestAddress(e)).expect("used elem");
+            let slot = u64::from(head) / 3;
+            let status: u8 = mem.read_obj(GuestAddress(STATUS + slot)).expect("status");
+            assert_eq!(status, 0, "Keel request failed");
+            used_seen = used_seen.wrapping_add(1);
+            ops += 1;
+            in_flight -= 1;
+            if start.elapsed() < dur {
+                post(slot, offs.next(), &mut avail_idx);
+                in_flight += 1;
+            }
+        }
+        mem.store(avail_idx, GuestAddress(AVAIL + 2), Ordering::Release)
+            .expect("avail idx");
+        kick.write(1).expect("kick");
+    }
+    let r = rate(ops, w.bs, start.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let _ = thread.join();
+    let _ = mem.num_regions();
+    r
+}
+
+struct LoopDev(String);
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+fn make_backing(path: &Path) {
+    let f = std::fs::File::create(path).expect("backing file");
+    f.set_len(DISK_SIZE).expect("size");
+    // Fill it so reads hit allocated blocks, not holes.
+    let chunk = vec![0x5au8; 1 << 20];
+    use std::io::Write;
+    let mut f = f;
+    for _ in 0..DISK_SIZE >> 20 {
+        f.write_all(&chunk).expect("fill");
+    }
+    f.sync_all().expect("sync");
+}
+
+pub fn main(args: &[String]) {
+    let mut secs = 2.0f64;
+    let mut dir = PathBuf::from("/var/tmp");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--seconds", Some(v)) => secs = v.parse().unwrap_or_else(|_| super::usage()),
+            ("--dir", Some(v)) => dir = v.into(),
+            _ => super::usage(),
+        }
+    }
+    let dur = Duration::from_secs_f64(secs);
+    let work = dir.join(format!("keel-bench-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let file = work.join("disk.img");
+    let loop_file = work.join("loop.img");
+    make_backing(&file);
+    make_backing(&loop_file);
+    let out = Command::new("losetup")
+        .args(["-f", "--show", "--direct-io=on"])
+        .arg(&loop_file)
+        .output()
+        .expect("losetup");
+    let loop_dev = LoopDev(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    assert!(
+        loop_dev.0.starts_with("/dev/loop"),
+        "losetup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    println!("virtio-blk request path, in-process, O_DIRECT, {secs} s per cell; ratio = Keel / raw io_uring on the same backing");
+    println!();
+    println!("| backing | workload | QD | raw io_uring | Keel device path | Keel / raw |");
+    println!("|---|---|---|---|---|---|");
+    for (label, path) in [
+        ("loop device", PathBuf::from(&loop_dev.0)),
+        ("file", file.clone()),
+    ] {
+        for w in WORKLOADS {
+            for qd in [1usize, 32] {
+                let r = raw(&path, w, qd, dur);
+                let k = keel(&path, w, qd, dur);
+                let show = |x: Rate| {
+                    if w.bs >= 1 << 20 {
+                        format!("{:.0} MiB/s", x.mib_s)
+                    } else {
+                        format!("{:.0} IOPS", x.iops)
+                    }
+                };
+                println!(
+                    "| {label} | {} | {qd} | {} | {} | {:.0}% |",
+                    w.name,
+                    show(r),
+                    show(k),
+                    100.0 * k.iops / r.iops
+                );
+            }
+        }
+    }
+    drop(loop_dev);
+    let _ = std::fs::remove_dir_all(&work);
+}
