@@ -65,6 +65,10 @@ fn bad_flags_name_the_field() {
         1,
         "serial.path",
     );
+    expect_error(&["--kernel", k, "--disk", "path=/nonexistent.img"], 1, "disks[0].path");
+    expect_error(&["--kernel", k, "--disk", "readonly=on"], 1, "disk.path");
+    expect_error(&["--kernel", k, "--disk", "path=/dev/null"], 1, "not a block device or regular file");
+    expect_error(&["--kernel", k, "--disk", &format!("path={k},engine=aio")], 1, "disk.engine");
     expect_error(&["--kernel", k, "--bogus-flag"], 2, "--bogus-flag");
 }
 

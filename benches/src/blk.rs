@@ -300,14 +300,31 @@ fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
     r
 }
 
-struct LoopDev(String);
+/// A loop device over a file, detached on drop.
+pub struct LoopDev(pub String);
+
+impl LoopDev {
+    /// Attaches `file` with direct I/O.
+    pub fn attach(file: &Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        let dev = LoopDev(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        assert!(dev.0.starts_with("/dev/loop"), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        dev
+    }
+}
+
 impl Drop for LoopDev {
     fn drop(&mut self) {
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
 }
 
-fn make_backing(path: &Path) {
+/// Creates a fully allocated backing file of the bench's disk size.
+pub fn make_backing(path: &Path) {
     let f = std::fs::File::create(path).expect("backing file");
     f.set_len(DISK_SIZE).expect("size");
     // Fill it so reads hit allocated blocks, not holes.

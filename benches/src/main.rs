@@ -14,11 +14,12 @@
 //! another file), 4 KiB random and 1 MiB sequential, at depth 1 and 32.
 
 mod blk;
+mod blk_guest;
 mod boot;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--qemu PATH]"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]"
     );
     std::process::exit(2)
 }
@@ -28,6 +29,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("boot") => boot::main(&args[1..]),
         Some("blk") => blk::main(&args[1..]),
+        Some("blk-guest") => blk_guest::main(&args[1..]),
         _ => usage(),
     }
 }

@@ -221,3 +221,58 @@ mod tests {
         assert_eq!(r.summary, Some((1, 1)));
     }
 }
+
+/// Host pattern the tests write before boot at disk bytes
+/// `[1 MiB, 1 MiB + 64 KiB)`; the probe reads and checks it.
+pub fn host_pattern(o: u64) -> u8 {
+    (((o >> 12) as u8).wrapping_mul(7)) ^ (o as u8)
+}
+
+/// Guest pattern the probe writes at `[4 MiB, 4 MiB + 256 KiB)`.
+pub fn guest_pattern(o: u64) -> u8 {
+    ((o >> 9) as u8) ^ (o as u8) ^ 0xa5
+}
+
+/// Size of the test disks.
+pub const TEST_DISK_SIZE: u64 = 16 << 20;
+
+/// Writes a 16 MiB test disk image: the host pattern at 1 MiB, 0xff over
+/// `[8 MiB, 13 MiB)` (where the probe zeroes and discards), 0x11 elsewhere.
+pub fn make_test_disk(path: &Path) {
+    let mut b = vec![0x11u8; TEST_DISK_SIZE as usize];
+    for o in (1u64 << 20)..(1 << 20) + (64 << 10) {
+        b[o as usize] = host_pattern(o);
+    }
+    b[8 << 20..13 << 20].fill(0xff);
+    std::fs::write(path, b).expect("write test disk");
+}
+
+/// A loop block device over a file, detached when dropped.
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub path: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `file` to a free loop device (needs root).
+    pub fn attach(file: &Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success() && dev.starts_with("/dev/loop"),
+            "losetup failed (tests need root and loop devices): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice { path: dev.into() }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}

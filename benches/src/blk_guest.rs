@@ -1,0 +1,150 @@
+//! virtio-blk full path: the probe guest's benchmark mode (CPL3 driver ->
+//! MMIO notify -> VMM -> backing) under Keel and under QEMU `-M microvm`
+//! with `virtio-blk-device` (aio=io_uring, cache.direct=on), same guest,
+//! same backing, same run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+struct Case {
+    kind: &'static str,
+    bs: u64,
+    count: u64,
+}
+
+const CASES: [Case; 4] = [
+    Case { kind: "randread", bs: 4096, count: 4000 },
+    Case { kind: "randwrite", bs: 4096, count: 4000 },
+    Case { kind: "read", bs: 1 << 20, count: 400 },
+    Case { kind: "write", bs: 1 << 20, count: 400 },
+];
+
+/// Runs one VMM command line and returns the guest-measured rate
+/// (operations per second) from the probe's bench line.
+fn run(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        // SAFETY: signalling a child we started; harmless if it is gone.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    drop(killer);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("probe: bench blk"))
+        .ok_or_else(|| format!("no bench line; output:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)))?;
+    let field = |k: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|t| t.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+    };
+    let n = field("n=").ok_or("no n=")?;
+    let ns = field("ns=").ok_or("no ns=")?;
+    if text.contains("PROBE FAIL bench") {
+        return Err(format!("bench check failed:\n{text}"));
+    }
+    Ok(n / (ns / 1e9))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn main(args: &[String]) {
+    let mut runs = 3usize;
+    let mut qemu = which("qemu-system-x86_64");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| super::usage()),
+            ("--qemu", Some(v)) => qemu = Some(v.into()),
+            _ => super::usage(),
+        }
+    }
+    let dir = std::env::current_exe().expect("own path").parent().expect("dir").to_path_buf();
+    let keel = dir.join("keel");
+    let probe = dir.join("probe-guest");
+    let work = PathBuf::from("/var/tmp").join(format!("keel-bench-blkg-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let img = work.join("disk.img");
+    super::blk::make_backing(&img);
+    let lo = super::blk::LoopDev::attach(&img);
+    println!("virtio-blk full path: probe guest (CPL3, virtio-drivers) -> VMM -> loop device (O_DIRECT), guest-measured, median of {runs}");
+    println!();
+    println!("| workload | QD | Keel | QEMU microvm | Keel / QEMU |");
+    println!("|---|---|---|---|---|");
+    for c in CASES {
+        for qd in [1u32, 32] {
+            let cmdline = format!(
+                "console=ttyS0 probe.check=blk.0.identify,bench probe.bench.blk={},{},{qd},{}",
+                c.kind, c.bs, c.count
+            );
+            let keel_cmd = || {
+                let mut k = Command::new(&keel);
+                k.args(["--kernel", &probe.display().to_string(), "--memory", "size=512M"])
+                    .args(["--cmdline", &cmdline, "--log-level", "error"])
+                    .args(["--disk", &format!("path={},direct=on", lo.0)]);
+                k
+            };
+            let qemu_cmd = |q: &Path| {
+                let mut k = Command::new(q);
+                k.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+                    .args(["-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+                    .args(["-serial", "stdio", "-monitor", "none"])
+                    .args(["-kernel", &probe.display().to_string(), "-append", &cmdline])
+                    .args(["-drive", &format!("id=d0,file={},format=raw,if=none,cache.direct=on,aio=io_uring", lo.0)])
+                    .args(["-device", "virtio-blk-device,drive=d0"]);
+                k
+            };
+            let show = |r: f64| {
+                if c.bs >= 1 << 20 {
+                    format!("{:.0} MiB/s", r * c.bs as f64 / (1 << 20) as f64)
+                } else {
+                    format!("{r:.0} IOPS")
+                }
+            };
+            let mut ks = Vec::new();
+            let mut qs = Vec::new();
+            for _ in 0..runs {
+                match run(keel_cmd(), Duration::from_secs(120)) {
+                    Ok(r) => ks.push(r),
+                    Err(e) => eprintln!("Keel {} qd {qd}: {e}", c.kind),
+                }
+                if let Some(q) = &qemu {
+                    match run(qemu_cmd(q), Duration::from_secs(120)) {
+                        Ok(r) => qs.push(r),
+                        Err(e) => eprintln!("QEMU {} qd {qd}: {e}", c.kind),
+                    }
+                }
+            }
+            let k = (!ks.is_empty()).then(|| median(ks));
+            let q = (!qs.is_empty()).then(|| median(qs));
+            let name = format!("{} {}", if c.bs >= 1 << 20 { "1M" } else { "4K" }, c.kind);
+            println!(
+                "| {name} | {qd} | {} | {} | {} |",
+                k.map_or("failed".into(), show),
+                q.map_or(if qemu.is_some() { "failed".into() } else { "not measured (no QEMU)".into() }, show),
+                match (k, q) {
+                    (Some(k), Some(q)) => format!("{:.2}x", k / q),
+                    _ => "-".into(),
+                }
+            );
+        }
+    }
+    drop(lo);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,353 @@
+//! A virtio-blk driver with a hand-built split virtqueue, for what the
+//! `virtio-drivers` crate cannot send: WRITE_ZEROES and DISCARD requests,
+//! and deliberately malformed descriptor chains.
+//!
+//! One queue of [`QUEUE_SIZE`] descriptors in the legacy layout (which a
+//! modern device accepts as well): descriptor table at the start of a page,
+//! the available ring right after it, the used ring on the next page. The
+//! caller picks which descriptors a chain uses, so that a chain the device
+//! never returns cannot collide with the next one. Completions are found by
+//! polling the used ring; interrupts stay unused.
+
+use alloc::alloc::{alloc_zeroed, dealloc, Layout};
+use alloc::format;
+use alloc::string::String;
+use core::ptr::NonNull;
+use core::sync::atomic::{fence, Ordering};
+
+use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion};
+use virtio_drivers::transport::{DeviceStatus, Transport};
+
+use crate::arch::tsc;
+use crate::virtio::MmioDevice;
+
+/// Descriptors in the queue.
+pub const QUEUE_SIZE: u16 = 16;
+const PAGE: usize = 4096;
+/// Ring pages (descriptors + available ring, used ring), then one page of
+/// request headers, status bytes and small buffers ([`RawBlk::buf`]).
+const PAGES: usize = 3;
+const AVAIL_OFFSET: usize = 16 * QUEUE_SIZE as usize;
+const USED_OFFSET: usize = PAGE;
+/// Offset of the small-buffer page.
+const BUF_OFFSET: usize = 2 * PAGE;
+/// Size of the small-buffer page.
+pub const BUF_SIZE: usize = PAGE;
+
+/// Descriptor flags.
+pub const DESC_NEXT: u16 = 1;
+/// The device writes this buffer.
+pub const DESC_WRITE: u16 = 2;
+
+/// Request types.
+pub const T_IN: u32 = 0;
+/// Discard.
+pub const T_DISCARD: u32 = 11;
+/// Write zeroes.
+pub const T_WRITE_ZEROES: u32 = 13;
+
+/// Feature bits.
+pub const F_RO: u64 = 1 << 5;
+/// FLUSH command.
+pub const F_FLUSH: u64 = 1 << 9;
+/// DISCARD command.
+pub const F_DISCARD: u64 = 1 << 13;
+/// WRITE_ZEROES command.
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+/// Virtio 1.0 device.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Status byte values.
+pub const S_OK: u8 = 0;
+/// I/O error.
+pub const S_IOERR: u8 = 1;
+/// Unsupported request.
+pub const S_UNSUPP: u8 = 2;
+
+/// One buffer of a descriptor chain.
+#[derive(Clone, Copy, Debug)]
+pub struct Seg {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+}
+
+/// How waiting for a chain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// In the used ring, with the length the device says it wrote.
+    Done(u32),
+    /// Not in the used ring within the time allowed.
+    Timeout,
+    /// The device set DEVICE_NEEDS_RESET instead of completing it.
+    NeedsReset,
+}
+
+/// The device with one hand-built queue.
+pub struct RawBlk {
+    transport: MmioTransport<'static>,
+    mem: NonNull<u8>,
+    avail_idx: u16,
+    last_used: u16,
+    /// Features the device offers.
+    pub offered: u64,
+    /// Features negotiated.
+    pub features: u64,
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+}
+
+fn layout() -> Layout {
+    // A constant, valid layout.
+    Layout::from_size_align(PAGES * PAGE, PAGE).unwrap()
+}
+
+impl RawBlk {
+    /// Resets the device and sets it up with `want` & the offered features
+    /// (plus VERSION_1 when offered, as a driver must) and one queue.
+    pub fn new(dev: &MmioDevice, want: u64) -> Result<Self, String> {
+        let transport = dev.transport()?;
+        // SAFETY: a non-zero size.
+        let mem = NonNull::new(unsafe { alloc_zeroed(layout()) })
+            .ok_or("probe heap exhausted (raw queue)")?;
+        let mut raw = RawBlk {
+            transport,
+            mem,
+            avail_idx: 0,
+            last_used: 0,
+            offered: 0,
+            features: 0,
+            capacity: 0,
+        };
+        raw.init(want)?;
+        Ok(raw)
+    }
+
+    /// Resets the device and sets it up again, with fresh rings.
+    pub fn init(&mut self, want: u64) -> Result<(), String> {
+        let t = &mut self.transport;
+        t.set_status(DeviceStatus::empty());
+        // SAFETY: the device is reset and no longer uses the rings; the
+        // small-buffer page is left as it is.
+        unsafe { self.mem.as_ptr().write_bytes(0, BUF_OFFSET) };
+        self.avail_idx = 0;
+        self.last_used = 0;
+        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+        self.offered = t.read_device_features();
+        self.features = self.offered & (want | F_VERSION_1);
+        t.write_driver_features(self.features);
+        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
+        if t.version() == MmioVersion::Modern
+            && !t.get_status().contains(DeviceStatus::FEATURES_OK)
+        {
+            return Err(format!(
+                "device refused features {:#x} (FEATURES_OK not kept)",
+                self.features
+            ));
+        }
+        t.set_guest_page_size(PAGE as u32);
+        let max = t.max_queue_size(0);
+        if max < u32::from(QUEUE_SIZE) {
+            return Err(format!("queue 0 holds at most {max} descriptors, want {QUEUE_SIZE}"));
+        }
+        let base = self.mem.as_ptr() as u64;
+        t.queue_set(
+            0,
+            u32::from(QUEUE_SIZE),
+            base,
+            base + AVAIL_OFFSET as u64,
+            base + USED_OFFSET as u64,
+        );
+        t.finish_init();
+        let low: u32 = t.read_config_space(0).map_err(|e| format!("config: {e:?}"))?;
+        let high: u32 = t.read_config_space(4).map_err(|e| format!("config: {e:?}"))?;
+        self.capacity = u64::from(low) | u64::from(high) << 32;
+        Ok(())
+    }
+
+    /// Reads a u32 of the device config space.
+    pub fn config_u32(&self, offset: usize) -> Option<u32> {
+        self.transport.read_config_space(offset).ok()
+    }
+
+    /// Guest-physical address of byte `offset` of the small-buffer page.
+    pub fn buf(&self, offset: usize) -> u64 {
+        assert!(offset < BUF_SIZE);
+        self.mem.as_ptr() as u64 + (BUF_OFFSET + offset) as u64
+    }
+
+    /// Writes `bytes` into the small-buffer page at `offset`.
+    pub fn put(&mut self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= BUF_SIZE);
+        for (i, &b) in bytes.iter().enumerate() {
+            // SAFETY: inside the small-buffer page (asserted), which the
+            // device only touches while a chain pointing at it is out;
+            // volatile, as the device may have written it.
+            unsafe {
+                self.mem
+                    .as_ptr()
+                    .add(BUF_OFFSET + offset + i)
+                    .write_volatile(b)
+            };
+        }
+    }
+
+    /// Reads byte `offset` of the small-buffer page.
+    pub fn get(&self, offset: usize) -> u8 {
+        assert!(offset < BUF_SIZE);
+        // SAFETY: inside the small-buffer page; volatile, the device writes it.
+        unsafe { self.mem.as_ptr().add(BUF_OFFSET + offset).read_volatile() }
+    }
+
+    /// Writes a 16-byte request header at `offset` of the small-buffer page.
+    pub fn put_header(&mut self, offset: usize, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.put(offset, &h);
+    }
+
+    /// Puts `segs` in descriptors `first..first + segs.len()`, chained, and
+    /// offers the chain to the device. Returns its head.
+    pub fn submit(&mut self, first: u16, segs: &[Seg]) -> u16 {
+        assert!(!segs.is_empty() && usize::from(first) + segs.len() <= usize::from(QUEUE_SIZE));
+        let desc = self.mem.as_ptr();
+        for (i, seg) in segs.iter().enumerate() {
+            let index = first + i as u16;
+            let mut flags = if seg.write { DESC_WRITE } else { 0 };
+            if i + 1 < segs.len() {
+                flags |= DESC_NEXT;
+            }
+            // SAFETY: descriptor `index` < QUEUE_SIZE lies in the first
+            // ring page; the device does not own it (no chain using it is
+            // out, the caller's contract).
+            unsafe {
+                let d = desc.add(16 * usize::from(index));
+                d.cast::<u64>().write_volatile(seg.addr);
+                d.add(8).cast::<u32>().write_volatile(seg.len);
+                d.add(12).cast::<u16>().write_volatile(flags);
+                d.add(14).cast::<u16>().write_volatile(index + 1);
+            }
+        }
+        let slot = usize::from(self.avail_idx % QUEUE_SIZE);
+        // SAFETY: the available ring (flags, idx, ring[QUEUE_SIZE]) follows
+        // the descriptor table in the first page.
+        unsafe {
+            let avail = desc.add(AVAIL_OFFSET);
+            avail.add(4 + 2 * slot).cast::<u16>().write_volatile(first);
+            fence(Ordering::SeqCst);
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            avail.add(2).cast::<u16>().write_volatile(self.avail_idx);
+        }
+        fence(Ordering::SeqCst);
+        self.transport.notify(0);
+        first
+    }
+
+    /// Polls the used ring until chain `head` comes back, at most `us`
+    /// microseconds (at the highest TSC rate: possibly longer). Other
+    /// chains coming back meanwhile are passed over. Every few thousand
+    /// polls the device status is read: DEVICE_NEEDS_RESET ends the wait.
+    pub fn wait(&mut self, head: u16, us: u64) -> Wait {
+        let start = tsc::rdtsc();
+        let limit = tsc::cycles_at_least(us);
+        let used = self.mem.as_ptr().wrapping_add(USED_OFFSET);
+        let mut polls: u32 = 0;
+        loop {
+            // SAFETY: the used ring (flags, idx, ring of (id u32, len u32))
+            // is the second ring page; the device writes it.
+            let idx = unsafe { used.add(2).cast::<u16>().read_volatile() };
+            while self.last_used != idx {
+                fence(Ordering::Acquire);
+                let slot = usize::from(self.last_used % QUEUE_SIZE);
+                // SAFETY: as above, entry `slot` < QUEUE_SIZE.
+                let (id, len) = unsafe {
+                    let e = used.add(4 + 8 * slot);
+                    (
+                        e.cast::<u32>().read_volatile(),
+                        e.add(4).cast::<u32>().read_volatile(),
+                    )
+                };
+                self.last_used = self.last_used.wrapping_add(1);
+                if id == u32::from(head) {
+                    return Wait::Done(len);
+                }
+            }
+            polls = polls.wrapping_add(1);
+            if polls % 4096 == 0 && self.needs_reset() {
+                return Wait::NeedsReset;
+            }
+            if tsc::rdtsc().wrapping_sub(start) > limit {
+                return if self.needs_reset() {
+                    Wait::NeedsReset
+                } else {
+                    Wait::Timeout
+                };
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Whether the device status has DEVICE_NEEDS_RESET.
+    pub fn needs_reset(&self) -> bool {
+        self.transport
+            .get_status()
+            .contains(DeviceStatus::DEVICE_NEEDS_RESET)
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.transport.get_status().bits()
+    }
+
+    /// A well-formed request on descriptors `first..first + 3` (or + 2
+    /// without data): header at small-buffer offset `hdr`, the status byte
+    /// at `hdr + 16`, `data` in between. Returns the status byte and
+    /// used.len, or why there is none.
+    pub fn request(
+        &mut self,
+        first: u16,
+        hdr: usize,
+        kind: u32,
+        sector: u64,
+        data: Option<Seg>,
+        us: u64,
+    ) -> Result<(u8, u32), String> {
+        self.put_header(hdr, kind, sector);
+        self.put(hdr + 16, &[0xee]);
+        let header = Seg {
+            addr: self.buf(hdr),
+            len: 16,
+            write: false,
+        };
+        let status = Seg {
+            addr: self.buf(hdr + 16),
+            len: 1,
+            write: true,
+        };
+        let head = match data {
+            Some(d) => self.submit(first, &[header, d, status]),
+            None => self.submit(first, &[header, status]),
+        };
+        match self.wait(head, us) {
+            Wait::Done(len) => Ok((self.get(hdr + 16), len)),
+            Wait::Timeout => Err(format!("no completion within {} ms", us / 1000)),
+            Wait::NeedsReset => Err(format!(
+                "device set DEVICE_NEEDS_RESET (status {:#x})",
+                self.status()
+            )),
+        }
+    }
+}
+
+impl Drop for RawBlk {
+    fn drop(&mut self) {
+        // Reset first: the device lets go of the rings.
+        self.transport.set_status(DeviceStatus::empty());
+        // SAFETY: allocated in `new` with this layout; the device is reset.
+        unsafe { dealloc(self.mem.as_ptr(), layout()) };
+    }
+}
