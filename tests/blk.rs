@@ -36,11 +36,27 @@ fn verify_written(bytes: &[u8]) {
     let w = 4usize << 20;
     let bad = (w..w + (256 << 10)).find(|&o| bytes[o] != guest_pattern(o as u64));
     assert_eq!(bad, None, "guest pattern missing at offset {bad:?}");
-    assert!(bytes[8 << 20..(8 << 20) + (64 << 10)].iter().all(|b| *b == 0), "write-zeroes range");
-    assert!(bytes[12 << 20..13 << 20].iter().all(|b| *b == 0), "discarded range");
-    assert_eq!(bytes[(8 << 20) + (64 << 10)], 0xff, "beyond write-zeroes untouched");
+    assert!(
+        bytes[8 << 20..(8 << 20) + (64 << 10)]
+            .iter()
+            .all(|b| *b == 0),
+        "write-zeroes range"
+    );
+    assert!(
+        bytes[12 << 20..13 << 20].iter().all(|b| *b == 0),
+        "discarded range"
+    );
+    assert_eq!(
+        bytes[(8 << 20) + (64 << 10)],
+        0xff,
+        "beyond write-zeroes untouched"
+    );
     assert_eq!(bytes[w - 1], 0x11, "before the guest's writes untouched");
-    assert_eq!(bytes[w + (256 << 10)], 0x11, "after the guest's writes untouched");
+    assert_eq!(
+        bytes[w + (256 << 10)],
+        0x11,
+        "after the guest's writes untouched"
+    );
 }
 
 fn keel_args(disks: &[String], extra_cmdline: &str) -> Vec<String> {
@@ -80,17 +96,37 @@ fn loop_device_and_read_only_file_disk() {
     let report = ProbeReport::parse(&r.stdout);
     let mut required: Vec<&str> = WRITABLE_CHECKS.to_vec();
     required.extend(MALFORMED_CHECKS);
-    required.extend(["blk.1.identify", "blk.1.host_pattern", "blk.1.readonly", "blk.count"]);
+    required.extend([
+        "blk.1.identify",
+        "blk.1.host_pattern",
+        "blk.1.readonly",
+        "blk.count",
+    ]);
     report.assert_all_passed(&required, &r.stdout);
     assert_eq!(r.code(), 0, "{}", r.stderr);
-    assert!(r.stdout.contains("serial=guestos"), "GET_ID of disk 0:\n{}", r.stdout);
-    assert!(r.stdout.contains("serial=config"), "GET_ID of disk 1:\n{}", r.stdout);
+    assert!(
+        r.stdout.contains("serial=guestos"),
+        "GET_ID of disk 0:\n{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("serial=config"),
+        "GET_ID of disk 1:\n{}",
+        r.stdout
+    );
     // Read back through the block device itself, as an LVM volume would be.
     let via_device = std::fs::read(&lo.path).unwrap();
     verify_written(&via_device);
-    assert!(std::fs::read(&config).unwrap() == config_before, "read-only disk unchanged");
+    assert!(
+        std::fs::read(&config).unwrap() == config_before,
+        "read-only disk unchanged"
+    );
     // The malformed requests were counted, not fatal.
-    assert!(r.stderr.contains("disk 0:") && !r.stderr.contains(" 0 invalid"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("disk 0:") && !r.stderr.contains(" 0 invalid"),
+        "{}",
+        r.stderr
+    );
     drop(lo);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -100,7 +136,10 @@ fn file_disk_with_the_sync_engine() {
     let dir = scratch_dir("blk-sync");
     let disk = dir.join("disk.img");
     make_test_disk(&disk);
-    let args = keel_args(&[format!("path={},engine=sync,serial=sync0", disk.display())], "probe.blk=1");
+    let args = keel_args(
+        &[format!("path={},engine=sync,serial=sync0", disk.display())],
+        "probe.blk=1",
+    );
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = run_keel(&refs, DEADLINE);
     let mut required: Vec<&str> = WRITABLE_CHECKS.to_vec();
@@ -134,17 +173,26 @@ fn flushed_data_survives_kill_9() {
     let start = std::time::Instant::now();
     while !seen.contains("probe: blk0 flushed") {
         let n = out.read(&mut buf).unwrap();
-        assert!(n > 0 && start.elapsed() < DEADLINE, "no flush line:\n{seen}");
+        assert!(
+            n > 0 && start.elapsed() < DEADLINE,
+            "no flush line:\n{seen}"
+        );
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     child.kill().unwrap(); // SIGKILL: no clean shutdown, no final flush
     child.wait().unwrap();
     // Drop the host page cache's view and read what is on the device.
-    let _ = Command::new("blockdev").arg("--flushbufs").arg(&lo.path).status();
+    let _ = Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(&lo.path)
+        .status();
     let bytes = std::fs::read(&lo.path).unwrap();
     let w = 4usize << 20;
     let bad = (w..w + (256 << 10)).find(|&o| bytes[o] != guest_pattern(o as u64));
-    assert_eq!(bad, None, "flushed data lost at offset {bad:?}\nconsole:\n{seen}");
+    assert_eq!(
+        bad, None,
+        "flushed data lost at offset {bad:?}\nconsole:\n{seen}"
+    );
     drop(lo);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -156,7 +204,10 @@ fn a_disk_in_use_is_refused_before_boot() {
     make_test_disk(&disk);
     let f = std::fs::File::open(&disk).unwrap();
     // SAFETY: flock on a descriptor we own.
-    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0);
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
+        0
+    );
     let args = keel_args(&[format!("path={}", disk.display())], "");
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = run_keel(&refs, DEADLINE);

@@ -65,10 +65,22 @@ fn bad_flags_name_the_field() {
         1,
         "serial.path",
     );
-    expect_error(&["--kernel", k, "--disk", "path=/nonexistent.img"], 1, "disks[0].path");
+    expect_error(
+        &["--kernel", k, "--disk", "path=/nonexistent.img"],
+        1,
+        "disks[0].path",
+    );
     expect_error(&["--kernel", k, "--disk", "readonly=on"], 1, "disk.path");
-    expect_error(&["--kernel", k, "--disk", "path=/dev/null"], 1, "not a block device or regular file");
-    expect_error(&["--kernel", k, "--disk", &format!("path={k},engine=aio")], 1, "disk.engine");
+    expect_error(
+        &["--kernel", k, "--disk", "path=/dev/null"],
+        1,
+        "not a block device or regular file",
+    );
+    expect_error(
+        &["--kernel", k, "--disk", &format!("path={k},engine=aio")],
+        1,
+        "disk.engine",
+    );
     expect_error(&["--kernel", k, "--bogus-flag"], 2, "--bogus-flag");
 }
 
@@ -106,7 +118,7 @@ fn bad_config_files_name_the_key() {
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let path = dir.join(format!("c{i}.toml"));
-        std::fs::write(&path, format!("{text}")).unwrap();
+        std::fs::write(&path, text).unwrap();
         let p = path.display().to_string();
         expect_error(&["--config", &p, "--kernel", &probe], 1, needle);
     }

@@ -312,7 +312,11 @@ impl LoopDev {
             .output()
             .expect("losetup");
         let dev = LoopDev(String::from_utf8_lossy(&out.stdout).trim().to_string());
-        assert!(dev.0.starts_with("/dev/loop"), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            dev.0.starts_with("/dev/loop"),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dev
     }
 }

@@ -14,16 +14,34 @@ struct Case {
 }
 
 const CASES: [Case; 4] = [
-    Case { kind: "randread", bs: 4096, count: 4000 },
-    Case { kind: "randwrite", bs: 4096, count: 4000 },
-    Case { kind: "read", bs: 1 << 20, count: 400 },
-    Case { kind: "write", bs: 1 << 20, count: 400 },
+    Case {
+        kind: "randread",
+        bs: 4096,
+        count: 4000,
+    },
+    Case {
+        kind: "randwrite",
+        bs: 4096,
+        count: 4000,
+    },
+    Case {
+        kind: "read",
+        bs: 1 << 20,
+        count: 400,
+    },
+    Case {
+        kind: "write",
+        bs: 1 << 20,
+        count: 400,
+    },
 ];
 
 /// Runs one VMM command line and returns the guest-measured rate
 /// (operations per second) from the probe's bench line.
 fn run(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
     let pid = child.id();
     let killer = std::thread::spawn(move || {
@@ -37,7 +55,12 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
     let line = text
         .lines()
         .find(|l| l.starts_with("probe: bench blk"))
-        .ok_or_else(|| format!("no bench line; output:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)))?;
+        .ok_or_else(|| {
+            format!(
+                "no bench line; output:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
     let field = |k: &str| -> Option<f64> {
         line.split_whitespace()
             .find_map(|t| t.strip_prefix(k))
@@ -67,7 +90,11 @@ pub fn main(args: &[String]) {
             _ => super::usage(),
         }
     }
-    let dir = std::env::current_exe().expect("own path").parent().expect("dir").to_path_buf();
+    let dir = std::env::current_exe()
+        .expect("own path")
+        .parent()
+        .expect("dir")
+        .to_path_buf();
     let keel = dir.join("keel");
     let probe = dir.join("probe-guest");
     let work = PathBuf::from("/var/tmp").join(format!("keel-bench-blkg-{}", std::process::id()));
@@ -87,19 +114,45 @@ pub fn main(args: &[String]) {
             );
             let keel_cmd = || {
                 let mut k = Command::new(&keel);
-                k.args(["--kernel", &probe.display().to_string(), "--memory", "size=512M"])
-                    .args(["--cmdline", &cmdline, "--log-level", "error"])
-                    .args(["--disk", &format!("path={},direct=on", lo.0)]);
+                k.args([
+                    "--kernel",
+                    &probe.display().to_string(),
+                    "--memory",
+                    "size=512M",
+                ])
+                .args(["--cmdline", &cmdline, "--log-level", "error"])
+                .args(["--disk", &format!("path={},direct=on", lo.0)]);
                 k
             };
             let qemu_cmd = |q: &Path| {
                 let mut k = Command::new(q);
-                k.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
-                    .args(["-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-                    .args(["-serial", "stdio", "-monitor", "none"])
-                    .args(["-kernel", &probe.display().to_string(), "-append", &cmdline])
-                    .args(["-drive", &format!("id=d0,file={},format=raw,if=none,cache.direct=on,aio=io_uring", lo.0)])
-                    .args(["-device", "virtio-blk-device,drive=d0"]);
+                k.args([
+                    "-M",
+                    "microvm,acpi=off",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                ])
+                .args([
+                    "-m",
+                    "512M",
+                    "-smp",
+                    "1",
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-no-reboot",
+                ])
+                .args(["-serial", "stdio", "-monitor", "none"])
+                .args(["-kernel", &probe.display().to_string(), "-append", &cmdline])
+                .args([
+                    "-drive",
+                    &format!(
+                        "id=d0,file={},format=raw,if=none,cache.direct=on,aio=io_uring",
+                        lo.0
+                    ),
+                ])
+                .args(["-device", "virtio-blk-device,drive=d0"]);
                 k
             };
             let show = |r: f64| {
@@ -129,7 +182,14 @@ pub fn main(args: &[String]) {
             println!(
                 "| {name} | {qd} | {} | {} | {} |",
                 k.map_or("failed".into(), show),
-                q.map_or(if qemu.is_some() { "failed".into() } else { "not measured (no QEMU)".into() }, show),
+                q.map_or(
+                    if qemu.is_some() {
+                        "failed".into()
+                    } else {
+                        "not measured (no QEMU)".into()
+                    },
+                    show
+                ),
                 match (k, q) {
                     (Some(k), Some(q)) => format!("{:.2}x", k / q),
                     _ => "-".into(),

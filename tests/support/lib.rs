@@ -204,24 +204,6 @@ impl ProbeReport {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_probe_output() {
-        let r = ProbeReport::parse(
-            "probe: start\nPROBE ok boot.cmdline\nPROBE FAIL smp.mptable: no _MP_\nprobe: 1 passed, 1 failed\n",
-        );
-        assert_eq!(r.passed, ["boot.cmdline"]);
-        assert_eq!(
-            r.failed,
-            [("smp.mptable".to_string(), "no _MP_".to_string())]
-        );
-        assert_eq!(r.summary, Some((1, 1)));
-    }
-}
-
 /// Host pattern the tests write before boot at disk bytes
 /// `[1 MiB, 1 MiB + 64 KiB)`; the probe reads and checks it.
 pub fn host_pattern(o: u64) -> u8 {
@@ -274,5 +256,23 @@ impl LoopDevice {
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_probe_output() {
+        let r = ProbeReport::parse(
+            "probe: start\nPROBE ok boot.cmdline\nPROBE FAIL smp.mptable: no _MP_\nprobe: 1 passed, 1 failed\n",
+        );
+        assert_eq!(r.passed, ["boot.cmdline"]);
+        assert_eq!(
+            r.failed,
+            [("smp.mptable".to_string(), "no _MP_".to_string())]
+        );
+        assert_eq!(r.summary, Some((1, 1)));
     }
 }

@@ -151,7 +151,7 @@ impl CpusConfig {
             Some(c) => c,
             None => {
                 let per = sockets.saturating_mul(threads).max(1);
-                if self.boot % per != 0 {
+                if !self.boot.is_multiple_of(per) {
                     return Err(ConfigError::invalid(
                         "cpus.cores",
                         "(derived)",
@@ -384,7 +384,7 @@ impl VmConfig {
         } else {
             4 << 10
         };
-        if size % align != 0 {
+        if !size.is_multiple_of(align) {
             return Err(ConfigError::invalid(
                 "memory.size",
                 &shown,

@@ -154,7 +154,7 @@ pub fn parse(
     }
     match kind {
         RequestKind::In | RequestKind::Out => {
-            if data_len % SECTOR_SIZE != 0 {
+            if !data_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::BadLength);
             }
             let end = sector
@@ -172,7 +172,7 @@ pub fn parse(
             if read_only {
                 return Err(RequestError::ReadOnly);
             }
-            if data_len == 0 || data_len % u64::from(SEGMENT_LEN) != 0 {
+            if data_len == 0 || !data_len.is_multiple_of(u64::from(SEGMENT_LEN)) {
                 return Err(RequestError::BadLength);
             }
         }
