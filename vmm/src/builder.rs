@@ -1,7 +1,6 @@
 //! From a validated [`VmConfig`] to a running [`Vmm`], in one readable
 //! sequence: KVM and memory, payload and boot tables, devices, vCPUs.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
@@ -13,11 +12,17 @@ use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, CpuidError, CpuidOptions, NativeCpuid};
 use crate::arch::x86_64::mptable::{self, MpTableError};
 use crate::arch::x86_64::regs::{self, RegsError};
-use crate::config::{ConfigError, VmConfig};
+use std::time::Duration;
+
+use crate::api::auth::RolePolicy;
+use crate::api::{self, ApiContext, BootInfo, DeviceInfo, MemoryInfo, VmInfo};
+use crate::arch::x86_64::regs::EntryMode;
+use crate::config::{resolve_group, ConfigError, VmConfig};
+use crate::control::{self, VmStatus};
 use crate::device_manager::{self, DeviceError};
 use crate::vmm::Vmm;
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vcpu::{self, Vcpu, VcpuControl, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Command line used when the config gives none.
@@ -60,12 +65,67 @@ pub enum BuildError {
     /// The control loop's eventfd.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The control API socket.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+}
+
+/// The device list of `GET /v1/vm`.
+fn device_list(config: &VmConfig, virtio: &[String]) -> Vec<DeviceInfo> {
+    let mut v = vec![DeviceInfo {
+        kind: "serial",
+        path: match &config.serial {
+            crate::config::SerialConfig::File { path } => Some(path.display().to_string()),
+            _ => None,
+        },
+        readonly: None,
+        location: "COM1 0x3f8 irq 4".into(),
+    }];
+    for (d, loc) in config.disks.iter().zip(virtio) {
+        v.push(DeviceInfo {
+            kind: "virtio-blk",
+            path: Some(d.path.display().to_string()),
+            readonly: Some(d.readonly),
+            location: loc.clone(),
+        });
+    }
+    v
 }
 
 /// Builds and starts the VM described by `config`. `start` is the VMM's
 /// start time, the zero of the boot timer.
 pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     config.validate()?;
+    // Bind the API socket first: a bad path is a configuration error.
+    let api_listener = api::listener(config.control.api_socket.as_deref())?;
+    let roles = RolePolicy {
+        admin_gid: config
+            .control
+            .admin_group
+            .as_deref()
+            .map(resolve_group)
+            .transpose()
+            .map_err(|why| {
+                ConfigError::invalid(
+                    "control.admin_group",
+                    config.control.admin_group.as_deref().unwrap_or(""),
+                    why,
+                )
+            })?,
+        readonly_gid: config
+            .control
+            .readonly_group
+            .as_deref()
+            .map(resolve_group)
+            .transpose()
+            .map_err(|why| {
+                ConfigError::invalid(
+                    "control.readonly_group",
+                    config.control.readonly_group.as_deref().unwrap_or(""),
+                    why,
+                )
+            })?,
+    };
     let topology = config.cpus.topology()?;
     let vcpus = topology.vcpus();
     let mem_size = config.memory.size;
@@ -83,6 +143,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         .as_deref()
         .unwrap_or(DEFAULT_CMDLINE)
         .to_string();
+    let virtio_locations = virtio.cmdline.clone();
     for entry in &virtio.cmdline {
         cmdline.push(' ');
         cmdline.push_str(entry);
@@ -153,21 +214,69 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let shared = VcpuShared {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
-        stop: Arc::new(AtomicBool::new(false)),
+        control: Arc::new(VcpuControl::default()),
         events: tx,
         events_ready: events_ready.clone(),
     };
+    let status = Arc::new(VmStatus::new(start));
+    let (control_handle, inbox) = control::channel(status.clone()).map_err(BuildError::EventFd)?;
+    let shutdown_timeout = Duration::from_secs(config.control.shutdown_timeout_s);
+    let console_hub = legacy.console_hub.clone();
+    let serial = legacy.serial.clone();
     let mut vmm = Vmm::new(
         vm,
         guest_memory,
         legacy,
-        shared.stop.clone(),
+        shared.control.clone(),
         rx,
         events_ready,
+        status,
+        shutdown_timeout,
     );
     vmm.set_disk_counters(disk_counters);
-    for v in created {
+    vmm.set_control_inbox(inbox);
+    for v in &created {
         vmm.add_vcpu_counters(v.counters());
+    }
+    if let Some(listener) = api_listener {
+        let info = VmInfo {
+            vcpus,
+            topology,
+            memory: MemoryInfo {
+                size_bytes: mem_size,
+                backing: if config.memory.hugepages {
+                    "hugetlbfs-2M"
+                } else {
+                    "anonymous"
+                },
+            },
+            boot: BootInfo {
+                kernel: kernel.display().to_string(),
+                initrd: config
+                    .payload
+                    .initrd
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                cmdline: cmdline.to_string(),
+                protocol: match payload.entry.mode {
+                    EntryMode::Pvh => "pvh",
+                    EntryMode::Linux64 => "linux-64",
+                },
+            },
+            devices: device_list(config, &virtio_locations),
+        };
+        let ctx = ApiContext::new(
+            control_handle,
+            vmm.view(),
+            info,
+            roles,
+            console_hub,
+            serial,
+            shutdown_timeout,
+        );
+        api::start(listener, Arc::new(ctx))?;
+    }
+    for v in created {
         let handle = v.start(shared.clone())?;
         vmm.add_vcpu(handle);
     }

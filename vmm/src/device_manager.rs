@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
-    BootTimer, EventFdTrigger, Milestone, PowerButton, Serial, SerialSink, BOOT_TIMER_PORT,
-    COM1_IRQ, COM1_PORT, I8042, I8042_PORT_DATA, I8042_PORT_LEN, POWER_PORT, SERIAL_PORT_LEN,
+    BootTimer, ConsoleHub, EventFdTrigger, Milestone, PowerButton, Serial, SerialSink,
+    BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042, I8042_PORT_DATA, I8042_PORT_LEN, POWER_PORT,
+    SERIAL_PORT_LEN,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -166,6 +167,8 @@ pub fn start_device_thread(mut em: DeviceEventManager) -> std::io::Result<()> {
 pub struct LegacyDevices {
     /// COM1.
     pub serial: Arc<Mutex<Serial>>,
+    /// Watchers of COM1's output (API console clients).
+    pub console_hub: Arc<ConsoleHub>,
     /// The keyboard controller (Ctrl-Alt-Del).
     pub i8042: Arc<Mutex<I8042>>,
     /// Boot milestones recorded so far.
@@ -203,7 +206,12 @@ pub fn setup_legacy_devices(
         }
     };
     let com1_irq = vm.irq_line(COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(Serial::new(EventFdTrigger(com1_irq), sink)));
+    let console_hub = Arc::new(ConsoleHub::default());
+    let serial = Arc::new(Mutex::new(Serial::with_hub(
+        EventFdTrigger(com1_irq),
+        sink,
+        console_hub.clone(),
+    )));
     pio.insert(serial.clone(), COM1_PORT, SERIAL_PORT_LEN)?;
 
     let reset_evt = eventfd()?;
@@ -224,6 +232,7 @@ pub fn setup_legacy_devices(
 
     Ok(LegacyDevices {
         serial,
+        console_hub,
         i8042,
         milestones,
         reset_evt,

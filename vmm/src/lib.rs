@@ -7,11 +7,14 @@
 
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod exit;
 pub mod logger;
+pub mod systemd;
 pub mod vmm;
 pub mod vstate;

@@ -1,24 +1,26 @@
-//! A running VM and the VMM's control loop: waits for whatever ends the VM
-//! (guest power-off or reset, a vCPU's fatal exit, SIGTERM/SIGINT), then
+//! A running VM and the VMM's control loop: it waits for whatever ends the
+//! VM (guest power-off or reset, a vCPU's fatal exit, a signal, an API
+//! request), serves pause/resume/shutdown, keeps systemd informed, then
 //! stops every vCPU and reports the outcome.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use log::{error, info};
+use devices::virtio::block::BlockCounters;
+use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use devices::virtio::block::BlockCounters;
-
+use crate::control::{ControlInbox, ControlRequest, VmState, VmStatus};
 use crate::device_manager::LegacyDevices;
 use crate::exit::VmOutcome;
-use crate::vstate::vcpu::{self, ExitCounters, VcpuEvent, VcpuHandle};
+use crate::systemd;
+use crate::vstate::vcpu::{self, ExitCounters, VcpuControl, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::Vm;
 
 /// Signals that stop the VM; blocked in every thread and read from a
@@ -36,17 +38,32 @@ pub fn block_stop_signals() -> nix::Result<()> {
     stop_signals().thread_block()
 }
 
+/// How long vCPUs get to park on a pause request.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the VMM shares with the control API: counters and state.
+#[derive(Clone)]
+pub struct VmView {
+    /// Life-cycle state and uptime.
+    pub status: Arc<VmStatus>,
+    /// Per-vCPU exit counters.
+    pub vcpu_counters: Vec<Arc<ExitCounters>>,
+    /// Per-disk counters.
+    pub disk_counters: Vec<Arc<BlockCounters>>,
+}
+
 /// A running VM.
 pub struct Vmm {
     // Field order is drop order: vCPU threads stop before the VM and its
     // memory go away.
     vcpus: Vec<VcpuHandle>,
-    vcpu_counters: Vec<Arc<ExitCounters>>,
-    stop: Arc<AtomicBool>,
+    view: VmView,
+    control: Arc<VcpuControl>,
     events: Receiver<VcpuEvent>,
     events_ready: Arc<EventFd>,
+    inbox: Option<ControlInbox>,
+    shutdown_timeout: Duration,
     legacy: LegacyDevices,
-    disk_counters: Vec<Arc<BlockCounters>>,
     _vm: Vm,
     _memory: GuestMemoryMmap,
 }
@@ -55,25 +72,40 @@ const TOKEN_VCPU: u64 = 1;
 const TOKEN_RESET: u64 = 2;
 const TOKEN_POWER: u64 = 3;
 const TOKEN_SIGNAL: u64 = 4;
+const TOKEN_CONTROL: u64 = 5;
+
+/// A graceful shutdown in progress.
+struct Shutdown {
+    deadline: Instant,
+    why: &'static str,
+}
 
 impl Vmm {
     /// Wraps a built VM (the builder adds vCPUs next).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vm: Vm,
         memory: GuestMemoryMmap,
         legacy: LegacyDevices,
-        stop: Arc<AtomicBool>,
+        control: Arc<VcpuControl>,
         events: Receiver<VcpuEvent>,
         events_ready: Arc<EventFd>,
+        status: Arc<VmStatus>,
+        shutdown_timeout: Duration,
     ) -> Self {
         Vmm {
             vcpus: Vec::new(),
-            vcpu_counters: Vec::new(),
-            stop,
+            view: VmView {
+                status,
+                vcpu_counters: Vec::new(),
+                disk_counters: Vec::new(),
+            },
+            control,
             events,
             events_ready,
+            inbox: None,
+            shutdown_timeout,
             legacy,
-            disk_counters: Vec::new(),
             _vm: vm,
             _memory: memory,
         }
@@ -81,12 +113,7 @@ impl Vmm {
 
     /// Keeps the disks' counters.
     pub fn set_disk_counters(&mut self, c: Vec<Arc<BlockCounters>>) {
-        self.disk_counters = c;
-    }
-
-    /// Counters of each disk, in disk order.
-    pub fn disk_counters(&self) -> &[Arc<BlockCounters>] {
-        &self.disk_counters
+        self.view.disk_counters = c;
     }
 
     /// Adds a started vCPU thread.
@@ -96,7 +123,17 @@ impl Vmm {
 
     /// Keeps a vCPU's exit counters.
     pub fn add_vcpu_counters(&mut self, c: Arc<ExitCounters>) {
-        self.vcpu_counters.push(c);
+        self.view.vcpu_counters.push(c);
+    }
+
+    /// Accepts control requests from `inbox` (the API's channel).
+    pub fn set_control_inbox(&mut self, inbox: ControlInbox) {
+        self.inbox = Some(inbox);
+    }
+
+    /// What the control API reads.
+    pub fn view(&self) -> VmView {
+        self.view.clone()
     }
 
     /// The legacy devices (serial, i8042, boot timer).
@@ -106,21 +143,13 @@ impl Vmm {
 
     /// Runs the control loop until the VM ends; then stops all vCPUs.
     pub fn run(mut self) -> VmOutcome {
+        self.set_state(VmState::Running);
+        systemd::ready();
         let outcome = self.wait_for_end();
-        vcpu::stop_all(std::mem::take(&mut self.vcpus), &self.stop);
-        let exits: u64 = self
-            .vcpu_counters
-            .iter()
-            .map(|c| {
-                use std::sync::atomic::Ordering::Relaxed;
-                c.io_in.load(Relaxed)
-                    + c.io_out.load(Relaxed)
-                    + c.mmio_read.load(Relaxed)
-                    + c.mmio_write.load(Relaxed)
-            })
-            .sum();
-        info!("VM ended: {} ({exits} I/O exits)", outcome.describe());
-        for (i, c) in self.disk_counters.iter().enumerate() {
+        vcpu::stop_all(std::mem::take(&mut self.vcpus), &self.control);
+        self.set_state(VmState::Stopped);
+        info!("VM ended: {}", outcome.describe());
+        for (i, c) in self.view.disk_counters.iter().enumerate() {
             let s = c.snapshot();
             info!(
                 "disk {i}: {} reads ({} B), {} writes ({} B), {} flushes, {} discards, {} write-zeroes, {} invalid, {} unsupported, {} I/O errors",
@@ -128,7 +157,76 @@ impl Vmm {
                 s.write_zeroes_ops, s.invalid_requests, s.unsupported_requests, s.io_errors
             );
         }
+        systemd::stopping(&outcome.describe());
         outcome
+    }
+
+    fn set_state(&self, s: VmState) {
+        if self.view.status.state() != s {
+            self.view.status.set(s);
+            systemd::status(&format!("VM {}", s.name()));
+        }
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        match self.view.status.state() {
+            VmState::Running => {
+                if self.control.pause(&self.vcpus, PAUSE_TIMEOUT) {
+                    self.set_state(VmState::Paused);
+                    Ok(())
+                } else {
+                    self.control.resume();
+                    Err("vCPUs did not pause in time".into())
+                }
+            }
+            VmState::Paused => Ok(()),
+            s => Err(format!("cannot pause a VM that is {}", s.name())),
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        match self.view.status.state() {
+            VmState::Paused => {
+                self.control.resume();
+                self.set_state(VmState::Running);
+                Ok(())
+            }
+            VmState::Running => Ok(()),
+            s => Err(format!("cannot resume a VM that is {}", s.name())),
+        }
+    }
+
+    /// Types Ctrl-Alt-Del into the guest (resuming it first if paused).
+    fn ctrl_alt_del(&mut self) -> Result<(), String> {
+        if self.view.status.state() == VmState::Paused {
+            self.resume()?;
+        }
+        let mut kbd = self.legacy.i8042.lock().unwrap_or_else(|p| p.into_inner());
+        kbd.trigger_ctrl_alt_del().map_err(|e| e.to_string())
+    }
+
+    fn begin_shutdown(
+        &mut self,
+        timeout: Duration,
+        why: &'static str,
+        pending: &mut Option<Shutdown>,
+    ) -> Result<(), String> {
+        if pending.is_some() {
+            return Ok(());
+        }
+        info!(
+            "graceful shutdown ({why}): Ctrl-Alt-Del, forced stop in {} s",
+            timeout.as_secs()
+        );
+        if let Err(e) = self.ctrl_alt_del() {
+            warn!("graceful shutdown: {e}; waiting for the timeout");
+        }
+        self.set_state(VmState::ShuttingDown);
+        *pending = Some(Shutdown {
+            deadline: Instant::now() + timeout,
+            why,
+        });
+        Ok(())
     }
 
     fn wait_for_end(&mut self) -> VmOutcome {
@@ -140,12 +238,15 @@ impl Vmm {
             Ok(e) => e,
             Err(e) => return VmOutcome::Fatal(format!("cannot create epoll: {e}")),
         };
-        let watch = [
+        let mut watch = vec![
             (self.events_ready.as_raw_fd(), TOKEN_VCPU),
             (self.legacy.reset_evt.as_raw_fd(), TOKEN_RESET),
             (self.legacy.power_off_evt.as_raw_fd(), TOKEN_POWER),
             (sigfd.as_raw_fd(), TOKEN_SIGNAL),
         ];
+        if let Some(inbox) = &self.inbox {
+            watch.push((inbox.wake.as_raw_fd(), TOKEN_CONTROL));
+        }
         for (fd, token) in watch {
             if let Err(e) = epoll.ctl(
                 ControlOperation::Add,
@@ -155,9 +256,37 @@ impl Vmm {
                 return VmOutcome::Fatal(format!("cannot watch fd {fd}: {e}"));
             }
         }
-        let mut ready = [EpollEvent::default(); 4];
+        let watchdog = systemd::watchdog_interval();
+        let mut next_watchdog = watchdog.map(|w| Instant::now() + w);
+        let mut shutdown: Option<Shutdown> = None;
+        let mut ready = [EpollEvent::default(); 8];
         loop {
-            let n = match epoll.wait(-1, &mut ready) {
+            let now = Instant::now();
+            if let Some(s) = &shutdown {
+                if now >= s.deadline {
+                    warn!(
+                        "guest did not shut down in time ({}); forcing it off",
+                        s.why
+                    );
+                    return VmOutcome::Stopped("shutdown timeout; forced stop");
+                }
+            }
+            if let (Some(at), Some(every)) = (next_watchdog, watchdog) {
+                if now >= at {
+                    systemd::watchdog();
+                    next_watchdog = Some(now + every);
+                }
+            }
+            let wake_at = [shutdown.as_ref().map(|s| s.deadline), next_watchdog]
+                .into_iter()
+                .flatten()
+                .min();
+            let timeout_ms = wake_at.map_or(-1, |t| {
+                t.saturating_duration_since(now)
+                    .as_millis()
+                    .min(i32::MAX as u128) as i32
+            });
+            let n = match epoll.wait(timeout_ms, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return VmOutcome::Fatal(format!("epoll wait: {e}")),
@@ -167,22 +296,75 @@ impl Vmm {
                     TOKEN_VCPU => {
                         let _ = self.events_ready.read();
                         if let Ok(event) = self.events.try_recv() {
-                            return outcome_of(event);
+                            return graceful(outcome_of(event), &shutdown);
                         }
                     }
-                    TOKEN_RESET => return VmOutcome::Reset,
-                    TOKEN_POWER => return VmOutcome::PowerOff,
+                    TOKEN_RESET => return graceful(VmOutcome::Reset, &shutdown),
+                    TOKEN_POWER => return graceful(VmOutcome::PowerOff, &shutdown),
                     TOKEN_SIGNAL => {
                         let sig = match sigfd.read_signal() {
                             Ok(Some(info)) if info.ssi_signo == libc::SIGINT as u32 => "SIGINT",
                             _ => "SIGTERM",
                         };
-                        return VmOutcome::Stopped(sig);
+                        if shutdown.is_some() {
+                            // A second signal while shutting down: stop now.
+                            return VmOutcome::Stopped(if sig == "SIGINT" {
+                                "SIGINT"
+                            } else {
+                                "SIGTERM"
+                            });
+                        }
+                        let why = if sig == "SIGINT" { "SIGINT" } else { "SIGTERM" };
+                        let timeout = self.shutdown_timeout;
+                        let _ = self.begin_shutdown(timeout, why, &mut shutdown);
+                    }
+                    TOKEN_CONTROL => {
+                        if let Some(end) = self.serve_requests(&mut shutdown) {
+                            return end;
+                        }
                     }
                     _ => {}
                 }
             }
         }
+    }
+
+    /// Answers queued API requests; returns an outcome if one ends the VM.
+    fn serve_requests(&mut self, shutdown: &mut Option<Shutdown>) -> Option<VmOutcome> {
+        let reqs: Vec<_> = match &self.inbox {
+            Some(inbox) => {
+                let _ = inbox.wake.read();
+                inbox.rx.try_iter().collect()
+            }
+            None => return None,
+        };
+        for (req, reply) in reqs {
+            let answer = match req {
+                ControlRequest::Pause => self.pause(),
+                ControlRequest::Resume => self.resume(),
+                ControlRequest::CtrlAltDel => self.ctrl_alt_del(),
+                ControlRequest::Shutdown { timeout } => {
+                    self.begin_shutdown(timeout, "API request", shutdown)
+                }
+                ControlRequest::Stop => {
+                    let _ = reply.send(Ok(()));
+                    return Some(VmOutcome::Stopped("API stop request"));
+                }
+            };
+            let _ = reply.send(answer);
+        }
+        None
+    }
+}
+
+/// After a requested shutdown, the guest going down by any clean route
+/// (power-off, reset) is the expected, successful end.
+fn graceful(outcome: VmOutcome, shutdown: &Option<Shutdown>) -> VmOutcome {
+    match (outcome, shutdown) {
+        (VmOutcome::PowerOff | VmOutcome::Reset, Some(_)) => {
+            VmOutcome::Stopped("graceful shutdown")
+        }
+        (o, _) => o,
     }
 }
 

@@ -4,6 +4,10 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
 use log::warn;
 use vm_superio::serial::NoEvents;
 
@@ -52,16 +56,92 @@ impl Write for SerialSink {
     }
 }
 
+/// Console watchers: every byte the guest writes is also offered to each
+/// subscriber (a control-API console client), without ever blocking the
+/// guest: a subscriber that falls behind loses bytes, and they are counted.
+#[derive(Debug, Default)]
+pub struct ConsoleHub {
+    count: AtomicUsize,
+    clients: Mutex<Vec<(u64, SyncSender<u8>)>>,
+    next_id: AtomicU64,
+    /// Bytes dropped for slow subscribers.
+    pub dropped: AtomicU64,
+}
+
+/// Buffer of one console subscriber.
+const SUBSCRIBER_BUFFER: usize = 64 << 10;
+
+impl ConsoleHub {
+    /// Adds a subscriber; returns its id and the receiving end.
+    pub fn subscribe(&self) -> (u64, Receiver<u8>) {
+        let (tx, rx) = sync_channel(SUBSCRIBER_BUFFER);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut c = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        c.push((id, tx));
+        self.count.store(c.len(), Ordering::Release);
+        (id, rx)
+    }
+
+    /// Removes subscriber `id`.
+    pub fn unsubscribe(&self, id: u64) {
+        let mut c = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        c.retain(|(i, _)| *i != id);
+        self.count.store(c.len(), Ordering::Release);
+    }
+
+    fn offer(&self, bytes: &[u8]) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut c = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        c.retain(|(_, tx)| {
+            for &b in bytes {
+                match tx.try_send(b) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(TrySendError::Disconnected(_)) => return false,
+                }
+            }
+            true
+        });
+        self.count.store(c.len(), Ordering::Release);
+    }
+}
+
+/// The configured sink plus the console watchers.
+pub struct TeeSink {
+    sink: SerialSink,
+    hub: Arc<ConsoleHub>,
+}
+
+impl Write for TeeSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.hub.offer(buf);
+        self.sink.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sink.flush()
+    }
+}
+
 /// COM1: a vm-superio 16550A whose interrupt is an eventfd (a KVM irqfd).
 pub struct Serial {
-    uart: vm_superio::Serial<EventFdTrigger, NoEvents, SerialSink>,
+    uart: vm_superio::Serial<EventFdTrigger, NoEvents, TeeSink>,
 }
 
 impl Serial {
     /// A UART raising `irq` and writing to `sink`.
     pub fn new(irq: EventFdTrigger, sink: SerialSink) -> Self {
+        Self::with_hub(irq, sink, Arc::new(ConsoleHub::default()))
+    }
+
+    /// A UART whose output also goes to the watchers of `hub`.
+    pub fn with_hub(irq: EventFdTrigger, sink: SerialSink, hub: Arc<ConsoleHub>) -> Self {
         Serial {
-            uart: vm_superio::Serial::new(irq, sink),
+            uart: vm_superio::Serial::new(irq, TeeSink { sink, hub }),
         }
     }
 
@@ -126,6 +206,26 @@ mod tests {
         s.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn console_watchers_see_output_and_never_block_the_guest() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let hub = Arc::new(ConsoleHub::default());
+        let mut s = Serial::with_hub(EventFdTrigger(irq), SerialSink::Off, hub.clone());
+        let (id, rx) = hub.subscribe();
+        for b in b"ok\n" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(rx.try_iter().collect::<Vec<u8>>(), b"ok\n");
+        // A watcher that never reads loses bytes past its buffer, counted.
+        let (_slow, _rx2) = hub.subscribe();
+        for _ in 0..(SUBSCRIBER_BUFFER + 10) {
+            s.write(0, &[b'x']);
+        }
+        assert!(hub.dropped.load(Ordering::Relaxed) >= 10);
+        hub.unsubscribe(id);
+        drop(rx);
     }
 
     #[test]

@@ -39,6 +39,12 @@ struct Args {
     /// A virtio-blk disk (repeatable): path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync].
     #[arg(long = "disk", value_name = "OPTIONS")]
     disks: Vec<String>,
+    /// Control API socket (HTTP/1.1 + JSON over a Unix socket).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Seconds a graceful shutdown waits before a forced stop (default 120).
+    #[arg(long, value_name = "SECONDS")]
+    shutdown_timeout: Option<u64>,
     /// Serial console: stdout | off | file=PATH.
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
@@ -68,6 +74,8 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         cpus: args.cpus.clone(),
         serial: args.serial.clone(),
         disks: args.disks.clone(),
+        api_socket: args.api_socket.clone(),
+        shutdown_timeout_s: args.shutdown_timeout,
     })?;
     Ok(config)
 }

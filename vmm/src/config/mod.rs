@@ -220,6 +220,42 @@ pub struct DiskConfig {
     pub engine: DiskEngine,
 }
 
+/// The control socket and life-cycle policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Unix socket of the control API (mode 0660). Without it (and without
+    /// a socket passed by systemd) there is no API.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// Group (name or number) whose members may change the VM's state and
+    /// type into the console; root always may.
+    #[serde(default)]
+    pub admin_group: Option<String>,
+    /// Group whose members may query the VM and watch the console.
+    #[serde(default)]
+    pub readonly_group: Option<String>,
+    /// Seconds a graceful shutdown (SIGTERM or API) waits for the guest
+    /// before stopping it by force.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_s: u64,
+}
+
+fn default_shutdown_timeout() -> u64 {
+    120
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            api_socket: None,
+            admin_group: None,
+            readonly_group: None,
+            shutdown_timeout_s: default_shutdown_timeout(),
+        }
+    }
+}
+
 /// A whole VM.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,6 +275,9 @@ pub struct VmConfig {
     /// Disks, in the order the guest sees them.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Control socket and shutdown policy.
+    #[serde(default)]
+    pub control: ControlConfig,
 }
 
 /// Command-line flag values, as given (each overrides the file).
@@ -259,6 +298,10 @@ pub struct FlagOverrides {
     /// `--disk path=P[,readonly=on][,direct=on][,serial=ID][,engine=..]`,
     /// repeated; when any is given they replace the file's disks.
     pub disks: Vec<String>,
+    /// `--api-socket PATH`
+    pub api_socket: Option<PathBuf>,
+    /// `--shutdown-timeout SECONDS`
+    pub shutdown_timeout_s: Option<u64>,
 }
 
 /// Most disks a VM can have (virtio-mmio slots with a free interrupt line).
@@ -306,6 +349,12 @@ impl VmConfig {
         if let Some(s) = &flags.serial {
             self.serial = parse_serial_flag(s)?;
         }
+        if let Some(p) = &flags.api_socket {
+            self.control.api_socket = Some(p.clone());
+        }
+        if let Some(t) = flags.shutdown_timeout_s {
+            self.control.shutdown_timeout_s = t;
+        }
         if !flags.disks.is_empty() {
             self.disks = flags
                 .disks
@@ -346,6 +395,7 @@ impl VmConfig {
         self.validate_memory()?;
         self.validate_cpus()?;
         self.validate_disks()?;
+        self.validate_control()?;
         if let SerialConfig::File { path } = &self.serial {
             let parent = path
                 .parent()
@@ -397,6 +447,39 @@ impl VmConfig {
                         ""
                     }
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_control(&self) -> Result<(), ConfigError> {
+        let c = &self.control;
+        if let Some(p) = &c.api_socket {
+            let parent = p
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(ConfigError::invalid(
+                    "control.api_socket",
+                    &p.display().to_string(),
+                    format!("directory {} does not exist", parent.display()),
+                ));
+            }
+        }
+        for (field, g) in [
+            ("control.admin_group", &c.admin_group),
+            ("control.readonly_group", &c.readonly_group),
+        ] {
+            if let Some(g) = g {
+                resolve_group(g).map_err(|why| ConfigError::invalid(field, g, why))?;
+            }
+        }
+        if c.shutdown_timeout_s == 0 || c.shutdown_timeout_s > 3600 {
+            return Err(ConfigError::invalid(
+                "control.shutdown_timeout_s",
+                &c.shutdown_timeout_s.to_string(),
+                "between 1 and 3600 seconds".into(),
             ));
         }
         Ok(())
@@ -503,6 +586,18 @@ fn check_readable_file(field: &str, path: &Path) -> Result<(), ConfigError> {
             "not a regular file".into(),
         )),
         Err(e) => Err(ConfigError::invalid(field, &shown, e.to_string())),
+    }
+}
+
+/// A group given by name or number, as a gid.
+pub fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err("no such group".into()),
+        Err(e) => Err(format!("cannot look the group up: {e}")),
     }
 }
 

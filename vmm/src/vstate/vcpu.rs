@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -92,6 +92,70 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Run control of all vCPUs: stop for good, or pause and resume.
+#[derive(Debug, Default)]
+pub struct VcpuControl {
+    stop: AtomicBool,
+    pause_requested: AtomicBool,
+    parked: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    /// Whether the vCPUs are told to stop.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused.
+    fn park_if_paused(&self) {
+        if !self.pause_requested.load(Ordering::Acquire) {
+            return;
+        }
+        let mut parked = self.lock_parked();
+        *parked += 1;
+        self.cv.notify_all();
+        while self.pause_requested.load(Ordering::Acquire) && !self.stopping() {
+            parked = self.cv.wait(parked).unwrap_or_else(|p| p.into_inner());
+        }
+        *parked -= 1;
+        self.cv.notify_all();
+    }
+
+    /// Pauses every vCPU: returns once all `n` are parked outside KVM_RUN
+    /// (false if they did not all park within `timeout`).
+    pub fn pause(&self, handles: &[VcpuHandle], timeout: Duration) -> bool {
+        self.pause_requested.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            for h in handles {
+                h.kick();
+            }
+            let parked = self.lock_parked();
+            if *parked >= handles.len() {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(5));
+            drop(self.cv.wait_timeout(parked, wait));
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.pause_requested.store(false, Ordering::Release);
+        let _guard = self.lock_parked();
+        self.cv.notify_all();
+    }
+}
+
 /// What a vCPU thread shares with the rest of the VMM.
 #[derive(Clone)]
 pub struct VcpuShared {
@@ -99,8 +163,8 @@ pub struct VcpuShared {
     pub pio: Arc<Bus>,
     /// MMIO devices.
     pub mmio: Arc<Bus>,
-    /// Set to make every vCPU thread return.
-    pub stop: Arc<AtomicBool>,
+    /// Stop/pause control.
+    pub control: Arc<VcpuControl>,
     /// Where events go.
     pub events: Sender<VcpuEvent>,
     /// Written after each event is queued, to wake the control loop.
@@ -158,7 +222,11 @@ impl Vcpu {
     }
 
     fn run(mut self, shared: VcpuShared) {
-        while !shared.stop.load(Ordering::Acquire) {
+        while !shared.control.stopping() {
+            shared.control.park_if_paused();
+            if shared.control.stopping() {
+                return;
+            }
             let event = match self.fd.run() {
                 Ok(exit) => match handle_exit(exit, &shared, &self.counters) {
                     ExitAction::Continue => continue,
@@ -277,6 +345,14 @@ pub struct VcpuHandle {
     thread: JoinHandle<()>,
 }
 
+impl VcpuHandle {
+    /// Interrupts the thread's KVM_RUN (it returns EINTR).
+    pub fn kick(&self) {
+        // ESRCH (thread already gone) is fine.
+        let _ = self.thread.kill(kick_signal());
+    }
+}
+
 /// Installs the no-op handler of the kick signal: its only job is to make
 /// KVM_RUN return EINTR. Call once before starting vCPUs.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
@@ -284,15 +360,15 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), noop).map_err(VcpuError::Signal)
 }
 
-/// Stops every vCPU thread: sets `stop`, then kicks each thread out of
-/// KVM_RUN until it has returned (a kick can land just before a thread
-/// enters KVM_RUN, so it is repeated).
-pub fn stop_all(handles: Vec<VcpuHandle>, stop: &AtomicBool) {
-    stop.store(true, Ordering::Release);
+/// Stops every vCPU thread: sets `stop`, wakes parked ones, then kicks
+/// each thread out of KVM_RUN until it has returned (a kick can land just
+/// before a thread enters KVM_RUN, so it is repeated).
+pub fn stop_all(handles: Vec<VcpuHandle>, control: &VcpuControl) {
+    control.stop.store(true, Ordering::Release);
+    control.resume();
     for h in handles {
         while !h.thread.is_finished() {
-            // ESRCH (thread already gone) is fine.
-            let _ = h.thread.kill(kick_signal());
+            h.kick();
             std::thread::sleep(Duration::from_millis(2));
         }
         let _ = h.thread.join();

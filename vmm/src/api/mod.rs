@@ -1,0 +1,561 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket (so
+//! `curl --unix-socket` works), documented in `resources/api/openapi.json`.
+//!
+//! Each connection gets its own thread, bounded in number; requests are
+//! bounded in size and time; state changes go to the VMM's control loop
+//! through [`ControlHandle`], so the API never touches a vCPU or device
+//! directly (console input excepted, through the serial port's lock).
+
+pub mod auth;
+pub mod http;
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::legacy::{ConsoleHub, Serial};
+use log::{info, warn};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::control::{ControlHandle, ControlRequest, VmState};
+use crate::vmm::VmView;
+use auth::{Peer, Role, RolePolicy};
+use http::{ReadError, Request};
+
+/// Every route: method, path, role needed. The OpenAPI file lists the same
+/// set (a test checks it).
+pub const ROUTES: &[(&str, &str, Role)] = &[
+    ("GET", "/v1/vm", Role::ReadOnly),
+    ("GET", "/v1/counters", Role::ReadOnly),
+    ("PUT", "/v1/vm/pause", Role::Admin),
+    ("PUT", "/v1/vm/resume", Role::Admin),
+    ("PUT", "/v1/vm/shutdown", Role::Admin),
+    ("PUT", "/v1/vm/stop", Role::Admin),
+    ("GET", "/v1/console", Role::ReadOnly),
+];
+
+/// Most connections served at once; more get 503.
+pub const MAX_CLIENTS: usize = 64;
+/// How long a state-change request waits for the control loop.
+const CONTROL_WAIT: Duration = Duration::from_secs(10);
+
+/// Errors of setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// bind(2) or chmod failed.
+    #[error("cannot create API socket {path}: {source}")]
+    Bind {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server thread could not start.
+    #[error("cannot start the API thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What does not change while the VM runs (served by `GET /v1/vm`).
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Topology.
+    pub topology: crate::arch::x86_64::topology::CpuTopology,
+    /// Memory.
+    pub memory: MemoryInfo,
+    /// Boot source.
+    pub boot: BootInfo,
+    /// Devices.
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// Guest memory description.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryInfo {
+    /// Bytes.
+    pub size_bytes: u64,
+    /// Backing.
+    pub backing: &'static str,
+}
+
+/// Boot source description.
+#[derive(Clone, Debug, Serialize)]
+pub struct BootInfo {
+    /// Kernel path.
+    pub kernel: String,
+    /// Initrd path.
+    pub initrd: Option<String>,
+    /// Command line as given to the guest.
+    pub cmdline: String,
+    /// "pvh" or "linux-64".
+    pub protocol: &'static str,
+}
+
+/// One device.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceInfo {
+    /// Kind, e.g. "virtio-blk", "serial".
+    pub kind: &'static str,
+    /// Backing path, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Read-only disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readonly: Option<bool>,
+    /// Where the guest sees it.
+    pub location: String,
+}
+
+/// Everything a connection needs.
+pub struct ApiContext {
+    /// Requests to the control loop, and the VM's state.
+    pub control: ControlHandle,
+    /// Counters.
+    pub view: VmView,
+    /// Static description.
+    pub info: VmInfo,
+    /// Role mapping.
+    pub roles: RolePolicy,
+    /// Serial output watchers.
+    pub console_hub: Arc<ConsoleHub>,
+    /// The serial port, for console input.
+    pub serial: Arc<Mutex<Serial>>,
+    /// Default graceful-shutdown timeout.
+    pub shutdown_timeout: Duration,
+    /// Whether a console writer is attached.
+    pub console_writer: Mutex<bool>,
+    clients: AtomicUsize,
+}
+
+impl ApiContext {
+    /// Bundles the API's view of the VM.
+    pub fn new(
+        control: ControlHandle,
+        view: VmView,
+        info: VmInfo,
+        roles: RolePolicy,
+        console_hub: Arc<ConsoleHub>,
+        serial: Arc<Mutex<Serial>>,
+        shutdown_timeout: Duration,
+    ) -> Self {
+        ApiContext {
+            control,
+            view,
+            info,
+            roles,
+            console_hub,
+            serial,
+            shutdown_timeout,
+            console_writer: Mutex::new(false),
+            clients: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The listening socket: the one systemd passed (LISTEN_FDS), else a new
+/// one at `path` (mode 0660, a stale socket file replaced).
+pub fn listener(path: Option<&Path>) -> Result<Option<UnixListener>, ApiError> {
+    if let Some(fd) = systemd_socket() {
+        // SAFETY: systemd passed this descriptor to us (LISTEN_PID is our
+        // pid) and nothing else in the process owns it.
+        return Ok(Some(unsafe { UnixListener::from_raw_fd(fd) }));
+    }
+    let Some(path) = path else { return Ok(None) };
+    let shown = path.display().to_string();
+    let err = |source| ApiError::Bind {
+        path: shown.clone(),
+        source,
+    };
+    if path.exists() {
+        // Only replace a socket nobody answers on.
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::other(
+                "another process is serving this socket",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(Some(l))
+}
+
+fn systemd_socket() -> Option<RawFd> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    (pid == std::process::id() && fds >= 1).then_some(3)
+}
+
+/// Serves the API on its own thread.
+pub fn start(listener: UnixListener, ctx: Arc<ApiContext>) -> Result<(), ApiError> {
+    std::thread::Builder::new()
+        .name("keel-api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => accept(stream, &ctx),
+                    Err(e) => {
+                        warn!("api: accept: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(ApiError::Thread)
+}
+
+fn accept(mut stream: UnixStream, ctx: &Arc<ApiContext>) {
+    if ctx.clients.fetch_add(1, Relaxed) >= MAX_CLIENTS {
+        ctx.clients.fetch_sub(1, Relaxed);
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+        let _ = http::respond_error(&mut stream, 503, "too many clients", true);
+        return;
+    }
+    let ctx2 = ctx.clone();
+    let spawned = std::thread::Builder::new()
+        .name("keel-api-conn".into())
+        .spawn(move || {
+            serve_connection(stream, &ctx2);
+            ctx2.clients.fetch_sub(1, Relaxed);
+        });
+    if spawned.is_err() {
+        ctx.clients.fetch_sub(1, Relaxed);
+    }
+}
+
+fn serve_connection(mut stream: UnixStream, ctx: &ApiContext) {
+    let peer = match auth::peer_of(&stream) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!("api: cannot read peer credentials: {e}");
+            return;
+        }
+    };
+    let role = ctx.roles.role(&peer);
+    let _ = stream.set_read_timeout(Some(http::REQUEST_DEADLINE));
+    let _ = stream.set_write_timeout(Some(http::REQUEST_DEADLINE));
+    let mut buf = Vec::new();
+    loop {
+        let req = match http::read_request(&mut stream, &mut buf) {
+            Ok(r) => r,
+            Err(ReadError::Closed | ReadError::Gone) => return,
+            Err(ReadError::Bad(status, msg)) => {
+                let _ = http::respond_error(&mut stream, status, msg, true);
+                return;
+            }
+        };
+        if req.method == "GET"
+            && req.path == "/v1/console"
+            && allowed(&mut stream, &peer, role, &req)
+        {
+            console(stream, ctx, role, &req);
+            return;
+        }
+        let close = req.close;
+        if allowed(&mut stream, &peer, role, &req) {
+            let (status, body) = route(ctx, &req);
+            if http::respond(&mut stream, status, &body, close).is_err() {
+                return;
+            }
+        }
+        if close {
+            return;
+        }
+    }
+}
+
+/// Checks the route exists and the role suffices; answers 404/405/403
+/// itself when not.
+fn allowed(stream: &mut UnixStream, peer: &Peer, role: Role, req: &Request) -> bool {
+    let same_path: Vec<_> = ROUTES.iter().filter(|(_, p, _)| *p == req.path).collect();
+    let Some((_, _, need)) = same_path.iter().find(|(m, _, _)| *m == req.method) else {
+        let (status, msg) = if same_path.is_empty() {
+            (404, format!("no such endpoint: {}", req.path))
+        } else {
+            (405, format!("{} does not accept {}", req.path, req.method))
+        };
+        let _ = http::respond_error(stream, status, &msg, req.close);
+        return false;
+    };
+    if role < *need {
+        warn!(
+            "api: denied {} {} to uid {} (pid {}, role {role:?})",
+            req.method, req.path, peer.uid, peer.pid
+        );
+        let _ = http::respond_error(stream, 403, "permission denied", req.close);
+        return false;
+    }
+    true
+}
+
+fn route(ctx: &ApiContext, req: &Request) -> (u16, Value) {
+    let control = |r: ControlRequest, ok: u16| match ctx.control.request(r, CONTROL_WAIT) {
+        Ok(()) => (ok, json!({ "state": ctx.control.status.state().name() })),
+        Err(e) => (409, json!({ "error": e })),
+    };
+    match req.path.as_str() {
+        "/v1/vm" => (200, vm_json(ctx)),
+        "/v1/counters" => (200, counters_json(&ctx.view)),
+        "/v1/vm/pause" => control(ControlRequest::Pause, 200),
+        "/v1/vm/resume" => control(ControlRequest::Resume, 200),
+        "/v1/vm/stop" => control(ControlRequest::Stop, 202),
+        "/v1/vm/shutdown" => match shutdown_timeout(&req.body, ctx.shutdown_timeout) {
+            Ok(timeout) => control(ControlRequest::Shutdown { timeout }, 202),
+            Err(e) => (400, json!({ "error": e })),
+        },
+        _ => (404, json!({ "error": "no such endpoint" })),
+    }
+}
+
+/// Parses an optional `{"timeout_s": N}` body.
+fn shutdown_timeout(body: &[u8], default: Duration) -> Result<Duration, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(default);
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        timeout_s: Option<u64>,
+    }
+    let b: Body = serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))?;
+    match b.timeout_s {
+        None => Ok(default),
+        Some(0) | Some(3601..) => Err("timeout_s must be between 1 and 3600".into()),
+        Some(s) => Ok(Duration::from_secs(s)),
+    }
+}
+
+fn vm_json(ctx: &ApiContext) -> Value {
+    let mut v = serde_json::to_value(&ctx.info).unwrap_or_else(|_| json!({}));
+    if let Value::Object(m) = &mut v {
+        m.insert("state".into(), json!(ctx.control.status.state().name()));
+        m.insert(
+            "uptime_s".into(),
+            json!(ctx.control.status.uptime().as_secs_f64()),
+        );
+        m.insert("pid".into(), json!(std::process::id()));
+    }
+    v
+}
+
+/// The counters document (`GET /v1/counters`).
+pub fn counters_json(view: &VmView) -> Value {
+    use std::sync::atomic::Ordering::Relaxed as R;
+    let vcpus: Vec<Value> = view
+        .vcpu_counters
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "index": i,
+                "exits": {
+                    "io_in": c.io_in.load(R),
+                    "io_out": c.io_out.load(R),
+                    "mmio_read": c.mmio_read.load(R),
+                    "mmio_write": c.mmio_write.load(R),
+                    "unhandled_io": c.unhandled_io.load(R),
+                    "interrupted": c.interrupted.load(R),
+                    "other": c.other.load(R),
+                }
+            })
+        })
+        .collect();
+    let disks: Vec<Value> = view
+        .disk_counters
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let s = c.snapshot();
+            json!({
+                "index": i,
+                "read_ops": s.read_ops, "read_bytes": s.read_bytes,
+                "write_ops": s.write_ops, "write_bytes": s.write_bytes,
+                "flush_ops": s.flush_ops, "discard_ops": s.discard_ops,
+                "write_zeroes_ops": s.write_zeroes_ops,
+                "invalid_requests": s.invalid_requests,
+                "unsupported_requests": s.unsupported_requests,
+                "io_errors": s.io_errors,
+                "latency_ns_total": s.latency_ns_total,
+                "latency_ns_max": s.latency_ns_max,
+                "latency_samples": s.latency_samples,
+            })
+        })
+        .collect();
+    json!({ "vcpus": vcpus, "disks": disks, "net": [], "vsock": null })
+}
+
+/// Streams the serial console; an admin who asks (`?mode=rw`) and finds no
+/// other writer may also type into it.
+fn console(mut stream: UnixStream, ctx: &ApiContext, role: Role, req: &Request) {
+    let wants_write = req
+        .query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "mode=rw"));
+    if wants_write && role < Role::Admin {
+        let _ = http::respond_error(
+            &mut stream,
+            403,
+            "only admins may type into the console",
+            true,
+        );
+        return;
+    }
+    let writer = wants_write && {
+        let mut w = ctx.console_writer.lock().unwrap_or_else(|p| p.into_inner());
+        !std::mem::replace(&mut *w, true)
+    };
+    if wants_write && !writer {
+        let _ = http::respond_error(
+            &mut stream,
+            409,
+            "another client is typing into the console",
+            true,
+        );
+        return;
+    }
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-Keel-Console: {}\r\nConnection: close\r\n\r\n",
+        if writer { "rw" } else { "ro" }
+    );
+    let _ = stream.set_read_timeout(None);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    if stream.write_all(head.as_bytes()).is_err() {
+        release_writer(ctx, writer);
+        return;
+    }
+    info!(
+        "api: console attached ({})",
+        if writer { "read-write" } else { "read-only" }
+    );
+    let (id, rx) = ctx.console_hub.subscribe();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let input = if writer {
+        stream.try_clone().ok().map(|mut s| {
+            let serial = ctx.serial.clone();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                console_input(&mut s, &serial);
+                done.store(true, Relaxed);
+            })
+        })
+    } else {
+        None
+    };
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        if done.load(Relaxed) || ctx.control.status.state() == VmState::Stopped {
+            break;
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(b) => {
+                out.push(b);
+                out.extend(rx.try_iter().take(4095));
+                if stream.write_all(&out).is_err() {
+                    break;
+                }
+                out.clear();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Notice a client that went away without typing.
+                if !writer && peer_closed(&stream) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    ctx.console_hub.unsubscribe(id);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    if let Some(t) = input {
+        let _ = t.join();
+    }
+    release_writer(ctx, writer);
+}
+
+fn release_writer(ctx: &ApiContext, writer: bool) {
+    if writer {
+        *ctx.console_writer.lock().unwrap_or_else(|p| p.into_inner()) = false;
+    }
+}
+
+fn peer_closed(stream: &UnixStream) -> bool {
+    let _ = stream.set_nonblocking(true);
+    let mut b = [0u8; 1];
+    let closed = matches!(std::io::Read::read(&mut &*stream, &mut b), Ok(0));
+    let _ = stream.set_nonblocking(false);
+    closed
+}
+
+/// Forwards what the client types to the serial port, waiting while the
+/// UART's FIFO is full.
+fn console_input(stream: &mut UnixStream, serial: &Mutex<Serial>) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match std::io::Read::read(stream, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut sent = 0;
+        while sent < n {
+            let took = serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .enqueue_input(&buf[sent..n])
+                .unwrap_or(0);
+            sent += took;
+            if took == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_bodies() {
+        let d = Duration::from_secs(120);
+        assert_eq!(shutdown_timeout(b"", d), Ok(d));
+        assert_eq!(shutdown_timeout(b"{}", d), Ok(d));
+        assert_eq!(
+            shutdown_timeout(br#"{"timeout_s":5}"#, d),
+            Ok(Duration::from_secs(5))
+        );
+        assert!(shutdown_timeout(br#"{"timeout_s":0}"#, d).is_err());
+        assert!(shutdown_timeout(br#"{"timeout":5}"#, d).is_err());
+        assert!(shutdown_timeout(b"{not json", d).is_err());
+    }
+
+    #[test]
+    fn openapi_file_lists_exactly_the_routes() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../resources/api/openapi.json"
+        ))
+        .expect("resources/api/openapi.json");
+        let doc: Value = serde_json::from_str(&text).expect("valid JSON");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("operations").keys() {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        documented.sort();
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p, _)| (m.to_string(), p.to_string()))
+            .collect();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+}
