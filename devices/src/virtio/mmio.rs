@@ -239,6 +239,14 @@ impl MmioTransport {
                 }
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            // A driver tearing a queue down writes 0 to QueueReady even while
+            // running, and expects to read 0 back; the device keeps its own
+            // copy of the queue until reset.
+            VIRTIO_MMIO_QUEUE_READY if value == 0 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(false);
+                }
+            }
             VIRTIO_MMIO_QUEUE_NUM
             | VIRTIO_MMIO_QUEUE_READY
             | VIRTIO_MMIO_QUEUE_DESC_LOW
@@ -437,9 +445,12 @@ mod tests {
         w(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
         assert_eq!(dev.lock().unwrap().activated, 1);
         assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
-        // Queue registers are frozen once running.
+        // Queue registers are frozen once running, except that a driver
+        // may mark a queue not ready (and reads that back).
         w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
         w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
         w(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(dev.lock().unwrap().resets, 1);
         assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);

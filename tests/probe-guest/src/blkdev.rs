@@ -88,7 +88,13 @@ impl Disk {
             .map_err(|e| format!("GET_ID: {e}"))?;
         Ok(id[..len]
             .iter()
-            .map(|&b| if b.is_ascii_graphic() { char::from(b) } else { '?' })
+            .map(|&b| {
+                if b.is_ascii_graphic() {
+                    char::from(b)
+                } else {
+                    '?'
+                }
+            })
             .collect())
     }
 
@@ -160,6 +166,13 @@ impl Disk {
         // SAFETY: the same buffers as submitted with `token`.
         let result = unsafe { self.blk.complete_write_blocks(token, req, buf, resp) };
         finish(result, resp.status(), &what)
+    }
+
+    /// Resets the device (it stops using every buffer it was given) and
+    /// marks the disk unusable.
+    pub fn abandon(&mut self, why: &str) {
+        phys::write_u32(self.base + REG_STATUS, 0);
+        self.broken = Some(String::from(why));
     }
 
     /// The driver itself, for the benchmark's own request loop.

@@ -219,7 +219,11 @@ impl<'a> Options<'a> {
         let (block_size, queue_depth, count) = (number(), number(), number());
         match (kind, block_size, queue_depth, count, parts.next()) {
             (Some(kind), Some(bs), Some(qd), Some(count), None)
-                if bs > 0 && bs % 512 == 0 && bs <= 1 << 30 && (1..=1024).contains(&qd) && count > 0 =>
+                if bs > 0
+                    && bs % 512 == 0
+                    && bs <= 1 << 30
+                    && (1..=1024).contains(&qd)
+                    && count > 0 =>
             {
                 Some(BlkBench {
                     kind,

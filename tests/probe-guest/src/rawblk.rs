@@ -98,6 +98,9 @@ pub struct RawBlk {
     pub features: u64,
     /// Capacity in 512-byte sectors.
     pub capacity: u64,
+    /// No chain is out that the device did not return (false after a wait
+    /// ended without the chain): the descriptors can all be reused.
+    pub clean: bool,
 }
 
 fn layout() -> Layout {
@@ -121,6 +124,7 @@ impl RawBlk {
             offered: 0,
             features: 0,
             capacity: 0,
+            clean: true,
         };
         raw.init(want)?;
         Ok(raw)
@@ -135,13 +139,13 @@ impl RawBlk {
         unsafe { self.mem.as_ptr().write_bytes(0, BUF_OFFSET) };
         self.avail_idx = 0;
         self.last_used = 0;
+        self.clean = true;
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         self.offered = t.read_device_features();
         self.features = self.offered & (want | F_VERSION_1);
         t.write_driver_features(self.features);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.version() == MmioVersion::Modern
-            && !t.get_status().contains(DeviceStatus::FEATURES_OK)
+        if t.version() == MmioVersion::Modern && !t.get_status().contains(DeviceStatus::FEATURES_OK)
         {
             return Err(format!(
                 "device refused features {:#x} (FEATURES_OK not kept)",
@@ -151,7 +155,9 @@ impl RawBlk {
         t.set_guest_page_size(PAGE as u32);
         let max = t.max_queue_size(0);
         if max < u32::from(QUEUE_SIZE) {
-            return Err(format!("queue 0 holds at most {max} descriptors, want {QUEUE_SIZE}"));
+            return Err(format!(
+                "queue 0 holds at most {max} descriptors, want {QUEUE_SIZE}"
+            ));
         }
         let base = self.mem.as_ptr() as u64;
         t.queue_set(
@@ -162,10 +168,20 @@ impl RawBlk {
             base + USED_OFFSET as u64,
         );
         t.finish_init();
-        let low: u32 = t.read_config_space(0).map_err(|e| format!("config: {e:?}"))?;
-        let high: u32 = t.read_config_space(4).map_err(|e| format!("config: {e:?}"))?;
+        let low: u32 = t
+            .read_config_space(0)
+            .map_err(|e| format!("config: {e:?}"))?;
+        let high: u32 = t
+            .read_config_space(4)
+            .map_err(|e| format!("config: {e:?}"))?;
         self.capacity = u64::from(low) | u64::from(high) << 32;
         Ok(())
+    }
+
+    /// Sets the device up again with the features negotiated before.
+    pub fn reinit(&mut self) -> Result<(), String> {
+        let want = self.features;
+        self.init(want)
     }
 
     /// Reads a u32 of the device config space.
@@ -251,7 +267,16 @@ impl RawBlk {
     /// microseconds (at the highest TSC rate: possibly longer). Other
     /// chains coming back meanwhile are passed over. Every few thousand
     /// polls the device status is read: DEVICE_NEEDS_RESET ends the wait.
+    /// Unless the chain came back, [`RawBlk::clean`] turns false.
     pub fn wait(&mut self, head: u16, us: u64) -> Wait {
+        let result = self.poll_used(head, us);
+        if !matches!(result, Wait::Done(_)) {
+            self.clean = false;
+        }
+        result
+    }
+
+    fn poll_used(&mut self, head: u16, us: u64) -> Wait {
         let start = tsc::rdtsc();
         let limit = tsc::cycles_at_least(us);
         let used = self.mem.as_ptr().wrapping_add(USED_OFFSET);
@@ -277,7 +302,7 @@ impl RawBlk {
                 }
             }
             polls = polls.wrapping_add(1);
-            if polls % 4096 == 0 && self.needs_reset() {
+            if polls.is_multiple_of(4096) && self.needs_reset() {
                 return Wait::NeedsReset;
             }
             if tsc::rdtsc().wrapping_sub(start) > limit {

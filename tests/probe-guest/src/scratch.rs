@@ -93,6 +93,10 @@ impl Scratch {
     }
 
     /// A zeroed, page-aligned buffer of `len` bytes, valid while `self` is.
+    #[allow(
+        clippy::mut_from_ref,
+        reason = "a bump allocator: every call hands out a new, disjoint range"
+    )]
     pub fn take(&self, len: usize) -> Result<&mut [u8], String> {
         let start = self.next.get();
         let end = start

@@ -44,6 +44,9 @@ pub fn read_request<S: Read>(stream: &mut S, buf: &mut Vec<u8>) -> Result<Reques
     let mut chunk = [0u8; 2048];
     let header_end = loop {
         if let Some(pos) = find(buf, b"\r\n\r\n") {
+            if pos > MAX_HEADER {
+                return Err(ReadError::Bad(431, "request header too large"));
+            }
             break pos + 4;
         }
         if buf.len() > MAX_HEADER {

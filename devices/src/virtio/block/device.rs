@@ -101,6 +101,10 @@ pub struct VirtioBlock {
     activate_evt: EventFd,
     pending_activation: Option<ActivateContext>,
     active: Option<Active>,
+    /// Queues of a reset device whose fds the device thread still watches:
+    /// kept open until it unregisters them (a closed fd's number could be
+    /// reused by the next activation while the event loop still maps it).
+    retired: Vec<Active>,
 }
 
 impl VirtioBlock {
@@ -134,6 +138,7 @@ impl VirtioBlock {
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             pending_activation: None,
             active: None,
+            retired: Vec::new(),
         })
     }
 
@@ -570,6 +575,9 @@ impl VirtioDevice for VirtioBlock {
             if let Some(u) = a.uring.as_mut() {
                 u.drain(|_| {});
             }
+            self.retired.push(a);
+            // The device thread unregisters the retired fds.
+            let _ = self.activate_evt.write(1);
         }
         self.acked_features = 0;
         true
@@ -591,8 +599,12 @@ impl MutEventSubscriber for VirtioBlock {
         match events.data() {
             EV_ACTIVATE => {
                 let _ = self.activate_evt.read();
-                // A reset while running leaves stale fds registered.
+                // Unregister the fds of reset (or replaced) queues before
+                // closing them.
                 if let Some(old) = self.active.take() {
+                    self.retired.push(old);
+                }
+                for old in self.retired.drain(..) {
                     let _ = ops.remove(Events::with_data(&old.queue_evt, EV_QUEUE, EventSet::IN));
                     if let Some(u) = &old.uring {
                         let _ = ops.remove(Events::with_data(u.eventfd(), EV_URING, EventSet::IN));
@@ -976,6 +988,43 @@ mod tests {
         assert_eq!(bytes[36864], 0x11);
         let c = r.dev.lock().unwrap().counters().snapshot();
         assert_eq!((c.discard_ops, c.write_zeroes_ops), (1, 1));
+    }
+
+    #[test]
+    fn reset_and_reactivation_reuse_no_stale_fds() {
+        let d = disk("reset", 64 << 10);
+        let m = mem();
+        let h = header(&m, 0, VIRTIO_BLK_T_IN, 0);
+        let chains = [
+            desc(h, 16, N, 1),
+            desc(DATA, 512, N | W, 2),
+            desc(STATUS, 1, W, 0),
+        ];
+        let mut r = rig(&d.0, false, EngineKind::IoUring, &chains, m);
+        run_until_used(&mut r, 1);
+        // Reset and activate again, several times: each activation must
+        // start serving (fd numbers get reused once the old ones close).
+        for round in 0..3u16 {
+            assert!(r.dev.lock().unwrap().reset());
+            r.em.run_with_timeout(10).unwrap();
+            let q = MockSplitQueue::new(&r.mem, 32);
+            q.add_desc_chains(&chains, 0).unwrap();
+            let queue: Queue = q.create_queue().unwrap();
+            r.dev.lock().unwrap().set_acked_features(VIRTIO_F_VERSION_1);
+            r.dev
+                .lock()
+                .unwrap()
+                .activate(ActivateContext {
+                    mem: r.mem.clone(),
+                    queues: vec![queue],
+                    queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+                    interrupt: r.interrupt.clone(),
+                })
+                .unwrap();
+            r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+            run_until_used(&mut r, 1);
+            assert_eq!(status(&r.mem, 0), 0, "round {round}");
+        }
     }
 
     #[test]

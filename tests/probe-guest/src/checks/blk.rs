@@ -76,24 +76,25 @@ fn blk_devices(ctx: &Context<'_>) -> Vec<MmioDevice> {
         .collect()
 }
 
-/// Runs the blk.* checks.
-pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
+/// Runs the blk.* checks, and `bench.blk` right after disk 0's
+/// virtio-drivers checks (the same driver instance, no reset between).
+/// Returns whether the benchmark ran.
+pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) -> bool {
     let disks = blk_devices(ctx);
     let mut malformed_done = false;
+    let mut bench_done = false;
     for (i, dev) in disks.iter().enumerate() {
-        disk_checks(ctx, report, i, dev, &mut malformed_done);
+        disk_checks(ctx, report, i, dev, &mut malformed_done, &mut bench_done);
     }
     if let Some(want) = ctx.options.blk {
         report.check("blk.count", || {
             if disks.len() != want as usize {
-                fail!(
-                    "{} virtio-blk devices found, probe.blk={want}",
-                    disks.len()
-                );
+                fail!("{} virtio-blk devices found, probe.blk={want}", disks.len());
             }
             Ok(())
         });
     }
+    bench_done
 }
 
 /// First mismatch between `buf` (disk bytes from `at`) and `pattern`.
@@ -120,6 +121,16 @@ fn expect_ok(status: RespStatus, what: &str) -> CheckResult {
     Ok(())
 }
 
+/// virtio-drivers waits for GET_ID and FLUSH without a time limit: before
+/// either, a bounded read of sector 0 makes sure the queue answers at all.
+fn answers(disk: &mut Disk, scratch: &Scratch) -> CheckResult {
+    let sector0 = scratch.take(SECTOR as usize)?;
+    let status = disk
+        .read(0, sector0)
+        .map_err(|e| format!("the queue does not answer: {e}"))?;
+    expect_ok(status, "read of sector 0")
+}
+
 fn need_capacity(disk_sectors: u64, end: u64) -> CheckResult {
     if disk_sectors * SECTOR < end {
         fail!(
@@ -136,8 +147,14 @@ fn disk_checks(
     i: usize,
     dev: &MmioDevice,
     malformed_done: &mut bool,
+    bench_done: &mut bool,
 ) {
     let name = |what: &str| format!("blk.{i}.{what}");
+    if !report.selects_prefix(&format!("blk.{i}."))
+        && (*malformed_done || !report.selects_prefix("blk.malformed."))
+    {
+        return;
+    }
     let scratch = ctx.start_info().and_then(Scratch::new);
     let scratch = match scratch {
         Ok(s) => s,
@@ -160,11 +177,12 @@ fn disk_checks(
     let offered = disk.offered;
 
     report.check(&name("identify"), || {
+        println!("probe: blk{i} features {offered:#x}");
+        answers(&mut disk, &scratch)?;
         let serial = disk.serial().unwrap_or_else(|why| {
             println!("probe: blk{i} no serial: {why}");
             String::from("-")
         });
-        println!("probe: blk{i} features {offered:#x}");
         println!(
             "probe: blk{i} capacity={capacity} ro={} serial={serial}",
             u8::from(readonly)
@@ -184,11 +202,14 @@ fn disk_checks(
     });
 
     if !readonly {
-        report.check(&name("write_read"), || write_read(&mut disk, &scratch, capacity));
+        report.check(&name("write_read"), || {
+            write_read(&mut disk, &scratch, capacity)
+        });
         report.check(&name("flush"), || {
             if offered & F_FLUSH == 0 {
                 fail!("the device does not offer VIRTIO_BLK_F_FLUSH");
             }
+            answers(&mut disk, &scratch)?;
             disk.flush()?;
             println!("probe: blk{i} flushed");
             Ok(())
@@ -213,6 +234,17 @@ fn disk_checks(
             }
             Ok(())
         });
+    }
+    if i == 0 {
+        if let Some(cfg) = ctx.options.bench_blk {
+            report.check("bench.blk", || {
+                if cfg.kind.writes() && readonly {
+                    fail!("disk 0 is read-only");
+                }
+                run_bench(&mut disk, &scratch, cfg)
+            });
+            *bench_done = true;
+        }
     }
     // Done with virtio-drivers on this disk: the raw queue takes over.
     drop(disk);
@@ -281,7 +313,10 @@ fn write_read(disk: &mut Disk, scratch: &Scratch, capacity: u64) -> CheckResult 
             (GUEST_AT + off) / SECTOR,
             &data[off as usize..(off + len) as usize],
         )?;
-        expect_ok(status, &format!("write of {len} bytes at {:#x}", GUEST_AT + off))?;
+        expect_ok(
+            status,
+            &format!("write of {len} bytes at {:#x}", GUEST_AT + off),
+        )?;
     }
     let back = scratch.take(GUEST_LEN as usize)?;
     for off in (0..GUEST_LEN).step_by(64 * KIB as usize) {
@@ -368,7 +403,7 @@ fn discard(raw: &mut RawBlk, i: usize) -> CheckResult {
 
 /// The malformed requests, each followed by a valid read.
 #[derive(Clone, Copy)]
-enum Bad {
+enum Case {
     PastEnd,
     UnknownType,
     BadAddress,
@@ -377,15 +412,15 @@ enum Bad {
     HeaderOnly,
 }
 
-impl Bad {
+impl Case {
     fn name(self) -> &'static str {
         match self {
-            Bad::PastEnd => "past_end",
-            Bad::UnknownType => "unknown_type",
-            Bad::BadAddress => "bad_address",
-            Bad::WrongDirection => "wrong_direction",
-            Bad::ShortStatus => "short_status",
-            Bad::HeaderOnly => "header_only",
+            Case::PastEnd => "past_end",
+            Case::UnknownType => "unknown_type",
+            Case::BadAddress => "bad_address",
+            Case::WrongDirection => "wrong_direction",
+            Case::ShortStatus => "short_status",
+            Case::HeaderOnly => "header_only",
         }
     }
 }
@@ -405,41 +440,33 @@ const GOOD_DESC: u16 = 8;
 const SENTINEL: u8 = 0xee;
 
 fn malformed(raw: &mut RawBlk, report: &mut Report<'_>) {
-    let mut fresh = true;
     for bad in [
-        Bad::PastEnd,
-        Bad::UnknownType,
-        Bad::BadAddress,
-        Bad::WrongDirection,
-        Bad::ShortStatus,
-        Bad::HeaderOnly,
+        Case::PastEnd,
+        Case::UnknownType,
+        Case::BadAddress,
+        Case::WrongDirection,
+        Case::ShortStatus,
+        Case::HeaderOnly,
     ] {
-        let name = format!("blk.malformed.{}", bad.name());
-        if !report.selects(&name) {
-            continue;
-        }
-        report.check(&name, || {
-            if !fresh {
-                let want = raw.features;
-                raw.init(want).map_err(|e| format!("re-initializing: {e}"))?;
+        report.check(&format!("blk.malformed.{}", bad.name()), || {
+            // Each case starts from a queue with nothing out.
+            if !raw.clean {
+                raw.reinit().map_err(|e| format!("re-initializing: {e}"))?;
             }
-            let (result, clean) = malformed_one(raw, bad);
-            fresh = clean;
-            result
+            malformed_one(raw, bad)
         });
     }
 }
 
-/// Sends one malformed request and the follow-up read; returns the result
-/// and whether the queue is still in a known state.
-fn malformed_one(raw: &mut RawBlk, bad: Bad) -> (CheckResult, bool) {
+/// Sends one malformed request and the follow-up read.
+fn malformed_one(raw: &mut RawBlk, bad: Case) -> CheckResult {
     let name = bad.name();
     let sector = match bad {
-        Bad::PastEnd => raw.capacity,
+        Case::PastEnd => raw.capacity,
         _ => 0,
     };
     let kind = match bad {
-        Bad::UnknownType => 0xff,
+        Case::UnknownType => 0xff,
         _ => rawblk::T_IN,
     };
     raw.put_header(BAD_HDR, kind, sector);
@@ -460,9 +487,9 @@ fn malformed_one(raw: &mut RawBlk, bad: Bad) -> (CheckResult, bool) {
         write: true,
     };
     let chain: Vec<Seg> = match bad {
-        Bad::PastEnd => alloc::vec![header, data, status],
-        Bad::UnknownType => alloc::vec![header, status],
-        Bad::BadAddress => alloc::vec![
+        Case::PastEnd => alloc::vec![header, data, status],
+        Case::UnknownType => alloc::vec![header, status],
+        Case::BadAddress => alloc::vec![
             header,
             Seg {
                 addr: BAD_ADDRESS,
@@ -470,9 +497,16 @@ fn malformed_one(raw: &mut RawBlk, bad: Bad) -> (CheckResult, bool) {
             },
             status
         ],
-        Bad::WrongDirection => alloc::vec![header, Seg { write: false, ..data }, status],
-        Bad::ShortStatus => alloc::vec![header, data, Seg { len: 0, ..status }],
-        Bad::HeaderOnly => alloc::vec![header],
+        Case::WrongDirection => alloc::vec![
+            header,
+            Seg {
+                write: false,
+                ..data
+            },
+            status
+        ],
+        Case::ShortStatus => alloc::vec![header, data, Seg { len: 0, ..status }],
+        Case::HeaderOnly => alloc::vec![header],
     };
     let head = raw.submit(BAD_DESC, &chain);
     let waited = raw.wait(head, RAW_US);
@@ -482,31 +516,29 @@ fn malformed_one(raw: &mut RawBlk, bad: Bad) -> (CheckResult, bool) {
     } else {
         format!("{got}")
     };
-    let mut clean = true;
     let verdict: CheckResult = match waited {
         Wait::Done(len) => {
             println!("probe: blk malformed {name}: status {got_text} used.len {len}");
             match bad {
-                Bad::PastEnd | Bad::BadAddress | Bad::WrongDirection if got != S_IOERR => Err(
+                Case::PastEnd | Case::BadAddress | Case::WrongDirection if got != S_IOERR => Err(
                     format!("status {got_text}, want {S_IOERR} (IOERR); used.len {len}"),
                 ),
-                Bad::UnknownType if got != S_UNSUPP => Err(format!(
+                Case::UnknownType if got != S_UNSUPP => Err(format!(
                     "status {got_text}, want {S_UNSUPP} (UNSUPP); used.len {len}"
                 )),
-                Bad::ShortStatus if got != SENTINEL => Err(format!(
+                Case::ShortStatus if got != SENTINEL => Err(format!(
                     "the device wrote {got} through a zero-length status descriptor"
                 )),
-                Bad::ShortStatus if len > SECTOR as u32 => Err(format!(
+                Case::ShortStatus if len > SECTOR as u32 => Err(format!(
                     "used.len {len} is more than the {SECTOR} writable bytes offered"
                 )),
-                Bad::HeaderOnly if len != 0 => Err(format!(
+                Case::HeaderOnly if len != 0 => Err(format!(
                     "used.len {len} for a chain with no writable buffer"
                 )),
                 _ => Ok(()),
             }
         }
         Wait::NeedsReset => {
-            clean = false;
             println!(
                 "probe: blk malformed {name}: status {got_text}, device set DEVICE_NEEDS_RESET (status {:#x})",
                 raw.status()
@@ -514,12 +546,9 @@ fn malformed_one(raw: &mut RawBlk, bad: Bad) -> (CheckResult, bool) {
             match bad {
                 // Accepted (documented): giving up on the queue is what the
                 // spec allows a device that cannot complete a chain.
-                Bad::BadAddress => {
-                    let want = raw.features;
-                    if let Err(e) = raw.init(want) {
-                        return (Err(format!("re-initializing: {e}")), false);
-                    }
-                    clean = true;
+                Case::BadAddress => {
+                    raw.reinit()
+                        .map_err(|e| format!("re-initializing: {e}"))?;
                     Ok(())
                 }
                 _ => Err(format!(
@@ -529,7 +558,6 @@ fn malformed_one(raw: &mut RawBlk, bad: Bad) -> (CheckResult, bool) {
             }
         }
         Wait::Timeout => {
-            clean = false;
             println!("probe: blk malformed {name}: status {got_text}, no completion");
             Err(format!(
                 "no completion within {} ms (device status {:#x})",
@@ -548,21 +576,18 @@ fn malformed_one(raw: &mut RawBlk, bad: Bad) -> (CheckResult, bool) {
     let follow_err = match follow {
         Ok((S_OK, _)) => None,
         Ok((s, len)) => Some(format!("status {s} used.len {len}")),
-        Err(e) => {
-            clean = false;
-            Some(e)
-        }
+        Err(e) => Some(e),
     };
-    let result = match (verdict, follow_err) {
+    match (verdict, follow_err) {
         (Ok(()), None) => Ok(()),
         (Ok(()), Some(f)) => Err(format!("valid read at sector 0 afterwards: {f}")),
         (Err(v), None) => Err(format!("{v}; valid read afterwards OK")),
         (Err(v), Some(f)) => Err(format!("{v}; valid read at sector 0 afterwards: {f}")),
-    };
-    (result, clean)
+    }
 }
 
-/// bench.blk: `probe.bench.blk` on disk 0.
+/// bench.blk: `probe.bench.blk` on disk 0, when the blk checks did not
+/// run it already (none of disk 0's was selected).
 pub fn bench(ctx: &Context<'_>, report: &mut Report<'_>) {
     let Some(cfg) = ctx.options.bench_blk else {
         return;
@@ -570,11 +595,11 @@ pub fn bench(ctx: &Context<'_>, report: &mut Report<'_>) {
     report.check("bench.blk", || {
         let dev = *blk_devices(ctx).first().ok_or("no virtio-blk device")?;
         let scratch = Scratch::new(ctx.start_info()?)?;
-        let disk = Disk::open(&dev)?;
+        let mut disk = Disk::open(&dev)?;
         if cfg.kind.writes() && disk.readonly {
             fail!("disk 0 is read-only");
         }
-        run_bench(disk, &scratch, cfg)
+        run_bench(&mut disk, &scratch, cfg)
     });
 }
 
@@ -585,7 +610,7 @@ struct Slot<'b> {
     token: Option<u16>,
 }
 
-fn run_bench(disk: Disk, scratch: &Scratch, cfg: BlkBench) -> CheckResult {
+fn run_bench(disk: &mut Disk, scratch: &Scratch, cfg: BlkBench) -> CheckResult {
     let bs = u64::from(cfg.block_size);
     let span = (disk.capacity * SECTOR).min(BENCH_SPAN);
     let blocks = span / bs;
@@ -594,7 +619,9 @@ fn run_bench(disk: Disk, scratch: &Scratch, cfg: BlkBench) -> CheckResult {
     }
     let slots_n = (cfg.queue_depth as usize).min(DRIVER_QUEUE);
     if slots_n < cfg.queue_depth as usize {
-        println!("probe: bench blk queue depth capped at {DRIVER_QUEUE} (virtio-drivers queue size)");
+        println!(
+            "probe: bench info: queue depth capped at {DRIVER_QUEUE} (virtio-drivers queue size)"
+        );
     }
     let mut slots: Vec<Slot<'_>> = Vec::with_capacity(slots_n);
     for _ in 0..slots_n {
@@ -607,9 +634,18 @@ fn run_bench(disk: Disk, scratch: &Scratch, cfg: BlkBench) -> CheckResult {
             token: None,
         });
     }
-    // Declared after the slots, so dropped (the device reset) before them
-    // when a failure returns with requests still out.
-    let mut disk = disk;
+    let result = bench_loop(disk, &mut slots, blocks, cfg);
+    if result.is_err() {
+        // Requests may still be out: the device lets go of the slots
+        // before they are freed.
+        disk.abandon("the benchmark failed");
+    }
+    result
+}
+
+fn bench_loop(disk: &mut Disk, slots: &mut [Slot<'_>], blocks: u64, cfg: BlkBench) -> CheckResult {
+    let bs = u64::from(cfg.block_size);
+    let slots_n = slots.len();
     let tsc_rate = tsc::khz();
     let mut free: Vec<usize> = (0..slots_n).rev().collect();
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -693,7 +729,7 @@ fn run_bench(disk: Disk, scratch: &Scratch, cfg: BlkBench) -> CheckResult {
     match tsc_rate {
         Some((khz, source)) => {
             println!(
-                "probe: bench blk tsc {khz} kHz from {}, max in flight {max_in_flight}, {errors} errors",
+                "probe: bench info: tsc {khz} kHz from {}, max in flight {max_in_flight}, {errors} errors",
                 source.name()
             );
             println!(

@@ -44,10 +44,10 @@ pub fn run_all(ctx: &Context<'_>, report: &mut Report<'_>) {
     report.check("cpuid.topology", || cpuid::topology(ctx));
     report.check("smp.mptable", || smp::mptable(ctx));
     report.check("serial.scratch", serial::scratch);
-    if report.selects_prefix("blk.") {
-        blk::run(ctx, report);
+    let bench_done = report.selects_prefix("blk.") && blk::run(ctx, report);
+    if !bench_done {
+        blk::bench(ctx, report);
     }
-    blk::bench(ctx, report);
     // Last: it leaves the other processors halted in real mode.
     report.check("smp.ap_startup", || smp::ap_startup(ctx));
 }
