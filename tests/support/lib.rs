@@ -3,7 +3,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Stdio;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 /// The cargo target directory the tests were built in.
@@ -275,4 +276,141 @@ mod tests {
         );
         assert_eq!(r.summary, Some((1, 1)));
     }
+}
+
+/// A `keel` process running in the background, killed when dropped.
+pub struct RunningKeel {
+    /// The child.
+    pub child: std::process::Child,
+    /// Its control socket.
+    pub socket: PathBuf,
+    /// Console output read so far (from stdout), filled by a thread.
+    pub console: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Keel's log (stderr), filled by a thread.
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl RunningKeel {
+    /// Starts `keel` with `args`; waits until its API answers `GET /v1/vm`.
+    pub fn start(args: &[String], socket: &Path, envs: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(keel());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn keel");
+        let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for (pipe, sink) in [
+            (
+                Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+                console.clone(),
+            ),
+            (
+                Box::new(child.stderr.take().expect("stderr")) as Box<dyn Read + Send>,
+                log.clone(),
+            ),
+        ] {
+            std::thread::spawn(move || {
+                let mut pipe = pipe;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let k = RunningKeel {
+            child,
+            socket: socket.to_path_buf(),
+            console,
+            log,
+        };
+        let start = Instant::now();
+        while api_call(socket, "GET", "/v1/vm", "").map(|r| r.0) != Some(200) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "API never came up:\n{}",
+                k.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        k
+    }
+
+    /// Console output so far.
+    pub fn console(&self) -> String {
+        self.console.lock().unwrap().clone()
+    }
+
+    /// Log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the console contains `needle`.
+    pub fn wait_console(&self, needle: &str, deadline: Duration) {
+        let start = Instant::now();
+        while !self.console().contains(needle) {
+            assert!(
+                start.elapsed() < deadline,
+                "no {needle:?} on the console:\n{}\nlog:\n{}",
+                self.console(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, deadline: Duration) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                // Let the pipe readers finish.
+                std::thread::sleep(Duration::from_millis(50));
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "keel did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RunningKeel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP request on the control socket: (status, body). None when the
+/// socket cannot be reached.
+pub fn api_call(socket: &Path, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // The server may answer (413) and close before reading a large body:
+    // a failed write still leaves its answer to read.
+    let _ = s.write_all(req.as_bytes());
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
 }

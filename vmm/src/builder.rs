@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::api::auth::RolePolicy;
 use crate::api::{self, ApiContext, BootInfo, DeviceInfo, MemoryInfo, VmInfo};
 use crate::arch::x86_64::regs::EntryMode;
-use crate::config::{resolve_group, ConfigError, VmConfig};
+use crate::config::{resolve_group, ConfigError, ControlConfig, VmConfig};
 use crate::control::{self, VmStatus};
 use crate::device_manager::{self, DeviceError};
 use crate::vmm::Vmm;
@@ -70,6 +70,19 @@ pub enum BuildError {
     Api(#[from] crate::api::ApiError),
 }
 
+/// The API's group-to-role mapping.
+fn role_policy(c: &ControlConfig) -> Result<RolePolicy, ConfigError> {
+    let gid = |field: &str, g: &Option<String>| {
+        g.as_deref()
+            .map(|name| resolve_group(name).map_err(|why| ConfigError::invalid(field, name, why)))
+            .transpose()
+    };
+    Ok(RolePolicy {
+        admin_gid: gid("control.admin_group", &c.admin_group)?,
+        readonly_gid: gid("control.readonly_group", &c.readonly_group)?,
+    })
+}
+
 /// The device list of `GET /v1/vm`.
 fn device_list(config: &VmConfig, virtio: &[String]) -> Vec<DeviceInfo> {
     let mut v = vec![DeviceInfo {
@@ -96,36 +109,13 @@ fn device_list(config: &VmConfig, virtio: &[String]) -> Vec<DeviceInfo> {
 /// start time, the zero of the boot timer.
 pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     config.validate()?;
-    // Bind the API socket first: a bad path is a configuration error.
-    let api_listener = api::listener(config.control.api_socket.as_deref())?;
-    let roles = RolePolicy {
-        admin_gid: config
-            .control
-            .admin_group
-            .as_deref()
-            .map(resolve_group)
-            .transpose()
-            .map_err(|why| {
-                ConfigError::invalid(
-                    "control.admin_group",
-                    config.control.admin_group.as_deref().unwrap_or(""),
-                    why,
-                )
-            })?,
-        readonly_gid: config
-            .control
-            .readonly_group
-            .as_deref()
-            .map(resolve_group)
-            .transpose()
-            .map_err(|why| {
-                ConfigError::invalid(
-                    "control.readonly_group",
-                    config.control.readonly_group.as_deref().unwrap_or(""),
-                    why,
-                )
-            })?,
-    };
+    let roles = role_policy(&config.control)?;
+    // Bind the API socket first: a bad path is a configuration error. Its
+    // group is the widest role's (read-only callers must reach it too).
+    let api_listener = api::listener(
+        config.control.api_socket.as_deref(),
+        roles.readonly_gid.or(roles.admin_gid),
+    )?;
     let topology = config.cpus.topology()?;
     let vcpus = topology.vcpus();
     let mem_size = config.memory.size;

@@ -160,8 +160,10 @@ impl ApiContext {
 }
 
 /// The listening socket: the one systemd passed (LISTEN_FDS), else a new
-/// one at `path` (mode 0660, a stale socket file replaced).
-pub fn listener(path: Option<&Path>) -> Result<Option<UnixListener>, ApiError> {
+/// one at `path` (mode 0660, a stale socket file replaced), owned by
+/// `group` so its members can connect (SO_PEERCRED then decides what each
+/// caller may do).
+pub fn listener(path: Option<&Path>, group: Option<u32>) -> Result<Option<UnixListener>, ApiError> {
     if let Some(fd) = systemd_socket() {
         // SAFETY: systemd passed this descriptor to us (LISTEN_PID is our
         // pid) and nothing else in the process owns it.
@@ -184,6 +186,9 @@ pub fn listener(path: Option<&Path>) -> Result<Option<UnixListener>, ApiError> {
     }
     let l = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
     Ok(Some(l))
 }
 
