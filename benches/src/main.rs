@@ -13,13 +13,14 @@
 //! io_uring on the same backing (a file, and a loop block device over
 //! another file), 4 KiB random and 1 MiB sequential, at depth 1 and 32.
 
+mod api;
 mod blk;
 mod blk_guest;
 mod boot;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]\n       keel-bench api [--requests N]"
     );
     std::process::exit(2)
 }
@@ -30,6 +31,7 @@ fn main() {
         Some("boot") => boot::main(&args[1..]),
         Some("blk") => blk::main(&args[1..]),
         Some("blk-guest") => blk_guest::main(&args[1..]),
+        Some("api") => api::main(&args[1..]),
         _ => usage(),
     }
 }

@@ -203,6 +203,7 @@ pub fn start(listener: UnixListener, ctx: Arc<ApiContext>) -> Result<(), ApiErro
     std::thread::Builder::new()
         .name("keel-api".into())
         .spawn(move || {
+            lower_priority();
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => accept(stream, &ctx),
@@ -215,6 +216,16 @@ pub fn start(listener: UnixListener, ctx: Arc<ApiContext>) -> Result<(), ApiErro
         })
         .map(|_| ())
         .map_err(ApiError::Thread)
+}
+
+/// Lowers the calling thread's scheduling priority: API work must never
+/// take CPU time from vCPUs or devices on a busy host.
+fn lower_priority() {
+    // SAFETY: gettid and setpriority on the calling thread only.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
 }
 
 fn accept(mut stream: UnixStream, ctx: &Arc<ApiContext>) {
