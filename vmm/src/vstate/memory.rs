@@ -89,9 +89,15 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
                 source,
             })?;
         // SAFETY: the range is the mapping just created and owned by `mmap`;
-        // MADV_DONTDUMP only keeps guest memory out of core dumps.
+        // MADV_DONTDUMP only keeps guest memory out of core dumps, and
+        // MADV_HUGEPAGE lets the kernel back it with transparent huge pages
+        // (fewer TLB misses, and much cheaper page pinning for large
+        // direct I/O into guest buffers).
         unsafe {
             libc::madvise(mmap.as_ptr().cast(), len, libc::MADV_DONTDUMP);
+            if !hugepages {
+                libc::madvise(mmap.as_ptr().cast(), len, libc::MADV_HUGEPAGE);
+            }
         }
         let region = GuestRegionMmap::new(mmap, GuestAddress(r.start))
             .ok_or_else(|| MemoryError::Regions(format!("region at {:#x} wraps", r.start)))?;

@@ -1028,6 +1028,49 @@ mod tests {
     }
 
     #[test]
+    fn host_enospc_reaches_the_guest_as_ioerr_and_is_counted() {
+        // A 1 MiB tmpfs holding a sparse 8 MiB disk: writes past the space
+        // fail on the host with ENOSPC.
+        let mnt = std::env::temp_dir().join(format!("keel-enospc-{}", std::process::id()));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "mounting a tmpfs needs root (the test suite runs as root)"
+        );
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let _guard = Unmount(mnt.clone());
+        let path = mnt.join("disk.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let m = mem();
+        let w = header(&m, 0, VIRTIO_BLK_T_OUT, 0);
+        let chains = [
+            desc(w, 16, N, 1),
+            desc(DATA, 2 << 20, N, 2),
+            desc(STATUS, 1, W, 0),
+        ];
+        let mut r = rig(&path, false, EngineKind::IoUring, &chains, m);
+        run_until_used(&mut r, 1);
+        assert_eq!(status(&r.mem, 0), VIRTIO_BLK_S_IOERR as u8);
+        let c = r.dev.lock().unwrap().counters().snapshot();
+        assert_eq!((c.io_errors, c.write_ops), (1, 0));
+    }
+
+    #[test]
     fn config_space_reports_capacity_and_limits() {
         let d = disk("cfg", 1 << 20);
         let blk = VirtioBlock::new(
