@@ -125,8 +125,13 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     vm.register_memory(&guest_memory)?;
 
     let mut mmio = Bus::new();
-    let virtio =
-        device_manager::setup_virtio_devices(&vm, &guest_memory, &mut mmio, &config.disks)?;
+    let virtio = device_manager::setup_virtio_devices(
+        &vm,
+        &guest_memory,
+        &mut mmio,
+        &config.disks,
+        config.vsock.as_ref(),
+    )?;
     let mut cmdline = config
         .payload
         .cmdline
@@ -197,6 +202,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     regs::setup_regs(bsp.fd(), payload.entry.mode, payload.entry.entry)?;
 
     let disk_counters = virtio.disk_counters;
+    let vsock_counters = virtio.vsock_counters;
     device_manager::start_device_thread(virtio.event_manager).map_err(BuildError::EventFd)?;
     vcpu::install_kick_handler()?;
     let (tx, rx) = mpsc::channel();
@@ -224,6 +230,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         shutdown_timeout,
     );
     vmm.set_disk_counters(disk_counters);
+    vmm.set_vsock_counters(vsock_counters);
     vmm.set_control_inbox(inbox);
     for v in &created {
         vmm.add_vcpu_counters(v.counters());

@@ -16,6 +16,9 @@ use devices::virtio::block::{
     BlockConfig, BlockCounters, DiskBackend, DiskError, EngineKind, VirtioBlock,
 };
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::virtio::vsock::{
+    VirtioVsock, VsockConfig as DevVsockConfig, VsockCounters, VsockError,
+};
 use devices::virtio::{Interrupt, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
@@ -50,6 +53,9 @@ pub enum DeviceError {
     /// A disk cannot be used.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// The vsock device cannot be created.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// No interrupt line left for another virtio device.
     #[error("no free interrupt line for virtio device {0}")]
     NoIrq(usize),
@@ -74,6 +80,8 @@ pub struct VirtioDevices {
     pub cmdline: Vec<String>,
     /// Per-disk counters, in disk order.
     pub disk_counters: Vec<Arc<BlockCounters>>,
+    /// vsock counters.
+    pub vsock_counters: Option<Arc<VsockCounters>>,
 }
 
 /// Creates every configured virtio device, puts its transport on `mmio`,
@@ -83,6 +91,7 @@ pub fn setup_virtio_devices(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     disks: &[DiskConfig],
+    vsock: Option<&crate::config::VsockConfig>,
 ) -> Result<VirtioDevices, DeviceError> {
     let mut event_manager =
         DeviceEventManager::new().map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?;
@@ -91,6 +100,7 @@ pub fn setup_virtio_devices(
             .map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?,
         cmdline: Vec::new(),
         disk_counters: Vec::new(),
+        vsock_counters: None,
     };
     for (index, d) in disks.iter().enumerate() {
         let backend = DiskBackend::open(&d.path, d.readonly, d.direct)?;
@@ -113,6 +123,28 @@ pub fn setup_virtio_devices(
         log::info!(
             "disk {index}: {} on virtio-mmio slot {slot}",
             d.path.display()
+        );
+    }
+    if let Some(v) = vsock {
+        let dev = VirtioVsock::new(DevVsockConfig {
+            guest_cid: v.cid,
+            uds_path: v.socket.clone(),
+            allow_host_connect: v.allow_host_connect,
+        })?;
+        out.vsock_counters = Some(dev.counters());
+        let dev = Arc::new(Mutex::new(dev));
+        event_manager.add_subscriber(dev.clone());
+        let slot = out.cmdline.len();
+        out.cmdline.push(attach_mmio(vm, mem, mmio, dev, slot)?);
+        log::info!(
+            "vsock: guest CID {} on {} (host-initiated connections {})",
+            v.cid,
+            v.socket.display(),
+            if v.allow_host_connect {
+                "allowed"
+            } else {
+                "refused"
+            }
         );
     }
     out.event_manager = event_manager;

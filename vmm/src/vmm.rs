@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::BlockCounters;
+use devices::virtio::vsock::VsockCounters;
 use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -50,6 +51,8 @@ pub struct VmView {
     pub vcpu_counters: Vec<Arc<ExitCounters>>,
     /// Per-disk counters.
     pub disk_counters: Vec<Arc<BlockCounters>>,
+    /// vsock counters.
+    pub vsock_counters: Option<Arc<VsockCounters>>,
 }
 
 /// A running VM.
@@ -99,6 +102,7 @@ impl Vmm {
                 status,
                 vcpu_counters: Vec::new(),
                 disk_counters: Vec::new(),
+                vsock_counters: None,
             },
             control,
             events,
@@ -114,6 +118,11 @@ impl Vmm {
     /// Keeps the disks' counters.
     pub fn set_disk_counters(&mut self, c: Vec<Arc<BlockCounters>>) {
         self.view.disk_counters = c;
+    }
+
+    /// Keeps the vsock device's counters.
+    pub fn set_vsock_counters(&mut self, c: Option<Arc<VsockCounters>>) {
+        self.view.vsock_counters = c;
     }
 
     /// Adds a started vCPU thread.

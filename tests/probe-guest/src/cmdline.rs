@@ -1,7 +1,11 @@
 //! The probe's kernel command line options.
 //!
 //! - `probe.idle`: after the checks, print `probe: idle` and halt between
-//!   interrupts forever instead of ending the VM.
+//!   interrupts forever instead of ending the VM (ignoring Ctrl-Alt-Del).
+//! - `probe.interactive`: after the checks, print `probe: interactive` and
+//!   poll the console and keyboard until Ctrl-Alt-Del (see
+//!   [`crate::interactive`]); `probe.heartbeat=<ms>` adds `probe: tick <n>`
+//!   lines every `<ms>` milliseconds there.
 //! - `probe.check=<prefix>[,<prefix>...]` (repeatable): run only the checks
 //!   whose names start with one of the prefixes.
 //! - `probe.mem=<bytes>`, `probe.cpus=<n>`, `probe.topo=<s>,<c>,<t>`,
@@ -15,6 +19,9 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+
+/// Longest heartbeat period: a day.
+const HEARTBEAT_MAX_MS: u64 = 86_400_000;
 
 /// CPU topology: sockets, cores per socket, threads per core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +133,10 @@ pub struct BlkBench {
 pub struct Options<'a> {
     /// `probe.idle`.
     pub idle: bool,
+    /// `probe.interactive`.
+    pub interactive: bool,
+    /// `probe.heartbeat`: milliseconds between ticks in interactive mode.
+    pub heartbeat_ms: Option<u64>,
     /// `probe.check` prefixes (empty: run everything).
     pub checks: Vec<&'a str>,
     /// `probe.mem`: configured guest memory in bytes.
@@ -159,6 +170,20 @@ impl<'a> Options<'a> {
             };
             match (key, value) {
                 ("probe.idle", None) => opts.idle = true,
+                ("probe.interactive", None) => opts.interactive = true,
+                ("probe.heartbeat", Some(v)) => {
+                    opts.heartbeat_ms = opts.number(token, v).and_then(|ms| {
+                        (1..=HEARTBEAT_MAX_MS)
+                            .contains(&ms)
+                            .then_some(ms)
+                            .or_else(|| {
+                                opts.errors.push(format!(
+                                    "{token:?}: want milliseconds, 1..={HEARTBEAT_MAX_MS}"
+                                ));
+                                None
+                            })
+                    })
+                }
                 ("probe.check", Some(v)) => {
                     opts.checks.extend(v.split(',').filter(|p| !p.is_empty()))
                 }
@@ -181,6 +206,15 @@ impl<'a> Options<'a> {
                     .push(format!("unknown or malformed option {token:?}")),
                 _ => {}
             }
+        }
+        if opts.heartbeat_ms.is_some() && !opts.interactive {
+            opts.errors
+                .push(String::from("probe.heartbeat without probe.interactive"));
+        }
+        if opts.idle && opts.interactive {
+            opts.errors.push(String::from(
+                "probe.idle and probe.interactive together (interactive wins)",
+            ));
         }
         opts
     }

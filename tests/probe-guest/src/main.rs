@@ -1,7 +1,8 @@
 //! The probe guest: a small freestanding x86-64 ELF that a VMM boots through
 //! the PVH entry. It checks what the VMM set up (boot information, memory
 //! map, CPUID, MP table, serial port) and reports one line per check on
-//! COM1, then ends the VM. See README.md for the protocol.
+//! COM1, then ends the VM (or idles, or with `probe.interactive` serves the
+//! console and keyboard until Ctrl-Alt-Del). See README.md for the protocol.
 //!
 //! Kernel mode is emulated ~2000x slower than user mode on the machines it
 //! targets, so the CPL0 part is a few dozen instructions of assembly
@@ -19,6 +20,7 @@ mod blkdev;
 mod checks;
 mod cmdline;
 mod heap;
+mod interactive;
 mod mem;
 mod mptable;
 mod power;
@@ -97,6 +99,9 @@ extern "C" fn probe_main(start_info_paddr: u64) -> ! {
     port::outb(BOOT_MILESTONE_PORT, MILESTONE_DONE);
     report.summary();
 
+    if options.interactive {
+        interactive::run(options.heartbeat_ms);
+    }
     if options.idle {
         println!("probe: idle");
         loop {

@@ -13,6 +13,8 @@ use crate::arch::port::{inb, outb};
 pub const COM1: u16 = 0x3f8;
 /// Transmit holding register (write) / receive buffer (read).
 const THR: u16 = 0;
+/// Receive buffer register (read; the same offset as THR).
+const RBR: u16 = 0;
 /// Interrupt enable register.
 const IER: u16 = 1;
 /// FIFO control register (write) / interrupt identification (read).
@@ -23,6 +25,8 @@ const LCR: u16 = 3;
 const LSR: u16 = 5;
 /// Scratch register.
 pub const SCR: u16 = 7;
+/// Line status: data ready (the receive buffer holds a byte).
+const LSR_DR: u8 = 1 << 0;
 const LSR_THRE: u8 = 1 << 5;
 const IIR_FIFO_ENABLED: u8 = 0xc0;
 /// Bounded wait for THRE, so a stuck UART cannot hang the probe.
@@ -59,6 +63,12 @@ pub fn write_byte(byte: u8) {
     }
     outb(COM1 + THR, byte);
     CREDIT.store(credit - 1, Ordering::Relaxed);
+}
+
+/// Reads a received byte if the line status says one is waiting: one LSR
+/// read (a VM exit) when nothing is there, two when something is.
+pub fn read_byte() -> Option<u8> {
+    (inb(COM1 + LSR) & LSR_DR != 0).then(|| inb(COM1 + RBR))
 }
 
 /// Writes `bytes` as they are.

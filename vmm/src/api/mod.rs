@@ -405,7 +405,15 @@ pub fn counters_json(view: &VmView) -> Value {
             })
         })
         .collect();
-    json!({ "vcpus": vcpus, "disks": disks, "net": [], "vsock": null })
+    let vsock = view.vsock_counters.as_ref().map(|c| {
+        Value::Object(
+            c.pairs()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect(),
+        )
+    });
+    json!({ "vcpus": vcpus, "disks": disks, "net": [], "vsock": vsock })
 }
 
 /// Streams the serial console; an admin who asks (`?mode=rw`) and finds no
@@ -452,22 +460,19 @@ fn console(mut stream: UnixStream, ctx: &ApiContext, role: Role, req: &Request) 
         if writer { "read-write" } else { "read-only" }
     );
     let (id, rx) = ctx.console_hub.subscribe();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let input = if writer {
         stream.try_clone().ok().map(|mut s| {
             let serial = ctx.serial.clone();
-            let done = done.clone();
-            std::thread::spawn(move || {
-                console_input(&mut s, &serial);
-                done.store(true, Relaxed);
-            })
+            std::thread::spawn(move || console_input(&mut s, &serial))
         })
     } else {
         None
     };
     let mut out = Vec::with_capacity(4096);
     loop {
-        if done.load(Relaxed) || ctx.control.status.state() == VmState::Stopped {
+        // A writer that stopped typing (EOF on its side) still watches:
+        // it is gone only once writing to it fails.
+        if ctx.control.status.state() == VmState::Stopped {
             break;
         }
         match rx.recv_timeout(Duration::from_millis(200)) {

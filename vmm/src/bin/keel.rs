@@ -39,6 +39,9 @@ struct Args {
     /// A virtio-blk disk (repeatable): path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync].
     #[arg(long = "disk", value_name = "OPTIONS")]
     disks: Vec<String>,
+    /// virtio-vsock: cid=N,socket=PATH[,allow_host_connect=on].
+    #[arg(long, value_name = "OPTIONS")]
+    vsock: Option<String>,
     /// Control API socket (HTTP/1.1 + JSON over a Unix socket).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -76,6 +79,7 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         disks: args.disks.clone(),
         api_socket: args.api_socket.clone(),
         shutdown_timeout_s: args.shutdown_timeout,
+        vsock: args.vsock.clone(),
     })?;
     Ok(config)
 }

@@ -173,7 +173,12 @@ fn console(args: &Args, rw: bool) -> ExitCode {
                 let mut lock = stdin.lock();
                 while let Ok(n) = lock.read(&mut buf) {
                     // Ctrl-] (0x1d) detaches, as in virsh console.
-                    if n == 0 || buf[..n].contains(&0x1d) || w.write_all(&buf[..n]).is_err() {
+                    if n == 0 {
+                        // End of input: stop typing, keep watching.
+                        let _ = w.shutdown(std::net::Shutdown::Write);
+                        return;
+                    }
+                    if buf[..n].contains(&0x1d) || w.write_all(&buf[..n]).is_err() {
                         let _ = w.shutdown(std::net::Shutdown::Both);
                         return;
                     }

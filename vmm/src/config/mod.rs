@@ -220,6 +220,21 @@ pub struct DiskConfig {
     pub engine: DiskEngine,
 }
 
+/// The virtio-vsock device (host side on Unix sockets).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's CID (HostOS: 3).
+    pub cid: u64,
+    /// Base path: guest connects to port P reach `<socket>_P`; host
+    /// processes connect to `<socket>` itself.
+    pub socket: PathBuf,
+    /// Accept host-initiated connections (`CONNECT <port>`). Off by
+    /// default: on HostOS the guest always starts the conversation.
+    #[serde(default)]
+    pub allow_host_connect: bool,
+}
+
 /// The control socket and life-cycle policy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -278,6 +293,9 @@ pub struct VmConfig {
     /// Control socket and shutdown policy.
     #[serde(default)]
     pub control: ControlConfig,
+    /// vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// Command-line flag values, as given (each overrides the file).
@@ -302,6 +320,8 @@ pub struct FlagOverrides {
     pub api_socket: Option<PathBuf>,
     /// `--shutdown-timeout SECONDS`
     pub shutdown_timeout_s: Option<u64>,
+    /// `--vsock cid=N,socket=PATH[,allow_host_connect=on]`
+    pub vsock: Option<String>,
 }
 
 /// Most disks a VM can have (virtio-mmio slots with a free interrupt line).
@@ -352,6 +372,9 @@ impl VmConfig {
         if let Some(p) = &flags.api_socket {
             self.control.api_socket = Some(p.clone());
         }
+        if let Some(v) = &flags.vsock {
+            self.vsock = Some(parse_vsock_flag(v)?);
+        }
         if let Some(t) = flags.shutdown_timeout_s {
             self.control.shutdown_timeout_s = t;
         }
@@ -396,6 +419,27 @@ impl VmConfig {
         self.validate_cpus()?;
         self.validate_disks()?;
         self.validate_control()?;
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(ConfigError::invalid(
+                    "vsock.cid",
+                    &v.cid.to_string(),
+                    "CIDs 0-2 are reserved; use 3 or above (HostOS uses 3)".into(),
+                ));
+            }
+            let parent = v
+                .socket
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(ConfigError::invalid(
+                    "vsock.socket",
+                    &v.socket.display().to_string(),
+                    format!("directory {} does not exist", parent.display()),
+                ));
+            }
+        }
         if let SerialConfig::File { path } = &self.serial {
             let parent = path
                 .parent()
@@ -681,6 +725,24 @@ pub fn parse_disk_flag(input: &str) -> Result<DiskConfig, ConfigError> {
         direct: o.switch("direct")?.unwrap_or(false),
         serial: o.get("serial").map(str::to_string),
         engine,
+    })
+}
+
+/// Parses `--vsock cid=N,socket=PATH[,allow_host_connect=on]`.
+pub fn parse_vsock_flag(input: &str) -> Result<VsockConfig, ConfigError> {
+    let o = OptionList::parse(
+        "vsock",
+        input,
+        &["cid", "socket", "allow_host_connect"],
+        None,
+    )?;
+    Ok(VsockConfig {
+        cid: o.number("cid")?.ok_or(ConfigError::Missing("vsock.cid"))?,
+        socket: o
+            .get("socket")
+            .ok_or(ConfigError::Missing("vsock.socket"))?
+            .into(),
+        allow_host_connect: o.switch("allow_host_connect")?.unwrap_or(false),
     })
 }
 

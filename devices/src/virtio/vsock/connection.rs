@@ -1,0 +1,165 @@
+//! One vsock stream between a guest port and a host Unix socket, with
+//! virtio-vsock's credit-based flow control in both directions.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Write};
+use std::os::unix::net::UnixStream;
+
+/// Bytes of guest data Keel buffers per connection when the host side is
+/// slow (also the credit it grants the guest).
+pub const CONN_TX_BUF: u32 = 256 << 10;
+
+/// Where a connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Host connected to the device socket; waiting for `CONNECT <port>\n`.
+    AwaitConnectLine,
+    /// REQUEST sent to the guest; waiting for its RESPONSE.
+    Connecting,
+    /// Data flows.
+    Established,
+}
+
+/// A stream.
+pub struct Connection {
+    /// Host side.
+    pub stream: UnixStream,
+    /// State.
+    pub state: ConnState,
+    /// The host-side (CID 2) port.
+    pub local_port: u32,
+    /// The guest's port.
+    pub peer_port: u32,
+    /// Guest data not yet written to the host socket.
+    pub tx_buf: VecDeque<u8>,
+    /// Bytes of guest data written to the host socket (our fwd_cnt).
+    pub fwd_cnt: u32,
+    /// fwd_cnt last told to the guest.
+    pub last_fwd_cnt_sent: u32,
+    /// Guest's receive buffer size.
+    pub peer_buf_alloc: u32,
+    /// Bytes the guest has consumed.
+    pub peer_fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    pub rx_cnt: u32,
+    /// The host socket may have data to read.
+    pub host_readable: bool,
+    /// The host side shut its write half (EOF seen).
+    pub host_eof: bool,
+    /// The guest will send no more.
+    pub guest_send_shut: bool,
+    /// Partial `CONNECT` line from a host-initiated connection.
+    pub line: Vec<u8>,
+}
+
+impl Connection {
+    /// A connection over `stream`.
+    pub fn new(stream: UnixStream, state: ConnState, local_port: u32, peer_port: u32) -> Self {
+        Connection {
+            stream,
+            state,
+            local_port,
+            peer_port,
+            tx_buf: VecDeque::new(),
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            rx_cnt: 0,
+            host_readable: false,
+            host_eof: false,
+            guest_send_shut: false,
+            line: Vec::new(),
+        }
+    }
+
+    /// Bytes the guest can still take (its credit to us).
+    pub fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Whether the guest sending `len` more bytes stays within the credit
+    /// we granted (our buffer).
+    pub fn guest_may_send(&self, len: usize) -> bool {
+        self.tx_buf.len() + len <= CONN_TX_BUF as usize
+    }
+
+    /// Writes `data` (and anything buffered before it) to the host socket,
+    /// buffering what does not fit. Err means the host side is gone.
+    pub fn send_to_host(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.tx_buf.extend(data);
+        self.flush_to_host()
+    }
+
+    /// Writes buffered guest data to the host socket.
+    pub fn flush_to_host(&mut self) -> std::io::Result<()> {
+        while !self.tx_buf.is_empty() {
+            let (a, _) = self.tx_buf.as_slices();
+            match self.stream.write(a) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.tx_buf.drain(..n);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the guest should hear about freed buffer space.
+    pub fn credit_update_due(&self) -> bool {
+        self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent) >= CONN_TX_BUF / 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn credit_accounting() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut c = Connection::new(a, ConnState::Established, 1, 2);
+        c.peer_buf_alloc = 1000;
+        c.rx_cnt = 700;
+        c.peer_fwd_cnt = 200;
+        assert_eq!(c.peer_credit(), 500);
+        c.peer_fwd_cnt = 700;
+        assert_eq!(c.peer_credit(), 1000);
+        // Counters wrap.
+        c.rx_cnt = 10;
+        c.peer_fwd_cnt = u32::MAX - 9;
+        assert_eq!(c.peer_credit(), 980);
+        assert!(c.guest_may_send(CONN_TX_BUF as usize));
+        assert!(!c.guest_may_send(CONN_TX_BUF as usize + 1));
+    }
+
+    #[test]
+    fn a_slow_host_reader_buffers_within_the_credit_then_drains() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut c = Connection::new(a, ConnState::Established, 1, 2);
+        let chunk = vec![7u8; 64 << 10];
+        let mut sent = 0usize;
+        while c.guest_may_send(chunk.len()) {
+            c.send_to_host(&chunk).unwrap();
+            sent += chunk.len();
+        }
+        assert!(!c.tx_buf.is_empty(), "the socket buffer filled up");
+        assert!(c.tx_buf.len() <= CONN_TX_BUF as usize);
+        let mut got = vec![0u8; sent];
+        let mut read = 0;
+        while read < sent {
+            read += b.read(&mut got[read..]).unwrap();
+            c.flush_to_host().unwrap();
+        }
+        assert!(c.tx_buf.is_empty());
+        assert_eq!(c.fwd_cnt as usize, sent);
+        assert!(got.iter().all(|x| *x == 7));
+    }
+}

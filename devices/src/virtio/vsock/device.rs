@@ -1,0 +1,1174 @@
+//! The vsock device: queues, the connection multiplexer and the device
+//! thread's event handling.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{debug, error, warn};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::connection::{ConnState, Connection, CONN_TX_BUF};
+use super::packet::*;
+use crate::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+
+/// Virtio device ID of vsock.
+const VIRTIO_ID_VSOCK: u32 = 19;
+const QUEUE_SIZE: u16 = 256;
+/// Most connections at once (Firecracker's figure).
+pub const MAX_CONNECTIONS: usize = 1023;
+/// Largest payload accepted in one packet.
+const MAX_PKT: usize = 64 << 10;
+/// First host-side port for host-initiated connections.
+const HOST_PORT_BASE: u32 = 1 << 30;
+/// Longest `CONNECT <port>\n` line.
+const MAX_LINE: usize = 32;
+
+const EV_ACTIVATE: u32 = 0;
+const EV_RXQ: u32 = 1;
+const EV_TXQ: u32 = 2;
+const EV_EVQ: u32 = 3;
+const EV_LISTENER: u32 = 4;
+const EV_CONN_BASE: u32 = 16;
+
+/// Configuration of the device.
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    /// The guest's CID (HostOS: 3).
+    pub guest_cid: u64,
+    /// Base path of the host's Unix sockets.
+    pub uds_path: PathBuf,
+    /// Accept host-initiated connections (`CONNECT <port>`).
+    pub allow_host_connect: bool,
+}
+
+/// Errors of creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The host socket cannot be created.
+    #[error("cannot create vsock socket {path}: {source}")]
+    Bind {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Invalid CID.
+    #[error("guest CID {0} is reserved (use 3 or above)")]
+    BadCid(u64),
+}
+
+/// Counters of the device.
+#[derive(Debug, Default)]
+#[allow(missing_docs)]
+pub struct VsockCounters {
+    pub conns_opened: AtomicU64,
+    pub host_conns_opened: AtomicU64,
+    pub conns_refused: AtomicU64,
+    pub host_connects_refused: AtomicU64,
+    pub conns_closed: AtomicU64,
+    pub resets_sent: AtomicU64,
+    pub resets_received: AtomicU64,
+    pub bytes_to_guest: AtomicU64,
+    pub bytes_from_guest: AtomicU64,
+    pub packets_dropped: AtomicU64,
+    pub invalid_packets: AtomicU64,
+    pub flow_control_violations: AtomicU64,
+    pub connection_limit_hits: AtomicU64,
+    pub rx_stalls_no_buffers: AtomicU64,
+}
+
+impl VsockCounters {
+    /// The counters as (name, value) pairs, for the API.
+    pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("conns_opened", self.conns_opened.load(Relaxed)),
+            ("host_conns_opened", self.host_conns_opened.load(Relaxed)),
+            ("conns_refused", self.conns_refused.load(Relaxed)),
+            (
+                "host_connects_refused",
+                self.host_connects_refused.load(Relaxed),
+            ),
+            ("conns_closed", self.conns_closed.load(Relaxed)),
+            ("resets_sent", self.resets_sent.load(Relaxed)),
+            ("resets_received", self.resets_received.load(Relaxed)),
+            ("bytes_to_guest", self.bytes_to_guest.load(Relaxed)),
+            ("bytes_from_guest", self.bytes_from_guest.load(Relaxed)),
+            ("packets_dropped", self.packets_dropped.load(Relaxed)),
+            ("invalid_packets", self.invalid_packets.load(Relaxed)),
+            (
+                "flow_control_violations",
+                self.flow_control_violations.load(Relaxed),
+            ),
+            (
+                "connection_limit_hits",
+                self.connection_limit_hits.load(Relaxed),
+            ),
+            (
+                "rx_stalls_no_buffers",
+                self.rx_stalls_no_buffers.load(Relaxed),
+            ),
+        ]
+    }
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+type Key = (u32, u32); // (local/host port, peer/guest port)
+
+struct Active {
+    mem: GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    conns: HashMap<Key, Connection>,
+    tokens: HashMap<u32, Key>,
+    /// Registered interest per token.
+    interest: HashMap<u32, EventSet>,
+    next_token: u32,
+    control: VecDeque<Header>,
+    next_host_port: u32,
+    buf: Vec<u8>,
+    rx_blocked: bool,
+}
+
+/// The virtio-vsock device.
+pub struct VirtioVsock {
+    cfg: VsockConfig,
+    listener: UnixListener,
+    avail_features: u64,
+    acked_features: u64,
+    queue_sizes: [u16; 3],
+    counters: Arc<VsockCounters>,
+    activate_evt: EventFd,
+    pending_activation: Option<ActivateContext>,
+    active: Option<Active>,
+    retired: Vec<Active>,
+    listener_registered: bool,
+}
+
+impl VirtioVsock {
+    /// Creates the device and its host socket `cfg.uds_path` (a stale
+    /// socket file is replaced).
+    pub fn new(cfg: VsockConfig) -> Result<Self, VsockError> {
+        if cfg.guest_cid < 3 || cfg.guest_cid > u64::from(u32::MAX) {
+            return Err(VsockError::BadCid(cfg.guest_cid));
+        }
+        let shown = cfg.uds_path.display().to_string();
+        let err = |source| VsockError::Bind {
+            path: shown.clone(),
+            source,
+        };
+        if cfg.uds_path.exists() {
+            if UnixStream::connect(&cfg.uds_path).is_ok() {
+                return Err(err(std::io::Error::other(
+                    "another process serves this socket",
+                )));
+            }
+            std::fs::remove_file(&cfg.uds_path).map_err(err)?;
+        }
+        let listener = UnixListener::bind(&cfg.uds_path).map_err(err)?;
+        listener.set_nonblocking(true).map_err(err)?;
+        Ok(VirtioVsock {
+            cfg,
+            listener,
+            avail_features: VIRTIO_F_VERSION_1,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE; 3],
+            counters: Arc::new(VsockCounters::default()),
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(err)?,
+            pending_activation: None,
+            active: None,
+            retired: Vec::new(),
+            listener_registered: false,
+        })
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> Arc<VsockCounters> {
+        self.counters.clone()
+    }
+
+    fn header(&self, c: &Connection, op: u16, len: u32, flags: u32) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cfg.guest_cid,
+            src_port: c.local_port,
+            dst_port: c.peer_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: CONN_TX_BUF,
+            fwd_cnt: c.fwd_cnt,
+        }
+    }
+
+    fn rst_for(&self, local: u32, peer: u32) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cfg.guest_cid,
+            src_port: local,
+            dst_port: peer,
+            type_: TYPE_STREAM,
+            op: OP_RST,
+            ..Default::default()
+        }
+    }
+
+    fn start(&mut self, ctx: ActivateContext, ops: &mut EventOps) -> Result<(), String> {
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rxq), Some(txq), Some(_evq)) = (queues.next(), queues.next(), queues.next())
+        else {
+            return Err("vsock needs 3 queues".into());
+        };
+        for (i, e) in ctx.queue_evts.iter().enumerate() {
+            ops.add(Events::with_data(e, EV_RXQ + i as u32, EventSet::IN))
+                .map_err(|e| format!("watch queue: {e:?}"))?;
+        }
+        if !self.listener_registered {
+            ops.add(Events::with_data(&self.listener, EV_LISTENER, EventSet::IN))
+                .map_err(|e| format!("watch socket: {e:?}"))?;
+            self.listener_registered = true;
+        }
+        self.active = Some(Active {
+            mem: ctx.mem,
+            rxq,
+            txq,
+            evts: ctx.queue_evts,
+            interrupt: ctx.interrupt,
+            conns: HashMap::new(),
+            tokens: HashMap::new(),
+            interest: HashMap::new(),
+            next_token: EV_CONN_BASE,
+            control: VecDeque::new(),
+            next_host_port: HOST_PORT_BASE,
+            buf: vec![0u8; MAX_PKT],
+            rx_blocked: false,
+        });
+        Ok(())
+    }
+
+    /// Guest -> host packets.
+    fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        let mut used_any = false;
+        let mem = a.mem.clone();
+        loop {
+            while let Some(chain) = a.txq.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let mut reader = match chain.reader(&mem) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        bump(&self.counters.packets_dropped, 1);
+                        let _ = a.txq.add_used(&a.mem, head, 0);
+                        used_any = true;
+                        continue;
+                    }
+                };
+                self.handle_tx_packet(&mut a, &mut reader, ops);
+                let _ = a.txq.add_used(&a.mem, head, 0);
+                used_any = true;
+            }
+            match a.txq.enable_notification(&a.mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if used_any && a.txq.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.signal_used_queue();
+        }
+        self.active = Some(a);
+    }
+
+    fn handle_tx_packet(
+        &mut self,
+        a: &mut Active,
+        reader: &mut virtio_queue::Reader<'_>,
+        ops: &mut EventOps,
+    ) {
+        let c = &self.counters;
+        if reader.available_bytes() < HDR_LEN {
+            bump(&c.packets_dropped, 1);
+            return;
+        }
+        let Ok(h) = reader.read_obj::<Header>() else {
+            bump(&c.packets_dropped, 1);
+            return;
+        };
+        let (src_cid, dst_cid, len, op, type_) =
+            (h.src_cid, h.dst_cid, h.len as usize, h.op, h.type_);
+        let (src_port, dst_port) = (h.src_port, h.dst_port);
+        // A guest may not pretend to be another CID: drop, never answer.
+        if src_cid != self.cfg.guest_cid {
+            warn!(
+                "vsock: packet from CID {src_cid}, guest is CID {}: dropped",
+                self.cfg.guest_cid
+            );
+            bump(&c.packets_dropped, 1);
+            return;
+        }
+        if len > MAX_PKT || len > reader.available_bytes() {
+            bump(&c.packets_dropped, 1);
+            a.control.push_back(self.rst_for(dst_port, src_port));
+            bump(&c.resets_sent, 1);
+            return;
+        }
+        if dst_cid != HOST_CID || type_ != TYPE_STREAM {
+            bump(&c.invalid_packets, 1);
+            if op != OP_RST {
+                a.control.push_back(self.rst_for(dst_port, src_port));
+                bump(&c.resets_sent, 1);
+            }
+            return;
+        }
+        let key = (dst_port, src_port);
+        if op == OP_REQUEST {
+            self.guest_connect(a, key, &h, ops);
+            return;
+        }
+        let Some(conn) = a.conns.get_mut(&key) else {
+            if op != OP_RST {
+                a.control.push_back(self.rst_for(dst_port, src_port));
+                bump(&c.resets_sent, 1);
+            }
+            return;
+        };
+        conn.peer_buf_alloc = h.buf_alloc;
+        conn.peer_fwd_cnt = h.fwd_cnt;
+        match op {
+            OP_RESPONSE if conn.state == ConnState::Connecting => {
+                conn.state = ConnState::Established;
+                let line = format!("OK {}\n", conn.local_port);
+                if conn.stream.write_all(line.as_bytes()).is_err() {
+                    self.close(a, key, true, ops);
+                } else {
+                    bump(&c.host_conns_opened, 1);
+                }
+            }
+            OP_RW if conn.state == ConnState::Established && !conn.guest_send_shut => {
+                if !conn.guest_may_send(len) {
+                    warn!("vsock: guest port {src_port} overran its credit: reset");
+                    bump(&c.flow_control_violations, 1);
+                    self.close(a, key, true, ops);
+                    return;
+                }
+                let mut data = vec![0u8; len];
+                if reader.read_exact(&mut data).is_err() {
+                    bump(&c.packets_dropped, 1);
+                    return;
+                }
+                bump(&c.bytes_from_guest, len as u64);
+                if conn.send_to_host(&data).is_err() {
+                    self.close(a, key, true, ops);
+                } else if conn.credit_update_due() {
+                    let h = self.header(conn, OP_CREDIT_UPDATE, 0, 0);
+                    conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                    a.control.push_back(h);
+                }
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => {
+                let h = self.header(conn, OP_CREDIT_UPDATE, 0, 0);
+                conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                a.control.push_back(h);
+            }
+            OP_SHUTDOWN => {
+                let flags = h.flags;
+                if flags & SHUTDOWN_SEND != 0 {
+                    conn.guest_send_shut = true;
+                    let _ = conn.flush_to_host();
+                    if conn.tx_buf.is_empty() {
+                        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                    }
+                }
+                if flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV {
+                    // Full close: finish with RST, as the spec asks.
+                    self.close(a, key, true, ops);
+                }
+            }
+            OP_RST => {
+                bump(&c.resets_received, 1);
+                self.close(a, key, false, ops);
+            }
+            _ => {
+                bump(&c.invalid_packets, 1);
+                self.close(a, key, true, ops);
+            }
+        }
+    }
+
+    /// A guest REQUEST to host port `key.0`: connect to `<path>_<port>`.
+    fn guest_connect(&mut self, a: &mut Active, key: Key, h: &Header, ops: &mut EventOps) {
+        let c = &self.counters;
+        if a.conns.contains_key(&key) {
+            bump(&c.invalid_packets, 1);
+            self.close(a, key, true, ops);
+            return;
+        }
+        if a.conns.len() >= MAX_CONNECTIONS {
+            bump(&c.connection_limit_hits, 1);
+            a.control.push_back(self.rst_for(key.0, key.1));
+            bump(&c.resets_sent, 1);
+            return;
+        }
+        let path = format!("{}_{}", self.cfg.uds_path.display(), key.0);
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) if s.set_nonblocking(true).is_ok() => s,
+            _ => {
+                debug!("vsock: nobody listens on {path}: reset");
+                bump(&c.conns_refused, 1);
+                a.control.push_back(self.rst_for(key.0, key.1));
+                bump(&c.resets_sent, 1);
+                return;
+            }
+        };
+        let mut conn = Connection::new(stream, ConnState::Established, key.0, key.1);
+        conn.peer_buf_alloc = h.buf_alloc;
+        conn.peer_fwd_cnt = h.fwd_cnt;
+        let resp = self.header(&conn, OP_RESPONSE, 0, 0);
+        if self.register(a, key, conn, ops) {
+            a.control.push_back(resp);
+            bump(&c.conns_opened, 1);
+        } else {
+            a.control.push_back(self.rst_for(key.0, key.1));
+        }
+    }
+
+    fn register(&self, a: &mut Active, key: Key, conn: Connection, ops: &mut EventOps) -> bool {
+        let token = a.next_token;
+        a.next_token = a.next_token.wrapping_add(1).max(EV_CONN_BASE);
+        let set = EventSet::IN | EventSet::READ_HANG_UP;
+        if ops
+            .add(Events::with_data_raw(conn.stream.as_raw_fd(), token, set))
+            .is_err()
+        {
+            return false;
+        }
+        a.tokens.insert(token, key);
+        a.interest.insert(token, set);
+        a.conns.insert(key, conn);
+        true
+    }
+
+    /// Removes a connection; with `rst`, tells the guest.
+    fn close(&self, a: &mut Active, key: Key, rst: bool, ops: &mut EventOps) {
+        if let Some(conn) = a.conns.remove(&key) {
+            if let Some(token) = a.tokens.iter().find(|(_, k)| **k == key).map(|(t, _)| *t) {
+                a.tokens.remove(&token);
+                if let Some(set) = a.interest.remove(&token) {
+                    let _ = ops.remove(Events::with_data_raw(conn.stream.as_raw_fd(), token, set));
+                }
+            }
+            bump(&self.counters.conns_closed, 1);
+        }
+        if rst {
+            a.control.push_back(self.rst_for(key.0, key.1));
+            bump(&self.counters.resets_sent, 1);
+        }
+    }
+
+    /// Host -> guest: control packets first, then data from readable
+    /// connections the guest has credit for.
+    fn process_rx(&mut self) {
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        let mut used_any = false;
+        'fill: loop {
+            let pending_data = a.conns.values().any(|c| {
+                c.state == ConnState::Established
+                    && c.host_readable
+                    && !c.host_eof
+                    && c.peer_credit() > 0
+            });
+            if a.control.is_empty() && !pending_data {
+                a.rx_blocked = false;
+                break;
+            }
+            let Some(chain) = a.rxq.pop_descriptor_chain(&a.mem) else {
+                if !a.rx_blocked {
+                    bump(&self.counters.rx_stalls_no_buffers, 1);
+                }
+                a.rx_blocked = true;
+                let _ = a.rxq.enable_notification(&a.mem);
+                break;
+            };
+            let head = chain.head_index();
+            let Ok(mut w) = chain.writer(&a.mem) else {
+                let _ = a.rxq.add_used(&a.mem, head, 0);
+                used_any = true;
+                continue;
+            };
+            if w.available_bytes() < HDR_LEN {
+                let _ = a.rxq.add_used(&a.mem, head, 0);
+                used_any = true;
+                continue;
+            }
+            if let Some(h) = a.control.pop_front() {
+                let _ = w.write_obj(h);
+                let _ = a.rxq.add_used(&a.mem, head, HDR_LEN as u32);
+                used_any = true;
+                continue;
+            }
+            let room = (w.available_bytes() - HDR_LEN).min(MAX_PKT);
+            let keys: Vec<Key> = a
+                .conns
+                .iter()
+                .filter(|(_, c)| {
+                    c.state == ConnState::Established
+                        && c.host_readable
+                        && !c.host_eof
+                        && c.peer_credit() > 0
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            for key in keys {
+                let Some(conn) = a.conns.get_mut(&key) else {
+                    continue;
+                };
+                let want = room.min(conn.peer_credit() as usize);
+                match conn.stream.read(&mut a.buf[..want]) {
+                    Ok(0) => {
+                        conn.host_eof = true;
+                        let h = self.header(conn, OP_SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                        a.control.push_back(h);
+                    }
+                    Ok(n) => {
+                        conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
+                        conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                        let h = self.header(conn, OP_RW, n as u32, 0);
+                        let _ = w.write_obj(h);
+                        let _ = w.write_all(&a.buf[..n]);
+                        let _ = a.rxq.add_used(&a.mem, head, (HDR_LEN + n) as u32);
+                        bump(&self.counters.bytes_to_guest, n as u64);
+                        used_any = true;
+                        continue 'fill;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => conn.host_readable = false,
+                    Err(_) => {
+                        conn.host_eof = true;
+                        let h = self.header(conn, OP_SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                        a.control.push_back(h);
+                    }
+                }
+            }
+            // Nothing sent in this buffer: give it back.
+            a.rxq.go_to_previous_position();
+        }
+        if used_any && a.rxq.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.signal_used_queue();
+        }
+        self.active = Some(a);
+    }
+
+    /// A host process connected to the device socket.
+    fn accept_host(&mut self, ops: &mut EventOps) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("vsock: accept: {e}");
+                    return;
+                }
+            };
+            let Some(mut a) = self.active.take() else {
+                // No guest driver yet: nothing to connect to.
+                bump(&self.counters.host_connects_refused, 1);
+                continue;
+            };
+            if !self.cfg.allow_host_connect
+                || a.conns.len() >= MAX_CONNECTIONS
+                || stream.set_nonblocking(true).is_err()
+            {
+                warn!("vsock: host-initiated connection refused (allow_host_connect is off or limit reached)");
+                bump(&self.counters.host_connects_refused, 1);
+                self.active = Some(a);
+                continue;
+            }
+            let port = a.next_host_port;
+            a.next_host_port = a.next_host_port.wrapping_add(1).max(HOST_PORT_BASE);
+            let conn = Connection::new(stream, ConnState::AwaitConnectLine, port, 0);
+            // Keyed by its unique local port until the guest port is known.
+            self.register(&mut a, (port, u32::MAX), conn, ops);
+            self.active = Some(a);
+        }
+    }
+
+    /// Reads `CONNECT <port>\n` from a host-initiated connection.
+    fn read_connect_line(&mut self, a: &mut Active, key: Key, ops: &mut EventOps) {
+        let Some(conn) = a.conns.get_mut(&key) else {
+            return;
+        };
+        let mut b = [0u8; MAX_LINE];
+        let n = match conn.stream.read(&mut b) {
+            Ok(0) => return self.close(a, key, false, ops),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(_) => return self.close(a, key, false, ops),
+        };
+        conn.line.extend_from_slice(&b[..n]);
+        let Some(end) = conn.line.iter().position(|c| *c == b'\n') else {
+            if conn.line.len() > MAX_LINE {
+                self.close(a, key, false, ops);
+            }
+            return;
+        };
+        let line = String::from_utf8_lossy(&conn.line[..end]).to_string();
+        let port = line
+            .strip_prefix("CONNECT ")
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let Some(port) = port else {
+            bump(&self.counters.invalid_packets, 1);
+            return self.close(a, key, false, ops);
+        };
+        // Re-key with the guest port now known.
+        let Some(mut conn) = a.conns.remove(&key) else {
+            return;
+        };
+        let token = a.tokens.iter().find(|(_, k)| **k == key).map(|(t, _)| *t);
+        conn.peer_port = port;
+        conn.state = ConnState::Connecting;
+        let new_key = (conn.local_port, port);
+        let req = self.header(&conn, OP_REQUEST, 0, 0);
+        a.conns.insert(new_key, conn);
+        if let Some(t) = token {
+            a.tokens.insert(t, new_key);
+        }
+        a.control.push_back(req);
+    }
+
+    /// Keeps each connection's epoll interest in line with what it can do.
+    fn update_interest(&mut self, ops: &mut EventOps) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let rx_blocked = a.rx_blocked;
+        for (token, key) in &a.tokens {
+            let Some(c) = a.conns.get(key) else { continue };
+            let mut want = EventSet::READ_HANG_UP;
+            let wants_read = match c.state {
+                ConnState::AwaitConnectLine => true,
+                ConnState::Established => !c.host_eof && c.peer_credit() > 0 && !rx_blocked,
+                _ => false,
+            };
+            if wants_read {
+                want |= EventSet::IN;
+            }
+            if !c.tx_buf.is_empty() {
+                want |= EventSet::OUT;
+            }
+            if a.interest.get(token) != Some(&want) {
+                if ops
+                    .modify(Events::with_data_raw(c.stream.as_raw_fd(), *token, want))
+                    .is_ok()
+                {
+                    a.interest.insert(*token, want);
+                }
+            }
+        }
+    }
+
+    fn conn_event(&mut self, token: u32, set: EventSet, ops: &mut EventOps) {
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        let Some(key) = a.tokens.get(&token).copied() else {
+            self.active = Some(a);
+            return;
+        };
+        let state = a.conns.get(&key).map(|c| c.state);
+        if state == Some(ConnState::AwaitConnectLine) {
+            self.read_connect_line(&mut a, key, ops);
+        } else if let Some(conn) = a.conns.get_mut(&key) {
+            if set.contains(EventSet::OUT) {
+                if conn.flush_to_host().is_err() {
+                    self.close(&mut a, key, true, ops);
+                    self.active = Some(a);
+                    return;
+                }
+                if conn.credit_update_due() {
+                    let h = self.header(conn, OP_CREDIT_UPDATE, 0, 0);
+                    conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                    a.control.push_back(h);
+                }
+                if conn.guest_send_shut && conn.tx_buf.is_empty() {
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
+                conn.host_readable = true;
+            }
+        }
+        self.active = Some(a);
+    }
+}
+
+impl VirtioDevice for VirtioVsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.cfg.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 3 || ctx.queue_evts.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: ctx.queues.len(),
+            });
+        }
+        for (i, q) in ctx.queues.iter().enumerate() {
+            if !q.is_valid(&ctx.mem) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        self.pending_activation = Some(ctx);
+        self.activate_evt
+            .write(1)
+            .map_err(|e| ActivateError::Backend(e.to_string()))
+    }
+
+    fn reset(&mut self) -> bool {
+        self.pending_activation = None;
+        if let Some(a) = self.active.take() {
+            self.retired.push(a);
+            let _ = self.activate_evt.write(1);
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+impl MutEventSubscriber for VirtioVsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            EV_ACTIVATE,
+            EventSet::IN,
+        )) {
+            error!("vsock: cannot watch activation: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_ACTIVATE => {
+                let _ = self.activate_evt.read();
+                if let Some(old) = self.active.take() {
+                    self.retired.push(old);
+                }
+                // A reset drops every connection (the transport is gone).
+                for mut old in self.retired.drain(..) {
+                    for (i, e) in old.evts.iter().enumerate() {
+                        let _ = ops.remove(Events::with_data(e, EV_RXQ + i as u32, EventSet::IN));
+                    }
+                    for (token, key) in old.tokens.drain() {
+                        if let (Some(c), Some(set)) =
+                            (old.conns.get(&key), old.interest.get(&token))
+                        {
+                            let _ = ops.remove(Events::with_data_raw(
+                                c.stream.as_raw_fd(),
+                                token,
+                                *set,
+                            ));
+                        }
+                    }
+                    bump(&self.counters.conns_closed, old.conns.len() as u64);
+                }
+                if let Some(ctx) = self.pending_activation.take() {
+                    if let Err(e) = self.start(ctx, ops) {
+                        error!("vsock: activation failed: {e}");
+                    }
+                }
+            }
+            EV_RXQ => {
+                if let Some(a) = &self.active {
+                    let _ = a.evts[0].read();
+                }
+                if let Some(a) = self.active.as_mut() {
+                    a.rx_blocked = false;
+                }
+                self.process_rx();
+            }
+            EV_TXQ => {
+                if let Some(a) = &self.active {
+                    let _ = a.evts[1].read();
+                }
+                self.process_tx(ops);
+                self.process_rx();
+            }
+            EV_EVQ => {
+                if let Some(a) = &self.active {
+                    let _ = a.evts[2].read();
+                }
+            }
+            EV_LISTENER => {
+                self.accept_host(ops);
+                self.process_rx();
+            }
+            token => {
+                self.conn_event(token, events.event_set(), ops);
+                self.process_rx();
+            }
+        }
+        self.update_interest(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    type Em = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+    const GUEST_CID: u64 = 3;
+    const TXBUF: u64 = 0x40_0000;
+    const RXBUF: u64 = 0x80_0000;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        dev: Arc<Mutex<VirtioVsock>>,
+        em: Em,
+        rx_used: GuestAddress,
+        tx_used: GuestAddress,
+        tx_avail: GuestAddress,
+        tx_desc: GuestAddress,
+        rx_avail: GuestAddress,
+        rx_desc: GuestAddress,
+        evts: Vec<EventFd>,
+        tx_posted: u16,
+        rx_posted: u16,
+        dir: PathBuf,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn rig(name: &str, allow_host: bool) -> Rig {
+        let dir = std::env::temp_dir().join(format!("keel-vsock-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 64);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 64);
+        let evq = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 64);
+        let queues = vec![
+            rxq.create_queue().unwrap(),
+            txq.create_queue().unwrap(),
+            evq.create_queue().unwrap(),
+        ];
+        let evts: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let dev = VirtioVsock::new(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: dir.join("v.sock"),
+            allow_host_connect: allow_host,
+        })
+        .unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let mut em = Em::new().unwrap();
+        em.add_subscriber(dev.clone());
+        dev.lock()
+            .unwrap()
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                queues,
+                queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
+                interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            })
+            .unwrap();
+        em.run_with_timeout(10).unwrap();
+        let r = Rig {
+            rx_used: rxq.used_addr(),
+            tx_used: txq.used_addr(),
+            tx_avail: txq.avail_addr(),
+            tx_desc: txq.desc_table_addr(),
+            rx_avail: rxq.avail_addr(),
+            rx_desc: rxq.desc_table_addr(),
+            mem,
+            dev,
+            em,
+            evts,
+            tx_posted: 0,
+            rx_posted: 0,
+            dir,
+        };
+        r
+    }
+
+    fn put_desc(mem: &GuestMemoryMmap, table: GuestAddress, i: u16, d: Descriptor) {
+        mem.write_obj(
+            RawDescriptor::from(d),
+            table.unchecked_add(u64::from(i) * 16),
+        )
+        .unwrap();
+    }
+
+    fn publish(mem: &GuestMemoryMmap, avail: GuestAddress, posted: &mut u16, head: u16) {
+        mem.write_obj(head, avail.unchecked_add(4 + 2 * u64::from(*posted % 64)))
+            .unwrap();
+        *posted += 1;
+        mem.write_obj(*posted, avail.unchecked_add(2)).unwrap();
+    }
+
+    impl Rig {
+        /// Guest sends a packet (header + payload) on the tx queue.
+        fn send(&mut self, h: Header, payload: &[u8]) {
+            let slot = u64::from(self.tx_posted % 32);
+            let at = TXBUF + slot * 0x2_0000;
+            self.mem.write_obj(h, GuestAddress(at)).unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(at + HDR_LEN as u64))
+                .unwrap();
+            let head = (self.tx_posted % 32) as u16 * 2;
+            if payload.is_empty() {
+                put_desc(
+                    &self.mem,
+                    self.tx_desc,
+                    head,
+                    Descriptor::new(at, HDR_LEN as u32, 0, 0),
+                );
+            } else {
+                put_desc(
+                    &self.mem,
+                    self.tx_desc,
+                    head,
+                    Descriptor::new(at, HDR_LEN as u32, VRING_DESC_F_NEXT as u16, head + 1),
+                );
+                put_desc(
+                    &self.mem,
+                    self.tx_desc,
+                    head + 1,
+                    Descriptor::new(at + HDR_LEN as u64, payload.len() as u32, 0, 0),
+                );
+            }
+            let mut p = self.tx_posted;
+            publish(&self.mem, self.tx_avail, &mut p, head);
+            self.tx_posted = p;
+            self.evts[1].write(1).unwrap();
+            self.spin();
+        }
+
+        /// Guest offers `n` receive buffers of 4 KiB + header.
+        fn offer_rx(&mut self, n: u16) {
+            for _ in 0..n {
+                let i = self.rx_posted % 64;
+                let at = RXBUF + u64::from(i) * 0x2000;
+                put_desc(
+                    &self.mem,
+                    self.rx_desc,
+                    i,
+                    Descriptor::new(at, 0x1000 + HDR_LEN as u32, VRING_DESC_F_WRITE as u16, 0),
+                );
+                let mut p = self.rx_posted;
+                publish(&self.mem, self.rx_avail, &mut p, i);
+                self.rx_posted = p;
+            }
+            self.evts[0].write(1).unwrap();
+            self.spin();
+        }
+
+        fn spin(&mut self) {
+            for _ in 0..5 {
+                self.em.run_with_timeout(5).unwrap();
+            }
+        }
+
+        /// Packets the device has put in the rx queue so far.
+        fn received(&self) -> Vec<(Header, Vec<u8>)> {
+            let n: u16 = self.mem.read_obj(self.rx_used.unchecked_add(2)).unwrap();
+            (0..u64::from(n))
+                .map(|k| {
+                    let e = self.rx_used.unchecked_add(4 + 8 * (k % 64));
+                    let id: u32 = self.mem.read_obj(e).unwrap();
+                    let len: u32 = self.mem.read_obj(e.unchecked_add(4)).unwrap();
+                    let at = RXBUF + u64::from(id) * 0x2000;
+                    let h: Header = self.mem.read_obj(GuestAddress(at)).unwrap();
+                    let mut data = vec![0u8; len as usize - HDR_LEN];
+                    self.mem
+                        .read_slice(&mut data, GuestAddress(at + HDR_LEN as u64))
+                        .unwrap();
+                    (h, data)
+                })
+                .collect()
+        }
+
+        fn tx_used(&self) -> u16 {
+            self.mem.read_obj(self.tx_used.unchecked_add(2)).unwrap()
+        }
+
+        fn counters(&self) -> Arc<VsockCounters> {
+            self.dev.lock().unwrap().counters()
+        }
+    }
+
+    fn pkt(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
+        Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 1 << 20,
+            fwd_cnt: 0,
+        }
+    }
+
+    #[test]
+    fn guest_connects_sends_and_receives_then_resets() {
+        let mut r = rig("flow", false);
+        let listener = UnixListener::bind(r.dir.join("v.sock_19090")).unwrap();
+        r.offer_rx(8);
+        r.send(pkt(OP_REQUEST, 1234, 19090, 0), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        let got = r.received();
+        assert_eq!({ got[0].0.op }, OP_RESPONSE);
+        assert_eq!({ got[0].0.dst_port }, 1234);
+        r.send(pkt(OP_RW, 1234, 19090, 5), b"hello");
+        let mut b = [0u8; 5];
+        host.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        host.write_all(b"world").unwrap();
+        r.spin();
+        let got = r.received();
+        let rw = got
+            .iter()
+            .find(|(h, _)| h.op == OP_RW)
+            .expect("data to the guest");
+        assert_eq!(rw.1, b"world");
+        r.send(pkt(OP_RST, 1234, 19090, 0), &[]);
+        let c = r.counters();
+        assert_eq!(c.conns_opened.load(Relaxed), 1);
+        assert_eq!(c.conns_closed.load(Relaxed), 1);
+        assert_eq!(c.bytes_from_guest.load(Relaxed), 5);
+        assert_eq!(c.bytes_to_guest.load(Relaxed), 5);
+        assert_eq!(r.tx_used(), 3);
+    }
+
+    #[test]
+    fn nobody_listening_means_reset_and_bad_packets_are_counted() {
+        let mut r = rig("bad", false);
+        r.offer_rx(8);
+        r.send(pkt(OP_REQUEST, 1, 5555, 0), &[]);
+        assert_eq!(
+            { r.received()[0].0.op },
+            OP_RST,
+            "no listener on v.sock_5555"
+        );
+        // Spoofed source CID: dropped without an answer.
+        let mut spoof = pkt(OP_REQUEST, 1, 5555, 0);
+        spoof.src_cid = 7;
+        r.send(spoof, &[]);
+        // Data on an unknown connection, unknown op, bad type: reset.
+        r.send(pkt(OP_RW, 9, 9, 3), b"abc");
+        let mut bad_type = pkt(OP_REQUEST, 2, 5555, 0);
+        bad_type.type_ = 2;
+        r.send(bad_type, &[]);
+        // Length larger than the descriptors carry: dropped.
+        r.send(pkt(OP_RW, 9, 9, 4096), b"x");
+        let c = r.counters();
+        assert_eq!(c.conns_refused.load(Relaxed), 1);
+        assert_eq!(c.packets_dropped.load(Relaxed), 2);
+        assert_eq!(c.invalid_packets.load(Relaxed), 1);
+        assert!(r.received().iter().filter(|(h, _)| h.op == OP_RST).count() >= 3);
+        assert_eq!(r.tx_used(), 5, "every packet returned to the guest");
+    }
+
+    #[test]
+    fn host_initiated_connections_are_refused_unless_allowed() {
+        let mut r = rig("refuse", false);
+        r.offer_rx(4);
+        let mut s = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+        s.write_all(b"CONNECT 52\n").unwrap();
+        r.spin();
+        s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 16];
+        assert_eq!(s.read(&mut b).unwrap_or(0), 0, "closed without OK");
+        assert!(r.received().iter().all(|(h, _)| h.op != OP_REQUEST));
+        assert_eq!(r.counters().host_connects_refused.load(Relaxed), 1);
+
+        let mut r = rig("allow", true);
+        r.offer_rx(4);
+        let mut s = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+        s.write_all(b"CONNECT 52\n").unwrap();
+        r.spin();
+        let req = r
+            .received()
+            .into_iter()
+            .find(|(h, _)| h.op == OP_REQUEST)
+            .expect("REQUEST to the guest");
+        assert_eq!({ req.0.dst_port }, 52);
+        let host_port = req.0.src_port;
+        assert!(host_port >= HOST_PORT_BASE);
+        r.send(pkt(OP_RESPONSE, 52, host_port, 0), &[]);
+        let mut line = [0u8; 32];
+        let n = s.read(&mut line).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&line[..n]).unwrap(),
+            format!("OK {host_port}\n")
+        );
+    }
+
+    #[test]
+    fn overrunning_the_credit_resets_the_connection() {
+        let mut r = rig("credit", false);
+        let listener = UnixListener::bind(r.dir.join("v.sock_7")).unwrap();
+        r.offer_rx(16);
+        r.send(pkt(OP_REQUEST, 1, 7, 0), &[]);
+        let (_host, _) = listener.accept().unwrap(); // never reads
+        let chunk = vec![1u8; 64 << 10];
+        for _ in 0..((CONN_TX_BUF as usize) / chunk.len() + 16) {
+            r.send(pkt(OP_RW, 1, 7, chunk.len() as u32), &chunk);
+        }
+        let c = r.counters();
+        assert_eq!(c.flow_control_violations.load(Relaxed), 1);
+        assert!(r.received().iter().any(|(h, _)| h.op == OP_RST));
+    }
+}
