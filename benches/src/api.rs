@@ -128,20 +128,8 @@ fn guest_iops(dir: &Path, sock: &Path, disk: &str, hammer: Option<Duration>) -> 
     if let Some(c) = client {
         let _ = c.join();
     }
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("probe: bench blk"))
-        .unwrap_or_else(|| panic!("no bench line:\n{out}"));
-    let field = |k: &str| -> f64 {
-        line.split_whitespace()
-            .find_map(|t| t.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .expect("bench field")
-    };
-    (
-        field("n=") / (field("ns=") / 1e9),
-        count.load(Ordering::Relaxed),
-    )
+    let rate = super::probe_rate(&out, "probe: bench blk").unwrap_or_else(|e| panic!("{e}"));
+    (rate, count.load(Ordering::Relaxed))
 }
 
 pub fn main(args: &[String]) {
@@ -153,11 +141,7 @@ pub fn main(args: &[String]) {
             _ => super::usage(),
         }
     }
-    let dir = std::env::current_exe()
-        .expect("own path")
-        .parent()
-        .expect("dir")
-        .to_path_buf();
+    let dir = super::bin_dir();
     let work = PathBuf::from("/var/tmp").join(format!("keel-bench-api-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
     let sock = work.join("api.sock");
@@ -190,13 +174,11 @@ pub fn main(args: &[String]) {
     let img = work.join("disk.img");
     super::blk::make_backing(&img);
     let disk = img.display().to_string();
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let idle = med((0..3)
-        .map(|_| guest_iops(&dir, &sock, &disk, None).0)
-        .collect());
+    let idle = super::median(
+        (0..3)
+            .map(|_| guest_iops(&dir, &sock, &disk, None).0)
+            .collect(),
+    );
     println!();
     println!("effect on a running guest: probe 4K randread QD16 (guest-measured), median of 3");
     println!();
@@ -213,7 +195,7 @@ pub fn main(args: &[String]) {
         let runs: Vec<(f64, u64)> = (0..3)
             .map(|_| guest_iops(&dir, &sock, &disk, Some(gap)))
             .collect();
-        let b = med(runs.iter().map(|x| x.0).collect());
+        let b = super::median(runs.iter().map(|x| x.0).collect());
         let reqs = runs.iter().map(|x| x.1).sum::<u64>() / runs.len() as u64;
         println!("| {label} | {reqs} | {b:.0} | {:.2}x |", b / idle);
     }

@@ -52,36 +52,15 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     drop(killer);
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("probe: bench blk"))
-        .ok_or_else(|| {
-            format!(
-                "no bench line; output:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    let field = |k: &str| -> Option<f64> {
-        line.split_whitespace()
-            .find_map(|t| t.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-    };
-    let n = field("n=").ok_or("no n=")?;
-    let ns = field("ns=").ok_or("no ns=")?;
     if text.contains("PROBE FAIL bench") {
         return Err(format!("bench check failed:\n{text}"));
     }
-    Ok(n / (ns / 1e9))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    super::probe_rate(&text, "probe: bench blk")
 }
 
 pub fn main(args: &[String]) {
     let mut runs = 3usize;
-    let mut qemu = which("qemu-system-x86_64");
+    let mut qemu = super::which("qemu-system-x86_64");
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
@@ -90,11 +69,7 @@ pub fn main(args: &[String]) {
             _ => super::usage(),
         }
     }
-    let dir = std::env::current_exe()
-        .expect("own path")
-        .parent()
-        .expect("dir")
-        .to_path_buf();
+    let dir = super::bin_dir();
     let keel = dir.join("keel");
     let probe = dir.join("probe-guest");
     let work = PathBuf::from("/var/tmp").join(format!("keel-bench-blkg-{}", std::process::id()));
@@ -176,8 +151,8 @@ pub fn main(args: &[String]) {
                     }
                 }
             }
-            let k = (!ks.is_empty()).then(|| median(ks));
-            let q = (!qs.is_empty()).then(|| median(qs));
+            let k = (!ks.is_empty()).then(|| super::median(ks));
+            let q = (!qs.is_empty()).then(|| super::median(qs));
             let name = format!("{} {}", if c.bs >= 1 << 20 { "1M" } else { "4K" }, c.kind);
             println!(
                 "| {name} | {qd} | {} | {} | {} |",
@@ -199,12 +174,4 @@ pub fn main(args: &[String]) {
     }
     drop(lo);
     let _ = std::fs::remove_dir_all(&work);
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
 }

@@ -36,7 +36,7 @@ fn parse(args: &[String]) -> Options {
         runs: 10,
         memory_mib: 512,
         cpus: 2,
-        qemu: which("qemu-system-x86_64"),
+        qemu: super::which("qemu-system-x86_64"),
         firecracker: std::env::var_os("FIRECRACKER").map(PathBuf::from),
     };
     let mut it = args.iter();
@@ -52,14 +52,6 @@ fn parse(args: &[String]) -> Options {
         }
     }
     o
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
 }
 
 fn target_release() -> PathBuf {
@@ -155,11 +147,6 @@ fn memory_of(pid: u32, guest_mib: u64) -> Result<(u64, u64), String> {
         }
     }
     Ok((peak, guest))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 pub fn main(args: &[String]) {
@@ -282,25 +269,25 @@ pub fn main(args: &[String]) {
             ));
             continue;
         }
-        let first = median(
+        let first = super::median(
             samples
                 .iter()
                 .map(|s| s.first_output.as_secs_f64() * 1e3)
                 .collect(),
         );
-        let last = median(
+        let last = super::median(
             samples
                 .iter()
                 .map(|s| s.last_line.as_secs_f64() * 1e3)
                 .collect(),
         );
-        let over = median(
+        let over = super::median(
             samples
                 .iter()
                 .map(|s| s.overhead_kib as f64 / 1024.0)
                 .collect(),
         );
-        let peak = median(samples.iter().map(|s| s.peak_kib as f64 / 1024.0).collect());
+        let peak = super::median(samples.iter().map(|s| s.peak_kib as f64 / 1024.0).collect());
         let rel = |v: f64, k: f64| {
             if k > 0.0 {
                 format!(" ({:.2}x Keel)", v / k)

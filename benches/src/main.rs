@@ -18,6 +18,46 @@ mod blk;
 mod blk_guest;
 mod boot;
 
+/// The directory of this binary (target/<profile>), where `keel` and the
+/// probe guest are built too.
+pub fn bin_dir() -> std::path::PathBuf {
+    std::env::current_exe()
+        .expect("own path")
+        .parent()
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// `name` on $PATH.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Median of a non-empty sample.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Operations per second from the probe's `probe: bench ... n=N ns=T` line.
+pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
+    let line = output
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .ok_or_else(|| format!("no `{prefix}` line; output:\n{output}"))?;
+    let field = |k: &str| -> Result<f64, String> {
+        line.split_whitespace()
+            .find_map(|t| t.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {k} in {line:?}"))
+    };
+    Ok(field("n=")? / (field("ns=")? / 1e9))
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]\n       keel-bench api [--requests N]"

@@ -260,24 +260,6 @@ impl Drop for LoopDevice {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_probe_output() {
-        let r = ProbeReport::parse(
-            "probe: start\nPROBE ok boot.cmdline\nPROBE FAIL smp.mptable: no _MP_\nprobe: 1 passed, 1 failed\n",
-        );
-        assert_eq!(r.passed, ["boot.cmdline"]);
-        assert_eq!(
-            r.failed,
-            [("smp.mptable".to_string(), "no _MP_".to_string())]
-        );
-        assert_eq!(r.summary, Some((1, 1)));
-    }
-}
-
 /// A `keel` process running in the background, killed when dropped.
 pub struct RunningKeel {
     /// The child.
@@ -413,4 +395,22 @@ pub fn api_call(socket: &Path, method: &str, path: &str, body: &str) -> Option<(
     let (head, body) = raw.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_probe_output() {
+        let r = ProbeReport::parse(
+            "probe: start\nPROBE ok boot.cmdline\nPROBE FAIL smp.mptable: no _MP_\nprobe: 1 passed, 1 failed\n",
+        );
+        assert_eq!(r.passed, ["boot.cmdline"]);
+        assert_eq!(
+            r.failed,
+            [("smp.mptable".to_string(), "no _MP_".to_string())]
+        );
+        assert_eq!(r.summary, Some((1, 1)));
+    }
 }

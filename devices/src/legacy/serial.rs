@@ -221,7 +221,7 @@ mod tests {
         // A watcher that never reads loses bytes past its buffer, counted.
         let (_slow, _rx2) = hub.subscribe();
         for _ in 0..(SUBSCRIBER_BUFFER + 10) {
-            s.write(0, &[b'x']);
+            s.write(0, b"x");
         }
         assert!(hub.dropped.load(Ordering::Relaxed) >= 10);
         hub.unsubscribe(id);

@@ -13,6 +13,10 @@
 //!   with, checked.
 //! - `probe.bench.blk=<read|write|randread|randwrite>,<bs>,<qd>,<count>`:
 //!   a virtio-blk benchmark on disk 0 (check `bench.blk`).
+//! - `probe.vsock.cid=<n>`, `probe.vsock.transfer=<port>,<bytes>`,
+//!   `probe.vsock.closed_port=<port>`, `probe.vsock.listen=<port>[,refused]`,
+//!   `probe.bench.vsock=<port>,<write size>,<total bytes>,<tx|rx>`: the
+//!   virtio-vsock checks and benchmark (see `checks::vsock`).
 //!
 //! Other tokens (the VMM's own, such as `virtio_mmio.device=`) are ignored.
 
@@ -128,6 +132,50 @@ pub struct BlkBench {
     pub count: u64,
 }
 
+/// Direction of a vsock benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VsockDir {
+    /// Guest to host.
+    Tx,
+    /// Host to guest.
+    Rx,
+}
+
+impl VsockDir {
+    /// The name used on the command line and in the result line.
+    pub fn name(self) -> &'static str {
+        match self {
+            VsockDir::Tx => "tx",
+            VsockDir::Rx => "rx",
+        }
+    }
+}
+
+/// `probe.bench.vsock=<port>,<write size>,<total bytes>,<tx|rx>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VsockBench {
+    /// Host port to connect to.
+    pub port: u32,
+    /// Bytes per write (one packet each): 1..=65536.
+    pub write_size: u32,
+    /// Bytes in all (at least 1).
+    pub total: u64,
+    /// Direction.
+    pub dir: VsockDir,
+}
+
+/// `probe.vsock.listen=<port>[,refused]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VsockListen {
+    /// Guest port to listen on.
+    pub port: u32,
+    /// The VMM refuses host-initiated connections: none may arrive.
+    pub refused: bool,
+}
+
+/// Largest vsock packet payload (Linux's and Keel's limit).
+pub const VSOCK_MAX_WRITE: u64 = 64 * 1024;
+
 /// Options the probe understands, parsed from the command line.
 #[derive(Debug, Default)]
 pub struct Options<'a> {
@@ -153,6 +201,16 @@ pub struct Options<'a> {
     pub blk: Option<u32>,
     /// `probe.bench.blk`: the block benchmark to run.
     pub bench_blk: Option<BlkBench>,
+    /// `probe.vsock.cid`: the guest CID the VMM was configured with.
+    pub vsock_cid: Option<u64>,
+    /// `probe.vsock.transfer=<port>,<bytes>`: the echo transfer.
+    pub vsock_transfer: Option<(u32, u64)>,
+    /// `probe.vsock.closed_port`: a host port nobody listens on.
+    pub vsock_closed_port: Option<u32>,
+    /// `probe.vsock.listen`: the guest port the host connects to.
+    pub vsock_listen: Option<VsockListen>,
+    /// `probe.bench.vsock`: the vsock benchmark to run.
+    pub bench_vsock: Option<VsockBench>,
     /// `virtio_mmio.device=` values, as given.
     pub virtio_mmio: Vec<&'a str>,
     /// Malformed probe options (reported by the boot.cmdline check).
@@ -200,6 +258,15 @@ impl<'a> Options<'a> {
                     opts.blk = opts.number(token, v).and_then(|n| opts.u32(token, n))
                 }
                 ("probe.bench.blk", Some(v)) => opts.bench_blk = opts.blk_bench(token, v),
+                ("probe.vsock.cid", Some(v)) => opts.vsock_cid = opts.number(token, v),
+                ("probe.vsock.transfer", Some(v)) => {
+                    opts.vsock_transfer = opts.vsock_transfer(token, v)
+                }
+                ("probe.vsock.closed_port", Some(v)) => {
+                    opts.vsock_closed_port = opts.number(token, v).and_then(|n| opts.u32(token, n))
+                }
+                ("probe.vsock.listen", Some(v)) => opts.vsock_listen = opts.vsock_listen(token, v),
+                ("probe.bench.vsock", Some(v)) => opts.bench_vsock = opts.vsock_bench(token, v),
                 ("virtio_mmio.device", Some(v)) => opts.virtio_mmio.push(v),
                 _ if key.starts_with("probe.") => opts
                     .errors
@@ -269,6 +336,69 @@ impl<'a> Options<'a> {
             _ => {
                 self.errors.push(format!(
                     "{token:?}: want <read|write|randread|randwrite>,<block size: multiple of 512>,<queue depth 1..=1024>,<count >= 1>"
+                ));
+                None
+            }
+        }
+    }
+
+    fn vsock_transfer(&mut self, token: &str, value: &str) -> Option<(u32, u64)> {
+        let mut parts = value.split(',');
+        let port = parts.next().and_then(|p| p.parse::<u32>().ok());
+        let bytes = parts.next().and_then(|p| p.parse::<u64>().ok());
+        match (port, bytes, parts.next()) {
+            (Some(port), Some(bytes), None) if bytes > 0 => Some((port, bytes)),
+            _ => {
+                self.errors
+                    .push(format!("{token:?}: want <port>,<bytes >= 1>"));
+                None
+            }
+        }
+    }
+
+    fn vsock_listen(&mut self, token: &str, value: &str) -> Option<VsockListen> {
+        let mut parts = value.split(',');
+        let port = parts.next().and_then(|p| p.parse::<u32>().ok());
+        let refused = match parts.next() {
+            None => Some(false),
+            Some("refused") => Some(true),
+            Some(_) => None,
+        };
+        match (port, refused, parts.next()) {
+            (Some(port), Some(refused), None) => Some(VsockListen { port, refused }),
+            _ => {
+                self.errors
+                    .push(format!("{token:?}: want <port>[,refused]"));
+                None
+            }
+        }
+    }
+
+    fn vsock_bench(&mut self, token: &str, value: &str) -> Option<VsockBench> {
+        let mut parts = value.split(',');
+        let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
+        let (port, size, total) = (number(), number(), number());
+        let dir = match parts.next() {
+            Some("tx") => Some(VsockDir::Tx),
+            Some("rx") => Some(VsockDir::Rx),
+            _ => None,
+        };
+        match (port, size, total, dir, parts.next()) {
+            (Some(port), Some(size), Some(total), Some(dir), None)
+                if port <= u64::from(u32::MAX)
+                    && (1..=VSOCK_MAX_WRITE).contains(&size)
+                    && total > 0 =>
+            {
+                Some(VsockBench {
+                    port: port as u32,
+                    write_size: size as u32,
+                    total,
+                    dir,
+                })
+            }
+            _ => {
+                self.errors.push(format!(
+                    "{token:?}: want <port>,<write size 1..={VSOCK_MAX_WRITE}>,<total bytes >= 1>,<tx|rx>"
                 ));
                 None
             }

@@ -356,18 +356,12 @@ fn start_request(
     slot.bytes = req.data_len;
     let offset = req.sector * SECTOR_SIZE;
     match (req.kind, uring) {
-        (RequestKind::In, Some(u)) => {
+        (RequestKind::In | RequestKind::Out, Some(u)) => {
+            let write = req.kind == RequestKind::Out;
             // SAFETY: the iovecs point into guest memory (mapped for the
             // VM's life) and the slot is not reused before completion.
-            submit_or_fail(counters, slot, unsafe {
-                u.readv(disk.fd(), &slot.iovecs, offset, u64::from(tag))
-            })
-        }
-        (RequestKind::Out, Some(u)) => {
-            // SAFETY: as above.
-            submit_or_fail(counters, slot, unsafe {
-                u.writev(disk.fd(), &slot.iovecs, offset, u64::from(tag))
-            })
+            let r = unsafe { u.rw(write, disk.fd(), &slot.iovecs, offset, u64::from(tag)) };
+            submit_or_fail(counters, slot, r)
         }
         (RequestKind::Flush, Some(u)) => {
             submit_or_fail(counters, slot, u.fsync(disk.fd(), u64::from(tag)))

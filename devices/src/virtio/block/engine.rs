@@ -56,41 +56,27 @@ impl Uring {
         Ok(())
     }
 
-    /// Queues a vectored read of `fd` at `offset` into `iovecs`.
+    /// Queues a vectored read (or, with `write`, write) of `fd` at
+    /// `offset` into (from) `iovecs`.
     ///
     /// # Safety
     /// `iovecs` and the memory it describes must stay valid and untouched
     /// until this operation's completion is returned by [`Self::complete`].
-    pub unsafe fn readv(
+    pub unsafe fn rw(
         &mut self,
+        write: bool,
         fd: RawFd,
         iovecs: &[libc::iovec],
         offset: u64,
         tag: u64,
     ) -> std::io::Result<()> {
-        let e = opcode::Readv::new(types::Fd(fd), iovecs.as_ptr(), iovecs.len() as u32)
-            .offset(offset)
-            .build()
-            .user_data(tag);
-        self.push(e)
-    }
-
-    /// Queues a vectored write; same contract as [`Self::readv`].
-    ///
-    /// # Safety
-    /// As for [`Self::readv`].
-    pub unsafe fn writev(
-        &mut self,
-        fd: RawFd,
-        iovecs: &[libc::iovec],
-        offset: u64,
-        tag: u64,
-    ) -> std::io::Result<()> {
-        let e = opcode::Writev::new(types::Fd(fd), iovecs.as_ptr(), iovecs.len() as u32)
-            .offset(offset)
-            .build()
-            .user_data(tag);
-        self.push(e)
+        let (fd, ptr, n) = (types::Fd(fd), iovecs.as_ptr(), iovecs.len() as u32);
+        let e = if write {
+            opcode::Writev::new(fd, ptr, n).offset(offset).build()
+        } else {
+            opcode::Readv::new(fd, ptr, n).offset(offset).build()
+        };
+        self.push(e.user_data(tag))
     }
 
     /// Queues an fdatasync that starts only after every operation queued

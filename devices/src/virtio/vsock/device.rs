@@ -674,13 +674,12 @@ impl VirtioVsock {
             if !c.tx_buf.is_empty() {
                 want |= EventSet::OUT;
             }
-            if a.interest.get(token) != Some(&want) {
-                if ops
+            if a.interest.get(token) != Some(&want)
+                && ops
                     .modify(Events::with_data_raw(c.stream.as_raw_fd(), *token, want))
                     .is_ok()
-                {
-                    a.interest.insert(*token, want);
-                }
+            {
+                a.interest.insert(*token, want);
             }
         }
     }
@@ -921,7 +920,8 @@ mod tests {
             })
             .unwrap();
         em.run_with_timeout(10).unwrap();
-        let r = Rig {
+
+        Rig {
             rx_used: rxq.used_addr(),
             tx_used: txq.used_addr(),
             tx_avail: txq.avail_addr(),
@@ -935,8 +935,7 @@ mod tests {
             tx_posted: 0,
             rx_posted: 0,
             dir,
-        };
-        r
+        }
     }
 
     fn put_desc(mem: &GuestMemoryMmap, table: GuestAddress, i: u16, d: Descriptor) {
@@ -963,7 +962,7 @@ mod tests {
             self.mem
                 .write_slice(payload, GuestAddress(at + HDR_LEN as u64))
                 .unwrap();
-            let head = (self.tx_posted % 32) as u16 * 2;
+            let head = (self.tx_posted % 32) * 2;
             if payload.is_empty() {
                 put_desc(
                     &self.mem,

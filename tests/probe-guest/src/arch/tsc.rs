@@ -30,6 +30,39 @@ pub fn cycles_at_least(us: u64) -> u64 {
     us.saturating_mul(MAX_TSC_KHZ / 1000)
 }
 
+/// TSC cycles for `us` microseconds at the calibrated rate, or at the
+/// highest rate (as [`cycles_at_least`]) when it is unknown: for waits on
+/// something outside the VM (a host process), which should last about as
+/// long as asked.
+pub fn cycles_us(us: u64) -> u64 {
+    match khz() {
+        Some((khz, _)) => us.saturating_mul(khz) / 1000,
+        None => cycles_at_least(us),
+    }
+}
+
+/// A point in time `us` microseconds from now (see [`cycles_us`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    start: u64,
+    cycles: u64,
+}
+
+impl Deadline {
+    /// `us` microseconds from now.
+    pub fn after_us(us: u64) -> Self {
+        Deadline {
+            start: rdtsc(),
+            cycles: cycles_us(us),
+        }
+    }
+
+    /// Whether it has passed.
+    pub fn passed(&self) -> bool {
+        rdtsc().wrapping_sub(self.start) > self.cycles
+    }
+}
+
 /// Where the TSC rate came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
