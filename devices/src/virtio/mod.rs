@@ -119,6 +119,57 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool;
 }
 
+/// Hands activations and resets from the vCPU thread (where the transport
+/// runs) to the device thread (where the queues are served): the context
+/// waits here until the device thread picks it up, and the state of a reset
+/// device stays here (its fds still open) until the device thread has
+/// unregistered them from its event loop.
+pub struct Handoff<A> {
+    evt: EventFd,
+    pending: Option<ActivateContext>,
+    retired: Vec<A>,
+}
+
+impl<A> Handoff<A> {
+    /// An empty hand-off.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Handoff {
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            pending: None,
+            retired: Vec::new(),
+        })
+    }
+
+    /// The eventfd the device thread watches.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Queues an activation for the device thread.
+    pub fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.pending = Some(ctx);
+        self.evt
+            .write(1)
+            .map_err(|e| ActivateError::Backend(e.to_string()))
+    }
+
+    /// Forgets a queued activation and retires `active`, if any.
+    pub fn reset(&mut self, active: Option<A>) {
+        self.pending = None;
+        if let Some(a) = active {
+            self.retired.push(a);
+            let _ = self.evt.write(1);
+        }
+    }
+
+    /// On the device thread, when the eventfd fires: the retired states
+    /// (to unregister, then drop) and the activation to start, if any.
+    pub fn take(&mut self) -> (Vec<A>, Option<ActivateContext>) {
+        let _ = self.evt.read();
+        (std::mem::take(&mut self.retired), self.pending.take())
+    }
+}
+
 /// Copies `src[offset..]` into `data`, or fills `data` with zeros when the
 /// access falls outside `src` (config space reads).
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {

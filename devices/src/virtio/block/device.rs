@@ -29,8 +29,8 @@ use super::counters::{bump, BlockCounters};
 use super::engine::{sync_rw, Completion, EngineKind, Uring};
 use super::request::{self, Request, RequestError, RequestKind, ID_LEN};
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Virtio-blk sector size.
@@ -98,13 +98,8 @@ pub struct VirtioBlock {
     acked_features: u64,
     queue_sizes: [u16; 1],
     counters: Arc<BlockCounters>,
-    activate_evt: EventFd,
-    pending_activation: Option<ActivateContext>,
+    handoff: Handoff<Active>,
     active: Option<Active>,
-    /// Queues of a reset device whose fds the device thread still watches:
-    /// kept open until it unregisters them (a closed fd's number could be
-    /// reused by the next activation while the event loop still maps it).
-    retired: Vec<Active>,
 }
 
 impl VirtioBlock {
@@ -135,10 +130,8 @@ impl VirtioBlock {
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
             counters: Arc::new(BlockCounters::default()),
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            pending_activation: None,
+            handoff: Handoff::new()?,
             active: None,
-            retired: Vec::new(),
         })
     }
 
@@ -556,23 +549,18 @@ impl VirtioDevice for VirtioBlock {
             return Err(ActivateError::InvalidQueue(0));
         }
         // The device thread picks the context up and starts serving.
-        self.pending_activation = Some(ctx);
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(e.to_string()))
+        self.handoff.activate(ctx)
     }
 
     fn reset(&mut self) -> bool {
-        self.pending_activation = None;
-        if let Some(mut a) = self.active.take() {
+        let mut active = self.active.take();
+        if let Some(u) = active.as_mut().and_then(|a| a.uring.as_mut()) {
             // In-flight I/O targets guest buffers: wait for it.
-            if let Some(u) = a.uring.as_mut() {
-                u.drain(|_| {});
-            }
-            self.retired.push(a);
-            // The device thread unregisters the retired fds.
-            let _ = self.activate_evt.write(1);
+            u.drain(|_| {});
         }
+        // The device thread unregisters the retired fds before closing them
+        // (a closed fd's number could be reused by the next activation).
+        self.handoff.reset(active);
         self.acked_features = 0;
         true
     }
@@ -581,7 +569,7 @@ impl VirtioDevice for VirtioBlock {
 impl MutEventSubscriber for VirtioBlock {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
+            self.handoff.eventfd(),
             EV_ACTIVATE,
             EventSet::IN,
         )) {
@@ -592,19 +580,17 @@ impl MutEventSubscriber for VirtioBlock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             EV_ACTIVATE => {
-                let _ = self.activate_evt.read();
+                let (mut retired, pending) = self.handoff.take();
+                retired.extend(self.active.take());
                 // Unregister the fds of reset (or replaced) queues before
                 // closing them.
-                if let Some(old) = self.active.take() {
-                    self.retired.push(old);
-                }
-                for old in self.retired.drain(..) {
+                for old in retired {
                     let _ = ops.remove(Events::with_data(&old.queue_evt, EV_QUEUE, EventSet::IN));
                     if let Some(u) = &old.uring {
                         let _ = ops.remove(Events::with_data(u.eventfd(), EV_URING, EventSet::IN));
                     }
                 }
-                if let Some(ctx) = self.pending_activation.take() {
+                if let Some(ctx) = pending {
                     if let Err(e) = self.start(ctx, ops) {
                         error!("virtio-blk: activation failed: {e}");
                     } else {

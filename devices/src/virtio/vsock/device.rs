@@ -19,7 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::connection::{ConnState, Connection, CONN_TX_BUF};
 use super::packet::*;
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Virtio device ID of vsock.
@@ -153,10 +154,8 @@ pub struct VirtioVsock {
     acked_features: u64,
     queue_sizes: [u16; 3],
     counters: Arc<VsockCounters>,
-    activate_evt: EventFd,
-    pending_activation: Option<ActivateContext>,
+    handoff: Handoff<Active>,
     active: Option<Active>,
-    retired: Vec<Active>,
     listener_registered: bool,
 }
 
@@ -189,10 +188,8 @@ impl VirtioVsock {
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE; 3],
             counters: Arc::new(VsockCounters::default()),
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(err)?,
-            pending_activation: None,
+            handoff: Handoff::new().map_err(err)?,
             active: None,
-            retired: Vec::new(),
             listener_registered: false,
         })
     }
@@ -754,18 +751,11 @@ impl VirtioDevice for VirtioVsock {
                 return Err(ActivateError::InvalidQueue(i));
             }
         }
-        self.pending_activation = Some(ctx);
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(e.to_string()))
+        self.handoff.activate(ctx)
     }
 
     fn reset(&mut self) -> bool {
-        self.pending_activation = None;
-        if let Some(a) = self.active.take() {
-            self.retired.push(a);
-            let _ = self.activate_evt.write(1);
-        }
+        self.handoff.reset(self.active.take());
         self.acked_features = 0;
         true
     }
@@ -774,7 +764,7 @@ impl VirtioDevice for VirtioVsock {
 impl MutEventSubscriber for VirtioVsock {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
+            self.handoff.eventfd(),
             EV_ACTIVATE,
             EventSet::IN,
         )) {
@@ -785,12 +775,10 @@ impl MutEventSubscriber for VirtioVsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             EV_ACTIVATE => {
-                let _ = self.activate_evt.read();
-                if let Some(old) = self.active.take() {
-                    self.retired.push(old);
-                }
+                let (mut retired, pending) = self.handoff.take();
+                retired.extend(self.active.take());
                 // A reset drops every connection (the transport is gone).
-                for mut old in self.retired.drain(..) {
+                for mut old in retired {
                     for (i, e) in old.evts.iter().enumerate() {
                         let _ = ops.remove(Events::with_data(e, EV_RXQ + i as u32, EventSet::IN));
                     }
@@ -807,7 +795,7 @@ impl MutEventSubscriber for VirtioVsock {
                     }
                     bump(&self.counters.conns_closed, old.conns.len() as u64);
                 }
-                if let Some(ctx) = self.pending_activation.take() {
+                if let Some(ctx) = pending {
                     if let Err(e) = self.start(ctx, ops) {
                         error!("vsock: activation failed: {e}");
                     }
