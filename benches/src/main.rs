@@ -17,6 +17,7 @@ mod api;
 mod blk;
 mod blk_guest;
 mod boot;
+mod vsock;
 
 /// The directory of this binary (target/<profile>), where `keel` and the
 /// probe guest are built too.
@@ -60,7 +61,7 @@ pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]\n       keel-bench api [--requests N]"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--firecracker PATH]"
     );
     std::process::exit(2)
 }
@@ -72,6 +73,7 @@ fn main() {
         Some("blk") => blk::main(&args[1..]),
         Some("blk-guest") => blk_guest::main(&args[1..]),
         Some("api") => api::main(&args[1..]),
+        Some("vsock") => vsock::main(&args[1..]),
         _ => usage(),
     }
 }

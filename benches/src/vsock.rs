@@ -1,0 +1,159 @@
+//! vsock throughput: the probe guest streaming to/from a host Unix socket
+//! through Keel's vsock device (guest-measured), against a raw Unix socket
+//! pair on the host (the limit), and Firecracker's vsock when a binary built
+//! by hand is given.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PORT: u32 = 5000;
+const TOTAL: u64 = 32 << 20;
+
+/// Raw Unix socket pair: MiB/s moving TOTAL bytes in `size` writes.
+fn raw(size: usize) -> f64 {
+    let (mut a, mut b) = UnixStream::pair().expect("socketpair");
+    let t = Instant::now();
+    let w = std::thread::spawn(move || {
+        let buf = vec![0x5au8; size];
+        let mut left = TOTAL as usize;
+        while left > 0 {
+            let n = left.min(size);
+            a.write_all(&buf[..n]).expect("write");
+            left -= n;
+        }
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0u64;
+    while got < TOTAL {
+        got += b.read(&mut buf).expect("read") as u64;
+    }
+    w.join().expect("writer");
+    TOTAL as f64 / t.elapsed().as_secs_f64() / (1 << 20) as f64
+}
+
+/// Host side of one guest run: sinks (tx) or sources (rx) the stream.
+fn host_side(listener: UnixListener, dir: &'static str) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else { return };
+        let mut buf = vec![0u8; 64 << 10];
+        if dir == "tx" {
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        } else {
+            let mut left = TOTAL as usize;
+            while left > 0 {
+                let n = left.min(buf.len());
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    })
+}
+
+/// MiB/s from the probe's `probe: bench vsock ... bytes=B ns=T` line.
+fn guest_rate(mut cmd: Command, sock: &Path, dir: &'static str) -> Result<f64, String> {
+    let _ = std::fs::remove_file(format!("{}_{PORT}", sock.display()));
+    let listener = UnixListener::bind(format!("{}_{PORT}", sock.display())).map_err(|e| e.to_string())?;
+    let host = host_side(listener, dir);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let child = cmd.spawn().map_err(|e| e.to_string())?;
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(120));
+        // SAFETY: signalling a child we started; harmless if it is gone.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    drop(killer);
+    let _ = host.join();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("probe: bench vsock"))
+        .ok_or_else(|| format!("no bench line:\n{text}"))?;
+    let field = |k: &str| -> Result<f64, String> {
+        line.split_whitespace()
+            .find_map(|t| t.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {k} in {line:?}"))
+    };
+    Ok(field("bytes=")? / (field("ns=")? / 1e9) / (1 << 20) as f64)
+}
+
+pub fn main(args: &[String]) {
+    let mut fc: Option<PathBuf> = std::env::var_os("FIRECRACKER").map(PathBuf::from);
+    let mut runs = 3usize;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--firecracker", Some(v)) => fc = Some(v.into()),
+            ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| super::usage()),
+            _ => super::usage(),
+        }
+    }
+    let bin = super::bin_dir();
+    let probe = bin.join("probe-guest");
+    let work = PathBuf::from("/var/tmp").join(format!("keel-bench-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let sock = work.join("v.sock");
+    println!("vsock throughput, {} MiB per run, median of {runs} (MiB/s); guest figures measured in the guest", TOTAL >> 20);
+    println!();
+    println!("| direction | write size | raw Unix socket pair | Keel | Keel / raw | Firecracker |");
+    println!("|---|---|---|---|---|---|");
+    for dir in ["tx", "rx"] {
+        for size in [4096usize, 64 << 10] {
+            let cmdline = format!(
+                "console=ttyS0 probe.check=vsock.identify,bench probe.bench.vsock={PORT},{size},{TOTAL},{dir}"
+            );
+            let r = super::median((0..runs).map(|_| raw(size)).collect());
+            let k: Vec<f64> = (0..runs)
+                .filter_map(|_| {
+                    let mut c = Command::new(bin.join("keel"));
+                    c.args(["--kernel", &probe.display().to_string(), "--memory", "size=256M"])
+                        .args(["--cmdline", &cmdline, "--log-level", "error"])
+                        .args(["--vsock", &format!("cid=3,socket={}", sock.display())]);
+                    guest_rate(c, &sock, dir).map_err(|e| eprintln!("Keel: {e}")).ok()
+                })
+                .collect();
+            let f: Vec<f64> = match &fc {
+                Some(fc) if fc.is_file() => (0..runs)
+                    .filter_map(|_| {
+                        let cfg = work.join("fc.json");
+                        let json = format!(
+                            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{cmdline}"}},"drives":[],"machine-config":{{"vcpu_count":1,"mem_size_mib":256}},"vsock":{{"guest_cid":3,"uds_path":"{}"}}}}"#,
+                            probe.display(),
+                            sock.display()
+                        );
+                        std::fs::write(&cfg, json).ok()?;
+                        let _ = std::fs::remove_file(&sock);
+                        let mut c = Command::new(fc);
+                        c.args(["--no-api", "--config-file", &cfg.display().to_string(), "--level", "Error"]);
+                        guest_rate(c, &sock, dir).map_err(|e| eprintln!("Firecracker: {e}")).ok()
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let k = (!k.is_empty()).then(|| super::median(k));
+            let f = (!f.is_empty()).then(|| super::median(f));
+            println!(
+                "| {} | {} KiB | {r:.0} | {} | {} | {} |",
+                if dir == "tx" { "guest -> host" } else { "host -> guest" },
+                size >> 10,
+                k.map_or("failed".into(), |k| format!("{k:.0}")),
+                k.map_or("-".into(), |k| format!("{:.0}%", 100.0 * k / r)),
+                match (&fc, f) {
+                    (_, Some(f)) => format!("{f:.0}"),
+                    (Some(_), None) => "failed".into(),
+                    (None, None) => "not measured (no binary)".into(),
+                }
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
