@@ -25,11 +25,13 @@ mod mem;
 mod mptable;
 mod power;
 mod rawblk;
+mod rawvsock;
 mod report;
 mod scratch;
 mod serial;
 mod start_info;
 mod virtio;
+mod vsockdev;
 
 use alloc::string::String;
 use core::panic::PanicInfo;

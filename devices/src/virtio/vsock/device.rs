@@ -320,18 +320,16 @@ impl VirtioVsock {
             bump(&c.packets_dropped, 1);
             return;
         }
+        // The RST below tells the guest that the connection (guest port
+        // src_port, host port dst_port) is gone: forget it here too.
         if len > MAX_PKT || len > reader.available_bytes() {
             bump(&c.packets_dropped, 1);
-            a.control.push_back(self.rst_for(dst_port, src_port));
-            bump(&c.resets_sent, 1);
+            self.close(a, (dst_port, src_port), op != OP_RST, ops);
             return;
         }
         if dst_cid != HOST_CID || type_ != TYPE_STREAM {
             bump(&c.invalid_packets, 1);
-            if op != OP_RST {
-                a.control.push_back(self.rst_for(dst_port, src_port));
-                bump(&c.resets_sent, 1);
-            }
+            self.close(a, (dst_port, src_port), op != OP_RST, ops);
             return;
         }
         let key = (dst_port, src_port);
@@ -543,7 +541,7 @@ impl VirtioVsock {
                 match conn.stream.read(&mut a.buf[..want]) {
                     Ok(0) => {
                         conn.host_eof = true;
-                        let h = self.header(conn, OP_SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                        let h = self.header(conn, OP_SHUTDOWN, 0, SHUTDOWN_SEND);
                         a.control.push_back(h);
                     }
                     Ok(n) => {

@@ -6,6 +6,7 @@ mod boot;
 mod cpuid;
 mod serial;
 mod smp;
+mod vsock;
 
 use alloc::string::String;
 
@@ -48,6 +49,7 @@ pub fn run_all(ctx: &Context<'_>, report: &mut Report<'_>) {
     if !bench_done {
         blk::bench(ctx, report);
     }
+    vsock::run(ctx, report);
     // Last: it leaves the other processors halted in real mode.
     report.check("smp.ap_startup", || smp::ap_startup(ctx));
 }
