@@ -84,7 +84,11 @@ fn role_policy(c: &ControlConfig) -> Result<RolePolicy, ConfigError> {
 }
 
 /// The device list of `GET /v1/vm`.
-fn device_list(config: &VmConfig, virtio: &[String]) -> Vec<DeviceInfo> {
+fn device_list(
+    config: &VmConfig,
+    virtio: &[String],
+    nets: &[device_manager::NetDeviceInfo],
+) -> Vec<DeviceInfo> {
     let mut v = vec![DeviceInfo {
         kind: "serial",
         path: match &config.serial {
@@ -92,6 +96,7 @@ fn device_list(config: &VmConfig, virtio: &[String]) -> Vec<DeviceInfo> {
             _ => None,
         },
         readonly: None,
+        mac: None,
         location: "COM1 0x3f8 irq 4".into(),
     }];
     for (d, loc) in config.disks.iter().zip(virtio) {
@@ -99,7 +104,17 @@ fn device_list(config: &VmConfig, virtio: &[String]) -> Vec<DeviceInfo> {
             kind: "virtio-blk",
             path: Some(d.path.display().to_string()),
             readonly: Some(d.readonly),
+            mac: None,
             location: loc.clone(),
+        });
+    }
+    for n in nets {
+        v.push(DeviceInfo {
+            kind: "virtio-net",
+            path: Some(n.tap.clone()),
+            readonly: None,
+            mac: Some(n.mac.clone()),
+            location: n.location.clone(),
         });
     }
     v
@@ -131,6 +146,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         &mut mmio,
         &config.disks,
         config.vsock.as_ref(),
+        &config.nets,
     )?;
     let mut cmdline = config
         .payload
@@ -203,6 +219,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
 
     let disk_counters = virtio.disk_counters;
     let vsock_counters = virtio.vsock_counters;
+    let nets = virtio.nets;
+    let net_teardown = virtio.net_teardown;
     device_manager::start_device_thread(virtio.event_manager).map_err(BuildError::EventFd)?;
     vcpu::install_kick_handler()?;
     let (tx, rx) = mpsc::channel();
@@ -231,6 +249,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     );
     vmm.set_disk_counters(disk_counters);
     vmm.set_vsock_counters(vsock_counters);
+    vmm.set_nets(nets.clone(), net_teardown);
     vmm.set_control_inbox(inbox);
     for v in &created {
         vmm.add_vcpu_counters(v.counters());
@@ -260,7 +279,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
                     EntryMode::Linux64 => "linux-64",
                 },
             },
-            devices: device_list(config, &virtio_locations),
+            devices: device_list(config, &virtio_locations, &nets),
         };
         let ctx = ApiContext::new(
             control_handle,

@@ -16,6 +16,10 @@ use devices::virtio::block::{
     BlockConfig, BlockCounters, DiskBackend, DiskError, EngineKind, VirtioBlock,
 };
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::virtio::net::{
+    format_mac, parse_mac, random_mac, HostTap, NetConfig as DevNetConfig, NetCounters, TapError,
+    TapSetup, TapTeardown, VirtioNet,
+};
 use devices::virtio::vsock::{
     VirtioVsock, VsockConfig as DevVsockConfig, VsockCounters, VsockError,
 };
@@ -24,7 +28,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::layout::MMIO_DEVICES_START;
-use crate::config::{DiskConfig, DiskEngine, SerialConfig};
+use crate::config::{DiskConfig, DiskEngine, NetConfig, SerialConfig};
 use crate::vstate::vm::{Vm, VmError};
 
 /// ISA interrupt line of the i8042 keyboard.
@@ -56,6 +60,22 @@ pub enum DeviceError {
     /// The vsock device cannot be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A NIC's tap cannot be set up.
+    #[error("net {index}: {source}")]
+    Net {
+        /// The NIC's position in the configuration.
+        index: usize,
+        /// Why.
+        source: TapError,
+    },
+    /// A NIC's device cannot be created.
+    #[error("net {index}: {why}")]
+    NetDevice {
+        /// The NIC's position in the configuration.
+        index: usize,
+        /// Why.
+        why: String,
+    },
     /// No interrupt line left for another virtio device.
     #[error("no free interrupt line for virtio device {0}")]
     NoIrq(usize),
@@ -82,6 +102,26 @@ pub struct VirtioDevices {
     pub disk_counters: Vec<Arc<BlockCounters>>,
     /// vsock counters.
     pub vsock_counters: Option<Arc<VsockCounters>>,
+    /// The NICs, in configuration order.
+    pub nets: Vec<NetDeviceInfo>,
+    /// Undo the NICs' host set-up (tap, bridge) when dropped: keep them
+    /// until the VM has ended.
+    pub net_teardown: Vec<TapTeardown>,
+}
+
+/// What the VMM keeps of one NIC.
+#[derive(Clone, Debug)]
+pub struct NetDeviceInfo {
+    /// Tap interface.
+    pub tap: String,
+    /// Bridge, if any.
+    pub bridge: Option<String>,
+    /// The guest's MAC address.
+    pub mac: String,
+    /// `virtio_mmio.device=` entry (where the guest sees it).
+    pub location: String,
+    /// Its counters.
+    pub counters: Arc<NetCounters>,
 }
 
 /// Creates every configured virtio device, puts its transport on `mmio`,
@@ -92,15 +132,16 @@ pub fn setup_virtio_devices(
     mmio: &mut Bus,
     disks: &[DiskConfig],
     vsock: Option<&crate::config::VsockConfig>,
+    nets: &[NetConfig],
 ) -> Result<VirtioDevices, DeviceError> {
-    let mut event_manager =
-        DeviceEventManager::new().map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?;
     let mut out = VirtioDevices {
         event_manager: DeviceEventManager::new()
             .map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?,
         cmdline: Vec::new(),
         disk_counters: Vec::new(),
         vsock_counters: None,
+        nets: Vec::new(),
+        net_teardown: Vec::new(),
     };
     for (index, d) in disks.iter().enumerate() {
         let backend = DiskBackend::open(&d.path, d.readonly, d.direct)?;
@@ -117,7 +158,7 @@ pub fn setup_virtio_devices(
         .map_err(DeviceError::EventFd)?;
         out.disk_counters.push(block.counters());
         let block = Arc::new(Mutex::new(block));
-        event_manager.add_subscriber(block.clone());
+        out.event_manager.add_subscriber(block.clone());
         let slot = out.cmdline.len();
         out.cmdline.push(attach_mmio(vm, mem, mmio, block, slot)?);
         log::info!(
@@ -133,7 +174,7 @@ pub fn setup_virtio_devices(
         })?;
         out.vsock_counters = Some(dev.counters());
         let dev = Arc::new(Mutex::new(dev));
-        event_manager.add_subscriber(dev.clone());
+        out.event_manager.add_subscriber(dev.clone());
         let slot = out.cmdline.len();
         out.cmdline.push(attach_mmio(vm, mem, mmio, dev, slot)?);
         log::info!(
@@ -147,8 +188,95 @@ pub fn setup_virtio_devices(
             }
         );
     }
-    out.event_manager = event_manager;
+    // NICs come after the other devices: their slots do not move the
+    // others'.
+    for (index, n) in nets.iter().enumerate() {
+        let host = HostTap::open(&TapSetup {
+            name: n.tap.clone(),
+            bridge: n.bridge.clone(),
+            mtu: n.mtu.map(u32::from),
+            queues: usize::from(n.queues.max(1)),
+        })
+        .map_err(|source| DeviceError::Net { index, source })?;
+        let HostTap {
+            queues,
+            teardown,
+            mtu,
+        } = host;
+        // From here on, an error undoes this tap's set-up too.
+        out.net_teardown.push(teardown);
+        let mac = match &n.mac {
+            Some(m) => parse_mac(m).map_err(|why| DeviceError::NetDevice { index, why })?,
+            None => random_mac(),
+        };
+        let dev = VirtioNet::new(
+            queues,
+            DevNetConfig {
+                mac,
+                mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
+            },
+        )
+        .map_err(|e| DeviceError::NetDevice {
+            index,
+            why: e.to_string(),
+        })?;
+        let counters = dev.counters();
+        let dev = Arc::new(Mutex::new(dev));
+        out.event_manager.add_subscriber(dev.clone());
+        let slot = out.cmdline.len();
+        let location = attach_mmio(vm, mem, mmio, dev, slot)?;
+        out.cmdline.push(location.clone());
+        log::info!(
+            "net {index}: tap {}{} mac {} mtu {mtu}, {} queue pair{}, on virtio-mmio slot {slot}",
+            n.tap,
+            n.bridge
+                .as_deref()
+                .map(|b| format!(" (bridge {b})"))
+                .unwrap_or_default(),
+            format_mac(&mac),
+            n.queues,
+            if n.queues == 1 { "" } else { "s" },
+        );
+        out.nets.push(NetDeviceInfo {
+            tap: n.tap.clone(),
+            bridge: n.bridge.clone(),
+            mac: format_mac(&mac),
+            location,
+            counters,
+        });
+    }
     Ok(out)
+}
+
+/// Second byte of a HostOS-style deterministic MAC: which OS the address
+/// belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MacNodeType {
+    /// The host itself.
+    HostOs = 0x00,
+    /// The guest (HostOS gives its GuestOS `6a:01:...`).
+    GuestOs = 0x01,
+    /// A guest started for an upgrade.
+    UpgradeGuestOs = 0x02,
+    /// The installer.
+    SetupOs = 0x0f,
+}
+
+/// A HostOS-style deterministic MAC address, so that a node's guest keeps
+/// its address (and so its SLAAC IPv6 address) across reboots and
+/// reinstalls: `6a:<node type>:` followed by the first four bytes of
+/// SHA-256 of the host's management MAC (lower-case, colon-separated)
+/// and the deployment name, newline-terminated (the seed HostOS's shell
+/// scripts hashed). Always locally administered and unicast (0x6a).
+///
+/// Check the result against the HostOS release in use before relying on
+/// it to match addresses HostOS generated.
+pub fn deterministic_mac(mgmt_mac: &[u8; 6], deployment: &str, node: MacNodeType) -> [u8; 6] {
+    use sha2::{Digest, Sha256};
+    let seed = format!("{}{deployment}\n", format_mac(mgmt_mac));
+    let h = Sha256::digest(seed.as_bytes());
+    [0x6a, node as u8, h[0], h[1], h[2], h[3]]
 }
 
 /// Places `device` in virtio-mmio slot `slot`; returns its command-line entry.
@@ -270,4 +398,33 @@ pub fn setup_legacy_devices(
         reset_evt,
         power_off_evt,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_macs() {
+        let mgmt = [0x00, 0x1a, 0x2b, 0x3c, 0x4d, 0x5e];
+        // sha256("00:1a:2b:3c:4d:5emainnet\n") = 0dbb99bf2ac6...
+        assert_eq!(
+            deterministic_mac(&mgmt, "mainnet", MacNodeType::GuestOs),
+            [0x6a, 0x01, 0x0d, 0xbb, 0x99, 0xbf]
+        );
+        let host = deterministic_mac(&mgmt, "mainnet", MacNodeType::HostOs);
+        assert_eq!(&host[..2], &[0x6a, 0x00]);
+        assert_eq!(
+            &host[2..],
+            &[0x0d, 0xbb, 0x99, 0xbf],
+            "same hash, other node type"
+        );
+        assert_ne!(
+            deterministic_mac(&mgmt, "testnet", MacNodeType::GuestOs),
+            deterministic_mac(&mgmt, "mainnet", MacNodeType::GuestOs)
+        );
+        let m = deterministic_mac(&mgmt, "x", MacNodeType::SetupOs);
+        assert_eq!(m[0] & 0x03, 0x02, "locally administered unicast");
+        assert!(parse_mac(&format_mac(&m)).is_ok());
+    }
 }

@@ -18,11 +18,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{ControlInbox, ControlRequest, VmState, VmStatus};
-use crate::device_manager::LegacyDevices;
+use crate::device_manager::{LegacyDevices, NetDeviceInfo};
 use crate::exit::VmOutcome;
 use crate::systemd;
 use crate::vstate::vcpu::{self, ExitCounters, VcpuControl, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::Vm;
+use devices::virtio::net::TapTeardown;
 
 /// Signals that stop the VM; blocked in every thread and read from a
 /// signalfd by the control loop.
@@ -53,6 +54,8 @@ pub struct VmView {
     pub disk_counters: Vec<Arc<BlockCounters>>,
     /// vsock counters.
     pub vsock_counters: Option<Arc<VsockCounters>>,
+    /// NICs (with their counters), in configuration order.
+    pub nets: Vec<NetDeviceInfo>,
 }
 
 /// A running VM.
@@ -67,6 +70,9 @@ pub struct Vmm {
     inbox: Option<ControlInbox>,
     shutdown_timeout: Duration,
     legacy: LegacyDevices,
+    /// Undoes the NICs' host set-up (taps, bridge membership) once the
+    /// vCPUs are gone.
+    net_teardown: Vec<TapTeardown>,
     _vm: Vm,
     _memory: GuestMemoryMmap,
 }
@@ -103,6 +109,7 @@ impl Vmm {
                 vcpu_counters: Vec::new(),
                 disk_counters: Vec::new(),
                 vsock_counters: None,
+                nets: Vec::new(),
             },
             control,
             events,
@@ -110,6 +117,7 @@ impl Vmm {
             inbox: None,
             shutdown_timeout,
             legacy,
+            net_teardown: Vec::new(),
             _vm: vm,
             _memory: memory,
         }
@@ -123,6 +131,13 @@ impl Vmm {
     /// Keeps the vsock device's counters.
     pub fn set_vsock_counters(&mut self, c: Option<Arc<VsockCounters>>) {
         self.view.vsock_counters = c;
+    }
+
+    /// Keeps the NICs (for the API) and what undoes their host set-up
+    /// (run when the VMM is dropped).
+    pub fn set_nets(&mut self, nets: Vec<NetDeviceInfo>, teardown: Vec<TapTeardown>) {
+        self.view.nets = nets;
+        self.net_teardown = teardown;
     }
 
     /// Adds a started vCPU thread.
@@ -166,7 +181,18 @@ impl Vmm {
                 s.write_zeroes_ops, s.invalid_requests, s.unsupported_requests, s.io_errors
             );
         }
+        for (i, n) in self.view.nets.iter().enumerate() {
+            let c: Vec<String> = n
+                .counters
+                .pairs()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            info!("net {i} ({}): {}", n.tap, c.join(" "));
+        }
         systemd::stopping(&outcome.describe());
+        // Taps Keel created go away, bridge membership it added is undone.
+        self.net_teardown.clear();
         outcome
     }
 

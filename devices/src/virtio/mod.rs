@@ -8,11 +8,12 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -65,6 +66,15 @@ impl Interrupt {
     pub fn signal_used_queue(&self) {
         self.status
             .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::error!("virtio: cannot raise interrupt: {e}");
+        }
+    }
+
+    /// Signals "configuration changed" (e.g. a NIC's link status).
+    pub fn signal_config_change(&self) {
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_CONFIG, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
             log::error!("virtio: cannot raise interrupt: {e}");
         }

@@ -109,6 +109,9 @@ pub struct DeviceInfo {
     /// Read-only disk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readonly: Option<bool>,
+    /// A NIC's MAC address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     /// Where the guest sees it.
     pub location: String,
 }
@@ -413,7 +416,22 @@ pub fn counters_json(view: &VmView) -> Value {
                 .collect(),
         )
     });
-    json!({ "vcpus": vcpus, "disks": disks, "net": [], "vsock": vsock })
+    let net: Vec<Value> = view
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut m = serde_json::Map::new();
+            m.insert("index".into(), json!(i));
+            m.insert("tap".into(), json!(n.tap));
+            m.insert("mac".into(), json!(n.mac));
+            for (k, v) in n.counters.pairs() {
+                m.insert(k.into(), json!(v));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    json!({ "vcpus": vcpus, "disks": disks, "net": net, "vsock": vsock })
 }
 
 /// Streams the serial console; an admin who asks (`?mode=rw`) and finds no

@@ -39,6 +39,9 @@ struct Args {
     /// A virtio-blk disk (repeatable): path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync].
     #[arg(long = "disk", value_name = "OPTIONS")]
     disks: Vec<String>,
+    /// A virtio-net NIC on a tap (repeatable): tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N].
+    #[arg(long = "net", value_name = "OPTIONS")]
+    nets: Vec<String>,
     /// virtio-vsock: cid=N,socket=PATH[,allow_host_connect=on].
     #[arg(long, value_name = "OPTIONS")]
     vsock: Option<String>,
@@ -80,6 +83,7 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         api_socket: args.api_socket.clone(),
         shutdown_timeout_s: args.shutdown_timeout,
         vsock: args.vsock.clone(),
+        nets: args.nets.clone(),
     })?;
     Ok(config)
 }

@@ -235,6 +235,34 @@ pub struct VsockConfig {
     pub allow_host_connect: bool,
 }
 
+/// A virtio-net NIC on a tap device (HostOS: `vnet1` on bridge `br6`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Tap interface: opened if it exists (left in place at exit), else
+    /// created (deleted at exit).
+    pub tap: String,
+    /// Bridge to attach the tap to (must exist); detached at exit if Keel
+    /// attached it.
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// The guest's MAC address; a random locally administered one when
+    /// absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// MTU set on the tap and announced to the guest (VIRTIO_NET_F_MTU);
+    /// the tap's current MTU when absent.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Queue pairs (a multi-queue tap when above 1).
+    #[serde(default = "default_net_queues")]
+    pub queues: u16,
+}
+
+fn default_net_queues() -> u16 {
+    1
+}
+
 /// The control socket and life-cycle policy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -290,6 +318,9 @@ pub struct VmConfig {
     /// Disks, in the order the guest sees them.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// NICs, in the order the guest sees them.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
     /// Control socket and shutdown policy.
     #[serde(default)]
     pub control: ControlConfig,
@@ -322,10 +353,21 @@ pub struct FlagOverrides {
     pub shutdown_timeout_s: Option<u64>,
     /// `--vsock cid=N,socket=PATH[,allow_host_connect=on]`
     pub vsock: Option<String>,
+    /// `--net tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N]`,
+    /// repeated; when any is given they replace the file's NICs.
+    pub nets: Vec<String>,
 }
 
 /// Most disks a VM can have (virtio-mmio slots with a free interrupt line).
 pub const MAX_DISKS: usize = 16;
+/// Most NICs a VM can have.
+pub const MAX_NETS: usize = 8;
+/// Most virtio-mmio devices (interrupt lines 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Smallest MTU a NIC accepts (IPv4's minimum).
+pub const MIN_MTU: u16 = 68;
+/// Largest MTU of a tap (64 KiB less the Ethernet header).
+pub const MAX_MTU: u16 = 65521;
 /// Smallest guest memory Keel accepts.
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// Longest kernel command line accepted.
@@ -385,6 +427,13 @@ impl VmConfig {
                 .map(|d| parse_disk_flag(d))
                 .collect::<Result<_, _>>()?;
         }
+        if !flags.nets.is_empty() {
+            self.nets = flags
+                .nets
+                .iter()
+                .map(|n| parse_net_flag(n))
+                .collect::<Result<_, _>>()?;
+        }
         Ok(())
     }
 
@@ -418,6 +467,7 @@ impl VmConfig {
         self.validate_memory()?;
         self.validate_cpus()?;
         self.validate_disks()?;
+        self.validate_nets()?;
         self.validate_control()?;
         if let Some(v) = &self.vsock {
             if v.cid < 3 || v.cid > u64::from(u32::MAX) {
@@ -525,6 +575,78 @@ impl VmConfig {
                 &c.shutdown_timeout_s.to_string(),
                 "between 1 and 3600 seconds".into(),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_nets(&self) -> Result<(), ConfigError> {
+        use devices::virtio::net::{parse_mac, tap::valid_ifname, MAX_QUEUE_PAIRS};
+        if self.nets.len() > MAX_NETS {
+            return Err(ConfigError::invalid(
+                "net",
+                &self.nets.len().to_string(),
+                format!("at most {MAX_NETS} NICs"),
+            ));
+        }
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some());
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::invalid(
+                "net",
+                &devices.to_string(),
+                format!(
+                    "at most {MAX_VIRTIO_DEVICES} virtio devices (disks, NICs and vsock together)"
+                ),
+            ));
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            valid_ifname(&n.tap)
+                .map_err(|why| ConfigError::invalid(&format!("nets[{i}].tap"), &n.tap, why))?;
+            if self.nets[..i].iter().any(|o| o.tap == n.tap) {
+                return Err(ConfigError::invalid(
+                    &format!("nets[{i}].tap"),
+                    &n.tap,
+                    "given twice".into(),
+                ));
+            }
+            if let Some(br) = &n.bridge {
+                valid_ifname(br)
+                    .map_err(|why| ConfigError::invalid(&format!("nets[{i}].bridge"), br, why))?;
+                if *br == n.tap {
+                    return Err(ConfigError::invalid(
+                        &format!("nets[{i}].bridge"),
+                        br,
+                        "the tap cannot be its own bridge".into(),
+                    ));
+                }
+            }
+            if let Some(mac) = &n.mac {
+                let field = format!("nets[{i}].mac");
+                let parsed =
+                    parse_mac(mac).map_err(|why| ConfigError::invalid(&field, mac, why))?;
+                let dup = self.nets[..i]
+                    .iter()
+                    .filter_map(|o| o.mac.as_deref())
+                    .any(|m| parse_mac(m).is_ok_and(|m| m == parsed));
+                if dup {
+                    return Err(ConfigError::invalid(&field, mac, "given twice".into()));
+                }
+            }
+            if let Some(mtu) = n.mtu {
+                if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+                    return Err(ConfigError::invalid(
+                        &format!("nets[{i}].mtu"),
+                        &mtu.to_string(),
+                        format!("between {MIN_MTU} and {MAX_MTU}"),
+                    ));
+                }
+            }
+            if n.queues == 0 || usize::from(n.queues) > MAX_QUEUE_PAIRS {
+                return Err(ConfigError::invalid(
+                    &format!("nets[{i}].queues"),
+                    &n.queues.to_string(),
+                    format!("between 1 and {MAX_QUEUE_PAIRS} queue pairs"),
+                ));
+            }
         }
         Ok(())
     }
@@ -746,6 +868,27 @@ pub fn parse_vsock_flag(input: &str) -> Result<VsockConfig, ConfigError> {
     })
 }
 
+/// Parses `--net tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N]`.
+pub fn parse_net_flag(input: &str) -> Result<NetConfig, ConfigError> {
+    let o = OptionList::parse(
+        "net",
+        input,
+        &["tap", "bridge", "mac", "mtu", "queues"],
+        None,
+    )?;
+    Ok(NetConfig {
+        tap: o
+            .get("tap")
+            .filter(|t| !t.is_empty())
+            .ok_or(ConfigError::Missing("net.tap"))?
+            .to_string(),
+        bridge: o.get("bridge").map(str::to_string),
+        mac: o.get("mac").map(str::to_string),
+        mtu: o.number("mtu")?,
+        queues: o.number("queues")?.unwrap_or_else(default_net_queues),
+    })
+}
+
 /// Parses `--serial stdout|off|file=PATH`.
 pub fn parse_serial_flag(input: &str) -> Result<SerialConfig, ConfigError> {
     match input {
@@ -909,6 +1052,50 @@ mod tests {
     }
 
     #[test]
+    fn net_flag_and_file() {
+        let n = parse_net_flag("tap=vnet1,bridge=br6,mac=6a:01:aa:bb:cc:dd,mtu=1500").unwrap();
+        assert_eq!(
+            n,
+            NetConfig {
+                tap: "vnet1".into(),
+                bridge: Some("br6".into()),
+                mac: Some("6a:01:aa:bb:cc:dd".into()),
+                mtu: Some(1500),
+                queues: 1,
+            }
+        );
+        assert_eq!(parse_net_flag("tap=t0,queues=4").unwrap().queues, 4);
+        assert!(parse_net_flag("bridge=br6")
+            .unwrap_err()
+            .to_string()
+            .contains("net.tap"));
+        assert!(parse_net_flag("tap=t0,mtu=big")
+            .unwrap_err()
+            .to_string()
+            .contains("net.mtu"));
+        assert!(parse_net_flag("tap=t0,model=e1000").is_err());
+        let cfg = VmConfig::from_toml(
+            "[[nets]]\ntap = \"vnet1\"\nbridge = \"br6\"\n[[nets]]\ntap = \"vnet2\"\nqueues = 2\nmtu = 9000\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.nets.len(), 2);
+        assert_eq!(cfg.nets[0].queues, 1);
+        assert_eq!((cfg.nets[1].queues, cfg.nets[1].mtu), (2, Some(9000)));
+        // The printed config reads back the same.
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), cfg);
+        // Flags replace the file's NICs.
+        let mut cfg = cfg;
+        cfg.apply_flags(&FlagOverrides {
+            nets: vec!["tap=vnet9".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.nets.len(), 1);
+        assert_eq!(cfg.nets[0].tap, "vnet9");
+    }
+
+    #[test]
     fn serial_flag() {
         assert_eq!(parse_serial_flag("stdout").unwrap(), SerialConfig::Stdout);
         assert_eq!(
@@ -988,5 +1175,85 @@ mod tests {
             },
             "serial.path",
         );
+        let nic = |tap: &str| NetConfig {
+            tap: tap.into(),
+            bridge: None,
+            mac: None,
+            mtu: None,
+            queues: 1,
+        };
+        check(
+            &|c| c.nets = vec![nic("a-very-long-tap-name")],
+            "nets[0].tap",
+        );
+        check(&|c| c.nets = vec![nic("vnet/1")], "nets[0].tap");
+        check(
+            &|c| c.nets = vec![nic("vnet1"), nic("vnet1")],
+            "nets[1].tap",
+        );
+        check(
+            &|c| {
+                c.nets = vec![NetConfig {
+                    bridge: Some("br 6".into()),
+                    ..nic("vnet1")
+                }]
+            },
+            "nets[0].bridge",
+        );
+        check(
+            &|c| {
+                c.nets = vec![NetConfig {
+                    mac: Some("01:00:5e:00:00:01".into()),
+                    ..nic("vnet1")
+                }]
+            },
+            "nets[0].mac",
+        );
+        check(
+            &|c| {
+                c.nets = vec![
+                    NetConfig {
+                        mac: Some("6a:01:00:00:00:01".into()),
+                        ..nic("vnet1")
+                    },
+                    NetConfig {
+                        mac: Some("6A:01:00:00:00:01".into()),
+                        ..nic("vnet2")
+                    },
+                ]
+            },
+            "nets[1].mac",
+        );
+        check(
+            &|c| {
+                c.nets = vec![NetConfig {
+                    mtu: Some(20),
+                    ..nic("vnet1")
+                }]
+            },
+            "nets[0].mtu",
+        );
+        check(
+            &|c| {
+                c.nets = vec![NetConfig {
+                    queues: 0,
+                    ..nic("vnet1")
+                }]
+            },
+            "nets[0].queues",
+        );
+        check(
+            &|c| c.nets = (0..9).map(|i| nic(&format!("vnet{i}"))).collect(),
+            "net",
+        );
+        let mut ok = valid();
+        ok.nets = vec![NetConfig {
+            bridge: Some("br6".into()),
+            mac: Some("6a:01:00:00:00:01".into()),
+            mtu: Some(1500),
+            queues: 2,
+            ..nic("vnet1")
+        }];
+        assert!(ok.validate().is_ok());
     }
 }

@@ -1,0 +1,1069 @@
+//! The virtio-net device: configuration space, feature set, and the queue
+//! handlers running on the device thread (an event-manager subscriber).
+//!
+//! TX: every available chain becomes one `writev` to the tap, header
+//! included (the tap takes the 12-byte `virtio_net_hdr_v1`).
+//!
+//! RX: a frame is read from the tap (header included) into the queue
+//! pair's bounce buffer, then copied into as many guest buffers as it needs
+//! (several with MRG_RXBUF, `num_buffers` set accordingly). When the guest
+//! has no buffer for it, the frame stays in the bounce buffer, the tap is
+//! no longer polled (its EPOLLIN interest is removed) and the stall is
+//! counted; the guest's next rx-queue notification resumes delivery.
+//! Nothing read from the tap is dropped except frames that can never fit.
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{error, info, warn};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::counters::{bump, NetCounters};
+use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
+use crate::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// Largest frame, virtio-net header included: a 64 KiB GSO frame plus
+/// Ethernet and VLAN headers (the limit QEMU and Firecracker use too).
+pub const MAX_FRAME: usize = 65562;
+/// Size of the rx and tx queues.
+const QUEUE_SIZE: u16 = 256;
+/// Size of the control queue.
+const CTRL_QUEUE_SIZE: u16 = 64;
+/// Most queue pairs.
+pub const MAX_QUEUE_PAIRS: usize = 16;
+/// Frames read from one tap queue per wake-up, so that one busy interface
+/// cannot starve the other devices on the thread (epoll is level-triggered:
+/// the rest are read on the next round).
+const RX_BATCH: usize = 64;
+/// Most segments one `writev` takes (UIO_MAXIOV); a frame in more
+/// descriptors than that is refused as malformed.
+const MAX_IOV: usize = 1024;
+/// Size of `struct virtio_net_config` up to `mtu`.
+const CONFIG_LEN: usize = 12;
+/// Receive checksum info: DATA_VALID in the header's flags.
+const HDR_F_DATA_VALID: u8 = 2;
+
+const EV_ACTIVATE: u32 = 0;
+/// Queue `i`'s notification: `EV_QUEUE + i`.
+const EV_QUEUE: u32 = 1;
+/// Tap queue `i`'s readability: `EV_TAP + i`.
+const EV_TAP: u32 = 1000;
+
+/// How the device presents itself.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// MTU announced with VIRTIO_NET_F_MTU.
+    pub mtu: u16,
+}
+
+/// A locally administered, unicast MAC address from the kernel's random
+/// source.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most mac.len() bytes into mac.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != mac.len() as isize {
+        // Practically unreachable; a time-and-pid mix still differs per VM.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ (u64::from(std::process::id()) << 24);
+        mac.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return Err("expected six hex bytes such as 6a:01:02:03:04:05".into());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err("expected six hex bytes such as 6a:01:02:03:04:05".into());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{p:?} is not a hex byte"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err("a multicast address cannot be a NIC's address".into());
+    }
+    if mac == [0; 6] {
+        return Err("the all-zero address is not a valid NIC address".into());
+    }
+    Ok(mac)
+}
+
+/// A guest receive buffer (one chain), checked and ready to fill.
+struct RxChain {
+    head: u16,
+    segs: Vec<(GuestAddress, usize)>,
+    cap: usize,
+}
+
+/// Frames from the tap on their way to the guest.
+struct RxState {
+    buf: Vec<u8>,
+    /// Length of the frame waiting in `buf` (0: none).
+    pending: usize,
+    /// Buffers taken from the avail ring, not yet used.
+    chains: VecDeque<RxChain>,
+    /// Segment vectors to reuse.
+    spare: Vec<Vec<(GuestAddress, usize)>>,
+}
+
+/// Host addresses of a chain being transmitted.
+struct IoVecs(Vec<libc::iovec>);
+// SAFETY: the pointers point into guest memory, mapped for the VM's life;
+// only the device thread uses them, and only within one transmit.
+unsafe impl Send for IoVecs {}
+
+struct Pair {
+    rxq: Queue,
+    txq: Queue,
+    rx_evt: EventFd,
+    tx_evt: EventFd,
+    rx: RxState,
+    /// The tap queue's fd is in the event loop.
+    tap_watched: bool,
+    /// Delivery waits for guest buffers (the tap is not polled meanwhile).
+    stalled: bool,
+}
+
+struct Ctrl {
+    queue: Queue,
+    evt: EventFd,
+    index: u32,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    pairs: Vec<Pair>,
+    ctrl: Option<Ctrl>,
+    interrupt: Arc<Interrupt>,
+    mrg_rxbuf: bool,
+    guest_csum: bool,
+    /// Pairs the driver enabled (VQ_PAIRS_SET; 1 until then).
+    active_pairs: usize,
+    iov: IoVecs,
+}
+
+/// What became of a frame's delivery attempt.
+enum Delivery {
+    Delivered,
+    Dropped,
+    NoBuffers,
+}
+
+/// A virtio-net device backed by a tap.
+pub struct VirtioNet {
+    taps: Vec<Tap>,
+    /// Which tap queues are attached (multi-queue taps only).
+    attached: Vec<bool>,
+    config: NetConfig,
+    config_space: [u8; CONFIG_LEN],
+    avail_features: u64,
+    acked_features: u64,
+    queue_sizes: Vec<u16>,
+    counters: Arc<NetCounters>,
+    handoff: Handoff<Active>,
+    active: Option<Active>,
+    /// The tap failed for good (deleted under us): link reported down.
+    tap_dead: bool,
+}
+
+impl VirtioNet {
+    /// A device on `taps` (one fd per queue pair, see
+    /// [`Tap::open`](super::tap::Tap::open)).
+    pub fn new(taps: Vec<Tap>, config: NetConfig) -> std::io::Result<Self> {
+        let pairs = taps.len();
+        if pairs == 0 || pairs > MAX_QUEUE_PAIRS {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("1 to {MAX_QUEUE_PAIRS} tap queues needed, got {pairs}"),
+            ));
+        }
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_MTU)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1 << VIRTIO_NET_F_GUEST_ECN)
+            | (1 << VIRTIO_NET_F_GUEST_UFO)
+            | (1 << VIRTIO_NET_F_HOST_TSO4)
+            | (1 << VIRTIO_NET_F_HOST_TSO6)
+            | (1 << VIRTIO_NET_F_HOST_ECN)
+            | (1 << VIRTIO_NET_F_HOST_UFO);
+        let mut queue_sizes = vec![QUEUE_SIZE; 2 * pairs];
+        if pairs > 1 {
+            avail_features |= (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_MQ);
+            queue_sizes.push(CTRL_QUEUE_SIZE);
+        }
+        let mut dev = VirtioNet {
+            attached: vec![true; pairs],
+            taps,
+            config,
+            config_space: [0; CONFIG_LEN],
+            avail_features,
+            acked_features: 0,
+            queue_sizes,
+            counters: Arc::new(NetCounters::default()),
+            handoff: Handoff::new()?,
+            active: None,
+            tap_dead: false,
+        };
+        dev.update_config_space();
+        Ok(dev)
+    }
+
+    /// This interface's counters.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.config.mac
+    }
+
+    fn pairs(&self) -> usize {
+        self.taps.len()
+    }
+
+    fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1u64 << bit) != 0
+    }
+
+    fn update_config_space(&mut self) {
+        let c = &mut self.config_space;
+        c[0..6].copy_from_slice(&self.config.mac);
+        let status = if self.tap_dead {
+            0
+        } else {
+            VIRTIO_NET_S_LINK_UP as u16
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.taps.len() as u16).to_le_bytes());
+        c[10..12].copy_from_slice(&self.config.mtu.to_le_bytes());
+    }
+
+    /// Queue indices in use for the acked features: (rx/tx pairs, ctrl).
+    fn layout(&self) -> (usize, Option<usize>) {
+        let mq = self.acked(VIRTIO_NET_F_MQ);
+        let pairs = if mq { self.pairs() } else { 1 };
+        let ctrl = self.acked(VIRTIO_NET_F_CTRL_VQ).then_some(2 * pairs);
+        (pairs, ctrl)
+    }
+
+    /// TUN_F_* flags matching what the driver accepts (only combinations
+    /// the tap takes: segmentation offloads need checksum offload).
+    fn tap_offload(&self) -> u32 {
+        if !self.acked(VIRTIO_NET_F_GUEST_CSUM) {
+            return 0;
+        }
+        let mut f = TUN_F_CSUM;
+        if self.acked(VIRTIO_NET_F_GUEST_TSO4) {
+            f |= TUN_F_TSO4;
+        }
+        if self.acked(VIRTIO_NET_F_GUEST_TSO6) {
+            f |= TUN_F_TSO6;
+        }
+        if self.acked(VIRTIO_NET_F_GUEST_ECN) && f & (TUN_F_TSO4 | TUN_F_TSO6) != 0 {
+            f |= TUN_F_TSO_ECN;
+        }
+        if self.acked(VIRTIO_NET_F_GUEST_UFO) {
+            f |= TUN_F_UFO;
+        }
+        f
+    }
+
+    fn start(&mut self, ctx: ActivateContext, ops: &mut EventOps) -> Result<(), String> {
+        let (npairs, ctrl_idx) = self.layout();
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues: Vec<Option<Queue>> = ctx.queues.into_iter().map(Some).collect();
+        let mut evts: Vec<Option<EventFd>> = ctx.queue_evts.into_iter().map(Some).collect();
+        let mut take = |i: usize| -> Result<(Queue, EventFd), String> {
+            match (
+                queues.get_mut(i).and_then(Option::take),
+                evts.get_mut(i).and_then(Option::take),
+            ) {
+                (Some(mut q), Some(e)) => {
+                    q.set_event_idx(event_idx);
+                    Ok((q, e))
+                }
+                _ => Err(format!("queue {i} missing")),
+            }
+        };
+        let mut pairs = Vec::with_capacity(npairs);
+        for p in 0..npairs {
+            let (rxq, rx_evt) = take(2 * p)?;
+            let (txq, tx_evt) = take(2 * p + 1)?;
+            pairs.push(Pair {
+                rxq,
+                txq,
+                rx_evt,
+                tx_evt,
+                rx: RxState {
+                    buf: vec![0u8; MAX_FRAME + 1],
+                    pending: 0,
+                    chains: VecDeque::with_capacity(usize::from(QUEUE_SIZE)),
+                    spare: Vec::new(),
+                },
+                tap_watched: false,
+                stalled: false,
+            });
+        }
+        let ctrl = match ctrl_idx {
+            Some(i) => {
+                let (queue, evt) = take(i)?;
+                Some(Ctrl {
+                    queue,
+                    evt,
+                    index: i as u32,
+                })
+            }
+            None => None,
+        };
+        let offload = self.tap_offload();
+        if let Err(e) = self.taps[0].set_offload(offload) {
+            warn!(
+                "virtio-net {}: cannot set tap offloads {offload:#x}: {e}",
+                self.taps[0].name()
+            );
+        }
+        let mut a = Active {
+            mem: ctx.mem,
+            pairs,
+            ctrl,
+            interrupt: ctx.interrupt,
+            mrg_rxbuf: self.acked(VIRTIO_NET_F_MRG_RXBUF),
+            guest_csum: self.acked(VIRTIO_NET_F_GUEST_CSUM),
+            active_pairs: 1,
+            iov: IoVecs(Vec::with_capacity(usize::from(QUEUE_SIZE))),
+        };
+        for (p, pair) in a.pairs.iter().enumerate() {
+            for (q, e) in [(2 * p, &pair.rx_evt), (2 * p + 1, &pair.tx_evt)] {
+                ops.add(Events::with_data(e, EV_QUEUE + q as u32, EventSet::IN))
+                    .map_err(|e| format!("watch queue {q}: {e:?}"))?;
+            }
+        }
+        if let Some(c) = &a.ctrl {
+            ops.add(Events::with_data(&c.evt, EV_QUEUE + c.index, EventSet::IN))
+                .map_err(|e| format!("watch control queue: {e:?}"))?;
+        }
+        // Multi-queue stays off until the driver enables it.
+        self.set_attached(1);
+        if !self.tap_dead {
+            watch_tap(&self.taps, &mut a.pairs[0], 0, ops, true);
+        }
+        self.active = Some(a);
+        Ok(())
+    }
+
+    /// Attaches tap queues `0..n` and detaches the others (multi-queue
+    /// taps): the kernel then steers frames only to queues being served.
+    fn set_attached(&mut self, n: usize) {
+        if self.taps.len() < 2 {
+            return;
+        }
+        // Attach first, so that at least one queue stays attached.
+        for want in [true, false] {
+            for (i, tap) in self.taps.iter().enumerate() {
+                if (i < n) == want && self.attached[i] != want {
+                    match tap.set_queue_attached(want) {
+                        Ok(()) => self.attached[i] = want,
+                        Err(e) => warn!(
+                            "virtio-net {}: cannot {} tap queue {i}: {e}",
+                            tap.name(),
+                            if want { "attach" } else { "detach" }
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Guest -> tap.
+    fn process_tx(&mut self, p: usize, ops: &mut EventOps) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let c = &self.counters;
+        // A queue pair the driver did not enable still transmits through
+        // an attached tap queue.
+        let tap = if p < a.active_pairs {
+            &self.taps[p]
+        } else {
+            &self.taps[0]
+        };
+        let pair = &mut a.pairs[p];
+        let _ = pair.tx_evt.read();
+        let mut used = false;
+        let mut gone = None;
+        loop {
+            while let Some(chain) = pair.txq.pop_descriptor_chain(&a.mem) {
+                let head = chain.head_index();
+                let iov = &mut a.iov.0;
+                iov.clear();
+                let mut total = 0usize;
+                let mut bad = false;
+                for d in chain {
+                    if d.is_write_only() {
+                        bad = true;
+                        break;
+                    }
+                    if d.len() == 0 {
+                        continue;
+                    }
+                    total += d.len() as usize;
+                    if total > MAX_FRAME {
+                        break;
+                    }
+                    match a.mem.get_slice(d.addr(), d.len() as usize) {
+                        Ok(s) => iov.push(libc::iovec {
+                            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                            iov_len: d.len() as usize,
+                        }),
+                        Err(_) => {
+                            bad = true;
+                            break;
+                        }
+                    }
+                }
+                if bad || total < VNET_HDR_LEN || iov.len() > MAX_IOV {
+                    bump(&c.invalid_chains, 1);
+                } else if total > MAX_FRAME {
+                    bump(&c.oversize, 1);
+                    bump(&c.tx_dropped, 1);
+                } else if self.tap_dead {
+                    bump(&c.tx_dropped, 1);
+                } else {
+                    // SAFETY: the iovecs were just made from guest memory
+                    // slices, which stay mapped.
+                    match unsafe { tap.writev(iov) } {
+                        Ok(_) => {
+                            bump(&c.tx_frames, 1);
+                            bump(&c.tx_bytes, (total - VNET_HDR_LEN) as u64);
+                        }
+                        Err(e) => {
+                            bump(&c.tx_dropped, 1);
+                            bump(&c.tap_errors, 1);
+                            if tap_gone(&e) {
+                                gone = Some(e);
+                            } else if c.tap_errors.load(std::sync::atomic::Ordering::Relaxed) == 1 {
+                                warn!(
+                                    "virtio-net {}: tap write failed: {e} (counted; further failures only counted)",
+                                    tap.name()
+                                );
+                            }
+                        }
+                    }
+                }
+                iov.clear();
+                if let Err(e) = pair.txq.add_used(&a.mem, head, 0) {
+                    error!("virtio-net: cannot return tx descriptor {head}: {e}");
+                }
+                used = true;
+            }
+            match pair.txq.enable_notification(&a.mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    error!("virtio-net: tx queue error: {e}");
+                    break;
+                }
+            }
+        }
+        if used && pair.txq.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.signal_used_queue();
+        }
+        if let Some(e) = gone {
+            self.tap_failed(&e, ops);
+        }
+    }
+
+    /// Tap -> guest, for queue pair `p`.
+    fn process_rx(&mut self, p: usize, ops: &mut EventOps) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if p >= a.active_pairs {
+            return;
+        }
+        let c = &self.counters;
+        let tap = &self.taps[p];
+        let pair = &mut a.pairs[p];
+        let mut used = false;
+        let mut budget = RX_BATCH;
+        let mut failed = None;
+        loop {
+            if pair.rx.pending == 0 {
+                if self.tap_dead {
+                    break;
+                }
+                if pair.stalled {
+                    // The frame that waited is in: poll the tap again.
+                    pair.stalled = false;
+                    watch_tap(&self.taps, pair, p, ops, true);
+                }
+                if budget == 0 {
+                    break;
+                }
+                match tap.read(&mut pair.rx.buf) {
+                    Ok(n) if n > MAX_FRAME => {
+                        bump(&c.oversize, 1);
+                        bump(&c.rx_dropped, 1);
+                        continue;
+                    }
+                    Ok(n) if n < VNET_HDR_LEN => {
+                        bump(&c.rx_dropped, 1);
+                        continue;
+                    }
+                    Ok(n) => {
+                        pair.rx.pending = n;
+                        budget -= 1;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match deliver(&a.mem, pair, a.mrg_rxbuf, a.guest_csum, c, &mut used) {
+                Delivery::Delivered | Delivery::Dropped => pair.rx.pending = 0,
+                Delivery::NoBuffers => {
+                    // Ask for a notification when buffers arrive; if some
+                    // arrived meanwhile, go on.
+                    match pair.rxq.enable_notification(&a.mem) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => error!("virtio-net: rx queue error: {e}"),
+                    }
+                    if !pair.stalled {
+                        pair.stalled = true;
+                        bump(&c.rx_stalls, 1);
+                        watch_tap(&self.taps, pair, p, ops, false);
+                    }
+                    break;
+                }
+            }
+        }
+        if used && pair.rxq.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.signal_used_queue();
+        }
+        if let Some(e) = failed {
+            bump(&c.tap_errors, 1);
+            self.tap_failed(&e, ops);
+        }
+    }
+
+    /// The rx queue was notified: the guest added buffers.
+    fn rx_notified(&mut self, p: usize, ops: &mut EventOps) {
+        if let Some(pair) = self.active.as_mut().and_then(|a| a.pairs.get_mut(p)) {
+            let _ = pair.rx_evt.read();
+        }
+        self.process_rx(p, ops);
+    }
+
+    /// The tap is unusable for good (deleted, or failing reads): stop
+    /// polling it, report the link down, keep serving the queues.
+    fn tap_failed(&mut self, e: &std::io::Error, ops: &mut EventOps) {
+        if self.tap_dead {
+            return;
+        }
+        error!(
+            "virtio-net {}: tap failed ({e}); link reported down, frames from the guest are dropped",
+            self.taps[0].name()
+        );
+        self.tap_dead = true;
+        if let Some(a) = self.active.as_mut() {
+            for (i, pair) in a.pairs.iter_mut().enumerate() {
+                if pair.rx.pending != 0 {
+                    bump(&self.counters.rx_dropped, 1);
+                    pair.rx.pending = 0;
+                }
+                watch_tap(&self.taps, pair, i, ops, false);
+            }
+        }
+        self.update_config_space();
+        if let Some(a) = &self.active {
+            if self.acked(VIRTIO_NET_F_STATUS) {
+                a.interrupt.signal_config_change();
+            }
+        }
+    }
+
+    /// Control queue: VQ_PAIRS_SET; everything else is answered ERR.
+    fn process_ctrl(&mut self, ops: &mut EventOps) {
+        let mq = self.acked(VIRTIO_NET_F_MQ);
+        let max = self.pairs();
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Some(ctrl) = a.ctrl.as_mut() else {
+            return;
+        };
+        let _ = ctrl.evt.read();
+        let mut set_pairs = None;
+        let mut used = false;
+        loop {
+            while let Some(chain) = ctrl.queue.pop_descriptor_chain(&a.mem) {
+                let head = chain.head_index();
+                let mut cmd = [0u8; 8];
+                let mut got = 0usize;
+                let mut ack = None;
+                let mut bad = false;
+                for d in chain {
+                    if d.is_write_only() {
+                        if d.len() >= 1 && a.mem.check_range(d.addr(), 1) {
+                            ack = Some(d.addr());
+                        } else {
+                            bad = true;
+                        }
+                        continue;
+                    }
+                    if ack.is_some() {
+                        bad = true; // readable after writable
+                        continue;
+                    }
+                    let take = (d.len() as usize).min(cmd.len() - got);
+                    if take > 0
+                        && a.mem
+                            .read_slice(&mut cmd[got..got + take], d.addr())
+                            .is_err()
+                    {
+                        bad = true;
+                    }
+                    got += take;
+                }
+                let mut status = VIRTIO_NET_ERR as u8;
+                if !bad && got >= 2 {
+                    let (class, command) = (u32::from(cmd[0]), u32::from(cmd[1]));
+                    if mq
+                        && class == VIRTIO_NET_CTRL_MQ
+                        && command == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
+                        && got >= 4
+                    {
+                        let n = usize::from(u16::from_le_bytes([cmd[2], cmd[3]]));
+                        if (1..=max).contains(&n) {
+                            set_pairs = Some(n);
+                            status = VIRTIO_NET_OK as u8;
+                        }
+                    }
+                }
+                bump(&self.counters.ctrl_commands, 1);
+                let len = match ack {
+                    Some(addr) if !bad => {
+                        if a.mem.write_obj(status, addr).is_ok() {
+                            1
+                        } else {
+                            0
+                        }
+                    }
+                    _ => {
+                        bump(&self.counters.invalid_chains, 1);
+                        0
+                    }
+                };
+                if let Err(e) = ctrl.queue.add_used(&a.mem, head, len) {
+                    error!("virtio-net: cannot return control descriptor {head}: {e}");
+                }
+                used = true;
+            }
+            match ctrl.queue.enable_notification(&a.mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if used && ctrl.queue.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.signal_used_queue();
+        }
+        if let Some(n) = set_pairs {
+            self.set_active_pairs(n, ops);
+        }
+    }
+
+    fn set_active_pairs(&mut self, n: usize, ops: &mut EventOps) {
+        let Some(active_now) = self.active.as_ref().map(|a| a.active_pairs) else {
+            return;
+        };
+        if n == active_now {
+            return;
+        }
+        self.set_attached(n);
+        let dead = self.tap_dead;
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        a.active_pairs = n;
+        for (i, pair) in a.pairs.iter_mut().enumerate() {
+            if i < n {
+                if !dead && !pair.stalled {
+                    watch_tap(&self.taps, pair, i, ops, true);
+                }
+            } else {
+                if pair.rx.pending != 0 {
+                    bump(&self.counters.rx_dropped, 1);
+                    pair.rx.pending = 0;
+                }
+                pair.stalled = false;
+                watch_tap(&self.taps, pair, i, ops, false);
+            }
+        }
+        info!(
+            "virtio-net {}: {n} queue pair{} enabled",
+            self.taps[0].name(),
+            if n == 1 { "" } else { "s" }
+        );
+        // Frames may already wait on the newly attached queues.
+        for i in active_now..n {
+            self.process_rx(i, ops);
+        }
+    }
+}
+
+/// Adds or removes the tap queue's fd to or from the event loop.
+fn watch_tap(taps: &[Tap], pair: &mut Pair, p: usize, ops: &mut EventOps, on: bool) {
+    if pair.tap_watched == on {
+        return;
+    }
+    let ev = Events::with_data(&taps[p], EV_TAP + p as u32, EventSet::IN);
+    let r = if on { ops.add(ev) } else { ops.remove(ev) };
+    match r {
+        Ok(()) => pair.tap_watched = on,
+        Err(e) => error!(
+            "virtio-net {}: cannot (un)watch tap queue {p}: {e:?}",
+            taps[p].name()
+        ),
+    }
+}
+
+/// Errors meaning the tap is gone (deleted, or this queue detached).
+fn tap_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD) | Some(libc::EBADF) | Some(libc::ENODEV) | Some(libc::ENXIO)
+    )
+}
+
+/// Takes the next usable receive buffer off the avail ring; unusable ones
+/// (device-readable descriptors, outside guest memory, smaller than the
+/// header) go back to the guest unused and are counted.
+fn next_rx_chain(
+    mem: &GuestMemoryMmap,
+    pair: &mut Pair,
+    c: &NetCounters,
+    used: &mut bool,
+) -> Option<RxChain> {
+    loop {
+        let chain = pair.rxq.pop_descriptor_chain(mem)?;
+        let head = chain.head_index();
+        let mut segs = pair.rx.spare.pop().unwrap_or_default();
+        segs.clear();
+        let mut cap = 0usize;
+        let mut bad = false;
+        for d in chain {
+            if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
+                bad = true;
+                break;
+            }
+            if d.len() > 0 {
+                segs.push((d.addr(), d.len() as usize));
+                cap += d.len() as usize;
+            }
+        }
+        if bad || cap < VNET_HDR_LEN {
+            bump(&c.invalid_chains, 1);
+            pair.rx.spare.push(segs);
+            if let Err(e) = pair.rxq.add_used(mem, head, 0) {
+                error!("virtio-net: cannot return rx descriptor {head}: {e}");
+            }
+            *used = true;
+            continue;
+        }
+        return Some(RxChain { head, segs, cap });
+    }
+}
+
+/// Places the pending frame in guest buffers.
+fn deliver(
+    mem: &GuestMemoryMmap,
+    pair: &mut Pair,
+    mrg_rxbuf: bool,
+    guest_csum: bool,
+    c: &NetCounters,
+    used: &mut bool,
+) -> Delivery {
+    let len = pair.rx.pending;
+    // How many buffers the frame takes.
+    let needed = loop {
+        let mut have = 0usize;
+        let mut fit = None;
+        for (i, ch) in pair.rx.chains.iter().enumerate() {
+            have += ch.cap;
+            if have >= len {
+                fit = Some(i + 1);
+                break;
+            }
+            if !mrg_rxbuf {
+                break;
+            }
+        }
+        if let Some(n) = fit {
+            break n;
+        }
+        if !pair.rx.chains.is_empty()
+            && (!mrg_rxbuf || pair.rx.chains.len() >= usize::from(pair.rxq.size()))
+        {
+            // The guest's buffers cannot hold this frame: one buffer
+            // without MRG_RXBUF, or all the queue's buffers with it.
+            bump(&c.rx_dropped, 1);
+            bump(&c.oversize, 1);
+            return Delivery::Dropped;
+        }
+        match next_rx_chain(mem, pair, c, used) {
+            Some(ch) => pair.rx.chains.push_back(ch),
+            None => return Delivery::NoBuffers,
+        }
+    };
+    let frame = &mut pair.rx.buf[..len];
+    frame[10..12].copy_from_slice(&(needed as u16).to_le_bytes());
+    if !guest_csum {
+        // Without GUEST_CSUM the flags must be zero (frames are fully
+        // checksummed by the host).
+        frame[0] &= !HDR_F_DATA_VALID;
+    }
+    let mut off = 0usize;
+    for _ in 0..needed {
+        let Some(ch) = pair.rx.chains.pop_front() else {
+            break;
+        };
+        let start = off;
+        for &(addr, seg_len) in &ch.segs {
+            if off >= len {
+                break;
+            }
+            let n = seg_len.min(len - off);
+            if mem.write_slice(&frame[off..off + n], addr).is_err() {
+                bump(&c.invalid_chains, 1);
+            }
+            off += n;
+        }
+        if let Err(e) = pair.rxq.add_used(mem, ch.head, (off - start) as u32) {
+            error!("virtio-net: cannot return rx descriptor {}: {e}", ch.head);
+        }
+        pair.rx.spare.push(ch.segs);
+    }
+    *used = true;
+    bump(&c.rx_frames, 1);
+    bump(&c.rx_bytes, (len - VNET_HDR_LEN) as u64);
+    Delivery::Delivered
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Read-only for a virtio 1.x driver (no CTRL_MAC_ADDR).
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(ActivateError::Backend(
+                "driver did not accept VIRTIO_F_VERSION_1".into(),
+            ));
+        }
+        let expected = self.queue_sizes.len();
+        if ctx.queues.len() != expected || ctx.queue_evts.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                got: ctx.queues.len(),
+            });
+        }
+        let (pairs, ctrl) = self.layout();
+        for i in (0..2 * pairs).chain(ctrl) {
+            let q = &ctx.queues[i];
+            if !q.ready() || !q.is_valid(&ctx.mem) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        self.handoff.activate(ctx)
+    }
+
+    fn reset(&mut self) -> bool {
+        let active = self.active.take();
+        if let Some(a) = &active {
+            let lost = a.pairs.iter().filter(|p| p.rx.pending != 0).count();
+            bump(&self.counters.rx_dropped, lost as u64);
+        }
+        // The device thread unregisters the retired fds.
+        self.handoff.reset(active);
+        self.acked_features = 0;
+        if !self.tap_dead {
+            let _ = self.taps[0].set_offload(0);
+        }
+        true
+    }
+}
+
+impl MutEventSubscriber for VirtioNet {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            self.handoff.eventfd(),
+            EV_ACTIVATE,
+            EventSet::IN,
+        )) {
+            error!("virtio-net: cannot watch activation: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        match data {
+            EV_ACTIVATE => {
+                let (mut retired, pending) = self.handoff.take();
+                retired.extend(self.active.take());
+                for old in retired {
+                    for (i, pair) in old.pairs.iter().enumerate() {
+                        let _ = ops.remove(Events::with_data(
+                            &pair.rx_evt,
+                            EV_QUEUE + 2 * i as u32,
+                            EventSet::IN,
+                        ));
+                        let _ = ops.remove(Events::with_data(
+                            &pair.tx_evt,
+                            EV_QUEUE + 2 * i as u32 + 1,
+                            EventSet::IN,
+                        ));
+                        if pair.tap_watched {
+                            let _ = ops.remove(Events::with_data(
+                                &self.taps[i],
+                                EV_TAP + i as u32,
+                                EventSet::IN,
+                            ));
+                        }
+                    }
+                    if let Some(c) = &old.ctrl {
+                        let _ =
+                            ops.remove(Events::with_data(&c.evt, EV_QUEUE + c.index, EventSet::IN));
+                    }
+                }
+                if let Some(ctx) = pending {
+                    if let Err(e) = self.start(ctx, ops) {
+                        error!("virtio-net: activation failed: {e}");
+                    } else {
+                        // Work queued before activation finished.
+                        let pairs = self.active.as_ref().map_or(0, |a| a.pairs.len());
+                        for p in 0..pairs {
+                            self.process_tx(p, ops);
+                        }
+                        self.process_rx(0, ops);
+                        self.process_ctrl(ops);
+                    }
+                }
+            }
+            d if d >= EV_TAP => {
+                let p = (d - EV_TAP) as usize;
+                let set = events.event_set();
+                self.process_rx(p, ops);
+                // EPOLLERR without EPOLLIN: the queue was detached or the
+                // tap deleted.
+                let still_watched = self
+                    .active
+                    .as_ref()
+                    .and_then(|a| a.pairs.get(p))
+                    .is_some_and(|pair| pair.tap_watched);
+                if still_watched
+                    && set.intersects(EventSet::ERROR | EventSet::HANG_UP)
+                    && !set.contains(EventSet::IN)
+                {
+                    let e = std::io::Error::from_raw_os_error(libc::EBADFD);
+                    bump(&self.counters.tap_errors, 1);
+                    self.tap_failed(&e, ops);
+                }
+            }
+            d => {
+                let q = d - EV_QUEUE;
+                let ctrl = self
+                    .active
+                    .as_ref()
+                    .and_then(|a| a.ctrl.as_ref())
+                    .map(|c| c.index);
+                if Some(q) == ctrl {
+                    self.process_ctrl(ops);
+                } else if q.is_multiple_of(2) {
+                    self.rx_notified((q / 2) as usize, ops);
+                } else {
+                    self.process_tx((q / 2) as usize, ops);
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for VirtioNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioNet")
+            .field("tap", &self.taps[0].name())
+            .field("queues", &self.taps.len())
+            .field("mac", &format_mac(&self.config.mac))
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}

@@ -1,0 +1,328 @@
+//! virtio-net's host side end to end, in a network namespace of the test's
+//! own: `--net tap=..,bridge=..` puts the tap on the bridge (with the MTU
+//! asked for), the API reports the NIC, and when Keel exits nothing it
+//! made is left (a tap it created is gone, a tap that existed is off the
+//! bridge). Set-up errors (missing bridge, tap in use, no CAP_NET_ADMIN)
+//! stop Keel with exit code 1 before the guest starts.
+//!
+//! Needs root and `ip` (iproute2; tests/run-all.sh installs it).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_tests::{api_call, keel, probe_guest, scratch_dir};
+
+const T: Duration = Duration::from_secs(30);
+const BRIDGE: &str = "br6";
+const BRIDGE_ADDR: &str = "10.66.0.1/24";
+
+/// A network namespace with a bridge (with an IPv4 address) in it;
+/// deleted, with everything in it, when dropped.
+struct Netns {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run `ip` (iproute2 is needed)")
+}
+
+fn ip_ok(args: &[&str]) {
+    let out = ip(args);
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("keel-{tag}-{}", std::process::id());
+        let _ = ip(&["netns", "del", &name]);
+        ip_ok(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip_ok(&["link", "add", BRIDGE, "type", "bridge"]);
+        ns.ip_ok(&["addr", "add", BRIDGE_ADDR, "dev", BRIDGE]);
+        ns.ip_ok(&["link", "set", BRIDGE, "up"]);
+        ns
+    }
+
+    fn ip_ok(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip_ok(&all);
+    }
+
+    /// Runs `cmd` inside the namespace (sysfs there shows its devices).
+    fn exec(&self, cmd: &[&str]) -> Output {
+        let mut all = vec!["netns", "exec", self.name.as_str()];
+        all.extend_from_slice(cmd);
+        ip(&all)
+    }
+
+    /// `/sys/class/net/<dev>/<attr>` inside the namespace.
+    fn sys(&self, dev: &str, attr: &str) -> Option<String> {
+        let path = format!("/sys/class/net/{dev}/{attr}");
+        let out = if attr == "master" {
+            self.exec(&["readlink", &path])
+        } else {
+            self.exec(&["cat", &path])
+        };
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn exists(&self, dev: &str) -> bool {
+        self.exec(&["test", "-e", &format!("/sys/class/net/{dev}")])
+            .status
+            .success()
+    }
+
+    /// The bridge's ports.
+    fn bridge_ports(&self) -> Vec<String> {
+        let out = self.exec(&["ls", &format!("/sys/class/net/{BRIDGE}/brif")]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Starts keel inside the namespace (`ip netns exec` execs it: the
+    /// child's pid is keel's). `drop_net_admin` removes CAP_NET_ADMIN from
+    /// the capability bounding set first, so keel runs without it.
+    fn keel(&self, args: &[String], drop_net_admin: bool) -> Child {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(keel())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if drop_net_admin {
+            // SAFETY: prctl is async-signal-safe; it only changes the
+            // child's own capability bounding set.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, 12 /* CAP_NET_ADMIN */, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.spawn().expect("spawn ip netns exec keel")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn guest_args(dir: &Path, api: bool, nets: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "--kernel".into(),
+        probe_guest().display().to_string(),
+        "--cmdline".into(),
+        "console=ttyS0 probe.check=boot.cpl3 probe.idle".into(),
+        "--memory".into(),
+        "size=128M".into(),
+        "--shutdown-timeout".into(),
+        "1".into(),
+    ];
+    if api {
+        a.push("--api-socket".into());
+        a.push(dir.join("api.sock").display().to_string());
+    }
+    for n in nets {
+        a.push("--net".into());
+        a.push(n.to_string());
+    }
+    a
+}
+
+/// Waits for a keel that should fail; returns (exit code, stderr).
+fn failed_run(mut child: Child) -> (i32, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            return (
+                st.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+        }
+        if start.elapsed() > T {
+            let _ = child.kill();
+            panic!("keel did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the API answers; panics (with keel's log) if keel exits.
+fn wait_api(child: &mut Child, sock: &Path) {
+    let start = Instant::now();
+    while api_call(sock, "GET", "/v1/vm", "").map(|r| r.0) != Some(200) {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("keel exited ({st:?}) before its API came up:\n{err}");
+        }
+        assert!(start.elapsed() < T, "API never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM (graceful shutdown; the idle probe ignores Ctrl-Alt-Del, so
+/// `--shutdown-timeout 1` stops it a second later); returns the exit code
+/// and keel's log.
+fn stop(child: Child) -> (i32, String) {
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    failed_run(child)
+}
+
+fn dir(name: &str) -> PathBuf {
+    scratch_dir(name)
+}
+
+#[test]
+fn a_created_tap_joins_the_bridge_and_is_gone_after_exit() {
+    let ns = Netns::new("c");
+    let d = dir("net-created");
+    let sock = d.join("api.sock");
+    let mac = "6a:01:12:34:56:78";
+    let mut k = ns.keel(
+        &guest_args(
+            &d,
+            true,
+            &[&format!("tap=vnet1,bridge={BRIDGE},mac={mac},mtu=1400")],
+        ),
+        false,
+    );
+    wait_api(&mut k, &sock);
+    assert!(
+        ns.sys("vnet1", "master")
+            .is_some_and(|m| m.ends_with(&format!("/{BRIDGE}"))),
+        "vnet1 is on {BRIDGE}: {:?}",
+        ns.sys("vnet1", "master")
+    );
+    assert_eq!(ns.sys("vnet1", "mtu").as_deref(), Some("1400"));
+    let flags = ns.sys("vnet1", "flags").unwrap_or_default();
+    let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap_or(0);
+    assert!(flags & 1 != 0, "vnet1 is up");
+    assert_eq!(ns.bridge_ports(), ["vnet1"]);
+    // The API reports the NIC and its counters.
+    let (code, body) = api_call(&sock, "GET", "/v1/counters", "").unwrap();
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let net = v["net"].as_array().expect("net array");
+    assert_eq!(net.len(), 1, "{body}");
+    assert_eq!(net[0]["tap"], "vnet1");
+    assert_eq!(net[0]["mac"], mac);
+    for key in [
+        "rx_frames",
+        "rx_bytes",
+        "tx_frames",
+        "tx_bytes",
+        "rx_dropped",
+        "tx_dropped",
+        "rx_stalls",
+        "tap_errors",
+    ] {
+        assert!(net[0][key].is_u64(), "{key} in {body}");
+    }
+    let (_, body) = api_call(&sock, "GET", "/v1/vm", "").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let nic = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == "virtio-net")
+        .cloned()
+        .expect("virtio-net in the device list");
+    assert_eq!(
+        (nic["path"].as_str(), nic["mac"].as_str()),
+        (Some("vnet1"), Some(mac))
+    );
+    // A second VM on the same tap: refused (EBUSY), before its guest starts,
+    // and the first VM's tap stays on the bridge.
+    let (code, err) = failed_run(ns.keel(
+        &guest_args(&d, false, &[&format!("tap=vnet1,bridge={BRIDGE}")]),
+        false,
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("vnet1") && err.contains("in use"), "{err}");
+    assert_eq!(ns.bridge_ports(), ["vnet1"]);
+    let (code, log) = stop(k);
+    assert_eq!(code, 0, "{log}");
+    assert!(!ns.exists("vnet1"), "created tap removed:\n{log}");
+    assert!(ns.bridge_ports().is_empty(), "bridge membership gone");
+    assert!(
+        log.contains("net 0 (vnet1):"),
+        "counters logged at exit:\n{log}"
+    );
+}
+
+#[test]
+fn a_pre_existing_tap_is_left_in_place_but_taken_off_the_bridge() {
+    let ns = Netns::new("p");
+    ns.ip_ok(&["tuntap", "add", "dev", "vnet1", "mode", "tap", "vnet_hdr"]);
+    let d = dir("net-existing");
+    let sock = d.join("api.sock");
+    let mut k = ns.keel(
+        &guest_args(&d, true, &[&format!("tap=vnet1,bridge={BRIDGE}")]),
+        false,
+    );
+    wait_api(&mut k, &sock);
+    assert_eq!(ns.bridge_ports(), ["vnet1"]);
+    let (code, log) = stop(k);
+    assert_eq!(code, 0, "{log}");
+    assert!(ns.exists("vnet1"), "a tap Keel did not create stays");
+    assert_eq!(ns.sys("vnet1", "master"), None, "but is off the bridge");
+    assert!(ns.bridge_ports().is_empty());
+}
+
+#[test]
+fn set_up_errors_stop_keel_before_the_guest_starts() {
+    let ns = Netns::new("e");
+    let d = dir("net-errors");
+    // No such bridge.
+    let (code, err) =
+        failed_run(ns.keel(&guest_args(&d, false, &["tap=vnet1,bridge=nobr0"]), false));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bridge nobr0 does not exist"), "{err}");
+    assert!(!ns.exists("vnet1"), "nothing created");
+    // Without CAP_NET_ADMIN.
+    let (code, err) = failed_run(ns.keel(
+        &guest_args(&d, false, &[&format!("tap=vnet1,bridge={BRIDGE}")]),
+        true,
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    assert!(!ns.exists("vnet1"));
+    // Bad values are configuration errors naming the field.
+    let (code, err) = failed_run(ns.keel(
+        &guest_args(&d, false, &["tap=vnet1,mac=01:02:03:04:05:06"]),
+        false,
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nets[0].mac"), "{err}");
+    // The bridge's name used as a tap: it is not a tap.
+    let (code, err) =
+        failed_run(ns.keel(&guest_args(&d, false, &[&format!("tap={BRIDGE}")]), false));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot be opened as a tap"), "{err}");
+    assert!(ns.exists(BRIDGE), "the bridge is untouched");
+}
