@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 
 /// Bytes of guest data Keel buffers per connection when the host side is
 /// slow (also the credit it grants the guest).
-pub const CONN_TX_BUF: u32 = 256 << 10;
+pub const CONN_TX_BUF: u32 = 1 << 20;
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

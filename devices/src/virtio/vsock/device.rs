@@ -26,8 +26,9 @@ use crate::virtio::{
 /// Virtio device ID of vsock.
 const VIRTIO_ID_VSOCK: u32 = 19;
 const QUEUE_SIZE: u16 = 256;
-/// Most connections at once (Firecracker's figure).
-pub const MAX_CONNECTIONS: usize = 1023;
+/// Most connections at once: with 1 MiB of credit each, Keel buffers at
+/// most 256 MiB for host sockets that stop reading.
+pub const MAX_CONNECTIONS: usize = 256;
 /// Largest payload accepted in one packet.
 const MAX_PKT: usize = 64 << 10;
 /// First host-side port for host-initiated connections.
