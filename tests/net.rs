@@ -5,18 +5,24 @@
 //! bridge). Set-up errors (missing bridge, tap in use, no CAP_NET_ADMIN)
 //! stop Keel with exit code 1 before the guest starts.
 //!
-//! Needs root and `ip` (iproute2; tests/run-all.sh installs it).
+//! The last test boots the probe guest with its network responder on the
+//! bridge and talks to it from the namespace: the datagrams of
+//! `net.udp_send`, ping and ping -6, and UDP echoes up to the MTU.
+//!
+//! Needs root and `ip` (iproute2; tests/run-all.sh installs it), and
+//! `ping` (iputils) for the responder test.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_tests::{api_call, keel, probe_guest, scratch_dir};
+use keel_tests::{api_call, keel, probe_guest, scratch_dir, ProbeReport};
 
 const T: Duration = Duration::from_secs(30);
 const BRIDGE: &str = "br6";
 const BRIDGE_ADDR: &str = "10.66.0.1/24";
+const BRIDGE_ADDR6: &str = "fd66::1/64";
 
 /// A network namespace with a bridge (with an IPv4 address) in it;
 /// deleted, with everything in it, when dropped.
@@ -325,4 +331,222 @@ fn set_up_errors_stop_keel_before_the_guest_starts() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot be opened as a tap"), "{err}");
     assert!(ns.exists(BRIDGE), "the bridge is untouched");
+}
+
+/// Runs `f` on a thread that has entered the namespace's network
+/// namespace: sockets made there stay in it, wherever they are used.
+fn in_netns<R: Send + 'static>(ns: &Netns, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let path = format!("/var/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open the namespace");
+        // SAFETY: setns on a descriptor we own; it changes only this
+        // thread's network namespace.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// The `probe.net.udp_send` payload of a datagram of `size` bytes (as
+/// tests/probe-guest/src/checks/net.rs makes it).
+fn udp_send_pattern(size: usize, i: usize) -> u8 {
+    (i.wrapping_mul(13).wrapping_add(size)) as u8
+}
+
+/// Keel in the namespace with its console collected by a thread.
+struct Console {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Console {
+    fn follow(child: &mut Child) -> Console {
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = text.clone();
+        let mut out = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Console { text }
+    }
+
+    fn get(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// Waits for a line starting with `prefix`; returns it.
+    fn wait_line(&self, child: &mut Child, prefix: &str, deadline: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.get();
+            if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+                if text.contains(&format!("{l}\n")) {
+                    return l.to_string();
+                }
+            }
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("keel exited ({st:?}) before {prefix:?}:\n{text}");
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "no {prefix:?} on the console:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn the_probe_answers_arp_ping_nd_and_udp_echo_through_the_tap() {
+    assert!(
+        Command::new("ping").arg("-V").output().is_ok(),
+        "this test needs `ping` (iputils-ping)"
+    );
+    let ns = Netns::new("r");
+    ns.ip_ok(&["addr", "add", BRIDGE_ADDR6, "dev", BRIDGE, "nodad"]);
+    let d = dir("net-responder");
+    // The receiver of net.udp_send, bound before the guest starts.
+    let rx = in_netns(&ns, || {
+        let s = std::net::UdpSocket::bind("10.66.0.1:9000").expect("bind 10.66.0.1:9000");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    });
+    let mut args = guest_args(&d, false, &[&format!("tap=vnet1,bridge={BRIDGE}")]);
+    let cmdline = args.iter().position(|a| a == "--cmdline").unwrap() + 1;
+    args[cmdline] = "console=ttyS0 probe.check=net probe.net.ip=10.66.0.2/24 \
+         probe.net.ip6=fd66::2 probe.net.peer=10.66.0.1 probe.net.serve_ms=10000"
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut k = ns.keel(&args, false);
+    let console = Console::follow(&mut k);
+    let id = console.wait_line(&mut k, "probe: net mac=", T);
+    let mtu: usize = id
+        .rsplit("mtu=")
+        .next()
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MTU in {id:?}"));
+    assert!(mtu >= 576, "{id}");
+
+    // net.udp_send: sizes 1, 512, 1400 and MTU - 28, from 10.66.0.2:9000.
+    let mut want: Vec<usize> = vec![1, 512, 1400, mtu - 28];
+    want.retain(|&s| s <= mtu - 28);
+    want.dedup();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for _ in &want {
+        let (n, from) = rx
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("net.udp_send datagram: {e}\n{}", console.get()));
+        assert_eq!(from.to_string(), "10.66.0.2:9000");
+        assert!(
+            (0..n).all(|i| buf[i] == udp_send_pattern(n, i)),
+            "payload of the {n}-byte datagram"
+        );
+        got.push(n);
+    }
+    assert_eq!(got, want, "datagram sizes");
+
+    console.wait_line(&mut k, "probe: net serving", T);
+    // ping and ping -6 (the probe answers ARP and neighbour solicitation).
+    for v6 in [false, true] {
+        let target = if v6 { "fd66::2" } else { "10.66.0.2" };
+        let mut cmd = vec!["ping"];
+        if v6 {
+            cmd.push("-6");
+        }
+        cmd.extend(["-c", "3", "-W", "2", "-i", "0.2", target]);
+        let out = ns.exec(&cmd);
+        assert!(
+            out.status.success(),
+            "{}: {}{}\nconsole:\n{}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            console.get()
+        );
+    }
+
+    // UDP echo on port 7, sizes up to the MTU.
+    let sizes: Vec<usize> = [0, 1, 100, 512, 1000, 1400, mtu - 28]
+        .into_iter()
+        .filter(|&s| s <= mtu - 28)
+        .collect();
+    let echoed = in_netns(&ns, move || {
+        let s = std::net::UdpSocket::bind("10.66.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.connect("10.66.0.2:7").unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut res = Vec::new();
+        for &size in &sizes {
+            let msg: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
+            // A datagram (or its echo) may be lost: three tries.
+            let mut ok = false;
+            for _ in 0..3 {
+                s.send(&msg).unwrap();
+                if let Ok(n) = s.recv(&mut buf) {
+                    ok = buf[..n] == msg[..];
+                    break;
+                }
+            }
+            res.push((size, ok));
+        }
+        res
+    });
+    for (size, ok) in echoed {
+        assert!(ok, "UDP echo of {size} bytes\nconsole:\n{}", console.get());
+    }
+
+    // The probe stops serving after 10 s and powers off.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = k.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "keel did not exit:\n{}",
+            console.get()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let text = console.get();
+    let mut log = String::new();
+    if let Some(mut e) = k.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut log);
+    }
+    assert_eq!(status.code(), Some(0), "{text}\n{log}");
+    let served = text
+        .lines()
+        .find(|l| l.starts_with("probe: net served "))
+        .unwrap_or_else(|| panic!("no counters:\n{text}"));
+    let count = |key: &str| -> u64 {
+        served
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {served:?}"))
+    };
+    assert!(count("arp") >= 1, "{served}");
+    assert!(count("icmp") >= 3, "{served}");
+    assert!(count("nd") >= 1, "{served}");
+    assert!(count("icmp6") >= 3, "{served}");
+    assert!(count("udp") >= 1, "{served}");
+    assert_eq!(count("malformed"), 0, "{served}");
+    ProbeReport::parse(&text).assert_all_passed(
+        &["net.identify", "net.udp_send", "net.tso", "net.serve"],
+        &text,
+    );
+    assert!(!ns.exists("vnet1"), "the created tap is gone:\n{log}");
+    assert!(ns.bridge_ports().is_empty());
 }

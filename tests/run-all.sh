@@ -9,6 +9,7 @@ need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v losetup >/dev/null || need_apt+=(util-linux)
 command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ping >/dev/null || need_apt+=(iputils-ping)
 command -v grub-script-check >/dev/null || need_apt+=(grub-common)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if ((${#need_apt[@]})); then

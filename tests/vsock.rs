@@ -213,7 +213,11 @@ fn guest_driver_and_malformed_packets_against_host_listeners() {
     let counters = vsock_counters(&api);
     drop(k);
 
-    let required: Vec<&str> = DRIVER_CHECKS.iter().chain(MALFORMED_CHECKS).copied().collect();
+    let required: Vec<&str> = DRIVER_CHECKS
+        .iter()
+        .chain(MALFORMED_CHECKS)
+        .copied()
+        .collect();
     report.assert_all_passed(&required, &console);
     assert!(
         console.contains(&format!("probe: vsock cid={CID}\n")),
@@ -231,7 +235,11 @@ fn guest_driver_and_malformed_packets_against_host_listeners() {
         )),
         "transfer checksum line (want fnv1a={sum:#010x}):\n{console}"
     );
-    assert_eq!(*echoed.lock().unwrap(), [TRANSFER_BYTES], "bytes the echo port served");
+    assert_eq!(
+        *echoed.lock().unwrap(),
+        [TRANSFER_BYTES],
+        "bytes the echo port served"
+    );
 
     // Exactly one real request, as HostOS's agent expects it; the other
     // connections (raw checks) sent nothing: in particular no data from a
@@ -251,9 +259,16 @@ fn guest_driver_and_malformed_packets_against_host_listeners() {
     assert_eq!(req["sender_cid"], CID, "{req}");
     assert_eq!(req["message"], "GetVsockProtocol", "{req}");
 
-    assert_eq!(counter(&counters, "flow_control_violations"), 0, "{counters}");
+    assert_eq!(
+        counter(&counters, "flow_control_violations"),
+        0,
+        "{counters}"
+    );
     assert_eq!(counter(&counters, "host_connects_refused"), 0, "{counters}");
-    assert!(counter(&counters, "conns_refused") >= 1, "vsock.rst: {counters}");
+    assert!(
+        counter(&counters, "conns_refused") >= 1,
+        "vsock.rst: {counters}"
+    );
     // Wrong source CID and short header at least.
     assert!(counter(&counters, "packets_dropped") >= 2, "{counters}");
     assert!(counter(&counters, "resets_received") >= 1, "{counters}");
@@ -285,7 +300,10 @@ fn host_connect_is_refused_unless_allowed() {
     );
     let (args, sock, api) = keel_args(&dir, "", &cmdline);
     let k = RunningKeel::start(&args, &api, &[]);
-    k.wait_console(&format!("probe: vsock listening on port {LISTEN_PORT}\n"), T);
+    k.wait_console(
+        &format!("probe: vsock listening on port {LISTEN_PORT}\n"),
+        T,
+    );
     let mut s = host_connect(&sock, LISTEN_PORT);
     let mut got = Vec::new();
     // Closed without an answer: end of stream, or a reset (the device
@@ -307,7 +325,10 @@ fn host_connect_is_refused_unless_allowed() {
         console.contains("probe: vsock.listen skipped: host-initiated connections are refused"),
         "{console}"
     );
-    assert!(counter(&counters, "host_connects_refused") >= 1, "{counters}");
+    assert!(
+        counter(&counters, "host_connects_refused") >= 1,
+        "{counters}"
+    );
     assert_eq!(counter(&counters, "host_conns_opened"), 0, "{counters}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -320,7 +341,10 @@ fn host_connects_to_a_listening_guest_port() {
     );
     let (args, sock, api) = keel_args(&dir, ",allow_host_connect=on", &cmdline);
     let k = RunningKeel::start(&args, &api, &[]);
-    k.wait_console(&format!("probe: vsock listening on port {LISTEN_PORT}\n"), T);
+    k.wait_console(
+        &format!("probe: vsock listening on port {LISTEN_PORT}\n"),
+        T,
+    );
     let mut s = host_connect(&sock, LISTEN_PORT);
     // "OK <host port>\n", then the guest's answer, then end of stream.
     let mut got = Vec::new();

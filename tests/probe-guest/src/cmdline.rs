@@ -17,6 +17,10 @@
 //!   `probe.vsock.closed_port=<port>`, `probe.vsock.listen=<port>[,refused]`,
 //!   `probe.bench.vsock=<port>,<write size>,<total bytes>,<tx|rx>`: the
 //!   virtio-vsock checks and benchmark (see `checks::vsock`).
+//! - `probe.net.ip=<a.b.c.d>/<prefix>`, `probe.net.ip6=<ipv6>`,
+//!   `probe.net.peer=<a.b.c.d>`, `probe.net.serve_ms=<ms>`,
+//!   `probe.bench.net=<tx|rx>,<frame bytes>,<count>`: the virtio-net
+//!   checks, responder and benchmark (see `checks::net`).
 //!
 //! Other tokens (the VMM's own, such as `virtio_mmio.device=`) are ignored.
 
@@ -173,6 +177,17 @@ pub struct VsockListen {
     pub refused: bool,
 }
 
+/// `probe.bench.net=<tx|rx>,<frame bytes>,<count>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetBench {
+    /// Direction (tx: guest to host).
+    pub dir: VsockDir,
+    /// Ethernet frame size in bytes (headers included, no virtio header).
+    pub frame: u32,
+    /// Frames in all (at least 1).
+    pub count: u64,
+}
+
 /// Largest vsock packet payload (Linux's and Keel's limit).
 pub const VSOCK_MAX_WRITE: u64 = 64 * 1024;
 
@@ -211,6 +226,16 @@ pub struct Options<'a> {
     pub vsock_listen: Option<VsockListen>,
     /// `probe.bench.vsock`: the vsock benchmark to run.
     pub bench_vsock: Option<VsockBench>,
+    /// `probe.net.ip`: the probe's IPv4 address and prefix length.
+    pub net_ip: Option<([u8; 4], u8)>,
+    /// `probe.net.ip6`: the probe's IPv6 address.
+    pub net_ip6: Option<[u8; 16]>,
+    /// `probe.net.peer`: the host's IPv4 address.
+    pub net_peer: Option<[u8; 4]>,
+    /// `probe.net.serve_ms`: how long the responder answers.
+    pub net_serve_ms: Option<u64>,
+    /// `probe.bench.net`: the network benchmark to run.
+    pub bench_net: Option<NetBench>,
     /// `virtio_mmio.device=` values, as given.
     pub virtio_mmio: Vec<&'a str>,
     /// Malformed probe options (reported by the boot.cmdline check).
@@ -267,6 +292,40 @@ impl<'a> Options<'a> {
                 }
                 ("probe.vsock.listen", Some(v)) => opts.vsock_listen = opts.vsock_listen(token, v),
                 ("probe.bench.vsock", Some(v)) => opts.bench_vsock = opts.vsock_bench(token, v),
+                ("probe.net.ip", Some(v)) => {
+                    opts.net_ip = v
+                        .split_once('/')
+                        .and_then(|(a, p)| Some((parse_ipv4(a)?, p.parse::<u8>().ok()?)))
+                        .filter(|&(_, p)| (1..=32).contains(&p))
+                        .or_else(|| {
+                            opts.errors
+                                .push(format!("{token:?}: want <a.b.c.d>/<prefix 1..=32>"));
+                            None
+                        })
+                }
+                ("probe.net.ip6", Some(v)) => {
+                    opts.net_ip6 = parse_ipv6(v).or_else(|| {
+                        opts.errors.push(format!("{token:?}: want an IPv6 address"));
+                        None
+                    })
+                }
+                ("probe.net.peer", Some(v)) => {
+                    opts.net_peer = parse_ipv4(v).or_else(|| {
+                        opts.errors.push(format!("{token:?}: want <a.b.c.d>"));
+                        None
+                    })
+                }
+                ("probe.net.serve_ms", Some(v)) => {
+                    opts.net_serve_ms = opts
+                        .number(token, v)
+                        .filter(|&ms| ms <= HEARTBEAT_MAX_MS)
+                        .or_else(|| {
+                            opts.errors
+                                .push(format!("{token:?}: want 0..={HEARTBEAT_MAX_MS} ms"));
+                            None
+                        })
+                }
+                ("probe.bench.net", Some(v)) => opts.bench_net = opts.net_bench(token, v),
                 ("virtio_mmio.device", Some(v)) => opts.virtio_mmio.push(v),
                 _ if key.starts_with("probe.") => opts
                     .errors
@@ -405,6 +464,34 @@ impl<'a> Options<'a> {
         }
     }
 
+    fn net_bench(&mut self, token: &str, value: &str) -> Option<NetBench> {
+        let mut parts = value.split(',');
+        let dir = match parts.next() {
+            Some("tx") => Some(VsockDir::Tx),
+            Some("rx") => Some(VsockDir::Rx),
+            _ => None,
+        };
+        let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
+        let (frame, count) = (number(), number());
+        match (dir, frame, count, parts.next()) {
+            (Some(dir), Some(frame), Some(count), None)
+                if (NET_MIN_FRAME..=65535).contains(&frame) && count > 0 =>
+            {
+                Some(NetBench {
+                    dir,
+                    frame: frame as u32,
+                    count,
+                })
+            }
+            _ => {
+                self.errors.push(format!(
+                    "{token:?}: want <tx|rx>,<frame bytes {NET_MIN_FRAME}..=65535>,<count >= 1>"
+                ));
+                None
+            }
+        }
+    }
+
     fn topology(&mut self, token: &str, value: &str) -> Option<Topology> {
         let mut parts = value
             .split(',')
@@ -423,4 +510,61 @@ impl<'a> Options<'a> {
             }
         }
     }
+}
+
+/// Smallest benchmark frame: Ethernet, IPv4 and UDP headers.
+pub const NET_MIN_FRAME: u64 = 14 + 20 + 8;
+
+/// `a.b.c.d` (decimal octets).
+pub fn parse_ipv4(text: &str) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = text.split('.');
+    for o in &mut out {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *o = p.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// An IPv6 address in the usual text form (groups of up to 4 hex digits,
+/// at most one `::`; no embedded IPv4).
+pub fn parse_ipv6(text: &str) -> Option<[u8; 16]> {
+    fn groups(part: &str) -> Option<Vec<u16>> {
+        if part.is_empty() {
+            return Some(Vec::new());
+        }
+        part.split(':')
+            .map(|g| {
+                if g.is_empty() || g.len() > 4 {
+                    None
+                } else {
+                    u16::from_str_radix(g, 16).ok()
+                }
+            })
+            .collect()
+    }
+    let words: Vec<u16> = match text.split_once("::") {
+        Some((head, tail)) => {
+            let (h, t) = (groups(head)?, groups(tail)?);
+            if h.len() + t.len() > 7 || tail.contains("::") {
+                return None;
+            }
+            let mut w = h;
+            w.resize(8 - t.len(), 0);
+            w.extend(t);
+            w
+        }
+        None => groups(text)?,
+    };
+    if words.len() != 8 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        out[2 * i..2 * i + 2].copy_from_slice(&w.to_be_bytes());
+    }
+    Some(out)
 }

@@ -23,6 +23,7 @@ mod heap;
 mod interactive;
 mod mem;
 mod mptable;
+mod netdev;
 mod power;
 mod rawblk;
 mod rawvsock;

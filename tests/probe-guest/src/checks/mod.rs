@@ -4,6 +4,7 @@
 mod blk;
 mod boot;
 mod cpuid;
+mod net;
 mod serial;
 mod smp;
 mod vsock;
@@ -50,6 +51,7 @@ pub fn run_all(ctx: &Context<'_>, report: &mut Report<'_>) {
         blk::bench(ctx, report);
     }
     vsock::run(ctx, report);
+    net::run(ctx, report);
     // Last: it leaves the other processors halted in real mode.
     report.check("smp.ap_startup", || smp::ap_startup(ctx));
 }
