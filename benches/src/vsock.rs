@@ -37,7 +37,9 @@ fn raw(size: usize) -> f64 {
 /// Host side of one guest run: sinks (tx) or sources (rx) the stream.
 fn host_side(listener: UnixListener, dir: &'static str) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let Ok((mut s, _)) = listener.accept() else { return };
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
         let mut buf = vec![0u8; 64 << 10];
         if dir == "tx" {
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
@@ -59,9 +61,12 @@ fn host_side(listener: UnixListener, dir: &'static str) -> std::thread::JoinHand
 /// MiB/s from the probe's `probe: bench vsock ... bytes=B ns=T` line.
 fn guest_rate(mut cmd: Command, sock: &Path, dir: &'static str) -> Result<f64, String> {
     let _ = std::fs::remove_file(format!("{}_{PORT}", sock.display()));
-    let listener = UnixListener::bind(format!("{}_{PORT}", sock.display())).map_err(|e| e.to_string())?;
+    let listener =
+        UnixListener::bind(format!("{}_{PORT}", sock.display())).map_err(|e| e.to_string())?;
     let host = host_side(listener, dir);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let child = cmd.spawn().map_err(|e| e.to_string())?;
     let pid = child.id();
     let killer = std::thread::spawn(move || {
@@ -115,10 +120,17 @@ pub fn main(args: &[String]) {
             let k: Vec<f64> = (0..runs)
                 .filter_map(|_| {
                     let mut c = Command::new(bin.join("keel"));
-                    c.args(["--kernel", &probe.display().to_string(), "--memory", "size=256M"])
-                        .args(["--cmdline", &cmdline, "--log-level", "error"])
-                        .args(["--vsock", &format!("cid=3,socket={}", sock.display())]);
-                    guest_rate(c, &sock, dir).map_err(|e| eprintln!("Keel: {e}")).ok()
+                    c.args([
+                        "--kernel",
+                        &probe.display().to_string(),
+                        "--memory",
+                        "size=256M",
+                    ])
+                    .args(["--cmdline", &cmdline, "--log-level", "error"])
+                    .args(["--vsock", &format!("cid=3,socket={}", sock.display())]);
+                    guest_rate(c, &sock, dir)
+                        .map_err(|e| eprintln!("Keel: {e}"))
+                        .ok()
                 })
                 .collect();
             let f: Vec<f64> = match &fc {
@@ -143,7 +155,11 @@ pub fn main(args: &[String]) {
             let f = (!f.is_empty()).then(|| super::median(f));
             println!(
                 "| {} | {} KiB | {r:.0} | {} | {} | {} |",
-                if dir == "tx" { "guest -> host" } else { "host -> guest" },
+                if dir == "tx" {
+                    "guest -> host"
+                } else {
+                    "host -> guest"
+                },
                 size >> 10,
                 k.map_or("failed".into(), |k| format!("{k:.0}")),
                 k.map_or("-".into(), |k| format!("{:.0}%", 100.0 * k / r)),
