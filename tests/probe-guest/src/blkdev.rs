@@ -13,14 +13,10 @@ use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 
 use crate::arch::{phys, tsc};
-use crate::println;
 use crate::virtio::{MmioDevice, ProbeHal};
 
-/// virtio-mmio registers.
-const REG_QUEUE_SEL: u64 = 0x30;
-const REG_QUEUE_READY: u64 = 0x44;
+/// virtio-mmio status register.
 const REG_STATUS: u64 = 0x70;
-const REG_VERSION: u64 = 0x04;
 
 /// How long one data request may take (at the highest TSC rate).
 pub const REQUEST_US: u64 = 5_000_000;
@@ -188,34 +184,8 @@ impl Drop for Disk {
     /// device and lets the driver go; if even a reset leaves QueueReady set,
     /// the driver is leaked rather than hang the probe.
     fn drop(&mut self) {
-        let reg = |off: u64| self.base + off;
-        if phys::read_u32(reg(REG_VERSION)) >= 2 {
-            phys::write_u32(reg(REG_QUEUE_SEL), 0);
-            phys::write_u32(reg(REG_QUEUE_READY), 0);
-            let mut ready = 0;
-            for _ in 0..100 {
-                ready = phys::read_u32(reg(REG_QUEUE_READY));
-                if ready == 0 {
-                    break;
-                }
-            }
-            if ready != 0 {
-                println!(
-                    "probe: virtio-mmio {:#x}: QueueReady reads {ready} after the driver wrote 0 (virtio-mmio: reads return the last value written)",
-                    self.base
-                );
-            }
-        }
-        phys::write_u32(reg(REG_STATUS), 0);
-        if phys::read_u32(reg(REG_VERSION)) >= 2 {
-            phys::write_u32(reg(REG_QUEUE_SEL), 0);
-            if phys::read_u32(reg(REG_QUEUE_READY)) != 0 {
-                println!(
-                    "probe: virtio-mmio {:#x}: QueueReady still set after a device reset",
-                    self.base
-                );
-                return;
-            }
+        if !crate::virtio::quiesce(self.base, 1, true) {
+            return;
         }
         // SAFETY: dropped once, here; `blk` is not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.blk) };

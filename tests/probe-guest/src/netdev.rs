@@ -27,7 +27,6 @@ use virtio_drivers::PhysAddr;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::arch::{phys, tsc};
-use crate::println;
 use crate::virtio::{MmioDevice, ProbeHal};
 
 /// Descriptors per queue (Keel offers 256).
@@ -47,10 +46,6 @@ pub const F_MTU: u64 = 1 << 3;
 pub const F_HOST_TSO4: u64 = 1 << 11;
 
 /// virtio-mmio registers.
-const REG_VERSION: u64 = 0x04;
-const REG_QUEUE_SEL: u64 = 0x30;
-const REG_QUEUE_READY: u64 = 0x44;
-const REG_STATUS: u64 = 0x70;
 const REG_CONFIG: u64 = 0x100;
 
 /// The MMIO transport, acking `extra` feature bits too where the device
@@ -357,19 +352,8 @@ impl Drop for Nic {
     /// go; virtio-drivers' own teardown waits for QueueReady to read 0
     /// without a bound, so if a reset leaves it set the driver is leaked.
     fn drop(&mut self) {
-        let reg = |off: u64| self.base + off;
-        phys::write_u32(reg(REG_STATUS), 0);
-        if phys::read_u32(reg(REG_VERSION)) >= 2 {
-            for q in 0..2 {
-                phys::write_u32(reg(REG_QUEUE_SEL), q);
-                if phys::read_u32(reg(REG_QUEUE_READY)) != 0 {
-                    println!(
-                        "probe: virtio-mmio {:#x}: QueueReady of queue {q} still set after a device reset",
-                        self.base
-                    );
-                    return;
-                }
-            }
+        if !crate::virtio::quiesce(self.base, 2, false) {
+            return;
         }
         // SAFETY: dropped once, here; `net` is not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.net) };

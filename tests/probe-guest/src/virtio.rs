@@ -130,3 +130,50 @@ pub fn describe(announcements: &[&str]) {
         }
     }
 }
+
+const REG_VERSION: u64 = 0x04;
+const REG_QUEUE_SEL: u64 = 0x30;
+const REG_QUEUE_READY: u64 = 0x44;
+const REG_STATUS: u64 = 0x70;
+
+/// Quiesces the virtio-mmio device at `base` before a virtio-drivers driver
+/// is dropped: with `unset_first`, marks `queues` not ready as the driver
+/// would (QueueReady = 0, read back) but with a bounded wait — the driver
+/// spins forever on a device that ignores the write; then resets it.
+/// Returns false when a queue still reads ready after the reset: the caller
+/// must then leak the driver rather than hang the probe in its teardown.
+pub fn quiesce(base: u64, queues: u32, unset_first: bool) -> bool {
+    let reg = |off: u64| base + off;
+    let modern = phys::read_u32(reg(REG_VERSION)) >= 2;
+    if modern && unset_first {
+        for q in 0..queues {
+            phys::write_u32(reg(REG_QUEUE_SEL), q);
+            phys::write_u32(reg(REG_QUEUE_READY), 0);
+            let mut ready = 0;
+            for _ in 0..100 {
+                ready = phys::read_u32(reg(REG_QUEUE_READY));
+                if ready == 0 {
+                    break;
+                }
+            }
+            if ready != 0 {
+                println!(
+                    "probe: virtio-mmio {base:#x}: queue {q}: QueueReady reads {ready} after the driver wrote 0 (virtio-mmio: reads return the last value written)"
+                );
+            }
+        }
+    }
+    phys::write_u32(reg(REG_STATUS), 0);
+    if modern {
+        for q in 0..queues {
+            phys::write_u32(reg(REG_QUEUE_SEL), q);
+            if phys::read_u32(reg(REG_QUEUE_READY)) != 0 {
+                println!(
+                    "probe: virtio-mmio {base:#x}: queue {q}: QueueReady still set after a device reset"
+                );
+                return false;
+            }
+        }
+    }
+    true
+}

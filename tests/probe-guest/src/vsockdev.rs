@@ -24,10 +24,8 @@ use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::Error as VirtioError;
 
-use crate::arch::phys;
 use crate::arch::tsc::{self, Deadline};
 use crate::cmdline::VSOCK_MAX_WRITE;
-use crate::println;
 use crate::virtio::{MmioDevice, ProbeHal};
 
 /// Bytes per receive buffer (8 of them, the crate's queue size): a packet
@@ -37,12 +35,7 @@ pub const RX_BUF: usize = 32 * 1024;
 /// The driver type.
 type Socket = VirtIOSocket<ProbeHal, MmioTransport<'static>, RX_BUF>;
 
-/// virtio-mmio registers.
-const REG_VERSION: u64 = 0x04;
-const REG_QUEUE_SEL: u64 = 0x30;
-const REG_QUEUE_READY: u64 = 0x44;
-const REG_STATUS: u64 = 0x70;
-/// rx, tx, event.
+/// Queues: rx, tx, event.
 const QUEUES: u32 = 3;
 
 /// Least time between two credit requests on a connection.
@@ -545,39 +538,8 @@ impl Drop for Vsock {
     /// the driver is leaked rather than hang the probe in its own
     /// `queue_unset`.
     fn drop(&mut self) {
-        let reg = |off: u64| self.base + off;
-        let modern = phys::read_u32(reg(REG_VERSION)) >= 2;
-        if modern {
-            for q in 0..QUEUES {
-                phys::write_u32(reg(REG_QUEUE_SEL), q);
-                phys::write_u32(reg(REG_QUEUE_READY), 0);
-                let mut ready = 0;
-                for _ in 0..100 {
-                    ready = phys::read_u32(reg(REG_QUEUE_READY));
-                    if ready == 0 {
-                        break;
-                    }
-                }
-                if ready != 0 {
-                    println!(
-                        "probe: virtio-mmio {:#x}: queue {q}: QueueReady reads {ready} after the driver wrote 0 (virtio-mmio: reads return the last value written)",
-                        self.base
-                    );
-                }
-            }
-        }
-        phys::write_u32(reg(REG_STATUS), 0);
-        if modern {
-            for q in 0..QUEUES {
-                phys::write_u32(reg(REG_QUEUE_SEL), q);
-                if phys::read_u32(reg(REG_QUEUE_READY)) != 0 {
-                    println!(
-                        "probe: virtio-mmio {:#x}: queue {q}: QueueReady still set after a device reset",
-                        self.base
-                    );
-                    return;
-                }
-            }
+        if !crate::virtio::quiesce(self.base, QUEUES, true) {
+            return;
         }
         // SAFETY: dropped once, here; `sock` is not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.sock) };
