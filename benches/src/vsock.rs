@@ -91,6 +91,86 @@ fn guest_rate(mut cmd: Command, sock: &Path, dir: &'static str) -> Result<f64, S
     Ok(field("bytes=")? / (field("ns=")? / 1e9) / (1 << 20) as f64)
 }
 
+const REQUEST: &[u8] = b"{\"sender_cid\": 3, \"message\": \"GetVsockProtocol\"}";
+const REPLY: &[u8] = b"{\"Ok\":{\"HostOSVsockVersion\":{\"major\":1,\"minor\":0,\"patch\":0}}}";
+
+/// The HostOS agent's pattern on the host: read the request to EOF,
+/// answer, close; for `n` connections.
+fn agent(listener: UnixListener, n: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut req = Vec::new();
+            let _ = s.read_to_end(&mut req);
+            let _ = s.write_all(REPLY);
+        }
+    })
+}
+
+/// Connect-request-reply round trip over a raw host Unix socket, µs.
+fn raw_round_trip(dir: &Path, samples: usize) -> f64 {
+    let path = dir.join("raw.sock");
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).expect("bind");
+    let server = agent(l, samples);
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        let mut s = UnixStream::connect(&path).expect("connect");
+        s.write_all(REQUEST).expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).expect("read");
+        assert_eq!(reply, REPLY);
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = server.join();
+    super::median(times)
+}
+
+/// The same round trip from the probe guest through Keel's vsock, µs
+/// (guest-measured; one VM boot per sample).
+fn keel_round_trip(bin: &Path, sock: &Path, runs: usize) -> Option<f64> {
+    let probe = bin.join("probe-guest");
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let port = format!("{}_19090", sock.display());
+        let _ = std::fs::remove_file(&port);
+        let server = agent(UnixListener::bind(&port).ok()?, 1);
+        let out = Command::new(bin.join("keel"))
+            .args([
+                "--kernel",
+                &probe.display().to_string(),
+                "--memory",
+                "size=256M",
+            ])
+            .args([
+                "--cmdline",
+                "console=ttyS0 probe.check=vsock.identify,vsock.request_reply",
+            ])
+            .args([
+                "--log-level",
+                "error",
+                "--vsock",
+                &format!("cid=3,socket={}", sock.display()),
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let _ = server.join();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ns: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("probe: vsock request_reply ns="))
+            .and_then(|v| v.trim().parse().ok())?;
+        times.push(ns / 1e3);
+    }
+    (!times.is_empty()).then(|| super::median(times))
+}
+
 pub fn main(args: &[String]) {
     let mut fc: Option<PathBuf> = std::env::var_os("FIRECRACKER").map(PathBuf::from);
     let mut runs = 3usize;
@@ -171,5 +251,21 @@ pub fn main(args: &[String]) {
             );
         }
     }
+    let raw_rt = raw_round_trip(&work, 200);
+    let keel_rt = keel_round_trip(&bin, &sock, runs.max(5));
+    println!();
+    println!("connect-request-reply (the HostOS agent's pattern), median (µs)");
+    println!();
+    println!("| path | round trip (µs) |");
+    println!("|---|---|");
+    println!("| raw Unix socket on the host (200 samples) | {raw_rt:.0} |");
+    println!(
+        "| probe guest -> Keel vsock -> host socket ({} boots) | {} |",
+        runs.max(5),
+        keel_rt.map_or("failed".into(), |k| format!(
+            "{k:.0} ({:.1}x raw)",
+            k / raw_rt
+        ))
+    );
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -171,7 +171,13 @@ fn driver_checks(ctx: &Context<'_>, report: &mut Report<'_>, dev: &MmioDevice, w
     });
 
     if report.selects("vsock.request_reply") || report.selects("vsock.half_close") {
+        let t0 = tsc::rdtsc();
         let exchange = request_reply(&mut vs);
+        // Connect, request, half-close, reply to EOF, close: the HostOS
+        // agent's round trip, timed in the guest (keel-bench vsock uses it).
+        if let (Ok(_), Some(ns)) = (&exchange, tsc::cycles_to_ns(tsc::rdtsc() - t0)) {
+            println!("probe: vsock request_reply ns={ns}");
+        }
         report.check("vsock.request_reply", || {
             let x = exchange.as_ref().map_err(Clone::clone)?;
             println!("probe: vsock reply {}", printable(&x.reply, 200));
