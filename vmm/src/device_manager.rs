@@ -17,7 +17,7 @@ use devices::virtio::block::{
 };
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use devices::virtio::net::{
-    format_mac, parse_mac, random_mac, HostTap, NetConfig as DevNetConfig, NetCounters, TapError,
+    format_mac, random_mac, resolve_mac, HostTap, NetConfig as DevNetConfig, NetCounters, TapError,
     TapSetup, TapTeardown, VirtioNet,
 };
 use devices::virtio::vsock::{
@@ -206,7 +206,7 @@ pub fn setup_virtio_devices(
         // From here on, an error undoes this tap's set-up too.
         out.net_teardown.push(teardown);
         let mac = match &n.mac {
-            Some(m) => parse_mac(m).map_err(|why| DeviceError::NetDevice { index, why })?,
+            Some(m) => resolve_mac(m).map_err(|why| DeviceError::NetDevice { index, why })?,
             None => random_mac(),
         };
         let dev = VirtioNet::new(
@@ -246,37 +246,6 @@ pub fn setup_virtio_devices(
         });
     }
     Ok(out)
-}
-
-/// Second byte of a HostOS-style deterministic MAC: which OS the address
-/// belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum MacNodeType {
-    /// The host itself.
-    HostOs = 0x00,
-    /// The guest (HostOS gives its GuestOS `6a:01:...`).
-    GuestOs = 0x01,
-    /// A guest started for an upgrade.
-    UpgradeGuestOs = 0x02,
-    /// The installer.
-    SetupOs = 0x0f,
-}
-
-/// A HostOS-style deterministic MAC address, so that a node's guest keeps
-/// its address (and so its SLAAC IPv6 address) across reboots and
-/// reinstalls: `6a:<node type>:` followed by the first four bytes of
-/// SHA-256 of the host's management MAC (lower-case, colon-separated)
-/// and the deployment name, newline-terminated (the seed HostOS's shell
-/// scripts hashed). Always locally administered and unicast (0x6a).
-///
-/// Check the result against the HostOS release in use before relying on
-/// it to match addresses HostOS generated.
-pub fn deterministic_mac(mgmt_mac: &[u8; 6], deployment: &str, node: MacNodeType) -> [u8; 6] {
-    use sha2::{Digest, Sha256};
-    let seed = format!("{}{deployment}\n", format_mac(mgmt_mac));
-    let h = Sha256::digest(seed.as_bytes());
-    [0x6a, node as u8, h[0], h[1], h[2], h[3]]
 }
 
 /// Places `device` in virtio-mmio slot `slot`; returns its command-line entry.
@@ -404,27 +373,4 @@ pub fn setup_legacy_devices(
 mod tests {
     use super::*;
 
-    #[test]
-    fn deterministic_macs() {
-        let mgmt = [0x00, 0x1a, 0x2b, 0x3c, 0x4d, 0x5e];
-        // sha256("00:1a:2b:3c:4d:5emainnet\n") = 0dbb99bf2ac6...
-        assert_eq!(
-            deterministic_mac(&mgmt, "mainnet", MacNodeType::GuestOs),
-            [0x6a, 0x01, 0x0d, 0xbb, 0x99, 0xbf]
-        );
-        let host = deterministic_mac(&mgmt, "mainnet", MacNodeType::HostOs);
-        assert_eq!(&host[..2], &[0x6a, 0x00]);
-        assert_eq!(
-            &host[2..],
-            &[0x0d, 0xbb, 0x99, 0xbf],
-            "same hash, other node type"
-        );
-        assert_ne!(
-            deterministic_mac(&mgmt, "testnet", MacNodeType::GuestOs),
-            deterministic_mac(&mgmt, "mainnet", MacNodeType::GuestOs)
-        );
-        let m = deterministic_mac(&mgmt, "x", MacNodeType::SetupOs);
-        assert_eq!(m[0] & 0x03, 0x02, "locally administered unicast");
-        assert!(parse_mac(&format_mac(&m)).is_ok());
-    }
 }

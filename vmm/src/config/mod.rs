@@ -353,7 +353,8 @@ pub struct FlagOverrides {
     pub shutdown_timeout_s: Option<u64>,
     /// `--vsock cid=N,socket=PATH[,allow_host_connect=on]`
     pub vsock: Option<String>,
-    /// `--net tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N]`,
+    /// `--net tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N]` (MAC may be
+    /// `hostos:<node>:<deployment>:<management MAC>`, a HostOS-derived one),
     /// repeated; when any is given they replace the file's NICs.
     pub nets: Vec<String>,
 }
@@ -580,7 +581,7 @@ impl VmConfig {
     }
 
     fn validate_nets(&self) -> Result<(), ConfigError> {
-        use devices::virtio::net::{parse_mac, tap::valid_ifname, MAX_QUEUE_PAIRS};
+        use devices::virtio::net::{resolve_mac, tap::valid_ifname, MAX_QUEUE_PAIRS};
         if self.nets.len() > MAX_NETS {
             return Err(ConfigError::invalid(
                 "net",
@@ -622,11 +623,11 @@ impl VmConfig {
             if let Some(mac) = &n.mac {
                 let field = format!("nets[{i}].mac");
                 let parsed =
-                    parse_mac(mac).map_err(|why| ConfigError::invalid(&field, mac, why))?;
+                    resolve_mac(mac).map_err(|why| ConfigError::invalid(&field, mac, why))?;
                 let dup = self.nets[..i]
                     .iter()
                     .filter_map(|o| o.mac.as_deref())
-                    .any(|m| parse_mac(m).is_ok_and(|m| m == parsed));
+                    .any(|m| resolve_mac(m).is_ok_and(|m| m == parsed));
                 if dup {
                     return Err(ConfigError::invalid(&field, mac, "given twice".into()));
                 }
@@ -1218,6 +1219,31 @@ mod tests {
                     },
                     NetConfig {
                         mac: Some("6A:01:00:00:00:01".into()),
+                        ..nic("vnet2")
+                    },
+                ]
+            },
+            "nets[1].mac",
+        );
+        check(
+            &|c| {
+                c.nets = vec![NetConfig {
+                    mac: Some("hostos:guestos:mainnet:de:ad".into()),
+                    ..nic("vnet1")
+                }]
+            },
+            "nets[0].mac",
+        );
+        // A derived address clashes with the same address given plainly.
+        check(
+            &|c| {
+                c.nets = vec![
+                    NetConfig {
+                        mac: Some("hostos:guestos:mainnet:de:ad:de:ad:de:ad".into()),
+                        ..nic("vnet1")
+                    },
+                    NetConfig {
+                        mac: Some("6a:01:f7:e0:c6:84".into()),
                         ..nic("vnet2")
                     },
                 ]

@@ -75,55 +75,6 @@ pub struct NetConfig {
     pub mtu: u16,
 }
 
-/// A locally administered, unicast MAC address from the kernel's random
-/// source.
-pub fn random_mac() -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    // SAFETY: getrandom writes at most mac.len() bytes into mac.
-    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
-    if n != mac.len() as isize {
-        // Practically unreachable; a time-and-pid mix still differs per VM.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ (u64::from(std::process::id()) << 24);
-        mac.copy_from_slice(&t.to_le_bytes()[..6]);
-    }
-    mac[0] = (mac[0] & 0xfe) | 0x02;
-    mac
-}
-
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`).
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split([':', '-']).collect();
-    if parts.len() != 6 {
-        return Err("expected six hex bytes such as 6a:01:02:03:04:05".into());
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return Err("expected six hex bytes such as 6a:01:02:03:04:05".into());
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{p:?} is not a hex byte"))?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err("a multicast address cannot be a NIC's address".into());
-    }
-    if mac == [0; 6] {
-        return Err("the all-zero address is not a valid NIC address".into());
-    }
-    Ok(mac)
-}
-
 /// A guest receive buffer (one chain), checked and ready to fill.
 struct RxChain {
     head: u16,
@@ -1062,7 +1013,7 @@ impl std::fmt::Debug for VirtioNet {
         f.debug_struct("VirtioNet")
             .field("tap", &self.taps[0].name())
             .field("queues", &self.taps.len())
-            .field("mac", &format_mac(&self.config.mac))
+            .field("mac", &super::format_mac(&self.config.mac))
             .field("active", &self.active.is_some())
             .finish()
     }

@@ -7,14 +7,16 @@
 mod counters;
 mod device;
 pub mod host;
+mod mac;
 pub mod netlink;
 pub mod tap;
 #[cfg(test)]
 mod tests;
 
 pub use counters::NetCounters;
-pub use device::{
-    format_mac, parse_mac, random_mac, NetConfig, VirtioNet, MAX_FRAME, MAX_QUEUE_PAIRS,
+pub use device::{NetConfig, VirtioNet, MAX_FRAME, MAX_QUEUE_PAIRS};
+pub use mac::{
+    deterministic_mac, format_mac, parse_mac, random_mac, resolve_mac, MacNodeType,
 };
 pub use host::{HostTap, TapError, TapSetup, TapTeardown};
 pub use tap::Tap;
