@@ -9,11 +9,10 @@ use alloc::string::String;
 use core::mem::ManuallyDrop;
 
 use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, VirtIOBlk, SECTOR_SIZE};
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 
 use crate::arch::{phys, tsc};
-use crate::virtio::{MmioDevice, ProbeHal};
+use crate::virtio::{MmioDevice, ProbeHal, ProbeTransport};
 
 /// virtio-mmio status register.
 const REG_STATUS: u64 = 0x70;
@@ -24,7 +23,7 @@ pub const REQUEST_US: u64 = 5_000_000;
 /// An initialized disk.
 pub struct Disk {
     /// Dropped by hand (see `Drop`), before the request buffers go.
-    blk: ManuallyDrop<VirtIOBlk<ProbeHal, MmioTransport<'static>>>,
+    blk: ManuallyDrop<VirtIOBlk<ProbeHal, ProbeTransport>>,
     /// Register window.
     base: u64,
     /// Features the device offers (read before the driver negotiates).
@@ -172,7 +171,7 @@ impl Disk {
     }
 
     /// The driver itself, for the benchmark's own request loop.
-    pub fn driver(&mut self) -> &mut VirtIOBlk<ProbeHal, MmioTransport<'static>> {
+    pub fn driver(&mut self) -> &mut VirtIOBlk<ProbeHal, ProbeTransport> {
         &mut self.blk
     }
 }

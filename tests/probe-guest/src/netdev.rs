@@ -21,13 +21,12 @@ use alloc::vec::Vec;
 use core::mem::ManuallyDrop;
 
 use virtio_drivers::device::net::VirtIONetRaw;
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::PhysAddr;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::arch::{phys, tsc};
-use crate::virtio::{MmioDevice, ProbeHal};
+use crate::virtio::{MmioDevice, ProbeHal, ProbeTransport};
 
 /// Descriptors per queue (Keel offers 256).
 pub const QUEUE_SIZE: usize = 128;
@@ -54,7 +53,7 @@ const REG_CONFIG: u64 = 0x100;
 /// the probe drives itself (CSUM, HOST_TSO4: they only change what the
 /// driver may put in a transmit header) need no support from it.
 pub struct ExtraFeatures {
-    inner: MmioTransport<'static>,
+    inner: ProbeTransport,
     extra: u64,
 }
 

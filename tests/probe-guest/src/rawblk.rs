@@ -15,11 +15,11 @@ use alloc::string::String;
 use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
-use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion};
+use virtio_drivers::transport::mmio::MmioVersion;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use crate::arch::tsc;
-use crate::virtio::MmioDevice;
+use crate::virtio::{MmioDevice, ProbeTransport};
 
 /// Descriptors in the queue.
 pub const QUEUE_SIZE: u16 = 16;
@@ -88,7 +88,7 @@ pub enum Wait {
 
 /// The device with one hand-built queue.
 pub struct RawBlk {
-    transport: MmioTransport<'static>,
+    transport: ProbeTransport,
     mem: NonNull<u8>,
     avail_idx: u16,
     last_used: u16,
@@ -145,7 +145,8 @@ impl RawBlk {
         self.features = self.offered & (want | F_VERSION_1);
         t.write_driver_features(self.features);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.version() == MmioVersion::Modern && !t.get_status().contains(DeviceStatus::FEATURES_OK)
+        if t.0.version() == MmioVersion::Modern
+            && !t.get_status().contains(DeviceStatus::FEATURES_OK)
         {
             return Err(format!(
                 "device refused features {:#x} (FEATURES_OK not kept)",

@@ -17,12 +17,12 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
-use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion};
+use virtio_drivers::transport::mmio::MmioVersion;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use crate::arch::tsc;
 use crate::rawblk::{Wait, DESC_NEXT, DESC_WRITE, F_VERSION_1};
-use crate::virtio::MmioDevice;
+use crate::virtio::{MmioDevice, ProbeTransport};
 
 /// Descriptors per queue.
 pub const QUEUE_SIZE: u16 = 16;
@@ -134,7 +134,7 @@ pub struct Received {
 
 /// The device with hand-built queues.
 pub struct RawVsock {
-    transport: MmioTransport<'static>,
+    transport: ProbeTransport,
     mem: NonNull<u8>,
     avail_idx: [u16; QUEUES],
     last_used: [u16; QUEUES],
@@ -186,7 +186,8 @@ impl RawVsock {
         let features = t.read_device_features() & F_VERSION_1;
         t.write_driver_features(features);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.version() == MmioVersion::Modern && !t.get_status().contains(DeviceStatus::FEATURES_OK)
+        if t.0.version() == MmioVersion::Modern
+            && !t.get_status().contains(DeviceStatus::FEATURES_OK)
         {
             return Err(format!(
                 "device refused features {features:#x} (FEATURES_OK not kept)"

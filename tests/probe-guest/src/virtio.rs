@@ -6,8 +6,9 @@ use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use core::ptr::NonNull;
 
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
-use virtio_drivers::transport::Transport;
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::arch::phys;
 use crate::println;
@@ -81,9 +82,10 @@ impl MmioDevice {
         })
     }
 
-    /// Opens the transport. The returned transport borrows the window for
+    /// Opens the transport (setting the status step by step, see
+    /// [`StepwiseStatus`]). The returned transport borrows the window for
     /// as long as the caller keeps it; only one may exist per device.
-    pub fn transport(&self) -> Result<MmioTransport<'static>, alloc::string::String> {
+    pub fn transport(&self) -> Result<ProbeTransport, alloc::string::String> {
         let size = usize::try_from(self.size)
             .map_err(|_| alloc::string::String::from("size too large"))?;
         phys::map(self.base, self.size).map_err(|e| alloc::format!("{e}"))?;
@@ -91,7 +93,103 @@ impl MmioDevice {
         // SAFETY: the window is identity-mapped device MMIO announced by the
         // VMM, aligned (virtio-mmio windows are page-aligned) and not
         // otherwise accessed by the probe.
-        unsafe { MmioTransport::new(header, size) }.map_err(|e| alloc::format!("{e}"))
+        unsafe { MmioTransport::new(header, size) }
+            .map(StepwiseStatus)
+            .map_err(|e| alloc::format!("{e}"))
+    }
+}
+
+/// The transport every probe driver uses.
+pub type ProbeTransport = StepwiseStatus<MmioTransport<'static>>;
+
+/// A transport that sets the device status one step of the initialization
+/// sequence (virtio 1.x, 3.1.1) at a time: ACKNOWLEDGE, then DRIVER, then
+/// FEATURES_OK, then DRIVER_OK, each in its own write. virtio-drivers
+/// writes ACKNOWLEDGE | DRIVER in one write after the reset
+/// (`Transport::begin_init`); a device that enforces the sequence
+/// (Firecracker's virtio-mmio transport accepts only 0 -> 1 -> 3 -> 0xb ->
+/// 0xf) ignores that write and, the device staying in reset, every feature,
+/// queue and DRIVER_OK write after it: the device is never activated.
+pub struct StepwiseStatus<T>(pub T);
+
+impl<T: Transport> Transport for StepwiseStatus<T> {
+    fn device_type(&self) -> DeviceType {
+        self.0.device_type()
+    }
+    fn read_device_features(&mut self) -> u64 {
+        self.0.read_device_features()
+    }
+    fn write_driver_features(&mut self, driver_features: u64) {
+        self.0.write_driver_features(driver_features)
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.0.max_queue_size(queue)
+    }
+    fn notify(&mut self, queue: u16) {
+        self.0.notify(queue)
+    }
+    fn get_status(&self) -> DeviceStatus {
+        self.0.get_status()
+    }
+    fn set_status(&mut self, status: DeviceStatus) {
+        let mut now = self.0.get_status();
+        for step in [
+            DeviceStatus::ACKNOWLEDGE,
+            DeviceStatus::DRIVER,
+            DeviceStatus::FEATURES_OK,
+            DeviceStatus::DRIVER_OK,
+        ] {
+            if status.contains(step) && !now.contains(step) {
+                now |= step;
+                self.0.set_status(now);
+            }
+        }
+        // A reset (0), FAILED, or anything the steps did not reach.
+        if now != status {
+            self.0.set_status(status);
+        }
+    }
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.0.set_guest_page_size(guest_page_size)
+    }
+    fn requires_legacy_layout(&self) -> bool {
+        self.0.requires_legacy_layout()
+    }
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        self.0
+            .queue_set(queue, size, descriptors, driver_area, device_area)
+    }
+    fn queue_unset(&mut self, queue: u16) {
+        self.0.queue_unset(queue)
+    }
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.0.queue_used(queue)
+    }
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.0.ack_interrupt()
+    }
+    fn read_config_generation(&self) -> u32 {
+        self.0.read_config_generation()
+    }
+    fn read_config_space<V: FromBytes + IntoBytes>(
+        &self,
+        offset: usize,
+    ) -> virtio_drivers::Result<V> {
+        self.0.read_config_space(offset)
+    }
+    fn write_config_space<V: IntoBytes + Immutable>(
+        &mut self,
+        offset: usize,
+        value: V,
+    ) -> virtio_drivers::Result<()> {
+        self.0.write_config_space(offset, value)
     }
 }
 
@@ -123,7 +221,7 @@ pub fn describe(announcements: &[&str]) {
                     dev.base,
                     dev.irq,
                     t.device_type(),
-                    t.version()
+                    t.0.version()
                 ),
                 Err(e) => println!("probe: virtio-mmio {:#x} irq {}: {e}", dev.base, dev.irq),
             },

@@ -20,20 +20,21 @@ use virtio_drivers::device::socket::{
     ConnectionInfo, DisconnectReason, SocketError, StreamShutdown, VirtIOSocket, VsockAddr,
     VsockEvent, VsockEventType, VMADDR_CID_HOST,
 };
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::Error as VirtioError;
 
 use crate::arch::tsc::{self, Deadline};
 use crate::cmdline::VSOCK_MAX_WRITE;
-use crate::virtio::{MmioDevice, ProbeHal};
+use crate::virtio::{MmioDevice, ProbeHal, ProbeTransport};
 
 /// Bytes per receive buffer (8 of them, the crate's queue size): a packet
 /// from the device carries at most this less the 44-byte header.
 pub const RX_BUF: usize = 32 * 1024;
 
-/// The driver type.
-type Socket = VirtIOSocket<ProbeHal, MmioTransport<'static>, RX_BUF>;
+/// The driver type. The transport sets the status bits one at a time
+/// (see [`StepwiseStatus`]): Firecracker ignores virtio-drivers' single
+/// ACKNOWLEDGE | DRIVER write and never activates the device.
+type Socket = VirtIOSocket<ProbeHal, ProbeTransport, RX_BUF>;
 
 /// Queues: rx, tx, event.
 const QUEUES: u32 = 3;
@@ -91,6 +92,8 @@ pub struct Conn {
     credit_asked: Option<u64>,
     /// Credit requests sent.
     pub credit_requests: u64,
+    /// The last packet from the peer on this connection.
+    last_event: Option<VsockEvent>,
 }
 
 impl Conn {
@@ -111,6 +114,7 @@ impl Conn {
             tx_cnt: 0,
             credit_asked: None,
             credit_requests: 0,
+            last_event: None,
         }
     }
 
@@ -138,6 +142,7 @@ impl Conn {
 
     fn handle(&mut self, event: &VsockEvent, body: &[u8]) -> Wanted {
         self.info.update_for_event(event);
+        self.last_event = Some(event.clone());
         self.peer_buf_alloc = event.buffer_status.buffer_allocation;
         self.peer_fwd_cnt = event.buffer_status.forward_count;
         match event.event_type {
@@ -429,6 +434,86 @@ impl Vsock {
         Ok(n)
     }
 
+    /// Bytes sent on `conn` that the device has not yet reported forwarded
+    /// (its `fwd_cnt`): for a host socket, not yet written to it.
+    pub fn unforwarded(conn: &Conn) -> u32 {
+        conn.tx_cnt.wrapping_sub(conn.peer_fwd_cnt)
+    }
+
+    /// Sends a CREDIT_REQUEST, at most once per [`CREDIT_ASK_US`].
+    /// virtio-drivers sends one only from `send`, when the peer's credit is
+    /// short of the packet and no request is pending: so this hands `send`
+    /// a one-byte packet on a copy of the connection that has seen a
+    /// CREDIT_UPDATE granting nothing (no request pending, no credit). The
+    /// driver sends the request, headed with the connection's own
+    /// addresses, `buf_alloc` and `fwd_cnt`, and refuses the byte; the copy
+    /// is dropped.
+    pub fn request_credit(&mut self, conn: &mut Conn) -> Result<(), String> {
+        let now = tsc::rdtsc();
+        if conn
+            .credit_asked
+            .is_some_and(|t| now.wrapping_sub(t) < tsc::cycles_us(CREDIT_ASK_US))
+        {
+            return Ok(());
+        }
+        // The crate does not export the buffer status type: the update is
+        // made from the last packet the peer sent on the connection.
+        let Some(mut update) = conn.last_event.clone() else {
+            return Err(String::from("no packet from the peer yet"));
+        };
+        update.buffer_status.buffer_allocation = 0;
+        update.buffer_status.forward_count = conn.tx_cnt;
+        update.event_type = VsockEventType::CreditUpdate;
+        conn.credit_asked = Some(now);
+        conn.credit_requests += 1;
+        let mut probe = conn.info.clone();
+        probe.update_for_event(&update);
+        match self.sock.send(&[0], &mut probe) {
+            Err(VirtioError::SocketDeviceError(SocketError::InsufficientBufferSpaceInPeer)) => {
+                Ok(())
+            }
+            Ok(()) => Err(String::from("the driver sent the credit probe as data")),
+            Err(e) => Err(format!("credit request: {e}")),
+        }
+    }
+
+    /// Waits until the device reports every byte sent on `conn` forwarded
+    /// (its `fwd_cnt` in the packets it sends equals the bytes sent),
+    /// asking for credit updates meanwhile; `us` without progress ends it
+    /// with an error. This is the end of a transfer that the protocol
+    /// itself confirms, without relying on the device passing a half-close
+    /// on (Firecracker's does not shut down the host socket on a SHUTDOWN
+    /// with only the SEND flag).
+    pub fn wait_forwarded(&mut self, conn: &mut Conn, us: u64) -> Result<(), String> {
+        let mut deadline = Deadline::after_us(us);
+        let mut left = Self::unforwarded(conn);
+        while left != 0 {
+            if matches!(conn.state, State::Reset | State::Closed) {
+                return Err(format!(
+                    "connection {:?} with {left} bytes not reported forwarded",
+                    conn.state
+                ));
+            }
+            if self.poll(&mut [&mut *conn])? {
+                let now_left = Self::unforwarded(conn);
+                if now_left != left {
+                    left = now_left;
+                    deadline = Deadline::after_us(us);
+                }
+                continue;
+            }
+            if deadline.passed() {
+                return Err(format!(
+                    "{left} bytes not reported forwarded within {} ms",
+                    us / 1000
+                ));
+            }
+            self.request_credit(conn)?;
+            core::hint::spin_loop();
+        }
+        Ok(())
+    }
+
     /// Sends a CREDIT_UPDATE.
     pub fn credit_update(&mut self, conn: &mut Conn) -> Result<(), String> {
         self.sock
@@ -520,7 +605,9 @@ impl Vsock {
                 self.sock
                     .accept(&info)
                     .map_err(|e| format!("sending RESPONSE: {e}"))?;
-                return Ok(Some(Conn::new(info, State::Open)));
+                let mut conn = Conn::new(info, State::Open);
+                conn.last_event = Some(event);
+                return Ok(Some(conn));
             }
             if !self.poll(&mut [])? {
                 if deadline.passed() {
