@@ -94,16 +94,25 @@ fn guest_rate(mut cmd: Command, sock: &Path, dir: &'static str) -> Result<f64, S
 const REQUEST: &[u8] = b"{\"sender_cid\": 3, \"message\": \"GetVsockProtocol\"}";
 const REPLY: &[u8] = b"{\"Ok\":{\"HostOSVsockVersion\":{\"major\":1,\"minor\":0,\"patch\":0}}}";
 
-/// The HostOS agent's pattern on the host: read the request to EOF,
-/// answer, close; for `n` connections.
+/// The HostOS agent's pattern on the host: read the request, answer,
+/// close; for `n` connections. The request is read by length (or to EOF,
+/// whichever comes first) rather than to EOF alone: Firecracker does not
+/// pass the guest's half-close on to the host socket, and the same agent
+/// serves every VMM.
 fn agent(listener: UnixListener, n: usize) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for _ in 0..n {
             let Ok((mut s, _)) = listener.accept() else {
                 return;
             };
-            let mut req = Vec::new();
-            let _ = s.read_to_end(&mut req);
+            let mut req = vec![0u8; REQUEST.len()];
+            let mut got = 0;
+            while got < req.len() {
+                match s.read(&mut req[got..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k,
+                }
+            }
             let _ = s.write_all(REPLY);
         }
     })
@@ -130,45 +139,75 @@ fn raw_round_trip(dir: &Path, samples: usize) -> f64 {
     super::median(times)
 }
 
-/// The same round trip from the probe guest through Keel's vsock, µs
-/// (guest-measured; one VM boot per sample).
-fn keel_round_trip(bin: &Path, sock: &Path, runs: usize) -> Option<f64> {
-    let probe = bin.join("probe-guest");
+/// Boot arguments of the round-trip measurement.
+const ROUND_TRIP_CMDLINE: &str = "console=ttyS0 probe.check=vsock.identify,vsock.request_reply";
+
+/// The same round trip from the probe guest through a VMM's vsock, µs
+/// (guest-measured; one VM boot per sample). `vmm` makes the command line
+/// of one boot whose vsock socket is `sock`.
+fn guest_round_trip(vmm: &dyn Fn() -> Option<Command>, sock: &Path, runs: usize) -> Option<f64> {
     let mut times = Vec::new();
     for _ in 0..runs {
         let port = format!("{}_19090", sock.display());
         let _ = std::fs::remove_file(&port);
+        let _ = std::fs::remove_file(sock);
         let server = agent(UnixListener::bind(&port).ok()?, 1);
-        let out = Command::new(bin.join("keel"))
-            .args([
-                "--kernel",
-                &probe.display().to_string(),
-                "--memory",
-                "size=256M",
-            ])
-            .args([
-                "--cmdline",
-                "console=ttyS0 probe.check=vsock.identify,vsock.request_reply",
-            ])
-            .args([
-                "--log-level",
-                "error",
-                "--vsock",
-                &format!("cid=3,socket={}", sock.display()),
-            ])
+        let Some(mut cmd) = vmm() else { continue };
+        let Ok(mut child) = cmd
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .output()
-            .ok()?;
+            .spawn()
+        else {
+            continue;
+        };
+        let pid = child.id();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(60));
+            // SAFETY: signalling a child we started; harmless if it is gone.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        });
+        let mut text = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            let _ = out.read_to_string(&mut text);
+        }
+        let _ = child.wait();
+        drop(killer);
+        // Unblock the agent if the guest never connected.
+        let _ = UnixStream::connect(&port);
         let _ = server.join();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let ns: f64 = text
+        match text
             .lines()
             .find_map(|l| l.strip_prefix("probe: vsock request_reply ns="))
-            .and_then(|v| v.trim().parse().ok())?;
-        times.push(ns / 1e3);
+            .and_then(|v| v.trim().parse::<f64>().ok())
+        {
+            Some(ns) => times.push(ns / 1e3),
+            None => eprintln!("round trip: no measurement:\n{text}"),
+        }
     }
     (!times.is_empty()).then(|| super::median(times))
+}
+
+/// Firecracker's configuration file for one boot of the probe with
+/// `cmdline`, its vsock on `sock`.
+fn fc_config(work: &Path, probe: &Path, cmdline: &str, sock: &Path) -> Option<PathBuf> {
+    let cfg = work.join("fc.json");
+    let json = format!(
+        r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{cmdline}"}},"drives":[],"machine-config":{{"vcpu_count":1,"mem_size_mib":256}},"vsock":{{"guest_cid":3,"uds_path":"{}"}}}}"#,
+        probe.display(),
+        sock.display()
+    );
+    std::fs::write(&cfg, json).ok()?;
+    Some(cfg)
+}
+
+/// Firecracker's command line for one boot (its vsock socket must not
+/// exist yet: Firecracker binds it).
+fn fc_cmd(fc: &Path, cfg: &Path, sock: &Path) -> Command {
+    let _ = std::fs::remove_file(sock);
+    let mut c = Command::new(fc);
+    c.args(["--no-api", "--config-file", &cfg.display().to_string(), "--level", "Error"]);
+    c
 }
 
 pub fn main(args: &[String]) {
@@ -216,17 +255,10 @@ pub fn main(args: &[String]) {
             let f: Vec<f64> = match &fc {
                 Some(fc) if fc.is_file() => (0..runs)
                     .filter_map(|_| {
-                        let cfg = work.join("fc.json");
-                        let json = format!(
-                            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{cmdline}"}},"drives":[],"machine-config":{{"vcpu_count":1,"mem_size_mib":256}},"vsock":{{"guest_cid":3,"uds_path":"{}"}}}}"#,
-                            probe.display(),
-                            sock.display()
-                        );
-                        std::fs::write(&cfg, json).ok()?;
-                        let _ = std::fs::remove_file(&sock);
-                        let mut c = Command::new(fc);
-                        c.args(["--no-api", "--config-file", &cfg.display().to_string(), "--level", "Error"]);
-                        guest_rate(c, &sock, dir).map_err(|e| eprintln!("Firecracker: {e}")).ok()
+                        let cfg = fc_config(&work, &probe, &cmdline, &sock)?;
+                        guest_rate(fc_cmd(fc, &cfg, &sock), &sock, dir)
+                            .map_err(|e| eprintln!("Firecracker: {e}"))
+                            .ok()
                     })
                     .collect(),
                 _ => Vec::new(),
@@ -252,7 +284,31 @@ pub fn main(args: &[String]) {
         }
     }
     let raw_rt = raw_round_trip(&work, 200);
-    let keel_rt = keel_round_trip(&bin, &sock, runs.max(5));
+    let boots = runs.max(5);
+    let keel_rt = guest_round_trip(
+        &|| {
+            let mut c = Command::new(bin.join("keel"));
+            c.args(["--kernel", &probe.display().to_string()])
+                .args(["--memory", "size=256M", "--cmdline", ROUND_TRIP_CMDLINE])
+                .args(["--log-level", "error"])
+                .args(["--vsock", &format!("cid=3,socket={}", sock.display())]);
+            Some(c)
+        },
+        &sock,
+        boots,
+    );
+    let fc_rt = match &fc {
+        Some(fc) if fc.is_file() => guest_round_trip(
+            &|| {
+                let cfg = fc_config(&work, &probe, ROUND_TRIP_CMDLINE, &sock)?;
+                Some(fc_cmd(fc, &cfg, &sock))
+            },
+            &sock,
+            boots,
+        ),
+        _ => None,
+    };
+    let show = |t: Option<f64>| t.map_or("failed".into(), |t| format!("{t:.0} ({:.1}x raw)", t / raw_rt));
     println!();
     println!("connect-request-reply (the HostOS agent's pattern), median (µs)");
     println!();
@@ -260,12 +316,15 @@ pub fn main(args: &[String]) {
     println!("|---|---|");
     println!("| raw Unix socket on the host (200 samples) | {raw_rt:.0} |");
     println!(
-        "| probe guest -> Keel vsock -> host socket ({} boots) | {} |",
-        runs.max(5),
-        keel_rt.map_or("failed".into(), |k| format!(
-            "{k:.0} ({:.1}x raw)",
-            k / raw_rt
-        ))
+        "| probe guest -> Keel vsock -> host socket ({boots} boots) | {} |",
+        show(keel_rt)
+    );
+    println!(
+        "| probe guest -> Firecracker vsock -> host socket ({boots} boots) | {} |",
+        match &fc {
+            Some(f) if f.is_file() => show(fc_rt),
+            _ => "not measured (no binary)".into(),
+        }
     );
     let _ = std::fs::remove_dir_all(&work);
 }
