@@ -368,9 +368,3 @@ pub fn setup_legacy_devices(
         power_off_evt,
     })
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-}
