@@ -12,11 +12,16 @@
 //! request path in-process (a host-side driver on real rings) against raw
 //! io_uring on the same backing (a file, and a loop block device over
 //! another file), 4 KiB random and 1 MiB sequential, at depth 1 and 32.
+//!
+//! `keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame B]` moves 64 B and 1500 B UDP
+//! frames both ways between the probe guest and a bridge in a namespace of
+//! its own, under Keel and QEMU `-M microvm`, beside a raw tap loop.
 
 mod api;
 mod blk;
 mod blk_guest;
 mod boot;
+mod net;
 mod vsock;
 
 /// The directory of this binary (target/<profile>), where `keel` and the
@@ -61,7 +66,7 @@ pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--firecracker PATH]"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--firecracker PATH]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES]"
     );
     std::process::exit(2)
 }
@@ -73,6 +78,7 @@ fn main() {
         Some("blk") => blk::main(&args[1..]),
         Some("blk-guest") => blk_guest::main(&args[1..]),
         Some("api") => api::main(&args[1..]),
+        Some("net") => net::main(&args[1..]),
         Some("vsock") => vsock::main(&args[1..]),
         _ => usage(),
     }

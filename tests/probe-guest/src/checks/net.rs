@@ -218,11 +218,13 @@ impl Stack {
         }
     }
 
-    /// Reads and handles every frame waiting; returns the UDP datagrams
-    /// for other ports. `Err` only for device errors.
+    /// Reads and handles the frames waiting, at most a queue's worth (a
+    /// steady stream would otherwise keep it here); returns the UDP
+    /// datagrams for other ports. `Err` only for device errors.
     fn poll(&mut self, nic: &mut Nic) -> Result<Vec<UdpIn>, String> {
         let mut out = Vec::new();
-        while let Some(frame) = nic.recv()? {
+        for _ in 0..netdev::QUEUE_SIZE {
+            let Some(frame) = nic.recv()? else { break };
             if let Some(u) = self.handle(nic, &frame)? {
                 out.push(u);
             }
