@@ -3,7 +3,12 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Instant;
+
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 /// Bytes of guest data Keel buffers per connection when the host side is
 /// slow (also the credit it grants the guest).
@@ -46,6 +51,12 @@ pub struct Connection {
     pub host_readable: bool,
     /// The host side shut its write half (EOF seen).
     pub host_eof: bool,
+    /// The host side closed both halves (EPOLLHUP): nothing the guest
+    /// sends can be delivered any more.
+    pub host_hup: bool,
+    /// When the connection is dropped (with RST) if the guest has not
+    /// closed it by then: set once both directions are finished.
+    pub close_by: Option<Instant>,
     /// The guest will send no more.
     pub guest_send_shut: bool,
     /// Partial `CONNECT` line from a host-initiated connection.
@@ -68,6 +79,8 @@ impl Connection {
             rx_cnt: 0,
             host_readable: false,
             host_eof: false,
+            host_hup: false,
+            close_by: None,
             guest_send_shut: false,
             line: Vec::new(),
         }
@@ -110,16 +123,59 @@ impl Connection {
         Ok(())
     }
 
+    /// Whether neither side will send anything more: the host has ended
+    /// its stream, and the guest has ended its own (or the host side is
+    /// gone altogether), with nothing left to write to the host.
+    pub fn finished(&self) -> bool {
+        self.host_eof && (self.guest_send_shut || self.host_hup) && self.tx_buf.is_empty()
+    }
+
     /// Whether the guest should hear about freed buffer space.
     pub fn credit_update_due(&self) -> bool {
         self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent) >= CONN_TX_BUF / 4
     }
 }
 
+/// Connects to the listening Unix socket at `path` without blocking the
+/// device thread: a listener whose backlog is full fails at once (EAGAIN)
+/// instead of stalling every other connection. The stream is non-blocking.
+pub fn connect_nonblocking(path: &Path) -> nix::Result<UnixStream> {
+    let addr = UnixAddr::new(path)?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &addr)?;
+    Ok(UnixStream::from(fd))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Read;
+
+    #[test]
+    fn connecting_never_blocks_on_a_full_backlog() {
+        let dir = std::env::temp_dir().join(format!("keel-vsock-conn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("full.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Nobody accepts: the backlog fills, then connecting fails at once.
+        let mut kept = Vec::new();
+        let err = loop {
+            match connect_nonblocking(&path) {
+                Ok(s) => kept.push(s),
+                Err(e) => break e,
+            }
+            assert!(kept.len() < 100_000, "the backlog never filled");
+        };
+        assert_eq!(err, nix::errno::Errno::EAGAIN);
+        assert!(connect_nonblocking(&dir.join("nobody.sock")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn credit_accounting() {

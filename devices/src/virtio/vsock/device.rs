@@ -8,6 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, warn};
@@ -15,8 +16,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::connection::{ConnState, Connection, CONN_TX_BUF};
+use super::connection::{connect_nonblocking, ConnState, Connection, CONN_TX_BUF};
 use super::packet::*;
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt, VirtioDevice,
@@ -41,6 +43,10 @@ const EV_RXQ: u32 = 1;
 const EV_TXQ: u32 = 2;
 const EV_EVQ: u32 = 3;
 const EV_LISTENER: u32 = 4;
+const EV_CLOSE_TIMER: u32 = 5;
+/// How long a finished connection (both directions ended) waits for the
+/// guest's RST (or full SHUTDOWN) before Keel drops it and resets it.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const EV_CONN_BASE: u32 = 16;
 
 /// Configuration of the device.
@@ -68,6 +74,9 @@ pub enum VsockError {
     /// Invalid CID.
     #[error("guest CID {0} is reserved (use 3 or above)")]
     BadCid(u64),
+    /// The close timer cannot be created.
+    #[error("cannot create the vsock close timer: {0}")]
+    Timer(std::io::Error),
 }
 
 /// Counters of the device.
@@ -88,6 +97,7 @@ pub struct VsockCounters {
     pub flow_control_violations: AtomicU64,
     pub connection_limit_hits: AtomicU64,
     pub rx_stalls_no_buffers: AtomicU64,
+    pub close_timeouts: AtomicU64,
 }
 
 impl VsockCounters {
@@ -120,6 +130,7 @@ impl VsockCounters {
                 "rx_stalls_no_buffers",
                 self.rx_stalls_no_buffers.load(Relaxed),
             ),
+            ("close_timeouts", self.close_timeouts.load(Relaxed)),
         ]
     }
 }
@@ -145,6 +156,8 @@ struct Active {
     next_host_port: u32,
     buf: Vec<u8>,
     rx_blocked: bool,
+    /// The earliest `close_by` the close timer is armed for.
+    timer_armed_for: Option<Instant>,
 }
 
 /// The virtio-vsock device.
@@ -158,6 +171,9 @@ pub struct VirtioVsock {
     handoff: Handoff<Active>,
     active: Option<Active>,
     listener_registered: bool,
+    /// Fires when a finished connection's grace period ends.
+    close_timer: TimerFd,
+    close_timeout: Duration,
 }
 
 impl VirtioVsock {
@@ -182,6 +198,12 @@ impl VirtioVsock {
         }
         let listener = UnixListener::bind(&cfg.uds_path).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
+        let close_timer = TimerFd::new()
+            .map_err(|e| VsockError::Timer(std::io::Error::from_raw_os_error(e.errno())))?;
+        // SAFETY: F_SETFL on a timerfd we own; no memory is involved.
+        if unsafe { libc::fcntl(close_timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(VsockError::Timer(std::io::Error::last_os_error()));
+        }
         Ok(VirtioVsock {
             cfg,
             listener,
@@ -192,6 +214,8 @@ impl VirtioVsock {
             handoff: Handoff::new().map_err(err)?,
             active: None,
             listener_registered: false,
+            close_timer,
+            close_timeout: CLOSE_TIMEOUT,
         })
     }
 
@@ -240,6 +264,12 @@ impl VirtioVsock {
         if !self.listener_registered {
             ops.add(Events::with_data(&self.listener, EV_LISTENER, EventSet::IN))
                 .map_err(|e| format!("watch socket: {e:?}"))?;
+            ops.add(Events::with_data(
+                &self.close_timer,
+                EV_CLOSE_TIMER,
+                EventSet::IN,
+            ))
+            .map_err(|e| format!("watch close timer: {e:?}"))?;
             self.listener_registered = true;
         }
         self.active = Some(Active {
@@ -256,6 +286,7 @@ impl VirtioVsock {
             next_host_port: HOST_PORT_BASE,
             buf: vec![0u8; MAX_PKT],
             rx_blocked: false,
+            timer_armed_for: None,
         });
         Ok(())
     }
@@ -424,10 +455,10 @@ impl VirtioVsock {
             return;
         }
         let path = format!("{}_{}", self.cfg.uds_path.display(), key.0);
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                debug!("vsock: nobody listens on {path}: reset");
+        let stream = match connect_nonblocking(std::path::Path::new(&path)) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("vsock: cannot connect to {path} ({e}): reset");
                 bump(&c.conns_refused, 1);
                 a.control.push_back(self.rst_for(key.0, key.1));
                 bump(&c.resets_sent, 1);
@@ -542,7 +573,13 @@ impl VirtioVsock {
                 match conn.stream.read(&mut a.buf[..want]) {
                     Ok(0) => {
                         conn.host_eof = true;
-                        let h = self.header(conn, OP_SHUTDOWN, 0, SHUTDOWN_SEND);
+                        // A host side gone altogether takes no more data.
+                        let flags = if conn.host_hup {
+                            SHUTDOWN_SEND | SHUTDOWN_RCV
+                        } else {
+                            SHUTDOWN_SEND
+                        };
+                        let h = self.header(conn, OP_SHUTDOWN, 0, flags);
                         a.control.push_back(h);
                     }
                     Ok(n) => {
@@ -650,6 +687,51 @@ impl VirtioVsock {
         a.control.push_back(req);
     }
 
+    /// Drops, with RST, finished connections the guest has not closed
+    /// within [`CLOSE_TIMEOUT`] (a guest that never answers the host's
+    /// close must not keep its entry, and its share of the connection
+    /// limit, forever), and keeps the close timer armed for the next one.
+    fn reap(&mut self, ops: &mut EventOps) {
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (key, c) in a.conns.iter_mut() {
+            if c.close_by.is_none() && c.finished() {
+                c.close_by = Some(now + self.close_timeout);
+            }
+            match c.close_by {
+                Some(t) if t <= now => expired.push(*key),
+                Some(t) => next = Some(next.map_or(t, |n| n.min(t))),
+                None => {}
+            }
+        }
+        for key in expired {
+            debug!("vsock: guest port {} did not close in time: reset", key.1);
+            bump(&self.counters.close_timeouts, 1);
+            self.close(&mut a, key, true, ops);
+        }
+        if next != a.timer_armed_for {
+            let r = match next {
+                Some(t) => self
+                    .close_timer
+                    .reset(t.saturating_duration_since(now).max(Duration::from_millis(1)), None),
+                None => self.close_timer.clear(),
+            };
+            if let Err(e) = r {
+                error!("vsock: close timer: {e}");
+            }
+            a.timer_armed_for = next;
+        }
+        let resets = !a.control.is_empty();
+        self.active = Some(a);
+        if resets {
+            self.process_rx();
+        }
+    }
+
     /// Keeps each connection's epoll interest in line with what it can do.
     fn update_interest(&mut self, ops: &mut EventOps) {
         let Some(a) = self.active.as_mut() else {
@@ -709,6 +791,9 @@ impl VirtioVsock {
             }
             if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
                 conn.host_readable = true;
+            }
+            if set.contains(EventSet::HANG_UP) {
+                conn.host_hup = true;
             }
         }
         self.active = Some(a);
@@ -825,11 +910,16 @@ impl MutEventSubscriber for VirtioVsock {
                 self.accept_host(ops);
                 self.process_rx();
             }
+            EV_CLOSE_TIMER => {
+                // Non-blocking: a timer re-armed since it fired reads EAGAIN.
+                let _ = self.close_timer.wait();
+            }
             token => {
                 self.conn_event(token, events.event_set(), ops);
                 self.process_rx();
             }
         }
+        self.reap(ops);
         self.update_interest(ops);
     }
 }
@@ -1104,6 +1194,47 @@ mod tests {
         assert_eq!(c.invalid_packets.load(Relaxed), 1);
         assert!(r.received().iter().filter(|(h, _)| h.op == OP_RST).count() >= 3);
         assert_eq!(r.tx_used(), 5, "every packet returned to the guest");
+    }
+
+    #[test]
+    fn a_finished_connection_the_guest_never_closes_is_reset_after_the_timeout() {
+        let mut r = rig("linger", false);
+        r.dev.lock().unwrap().close_timeout = Duration::from_millis(50);
+        let listener = UnixListener::bind(r.dir.join("v.sock_19090")).unwrap();
+        r.offer_rx(8);
+        r.send(pkt(OP_REQUEST, 1234, 19090, 0), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        r.send(pkt(OP_RW, 1234, 19090, 3), b"req");
+        let mut shut = pkt(OP_SHUTDOWN, 1234, 19090, 0);
+        shut.flags = SHUTDOWN_SEND;
+        r.send(shut, &[]);
+        // The guest's half-close reaches the host as EOF.
+        let mut req = Vec::new();
+        host.read_to_end(&mut req).unwrap();
+        assert_eq!(req, b"req");
+        host.write_all(b"reply").unwrap();
+        drop(host);
+        r.spin();
+        let got = r.received();
+        assert!(got.iter().any(|(h, d)| { h.op } == OP_RW && d == b"reply"));
+        let (sh, _) = got
+            .iter()
+            .find(|(h, _)| { h.op } == OP_SHUTDOWN)
+            .expect("the host's close passed on");
+        assert_eq!({ sh.flags } & SHUTDOWN_SEND, SHUTDOWN_SEND);
+        assert!(!got.iter().any(|(h, _)| { h.op } == OP_RST), "not yet");
+        let c = r.counters();
+        assert_eq!(c.conns_closed.load(Relaxed), 0, "the guest gets its grace period");
+        // The guest never answers: the entry goes, with a reset.
+        std::thread::sleep(Duration::from_millis(80));
+        r.spin();
+        let got = r.received();
+        assert!(got
+            .iter()
+            .any(|(h, _)| { h.op } == OP_RST && { h.dst_port } == 1234));
+        assert_eq!(c.close_timeouts.load(Relaxed), 1);
+        assert_eq!(c.conns_closed.load(Relaxed), 1);
+        assert!(r.dev.lock().unwrap().active.as_ref().unwrap().conns.is_empty());
     }
 
     #[test]
