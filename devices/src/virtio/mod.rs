@@ -64,17 +64,25 @@ impl Interrupt {
 
     /// Signals "used buffer" to the driver.
     pub fn signal_used_queue(&self) {
-        self.status
-            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-        if let Err(e) = self.irqfd.write(1) {
-            log::error!("virtio: cannot raise interrupt: {e}");
-        }
+        self.raise(VIRTIO_MMIO_INT_VRING);
     }
 
     /// Signals "configuration changed" (e.g. a NIC's link status).
     pub fn signal_config_change(&self) {
-        self.status
-            .fetch_or(VIRTIO_MMIO_INT_CONFIG, Ordering::SeqCst);
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    /// Sets `bit` in INTERRUPT_STATUS and interrupts the guest if the bit
+    /// was clear. virtio-mmio's interrupt is a level: while the driver
+    /// has not acknowledged a reason, the interrupt for it is still
+    /// pending and its handler (which acknowledges before it looks at the
+    /// rings, as Linux's does) will see what was added since; sending it
+    /// again would only cost the guest another exit. QEMU's virtio-mmio
+    /// behaves the same way (it raises a level line).
+    fn raise(&self, bit: u32) {
+        if self.status.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
+            return;
+        }
         if let Err(e) = self.irqfd.write(1) {
             log::error!("virtio: cannot raise interrupt: {e}");
         }
@@ -190,5 +198,37 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     {
         Some(bytes) => data.copy_from_slice(bytes),
         None => data.fill(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many times the irqfd was written since the last call.
+    fn fired(i: &Interrupt) -> u64 {
+        i.irqfd.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn an_unacknowledged_reason_is_not_signalled_again() {
+        let i = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        i.signal_used_queue();
+        i.signal_used_queue();
+        assert_eq!(fired(&i), 1, "the first interrupt is still pending");
+        // Another reason is a new interrupt.
+        i.signal_config_change();
+        assert_eq!(fired(&i), 1);
+        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        // Once the driver acknowledges, the next one goes out.
+        i.ack(VIRTIO_MMIO_INT_VRING);
+        i.signal_config_change();
+        assert_eq!(fired(&i), 0, "config still pending");
+        i.signal_used_queue();
+        assert_eq!(fired(&i), 1);
+        // A device reset clears what was pending.
+        i.clear();
+        i.signal_config_change();
+        assert_eq!(fired(&i), 1);
     }
 }
