@@ -226,11 +226,38 @@ fn send_to_guest(frame: usize, count: u64, pps: Option<u64>) -> std::thread::Joi
     })
 }
 
-/// One measurement: frames per second and the fraction delivered.
+/// One measurement: frames per second, the fraction delivered, and for a
+/// VMM the host CPU its threads other than the vCPUs spent per frame.
 #[derive(Clone, Copy)]
 struct Rate {
     pps: f64,
     delivered: f64,
+    vmm_ns_per_frame: Option<f64>,
+}
+
+/// CPU time (ns, from schedstat) of each thread of `pid` that is not a
+/// vCPU (Keel names them `vcpuN`, QEMU `CPU N/KVM`): the VMM's own work,
+/// devices and event loops, as opposed to running the guest.
+fn vmm_thread_cpu(pid: u32, seen: &mut std::collections::HashMap<u32, u64>) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let dir = t.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.starts_with("vcpu") || comm.starts_with("CPU ") {
+            continue;
+        }
+        let ns = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+        if let Some(ns) = ns {
+            seen.insert(tid, ns);
+        }
+    }
 }
 
 /// The raw tap loop: writes `count` prebuilt frames to a tap on the bridge
@@ -262,6 +289,7 @@ fn raw(dir: &str, frame: usize, count: u64) -> Result<Rate, String> {
         Ok(Rate {
             pps: count as f64 / secs,
             delivered: got as f64 / count as f64,
+            vmm_ns_per_frame: None,
         })
     } else {
         // The bridge learns the raw loop's MAC only from frames it sends;
@@ -297,6 +325,7 @@ fn raw(dir: &str, frame: usize, count: u64) -> Result<Rate, String> {
         Ok(Rate {
             pps: got as f64 / last.duration_since(first).as_secs_f64(),
             delivered: got as f64 / count as f64,
+            vmm_ns_per_frame: None,
         })
     }
 }
@@ -334,16 +363,21 @@ fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, 
     let pid = child.id();
     let done = Arc::new(AtomicBool::new(false));
     let d = done.clone();
-    let killer = std::thread::spawn(move || {
+    // Kills a run that hangs; samples the VMM's non-vCPU CPU time (the
+    // last sample before it exits counts: at most 20 ms missed).
+    let watcher = std::thread::spawn(move || {
         let t = Instant::now();
+        let mut cpu = std::collections::HashMap::new();
         while !d.load(Ordering::Relaxed) {
+            vmm_thread_cpu(pid, &mut cpu);
             if t.elapsed() > RUN_TIMEOUT {
                 // SAFETY: signalling a child we started.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                return;
+                break;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
+        cpu.values().sum::<u64>()
     });
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut text = String::new();
@@ -362,7 +396,7 @@ fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, 
     }
     let status = child.wait().map_err(|e| e.to_string())?;
     done.store(true, Ordering::Relaxed);
-    let _ = killer.join();
+    let vmm_ns = watcher.join().unwrap_or(0);
     if let Some(s) = sender {
         let _ = s.join();
     }
@@ -374,6 +408,7 @@ fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, 
     Ok(Rate {
         pps: frames / (ns / 1e9),
         delivered: host_got.map_or(frames, |g| g as f64) / count as f64,
+        vmm_ns_per_frame: (frames > 0.0).then(|| vmm_ns as f64 / frames),
     })
 }
 
@@ -395,6 +430,8 @@ fn qemu_cmd(qemu: &Path, probe: &Path, cmdline: &str) -> Command {
         .args(["-cpu", "host,-arch-capabilities", "-m", "256M", "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio", "-monitor", "none"])
+        // Names the vCPU threads `CPU N/KVM`, so their time can be told apart.
+        .args(["-name", "probe,debug-threads=on"])
         .args(["-kernel", &probe.display().to_string(), "-append", cmdline])
         .args([
             "-netdev",
@@ -434,7 +471,12 @@ fn median_rate(v: Vec<Rate>) -> Option<Rate> {
     }
     let pps = super::median(v.iter().map(|r| r.pps).collect());
     let delivered = super::median(v.iter().map(|r| r.delivered).collect());
-    Some(Rate { pps, delivered })
+    let cpu: Vec<f64> = v.iter().filter_map(|r| r.vmm_ns_per_frame).collect();
+    Some(Rate {
+        pps,
+        delivered,
+        vmm_ns_per_frame: (!cpu.is_empty()).then(|| super::median(cpu)),
+    })
 }
 
 pub fn main(args: &[String]) {
@@ -486,6 +528,7 @@ pub fn main(args: &[String]) {
         "| direction | frame | raw tap loop | Keel | QEMU microvm | Keel / QEMU | Keel / raw |"
     );
     println!("|---|---|---|---|---|---|---|");
+    let mut cpu_rows = Vec::new();
     for &dir in &dirs {
         for &frame in &frames {
             let n = count(frame);
@@ -535,7 +578,31 @@ pub fn main(args: &[String]) {
                     _ => "-".into(),
                 },
             );
+            let cpu = |x: Option<Rate>| x.and_then(|x| x.vmm_ns_per_frame).map(|ns| ns / 1e3);
+            cpu_rows.push((dir, frame, cpu(k), cpu(q)));
         }
+    }
+    println!();
+    println!("host CPU the VMM spent outside its vCPU threads, per frame (µs; device and event-loop threads; median)");
+    println!();
+    println!("| direction | frame | Keel | QEMU microvm | Keel / QEMU |");
+    println!("|---|---|---|---|---|");
+    for (dir, frame, k, q) in cpu_rows {
+        let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
+        println!(
+            "| {} | {frame} B | {} | {} | {} |",
+            if dir == "tx" {
+                "guest -> host"
+            } else {
+                "host -> guest"
+            },
+            us(k),
+            us(q),
+            match (k, q) {
+                (Some(k), Some(q)) if q > 0.0 => format!("{:.2}x", k / q),
+                _ => "-".into(),
+            }
+        );
     }
     drop(ns);
 }
