@@ -432,6 +432,7 @@ fn qemu_cmd(qemu: &Path, probe: &Path, cmdline: &str) -> Command {
         .args(["-serial", "stdio", "-monitor", "none"])
         // Names the vCPU threads `CPU N/KVM`, so their time can be told apart.
         .args(["-name", "probe,debug-threads=on"])
+        .args(["-global", "virtio-mmio.force-legacy=false"])
         .args(["-kernel", &probe.display().to_string(), "-append", cmdline])
         .args([
             "-netdev",
