@@ -206,7 +206,13 @@ fn fc_config(work: &Path, probe: &Path, cmdline: &str, sock: &Path) -> Option<Pa
 fn fc_cmd(fc: &Path, cfg: &Path, sock: &Path) -> Command {
     let _ = std::fs::remove_file(sock);
     let mut c = Command::new(fc);
-    c.args(["--no-api", "--config-file", &cfg.display().to_string(), "--level", "Error"]);
+    c.args([
+        "--no-api",
+        "--config-file",
+        &cfg.display().to_string(),
+        "--level",
+        "Error",
+    ]);
     c
 }
 
@@ -228,8 +234,8 @@ pub fn main(args: &[String]) {
     let sock = work.join("v.sock");
     println!("vsock throughput, {} MiB per run, median of {runs} (MiB/s); guest figures measured in the guest", TOTAL >> 20);
     println!();
-    println!("| direction | write size | raw Unix socket pair | Keel | Keel / raw | Firecracker |");
-    println!("|---|---|---|---|---|---|");
+    println!("| direction | write size | raw Unix socket pair | Keel | Keel / raw | Firecracker | Keel / Firecracker |");
+    println!("|---|---|---|---|---|---|---|");
     for dir in ["tx", "rx"] {
         for size in [4096usize, 64 << 10] {
             let cmdline = format!(
@@ -266,7 +272,7 @@ pub fn main(args: &[String]) {
             let k = (!k.is_empty()).then(|| super::median(k));
             let f = (!f.is_empty()).then(|| super::median(f));
             println!(
-                "| {} | {} KiB | {r:.0} | {} | {} | {} |",
+                "| {} | {} KiB | {r:.0} | {} | {} | {} | {} |",
                 if dir == "tx" {
                     "guest -> host"
                 } else {
@@ -279,6 +285,10 @@ pub fn main(args: &[String]) {
                     (_, Some(f)) => format!("{f:.0}"),
                     (Some(_), None) => "failed".into(),
                     (None, None) => "not measured (no binary)".into(),
+                },
+                match (k, f) {
+                    (Some(k), Some(f)) => format!("{:.2}x", k / f),
+                    _ => "-".into(),
                 }
             );
         }
@@ -308,7 +318,11 @@ pub fn main(args: &[String]) {
         ),
         _ => None,
     };
-    let show = |t: Option<f64>| t.map_or("failed".into(), |t| format!("{t:.0} ({:.1}x raw)", t / raw_rt));
+    let show = |t: Option<f64>| {
+        t.map_or("failed".into(), |t| {
+            format!("{t:.0} ({:.1}x raw)", t / raw_rt)
+        })
+    };
     println!();
     println!("connect-request-reply (the HostOS agent's pattern), median (µs)");
     println!();
