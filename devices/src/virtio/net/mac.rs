@@ -92,7 +92,8 @@ pub fn resolve_mac(text: &str) -> Result<[u8; 6], String> {
     let Some(rest) = text.strip_prefix("hostos:") else {
         return parse_mac(text);
     };
-    let usage = "expected hostos:<guestos|upgradeguestos|hostos|setupos>:<deployment>:<management MAC>";
+    let usage =
+        "expected hostos:<guestos|upgradeguestos|hostos|setupos>:<deployment>:<management MAC>";
     let mut parts = rest.splitn(3, ':');
     let (Some(node), Some(deployment), Some(mgmt)) = (parts.next(), parts.next(), parts.next())
     else {
@@ -110,7 +111,9 @@ pub fn resolve_mac(text: &str) -> Result<[u8; 6], String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(format!("deployment {deployment:?} must be a non-empty name; {usage}"));
+        return Err(format!(
+            "deployment {deployment:?} must be a non-empty name; {usage}"
+        ));
     }
     let mgmt = parse_mac(mgmt).map_err(|why| format!("management MAC: {why}"))?;
     Ok(deterministic_mac(&mgmt, deployment, node))

@@ -15,8 +15,6 @@ mod tests;
 
 pub use counters::NetCounters;
 pub use device::{NetConfig, VirtioNet, MAX_FRAME, MAX_QUEUE_PAIRS};
-pub use mac::{
-    deterministic_mac, format_mac, parse_mac, random_mac, resolve_mac, MacNodeType,
-};
 pub use host::{HostTap, TapError, TapSetup, TapTeardown};
+pub use mac::{deterministic_mac, format_mac, parse_mac, random_mac, resolve_mac, MacNodeType};
 pub use tap::Tap;

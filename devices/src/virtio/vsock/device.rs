@@ -715,9 +715,11 @@ impl VirtioVsock {
         }
         if next != a.timer_armed_for {
             let r = match next {
-                Some(t) => self
-                    .close_timer
-                    .reset(t.saturating_duration_since(now).max(Duration::from_millis(1)), None),
+                Some(t) => self.close_timer.reset(
+                    t.saturating_duration_since(now)
+                        .max(Duration::from_millis(1)),
+                    None,
+                ),
                 None => self.close_timer.clear(),
             };
             if let Err(e) = r {
@@ -1224,7 +1226,11 @@ mod tests {
         assert_eq!({ sh.flags } & SHUTDOWN_SEND, SHUTDOWN_SEND);
         assert!(!got.iter().any(|(h, _)| { h.op } == OP_RST), "not yet");
         let c = r.counters();
-        assert_eq!(c.conns_closed.load(Relaxed), 0, "the guest gets its grace period");
+        assert_eq!(
+            c.conns_closed.load(Relaxed),
+            0,
+            "the guest gets its grace period"
+        );
         // The guest never answers: the entry goes, with a reset.
         std::thread::sleep(Duration::from_millis(80));
         r.spin();
@@ -1234,7 +1240,15 @@ mod tests {
             .any(|(h, _)| { h.op } == OP_RST && { h.dst_port } == 1234));
         assert_eq!(c.close_timeouts.load(Relaxed), 1);
         assert_eq!(c.conns_closed.load(Relaxed), 1);
-        assert!(r.dev.lock().unwrap().active.as_ref().unwrap().conns.is_empty());
+        assert!(r
+            .dev
+            .lock()
+            .unwrap()
+            .active
+            .as_ref()
+            .unwrap()
+            .conns
+            .is_empty());
     }
 
     #[test]
