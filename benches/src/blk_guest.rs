@@ -1,7 +1,7 @@
 //! virtio-blk full path: the probe guest's benchmark mode (CPL3 driver ->
 //! MMIO notify -> VMM -> backing) under Keel and under QEMU `-M microvm`
-//! with `virtio-blk-device` (aio=io_uring, cache.direct=on), same guest,
-//! same backing, same run.
+//! with `virtio-blk-device` (aio=io_uring, cache.direct=on, virtio-mmio in
+//! modern mode like Keel's), same guest, same backing, same run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -17,22 +17,22 @@ const CASES: [Case; 4] = [
     Case {
         kind: "randread",
         bs: 4096,
-        count: 4000,
+        count: 20000,
     },
     Case {
         kind: "randwrite",
         bs: 4096,
-        count: 4000,
+        count: 20000,
     },
     Case {
         kind: "read",
         bs: 1 << 20,
-        count: 400,
+        count: 1000,
     },
     Case {
         kind: "write",
         bs: 1 << 20,
-        count: 400,
+        count: 1000,
     },
 ];
 
@@ -119,6 +119,8 @@ pub fn main(args: &[String]) {
                     "-no-reboot",
                 ])
                 .args(["-serial", "stdio", "-monitor", "none"])
+                // Modern virtio-mmio like Keel's: the same guest driver path.
+                .args(["-global", "virtio-mmio.force-legacy=false"])
                 .args(["-kernel", &probe.display().to_string(), "-append", &cmdline])
                 .args([
                     "-drive",
