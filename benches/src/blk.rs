@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::block::{BlockConfig, DiskBackend, EngineKind, VirtioBlock};
 use devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use io_uring::{opcode, types, IoUring};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -205,13 +206,14 @@ fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
     // spinning driver would steal a core from the device on small hosts.
     let irq = EventFd::new(0).expect("eventfd");
     let irq_wait = irq.try_clone().expect("clone");
+    let interrupt = Arc::new(Interrupt::new(irq));
     dev.lock()
         .expect("lock")
         .activate(ActivateContext {
             mem: mem.clone(),
             queues: vec![q],
             queue_evts: vec![kick.try_clone().expect("clone")],
-            interrupt: Arc::new(Interrupt::new(irq)),
+            interrupt: interrupt.clone(),
         })
         .expect("activate");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -268,6 +270,9 @@ fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
             .expect("used idx");
         if used == used_seen {
             irq_wait.read().expect("interrupt");
+            // Acknowledge before looking, as a driver does: the device
+            // interrupts again only for what comes after.
+            interrupt.ack(VIRTIO_MMIO_INT_VRING);
             used = mem
                 .load(GuestAddress(USED + 2), Ordering::Acquire)
                 .expect("used idx");
