@@ -86,6 +86,9 @@ struct Active {
     uring: Option<Uring>,
     slots: Vec<Slot>,
     free: Vec<u16>,
+    /// Every slot was taken while the guest had more requests: the next
+    /// completion resumes taking them (no queue notification is armed).
+    starved: bool,
 }
 
 /// A virtio-blk device.
@@ -179,7 +182,7 @@ impl VirtioBlock {
         ops.add(Events::with_data(&queue_evt, EV_QUEUE, EventSet::IN))
             .map_err(|e| format!("watch queue: {e:?}"))?;
         if let Some(u) = &uring {
-            ops.add(Events::with_data(u.eventfd(), EV_URING, EventSet::IN))
+            ops.add(Events::with_data(u, EV_URING, EventSet::IN))
                 .map_err(|e| format!("watch io_uring: {e:?}"))?;
         }
         self.active = Some(Active {
@@ -190,6 +193,7 @@ impl VirtioBlock {
             uring,
             slots,
             free: (0..size as u16).rev().collect(),
+            starved: false,
         });
         Ok(())
     }
@@ -201,6 +205,7 @@ impl VirtioBlock {
             return;
         };
         let _ = a.queue_evt.read();
+        a.starved = false;
         let mut completed_now = false;
         loop {
             while let Some(slot_idx) = a.free.last().copied() {
@@ -228,10 +233,15 @@ impl VirtioBlock {
                     completed_now = true;
                 }
             }
+            if a.free.is_empty() {
+                // Requests may wait for a slot: a completion resumes.
+                a.starved = true;
+                break;
+            }
             // Re-enable notifications; if more arrived meanwhile, go again.
             match a.queue.enable_notification(&a.mem) {
-                Ok(true) if !a.free.is_empty() => continue,
-                Ok(_) => break,
+                Ok(true) => continue,
+                Ok(false) => break,
                 Err(e) => {
                     error!("virtio-blk: queue error: {e}");
                     break;
@@ -269,9 +279,9 @@ impl VirtioBlock {
         if any {
             notify(a);
         }
-        // Requests may have waited for free slots.
-        if a.queue.ready() && !a.free.is_empty() {
-            let _ = a.queue_evt.write(1);
+        // Requests waited for free slots: take them now.
+        if a.starved && !a.free.is_empty() {
+            self.process_queue();
         }
     }
 }
@@ -587,7 +597,7 @@ impl MutEventSubscriber for VirtioBlock {
                 for old in retired {
                     let _ = ops.remove(Events::with_data(&old.queue_evt, EV_QUEUE, EventSet::IN));
                     if let Some(u) = &old.uring {
-                        let _ = ops.remove(Events::with_data(u.eventfd(), EV_URING, EventSet::IN));
+                        let _ = ops.remove(Events::with_data(u, EV_URING, EventSet::IN));
                     }
                 }
                 if let Some(ctx) = pending {

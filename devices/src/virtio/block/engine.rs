@@ -1,10 +1,9 @@
 //! I/O engines: io_uring (a whole queue's requests per submission,
-//! completions signalled on an eventfd) and a synchronous fallback.
+//! completions found by polling the ring's fd) and a synchronous fallback.
 
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
-use vmm_sys_util::eventfd::EventFd;
 
 /// Which engine a disk uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,10 +16,9 @@ pub enum EngineKind {
     Sync,
 }
 
-/// An io_uring with its completion eventfd.
+/// An io_uring; its fd polls readable while completions wait.
 pub struct Uring {
     ring: IoUring,
-    evt: EventFd,
     pending: usize,
 }
 
@@ -28,21 +26,10 @@ pub struct Uring {
 pub type Completion = (u64, i32);
 
 impl Uring {
-    /// A ring of `entries` entries whose completions write an eventfd.
+    /// A ring of `entries` entries.
     pub fn new(entries: u32) -> std::io::Result<Self> {
         let ring = IoUring::new(entries)?;
-        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(evt.as_raw_fd())?;
-        Ok(Uring {
-            ring,
-            evt,
-            pending: 0,
-        })
-    }
-
-    /// The completion eventfd.
-    pub fn eventfd(&self) -> &EventFd {
-        &self.evt
+        Ok(Uring { ring, pending: 0 })
     }
 
     fn push(&mut self, entry: io_uring::squeue::Entry) -> std::io::Result<()> {
@@ -91,14 +78,17 @@ impl Uring {
         self.push(e)
     }
 
-    /// Submits everything queued, in one system call.
+    /// Submits everything queued, in one system call (none when nothing
+    /// is queued).
     pub fn submit(&mut self) -> std::io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
         self.ring.submit().map(|_| ())
     }
 
     /// Hands every available completion to `f`.
     pub fn complete(&mut self, mut f: impl FnMut(Completion)) {
-        let _ = self.evt.read();
         for cqe in self.ring.completion() {
             self.pending = self.pending.saturating_sub(1);
             f((cqe.user_data(), cqe.result()));
@@ -113,6 +103,14 @@ impl Uring {
             }
             self.complete(&mut f);
         }
+    }
+}
+
+/// The ring's fd: poll it (readable) for completions, as an eventfd
+/// registered with the ring would signal them, minus a read per wake-up.
+impl AsRawFd for Uring {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
     }
 }
 
