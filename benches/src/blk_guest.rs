@@ -61,10 +61,12 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
 pub fn main(args: &[String]) {
     let mut runs = 3usize;
     let mut qemu = super::which("qemu-system-x86_64");
+    let mut poll_us = 0u32;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| super::usage()),
+            ("--keel-poll-us", Some(v)) => poll_us = v.parse().unwrap_or_else(|_| super::usage()),
             ("--qemu", Some(v)) => qemu = Some(v.into()),
             _ => super::usage(),
         }
@@ -77,7 +79,7 @@ pub fn main(args: &[String]) {
     let img = work.join("disk.img");
     super::blk::make_backing(&img);
     let lo = super::blk::LoopDev::attach(&img);
-    println!("virtio-blk full path: probe guest (CPL3, virtio-drivers) -> VMM -> loop device (O_DIRECT), guest-measured, median of {runs}");
+    println!("virtio-blk full path: probe guest (CPL3, virtio-drivers) -> VMM -> loop device (O_DIRECT), guest-measured, median of {runs}; Keel's device thread polls {poll_us} µs");
     println!();
     println!("| workload | QD | Keel | QEMU microvm | Keel / QEMU |");
     println!("|---|---|---|---|---|");
@@ -96,7 +98,8 @@ pub fn main(args: &[String]) {
                     "size=512M",
                 ])
                 .args(["--cmdline", &cmdline, "--log-level", "error"])
-                .args(["--disk", &format!("path={},direct=on", lo.0)]);
+                .args(["--disk", &format!("path={},direct=on", lo.0)])
+                .args(["--device-poll-us", &poll_us.to_string()]);
                 k
             };
             let qemu_cmd = |q: &Path| {

@@ -66,7 +66,7 @@ pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--firecracker PATH]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES]"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH] [--keel-poll-us N]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--firecracker PATH]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N]"
     );
     std::process::exit(2)
 }

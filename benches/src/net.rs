@@ -412,8 +412,9 @@ fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, 
     })
 }
 
-fn keel_cmd(bin: &Path, cmdline: &str) -> Command {
+fn keel_cmd(bin: &Path, cmdline: &str, poll_us: u32) -> Command {
     let mut c = Command::new(bin.join("keel"));
+    c.args(["--device-poll-us", &poll_us.to_string()]);
     c.args(["--kernel", &bin.join("probe-guest").display().to_string()])
         .args(["--memory", "size=256M", "--cmdline", cmdline])
         .args(["--log-level", "error"])
@@ -484,6 +485,7 @@ pub fn main(args: &[String]) {
     let mut runs = 3usize;
     let mut qemu = super::which("qemu-system-x86_64");
     let mut dirs = vec!["tx", "rx"];
+    let mut poll_us = 0u32;
     let mut frames = vec![64usize, 1500];
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -491,6 +493,7 @@ pub fn main(args: &[String]) {
             ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| super::usage()),
             ("--qemu", Some("none")) => qemu = None,
             ("--qemu", Some(v)) => qemu = Some(v.into()),
+            ("--keel-poll-us", Some(v)) => poll_us = v.parse().unwrap_or_else(|_| super::usage()),
             ("--dir", Some("tx")) => dirs = vec!["tx"],
             ("--dir", Some("rx")) => dirs = vec!["rx"],
             ("--frame", Some(v)) => {
@@ -522,7 +525,7 @@ pub fn main(args: &[String]) {
     });
     println!(
         "virtio-net throughput, UDP frames through a tap on a bridge, median of {runs}; \
-         guest figures measured in the guest; (delivered %)"
+         guest figures measured in the guest; (delivered %); Keel's device thread polls {poll_us} µs"
     );
     println!();
     println!(
@@ -545,7 +548,7 @@ pub fn main(args: &[String]) {
                     Ok(r) => rs.push(r),
                     Err(e) => eprintln!("raw {dir} {frame}: {e}"),
                 }
-                match guest(keel_cmd(&bin, &cmdline), dir, frame, n) {
+                match guest(keel_cmd(&bin, &cmdline, poll_us), dir, frame, n) {
                     Ok(r) => ks.push(r),
                     Err(e) => eprintln!("Keel {dir} {frame}: {e}"),
                 }

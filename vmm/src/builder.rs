@@ -221,7 +221,11 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let vsock_counters = virtio.vsock_counters;
     let nets = virtio.nets;
     let net_teardown = virtio.net_teardown;
-    device_manager::start_device_thread(virtio.event_manager).map_err(BuildError::EventFd)?;
+    device_manager::start_device_thread(
+        virtio.event_manager,
+        Duration::from_micros(u64::from(config.devices.poll_us)),
+    )
+    .map_err(BuildError::EventFd)?;
     vcpu::install_kick_handler()?;
     let (tx, rx) = mpsc::channel();
     let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);

@@ -51,6 +51,10 @@ struct Args {
     /// Seconds a graceful shutdown waits before a forced stop (default 120).
     #[arg(long, value_name = "SECONDS")]
     shutdown_timeout: Option<u64>,
+    /// After device work, poll for more for up to this many µs before
+    /// sleeping (default 0: sleep at once; at most 1000).
+    #[arg(long, value_name = "MICROSECONDS")]
+    device_poll_us: Option<u32>,
     /// Serial console: stdout | off | file=PATH.
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
@@ -82,6 +86,7 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         disks: args.disks.clone(),
         api_socket: args.api_socket.clone(),
         shutdown_timeout_s: args.shutdown_timeout,
+        device_poll_us: args.device_poll_us,
         vsock: args.vsock.clone(),
         nets: args.nets.clone(),
     })?;

@@ -299,6 +299,20 @@ impl Default for ControlConfig {
     }
 }
 
+/// The device thread.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// After device work, keep polling for more for up to this many
+    /// microseconds before sleeping (0: sleep at once). Lower latency
+    /// under load for host CPU; for hosts with a core to spare.
+    #[serde(default)]
+    pub poll_us: u32,
+}
+
+/// Longest device-thread polling window accepted (µs).
+pub const MAX_POLL_US: u32 = 1000;
+
 /// A whole VM.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -327,6 +341,9 @@ pub struct VmConfig {
     /// vsock device.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// The device thread.
+    #[serde(default)]
+    pub devices: DevicesConfig,
 }
 
 /// Command-line flag values, as given (each overrides the file).
@@ -351,6 +368,8 @@ pub struct FlagOverrides {
     pub api_socket: Option<PathBuf>,
     /// `--shutdown-timeout SECONDS`
     pub shutdown_timeout_s: Option<u64>,
+    /// `--device-poll-us MICROSECONDS`
+    pub device_poll_us: Option<u32>,
     /// `--vsock cid=N,socket=PATH[,allow_host_connect=on]`
     pub vsock: Option<String>,
     /// `--net tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N]` (MAC may be
@@ -421,6 +440,9 @@ impl VmConfig {
         if let Some(t) = flags.shutdown_timeout_s {
             self.control.shutdown_timeout_s = t;
         }
+        if let Some(p) = flags.device_poll_us {
+            self.devices.poll_us = p;
+        }
         if !flags.disks.is_empty() {
             self.disks = flags
                 .disks
@@ -470,6 +492,13 @@ impl VmConfig {
         self.validate_disks()?;
         self.validate_nets()?;
         self.validate_control()?;
+        if self.devices.poll_us > MAX_POLL_US {
+            return Err(ConfigError::invalid(
+                "devices.poll_us",
+                &self.devices.poll_us.to_string(),
+                format!("at most {MAX_POLL_US} µs"),
+            ));
+        }
         if let Some(v) = &self.vsock {
             if v.cid < 3 || v.cid > u64::from(u32::MAX) {
                 return Err(ConfigError::invalid(
@@ -984,6 +1013,20 @@ mod tests {
     }
 
     #[test]
+    fn device_polling_from_the_file_and_the_flag() {
+        let mut cfg = VmConfig::from_toml("[devices]\npoll_us = 50").unwrap();
+        assert_eq!(cfg.devices.poll_us, 50);
+        assert_eq!(VmConfig::default().devices.poll_us, 0, "off by default");
+        cfg.apply_flags(&FlagOverrides {
+            device_poll_us: Some(200),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.devices.poll_us, 200);
+        assert!(VmConfig::from_toml("[devices]\npoll = 5").is_err());
+    }
+
+    #[test]
     fn file_errors_name_the_key() {
         let e = VmConfig::from_toml("[memory]\nsise = 1").unwrap_err();
         assert!(e.contains("sise"), "{e}");
@@ -1259,6 +1302,7 @@ mod tests {
             },
             "nets[0].mtu",
         );
+        check(&|c| c.devices.poll_us = MAX_POLL_US + 1, "devices.poll_us");
         check(
             &|c| {
                 c.nets = vec![NetConfig {
