@@ -49,19 +49,21 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The number in field `key` (such as `ns=`) of a probe report line.
+pub fn probe_field(line: &str, key: &str) -> Result<f64, String> {
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no {key} in {line:?}"))
+}
+
 /// Operations per second from the probe's `probe: bench ... n=N ns=T` line.
 pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
     let line = output
         .lines()
         .find(|l| l.starts_with(prefix))
         .ok_or_else(|| format!("no `{prefix}` line; output:\n{output}"))?;
-    let field = |k: &str| -> Result<f64, String> {
-        line.split_whitespace()
-            .find_map(|t| t.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("no {k} in {line:?}"))
-    };
-    Ok(field("n=")? / (field("ns=")? / 1e9))
+    Ok(probe_field(line, "n=")? / (probe_field(line, "ns=")? / 1e9))
 }
 
 fn usage() -> ! {

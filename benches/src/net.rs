@@ -341,14 +341,6 @@ fn is_rx_frame(b: &[u8]) -> bool {
         && f[36..38] == RX_PORT.to_be_bytes()
 }
 
-/// A field `key=value` of a probe line.
-fn field(line: &str, key: &str) -> Result<f64, String> {
-    line.split_whitespace()
-        .find_map(|t| t.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no {key} in {line:?}"))
-}
-
 /// Runs the probe's net benchmark under one VMM command line.
 fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, String> {
     cmd.stdin(Stdio::null())
@@ -389,7 +381,10 @@ fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, 
             sender = Some(send_to_guest(frame, count, Some(GUEST_OFFERED_PPS)));
         }
         if line.starts_with("probe: bench net ") && line.contains(" ns=") {
-            result = Some(field(&line, "frames=").and_then(|n| Ok((n, field(&line, "ns=")?))));
+            result = Some(
+                super::probe_field(&line, "frames=")
+                    .and_then(|n| Ok((n, super::probe_field(&line, "ns=")?))),
+            );
         }
         text.push_str(&line);
         text.push('\n');

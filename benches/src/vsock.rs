@@ -82,12 +82,7 @@ fn guest_rate(mut cmd: Command, sock: &Path, dir: &'static str) -> Result<f64, S
         .lines()
         .find(|l| l.starts_with("probe: bench vsock"))
         .ok_or_else(|| format!("no bench line:\n{text}"))?;
-    let field = |k: &str| -> Result<f64, String> {
-        line.split_whitespace()
-            .find_map(|t| t.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("no {k} in {line:?}"))
-    };
+    let field = |k| super::probe_field(line, k);
     Ok(field("bytes=")? / (field("ns=")? / 1e9) / (1 << 20) as f64)
 }
 
