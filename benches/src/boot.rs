@@ -221,17 +221,8 @@ pub fn main(args: &[String]) {
                 Vmm {
                     name: "Firecracker",
                     command: Box::new(move |work| {
-                        let cfg = work.join("fc.json");
-                        let json = format!(
-                            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{}"}},"drives":[],"machine-config":{{"vcpu_count":{cpus},"mem_size_mib":{mem}}}}}"#,
-                            probe.display(),
-                            PROBE_CMDLINE
-                        );
-                        std::fs::write(&cfg, json).expect("firecracker config");
-                        let mut c = Command::new(&fc);
-                        c.args(["--no-api", "--config-file", &cfg.display().to_string()])
-                            .args(["--level", "Error"]);
-                        c
+                        super::firecracker(&fc, work, &probe, PROBE_CMDLINE, (cpus, mem), None)
+                            .expect("firecracker config")
                     }),
                 },
                 None,

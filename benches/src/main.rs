@@ -49,6 +49,43 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The probe guest under Firecracker: writes `work/fc.json` (`kernel` with
+/// `cmdline`, `cpus` vCPUs, `mem_mib` MiB, and with `vsock` a vsock device
+/// for guest CID 3 on that Unix socket) and returns the command that boots
+/// it. A vsock socket must not exist yet (Firecracker binds it): it is
+/// removed first.
+pub fn firecracker(
+    fc: &std::path::Path,
+    work: &std::path::Path,
+    kernel: &std::path::Path,
+    cmdline: &str,
+    (cpus, mem_mib): (u32, u64),
+    vsock: Option<&std::path::Path>,
+) -> std::io::Result<std::process::Command> {
+    let vsock_json = match vsock {
+        Some(sock) => {
+            let _ = std::fs::remove_file(sock);
+            format!(
+                r#","vsock":{{"guest_cid":3,"uds_path":"{}"}}"#,
+                sock.display()
+            )
+        }
+        None => String::new(),
+    };
+    let cfg = work.join("fc.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{cmdline}"}},"drives":[],"machine-config":{{"vcpu_count":{cpus},"mem_size_mib":{mem_mib}}}{vsock_json}}}"#,
+            kernel.display()
+        ),
+    )?;
+    let mut c = std::process::Command::new(fc);
+    c.args(["--no-api", "--config-file", &cfg.display().to_string()])
+        .args(["--level", "Error"]);
+    Ok(c)
+}
+
 /// The number in field `key` (such as `ns=`) of a probe report line.
 pub fn probe_field(line: &str, key: &str) -> Result<f64, String> {
     line.split_whitespace()

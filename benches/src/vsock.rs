@@ -183,32 +183,9 @@ fn guest_round_trip(vmm: &dyn Fn() -> Option<Command>, sock: &Path, runs: usize)
     (!times.is_empty()).then(|| super::median(times))
 }
 
-/// Firecracker's configuration file for one boot of the probe with
-/// `cmdline`, its vsock on `sock`.
-fn fc_config(work: &Path, probe: &Path, cmdline: &str, sock: &Path) -> Option<PathBuf> {
-    let cfg = work.join("fc.json");
-    let json = format!(
-        r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{cmdline}"}},"drives":[],"machine-config":{{"vcpu_count":1,"mem_size_mib":256}},"vsock":{{"guest_cid":3,"uds_path":"{}"}}}}"#,
-        probe.display(),
-        sock.display()
-    );
-    std::fs::write(&cfg, json).ok()?;
-    Some(cfg)
-}
-
-/// Firecracker's command line for one boot (its vsock socket must not
-/// exist yet: Firecracker binds it).
-fn fc_cmd(fc: &Path, cfg: &Path, sock: &Path) -> Command {
-    let _ = std::fs::remove_file(sock);
-    let mut c = Command::new(fc);
-    c.args([
-        "--no-api",
-        "--config-file",
-        &cfg.display().to_string(),
-        "--level",
-        "Error",
-    ]);
-    c
+/// Firecracker booting the probe with `cmdline`, its vsock on `sock`.
+fn fc_cmd(fc: &Path, work: &Path, probe: &Path, cmdline: &str, sock: &Path) -> Option<Command> {
+    super::firecracker(fc, work, probe, cmdline, (1, 256), Some(sock)).ok()
 }
 
 pub fn main(args: &[String]) {
@@ -256,8 +233,8 @@ pub fn main(args: &[String]) {
             let f: Vec<f64> = match &fc {
                 Some(fc) if fc.is_file() => (0..runs)
                     .filter_map(|_| {
-                        let cfg = fc_config(&work, &probe, &cmdline, &sock)?;
-                        guest_rate(fc_cmd(fc, &cfg, &sock), &sock, dir)
+                        let cmd = fc_cmd(fc, &work, &probe, &cmdline, &sock)?;
+                        guest_rate(cmd, &sock, dir)
                             .map_err(|e| eprintln!("Firecracker: {e}"))
                             .ok()
                     })
@@ -304,10 +281,7 @@ pub fn main(args: &[String]) {
     );
     let fc_rt = match &fc {
         Some(fc) if fc.is_file() => guest_round_trip(
-            &|| {
-                let cfg = fc_config(&work, &probe, ROUND_TRIP_CMDLINE, &sock)?;
-                Some(fc_cmd(fc, &cfg, &sock))
-            },
+            &|| fc_cmd(fc, &work, &probe, ROUND_TRIP_CMDLINE, &sock),
             &sock,
             boots,
         ),
