@@ -116,6 +116,20 @@ pub struct ActivateContext {
     pub interrupt: std::sync::Arc<Interrupt>,
 }
 
+impl ActivateContext {
+    /// Checks that the driver set up exactly the device's `expected`
+    /// queues, each with its notification eventfd.
+    pub fn check_queue_count(&self, expected: usize) -> Result<(), ActivateError> {
+        if self.queues.len() != expected || self.queue_evts.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                got: self.queues.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 1 = net, 19 = vsock).
@@ -158,9 +172,14 @@ impl<A> Handoff<A> {
         })
     }
 
-    /// The eventfd the device thread watches.
-    pub fn eventfd(&self) -> &EventFd {
-        &self.evt
+    /// Puts the eventfd in the device thread's event loop with `data`
+    /// (from a subscriber's `init`); a failure is logged under `device`.
+    pub fn watch(&self, ops: &mut event_manager::EventOps, data: u32, device: &str) {
+        let ev =
+            event_manager::Events::with_data(&self.evt, data, vmm_sys_util::epoll::EventSet::IN);
+        if let Err(e) = ops.add(ev) {
+            log::error!("{device}: cannot watch activation: {e:?}");
+        }
     }
 
     /// Queues an activation for the device thread.

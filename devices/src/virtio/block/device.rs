@@ -549,12 +549,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 1 || ctx.queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: ctx.queues.len(),
-            });
-        }
+        ctx.check_queue_count(1)?;
         if !ctx.queues[0].is_valid(&ctx.mem) {
             return Err(ActivateError::InvalidQueue(0));
         }
@@ -578,13 +573,7 @@ impl VirtioDevice for VirtioBlock {
 
 impl MutEventSubscriber for VirtioBlock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            self.handoff.eventfd(),
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("virtio-blk: cannot watch activation: {e:?}");
-        }
+        self.handoff.watch(ops, EV_ACTIVATE, "virtio-blk");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {

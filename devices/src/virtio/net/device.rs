@@ -891,13 +891,7 @@ impl VirtioDevice for VirtioNet {
                 "driver did not accept VIRTIO_F_VERSION_1".into(),
             ));
         }
-        let expected = self.queue_sizes.len();
-        if ctx.queues.len() != expected || ctx.queue_evts.len() != expected {
-            return Err(ActivateError::QueueCount {
-                expected,
-                got: ctx.queues.len(),
-            });
-        }
+        ctx.check_queue_count(self.queue_sizes.len())?;
         let (pairs, ctrl) = self.layout();
         for i in (0..2 * pairs).chain(ctrl) {
             let q = &ctx.queues[i];
@@ -926,13 +920,7 @@ impl VirtioDevice for VirtioNet {
 
 impl MutEventSubscriber for VirtioNet {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            self.handoff.eventfd(),
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("virtio-net: cannot watch activation: {e:?}");
-        }
+        self.handoff.watch(ops, EV_ACTIVATE, "virtio-net");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {

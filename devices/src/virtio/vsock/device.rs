@@ -826,12 +826,7 @@ impl VirtioDevice for VirtioVsock {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 3 || ctx.queue_evts.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: ctx.queues.len(),
-            });
-        }
+        ctx.check_queue_count(3)?;
         for (i, q) in ctx.queues.iter().enumerate() {
             if !q.is_valid(&ctx.mem) {
                 return Err(ActivateError::InvalidQueue(i));
@@ -849,13 +844,7 @@ impl VirtioDevice for VirtioVsock {
 
 impl MutEventSubscriber for VirtioVsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            self.handoff.eventfd(),
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("vsock: cannot watch activation: {e:?}");
-        }
+        self.handoff.watch(ops, EV_ACTIVATE, "vsock");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
