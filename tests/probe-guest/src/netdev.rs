@@ -6,8 +6,8 @@
 //!
 //! virtio-drivers negotiates only MAC, STATUS, VERSION_1, EVENT_IDX and
 //! INDIRECT_DESC: no MRG_RXBUF (a frame must fit one receive buffer) and
-//! no receive offloads (the host's frames arrive fully checksummed). A
-//! wrapper around its transport ([`ExtraFeatures`]) acks CSUM and
+//! no receive offloads (the host's frames arrive fully checksummed). The
+//! probe's transport ([`ProbeTransport::ack_also`]) acks CSUM and
 //! HOST_TSO4 as well when asked, for `net.tso`: transmit offloads only
 //! change what the driver may write in a transmit header, which the probe
 //! writes itself.
@@ -21,9 +21,7 @@ use alloc::vec::Vec;
 use core::mem::ManuallyDrop;
 
 use virtio_drivers::device::net::VirtIONetRaw;
-use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
-use virtio_drivers::PhysAddr;
-use zerocopy::{FromBytes, Immutable, IntoBytes};
+use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 
 use crate::arch::{phys, tsc};
 use crate::virtio::{MmioDevice, ProbeHal, ProbeTransport};
@@ -47,92 +45,10 @@ pub const F_HOST_TSO4: u64 = 1 << 11;
 /// virtio-mmio registers.
 const REG_CONFIG: u64 = 0x100;
 
-/// The MMIO transport, acking `extra` feature bits too where the device
-/// offers them: virtio-drivers' net driver acks only the features it knows
-/// (MAC, STATUS, VERSION_1, EVENT_IDX, INDIRECT_DESC), and the offloads
-/// the probe drives itself (CSUM, HOST_TSO4: they only change what the
-/// driver may put in a transmit header) need no support from it.
-pub struct ExtraFeatures {
-    inner: ProbeTransport,
-    extra: u64,
-}
-
-impl Transport for ExtraFeatures {
-    fn device_type(&self) -> DeviceType {
-        self.inner.device_type()
-    }
-    fn read_device_features(&mut self) -> u64 {
-        self.inner.read_device_features()
-    }
-    fn write_driver_features(&mut self, driver_features: u64) {
-        let offered = self.inner.read_device_features();
-        let mut extra = offered & self.extra;
-        // HOST_TSO4 requires CSUM (virtio 5.1.3.1).
-        if extra & F_CSUM == 0 {
-            extra &= !F_HOST_TSO4;
-        }
-        self.inner.write_driver_features(driver_features | extra);
-    }
-    fn max_queue_size(&mut self, queue: u16) -> u32 {
-        self.inner.max_queue_size(queue)
-    }
-    fn notify(&mut self, queue: u16) {
-        self.inner.notify(queue)
-    }
-    fn get_status(&self) -> DeviceStatus {
-        self.inner.get_status()
-    }
-    fn set_status(&mut self, status: DeviceStatus) {
-        self.inner.set_status(status)
-    }
-    fn set_guest_page_size(&mut self, guest_page_size: u32) {
-        self.inner.set_guest_page_size(guest_page_size)
-    }
-    fn requires_legacy_layout(&self) -> bool {
-        self.inner.requires_legacy_layout()
-    }
-    fn queue_set(
-        &mut self,
-        queue: u16,
-        size: u32,
-        descriptors: PhysAddr,
-        driver_area: PhysAddr,
-        device_area: PhysAddr,
-    ) {
-        self.inner
-            .queue_set(queue, size, descriptors, driver_area, device_area)
-    }
-    fn queue_unset(&mut self, queue: u16) {
-        self.inner.queue_unset(queue)
-    }
-    fn queue_used(&mut self, queue: u16) -> bool {
-        self.inner.queue_used(queue)
-    }
-    fn ack_interrupt(&mut self) -> InterruptStatus {
-        self.inner.ack_interrupt()
-    }
-    fn read_config_generation(&self) -> u32 {
-        self.inner.read_config_generation()
-    }
-    fn read_config_space<T: FromBytes + IntoBytes>(
-        &self,
-        offset: usize,
-    ) -> virtio_drivers::Result<T> {
-        self.inner.read_config_space(offset)
-    }
-    fn write_config_space<T: IntoBytes + Immutable>(
-        &mut self,
-        offset: usize,
-        value: T,
-    ) -> virtio_drivers::Result<()> {
-        self.inner.write_config_space(offset, value)
-    }
-}
-
 /// An initialized network device.
 pub struct Nic {
     /// Dropped by hand (see `Drop`), before the buffers go.
-    net: ManuallyDrop<VirtIONetRaw<ProbeHal, ExtraFeatures, QUEUE_SIZE>>,
+    net: ManuallyDrop<VirtIONetRaw<ProbeHal, ProbeTransport, QUEUE_SIZE>>,
     /// Register window.
     base: u64,
     /// Features the device offers.
@@ -176,10 +92,13 @@ impl Nic {
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = transport.read_device_features();
-        let transport = ExtraFeatures {
-            inner: transport,
-            extra,
-        };
+        // Of `extra`, what the device offers; HOST_TSO4 requires CSUM
+        // (virtio 5.1.3.1).
+        let mut extra = offered & extra;
+        if extra & F_CSUM == 0 {
+            extra &= !F_HOST_TSO4;
+        }
+        transport.ack_also(extra);
         let net = VirtIONetRaw::<ProbeHal, _, QUEUE_SIZE>::new(transport)
             .map_err(|e| format!("virtio-drivers init: {e}"))?;
         // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
@@ -197,13 +116,7 @@ impl Nic {
             net: ManuallyDrop::new(net),
             base: dev.base,
             offered,
-            extra: offered
-                & extra
-                & if offered & F_CSUM != 0 {
-                    !0
-                } else {
-                    !F_HOST_TSO4
-                },
+            extra,
             mtu,
             hdr_len,
             rx: (0..QUEUE_SIZE).map(|_| None).collect(),

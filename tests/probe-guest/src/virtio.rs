@@ -5,7 +5,7 @@
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use core::ptr::NonNull;
 
-use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion, VirtIOHeader};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -82,8 +82,7 @@ impl MmioDevice {
         })
     }
 
-    /// Opens the transport (setting the status step by step, see
-    /// [`StepwiseStatus`]). The returned transport borrows the window for
+    /// Opens the transport (see [`ProbeTransport`]). The returned transport borrows the window for
     /// as long as the caller keeps it; only one may exist per device.
     pub fn transport(&self) -> Result<ProbeTransport, alloc::string::String> {
         let size = usize::try_from(self.size)
@@ -94,45 +93,64 @@ impl MmioDevice {
         // VMM, aligned (virtio-mmio windows are page-aligned) and not
         // otherwise accessed by the probe.
         unsafe { MmioTransport::new(header, size) }
-            .map(StepwiseStatus)
+            .map(|mmio| ProbeTransport { mmio, extra: 0 })
             .map_err(|e| alloc::format!("{e}"))
     }
 }
 
-/// The transport every probe driver uses.
-pub type ProbeTransport = StepwiseStatus<MmioTransport<'static>>;
+/// The MMIO transport every probe driver uses, with two changes:
+///
+/// - It sets the device status one step of the initialization sequence
+///   (virtio 1.x, 3.1.1) at a time: ACKNOWLEDGE, then DRIVER, then
+///   FEATURES_OK, then DRIVER_OK, each in its own write. virtio-drivers
+///   writes ACKNOWLEDGE | DRIVER in one write after the reset
+///   (`Transport::begin_init`); a device that enforces the sequence
+///   (Firecracker's virtio-mmio transport accepts only 0 -> 1 -> 3 -> 0xb ->
+///   0xf) ignores that write and, the device staying in reset, every
+///   feature, queue and DRIVER_OK write after it: the device is never
+///   activated.
+/// - It acks the feature bits set with [`ProbeTransport::ack_also`] on top
+///   of those the driver acks, for features the probe drives itself.
+pub struct ProbeTransport {
+    mmio: MmioTransport<'static>,
+    extra: u64,
+}
 
-/// A transport that sets the device status one step of the initialization
-/// sequence (virtio 1.x, 3.1.1) at a time: ACKNOWLEDGE, then DRIVER, then
-/// FEATURES_OK, then DRIVER_OK, each in its own write. virtio-drivers
-/// writes ACKNOWLEDGE | DRIVER in one write after the reset
-/// (`Transport::begin_init`); a device that enforces the sequence
-/// (Firecracker's virtio-mmio transport accepts only 0 -> 1 -> 3 -> 0xb ->
-/// 0xf) ignores that write and, the device staying in reset, every feature,
-/// queue and DRIVER_OK write after it: the device is never activated.
-pub struct StepwiseStatus<T>(pub T);
+impl ProbeTransport {
+    /// The MMIO transport's version (legacy or modern).
+    pub fn version(&self) -> MmioVersion {
+        self.mmio.version()
+    }
 
-impl<T: Transport> Transport for StepwiseStatus<T> {
+    /// Also acks `features` (which must all be offered) when the driver
+    /// writes its own.
+    pub fn ack_also(&mut self, features: u64) {
+        self.extra = features;
+    }
+}
+
+impl Transport for ProbeTransport {
     fn device_type(&self) -> DeviceType {
-        self.0.device_type()
+        self.mmio.device_type()
     }
     fn read_device_features(&mut self) -> u64 {
-        self.0.read_device_features()
+        self.mmio.read_device_features()
     }
     fn write_driver_features(&mut self, driver_features: u64) {
-        self.0.write_driver_features(driver_features)
+        self.mmio
+            .write_driver_features(driver_features | self.extra)
     }
     fn max_queue_size(&mut self, queue: u16) -> u32 {
-        self.0.max_queue_size(queue)
+        self.mmio.max_queue_size(queue)
     }
     fn notify(&mut self, queue: u16) {
-        self.0.notify(queue)
+        self.mmio.notify(queue)
     }
     fn get_status(&self) -> DeviceStatus {
-        self.0.get_status()
+        self.mmio.get_status()
     }
     fn set_status(&mut self, status: DeviceStatus) {
-        let mut now = self.0.get_status();
+        let mut now = self.mmio.get_status();
         for step in [
             DeviceStatus::ACKNOWLEDGE,
             DeviceStatus::DRIVER,
@@ -141,19 +159,19 @@ impl<T: Transport> Transport for StepwiseStatus<T> {
         ] {
             if status.contains(step) && !now.contains(step) {
                 now |= step;
-                self.0.set_status(now);
+                self.mmio.set_status(now);
             }
         }
         // A reset (0), FAILED, or anything the steps did not reach.
         if now != status {
-            self.0.set_status(status);
+            self.mmio.set_status(status);
         }
     }
     fn set_guest_page_size(&mut self, guest_page_size: u32) {
-        self.0.set_guest_page_size(guest_page_size)
+        self.mmio.set_guest_page_size(guest_page_size)
     }
     fn requires_legacy_layout(&self) -> bool {
-        self.0.requires_legacy_layout()
+        self.mmio.requires_legacy_layout()
     }
     fn queue_set(
         &mut self,
@@ -163,33 +181,33 @@ impl<T: Transport> Transport for StepwiseStatus<T> {
         driver_area: PhysAddr,
         device_area: PhysAddr,
     ) {
-        self.0
+        self.mmio
             .queue_set(queue, size, descriptors, driver_area, device_area)
     }
     fn queue_unset(&mut self, queue: u16) {
-        self.0.queue_unset(queue)
+        self.mmio.queue_unset(queue)
     }
     fn queue_used(&mut self, queue: u16) -> bool {
-        self.0.queue_used(queue)
+        self.mmio.queue_used(queue)
     }
     fn ack_interrupt(&mut self) -> InterruptStatus {
-        self.0.ack_interrupt()
+        self.mmio.ack_interrupt()
     }
     fn read_config_generation(&self) -> u32 {
-        self.0.read_config_generation()
+        self.mmio.read_config_generation()
     }
     fn read_config_space<V: FromBytes + IntoBytes>(
         &self,
         offset: usize,
     ) -> virtio_drivers::Result<V> {
-        self.0.read_config_space(offset)
+        self.mmio.read_config_space(offset)
     }
     fn write_config_space<V: IntoBytes + Immutable>(
         &mut self,
         offset: usize,
         value: V,
     ) -> virtio_drivers::Result<()> {
-        self.0.write_config_space(offset, value)
+        self.mmio.write_config_space(offset, value)
     }
 }
 
@@ -221,7 +239,7 @@ pub fn describe(announcements: &[&str]) {
                     dev.base,
                     dev.irq,
                     t.device_type(),
-                    t.0.version()
+                    t.version()
                 ),
                 Err(e) => println!("probe: virtio-mmio {:#x} irq {}: {e}", dev.base, dev.irq),
             },

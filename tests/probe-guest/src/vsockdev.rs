@@ -32,7 +32,7 @@ use crate::virtio::{MmioDevice, ProbeHal, ProbeTransport};
 pub const RX_BUF: usize = 32 * 1024;
 
 /// The driver type. The transport sets the status bits one at a time
-/// (see [`StepwiseStatus`]): Firecracker ignores virtio-drivers' single
+/// (see [`ProbeTransport`]): Firecracker ignores virtio-drivers' single
 /// ACKNOWLEDGE | DRIVER write and never activates the device.
 type Socket = VirtIOSocket<ProbeHal, ProbeTransport, RX_BUF>;
 
