@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # Installs what the tests need, builds everything, runs every test.
 # This is the README's test command; .ci/run calls it. Runs as root (the
-# tests use /dev/kvm, hugepages, and later taps and loop devices).
+# tests use /dev/kvm, hugepages, taps and loop devices).
+#
+# Every suite runs even when an earlier one fails (--no-fail-fast); the end
+# is one summary of all suites (passed, failed, ignored each), the time each
+# tier took, and the exit status is non-zero if anything failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+tiers=()
+tier_start=$SECONDS
+# Records the tier that just ended with its duration.
+end_tier() {
+    tiers+=("$(printf '%-28s %5ds' "$1" $((SECONDS - tier_start)))")
+    tier_start=$SECONDS
+}
 
 need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc)
@@ -12,11 +24,13 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
 command -v grub-script-check >/dev/null || need_apt+=(grub-common)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v script >/dev/null || need_apt+=(bsdutils)
 if ((${#need_apt[@]})); then
     echo "== installing: ${need_apt[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
+end_tier "install packages"
 
 if [ ! -w /dev/kvm ]; then
     echo "FATAL: /dev/kvm is missing or not writable: Keel's tests need KVM" >&2
@@ -25,19 +39,67 @@ fi
 
 echo "== cargo build --release (keel, probe-guest, tools)"
 cargo build --release --workspace
+end_tier "build"
 
-echo "== cargo test --release --workspace"
-cargo test --release --workspace
+log=$(mktemp /tmp/keel-run-all.XXXXXX)
+trap 'rm -f "$log"' EXIT
+
+echo "== cargo test --release --workspace --no-fail-fast"
+set +e
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log"
+test_rc=${PIPESTATUS[0]}
+set -e
+end_tier "unit + integration tests"
 
 # The Linux guest tier needs hardware virtualization: on a software-only
 # KVM it cannot boot (see resources/linux-guest/README.md). It is marked
 # #[ignore] so that it shows up as ignored, never as passed.
+linux_rc=0
 if grep -qwE 'vmx|svm' /proc/cpuinfo; then
     echo "== Linux guest tier (hardware virtualization present)"
-    cargo test --release -p keel-tests --test linux_guest -- --ignored
+    set +e
+    cargo test --release -p keel-tests --test linux_guest -- --ignored 2>&1 | tee -a "$log"
+    linux_rc=${PIPESTATUS[0]}
+    set -e
+    end_tier "Linux guest tier"
 else
     echo "=================================================================="
     echo "Linux guest tier: not run: no hardware virtualization"
     echo "(no vmx/svm in /proc/cpuinfo; counted as ignored, not as passed)"
     echo "=================================================================="
+fi
+
+# One line per test binary: cargo prints "Running <path>" (or "Doc-tests
+# <crate>") before each suite and "test result: ..." after it.
+echo
+echo "== summary of all suites"
+awk '
+    /^ *Running / { bin = $NF; gsub(/[()]/, "", bin); sub(/.*\//, "", bin); sub(/-[0-9a-f]+$/, "", bin)
+                    name = ($2 == "unittests") ? bin " " $3 : bin " " $2 }
+    /^ *Doc-tests / { name = "doc " $2 }
+    /^test result:/ {
+        p = f = i = 0
+        for (k = 1; k <= NF; k++) {
+            if ($(k) ~ /^passed;?$/) p = $(k - 1)
+            if ($(k) ~ /^failed;?$/) f = $(k - 1)
+            if ($(k) ~ /^ignored;?$/) i = $(k - 1)
+        }
+        printf "  %-40s %5d passed %5d failed %5d ignored%s\n", name, p, f, i, (f > 0 ? "   <== FAILED" : "")
+        tp += p; tf += f; ti += i; n++
+    }
+    /^error: test failed, to rerun pass/ { bad = bad "\n  " $0 }
+    END {
+        printf "  %d suites\n", n
+        if (bad != "") print "  suites that failed:" bad
+        printf "total: %d passed, %d failed, %d skipped\n", tp, tf, ti
+    }
+' "$log"
+echo
+echo "== time per tier"
+for t in "${tiers[@]}"; do echo "  $t"; done
+printf '  %-28s %5ds\n' "total" "$SECONDS"
+
+if [ "$test_rc" -ne 0 ] || [ "$linux_rc" -ne 0 ]; then
+    echo "FAILED: some tests failed (see the summary above)" >&2
+    exit 1
 fi

@@ -133,7 +133,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     )?;
     let topology = config.cpus.topology()?;
     let vcpus = topology.vcpus();
-    let mem_size = config.memory.size;
+    let mem_size = config.memory.size.bytes();
 
     let vm = Vm::new(vcpus)?;
     let guest_memory = memory::create_guest_memory(mem_size, config.memory.hugepages)?;

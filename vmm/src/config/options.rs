@@ -6,7 +6,7 @@ use super::ConfigError;
 /// The `key=value` pairs of one flag, checked against the keys it accepts.
 #[derive(Debug)]
 pub struct OptionList<'a> {
-    flag: &'static str,
+    flag: String,
     pairs: Vec<(&'a str, &'a str)>,
 }
 
@@ -15,11 +15,12 @@ impl<'a> OptionList<'a> {
     /// one of `known` and appear at most once. A bare word (no `=`) is taken
     /// as the value of `bare_key`, when the flag has one.
     pub fn parse(
-        flag: &'static str,
+        flag: impl Into<String>,
         input: &'a str,
         known: &[&str],
         bare_key: Option<&'static str>,
     ) -> Result<Self, ConfigError> {
+        let flag = flag.into();
         let mut pairs: Vec<(&str, &str)> = Vec::new();
         for item in input.split(',').filter(|s| !s.is_empty()) {
             let (key, value) = match (item.split_once('='), bare_key) {
@@ -27,7 +28,7 @@ impl<'a> OptionList<'a> {
                 (None, Some(k)) => (k, item.trim()),
                 (None, None) => {
                     return Err(ConfigError::invalid(
-                        flag,
+                        &flag,
                         item,
                         "expected key=value".to_string(),
                     ))
@@ -35,14 +36,14 @@ impl<'a> OptionList<'a> {
             };
             if !known.contains(&key) {
                 return Err(ConfigError::UnknownKey {
-                    field: flag.to_string(),
+                    field: flag.clone(),
                     key: key.to_string(),
                     known: known.join(", "),
                 });
             }
             if pairs.iter().any(|(k, _)| *k == key) {
                 return Err(ConfigError::invalid(
-                    flag,
+                    &flag,
                     item,
                     format!("`{key}` given twice"),
                 ));
@@ -74,9 +75,11 @@ impl<'a> OptionList<'a> {
     }
 
     /// `key` parsed as a size (see [`parse_size`]).
-    pub fn size(&self, key: &str) -> Result<Option<u64>, ConfigError> {
+    pub fn size(&self, key: &str) -> Result<Option<ByteSize>, ConfigError> {
         self.get(key)
-            .map(|v| parse_size(v).map_err(|why| ConfigError::invalid(&self.field(key), v, why)))
+            .map(|v| {
+                ByteSize::parse(v).map_err(|why| ConfigError::invalid(&self.field(key), v, why))
+            })
             .transpose()
     }
 
@@ -85,6 +88,74 @@ impl<'a> OptionList<'a> {
         self.get(key)
             .map(|v| parse_switch(v).map_err(|why| ConfigError::invalid(&self.field(key), v, why)))
             .transpose()
+    }
+}
+
+/// A byte size that remembers how it was written (`"512M"`), so that errors
+/// and `--print-config` show the value as the user typed it. Two sizes are
+/// equal when they hold the same number of bytes.
+#[derive(Clone, Debug, Eq)]
+pub struct ByteSize {
+    bytes: u64,
+    text: Option<String>,
+}
+
+impl ByteSize {
+    /// A size given as a byte count (shown as that number).
+    pub const fn from_bytes(bytes: u64) -> Self {
+        ByteSize { bytes, text: None }
+    }
+
+    /// Parses `input` with [`parse_size`], keeping the text.
+    pub fn parse(input: &str) -> Result<Self, String> {
+        Ok(ByteSize {
+            bytes: parse_size(input)?,
+            text: Some(input.trim().to_string()),
+        })
+    }
+
+    /// The number of bytes.
+    pub const fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl PartialEq for ByteSize {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.text {
+            Some(t) => f.write_str(t),
+            None => write!(f, "{}", self.bytes),
+        }
+    }
+}
+
+impl serde::Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.text {
+            Some(t) => s.serialize_str(t),
+            None => s.serialize_u64(self.bytes),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(ByteSize::from_bytes(b)),
+            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -144,7 +215,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(o.size("size").unwrap(), Some(1 << 30));
+        assert_eq!(o.size("size").unwrap().map(|s| s.bytes()), Some(1 << 30));
         assert_eq!(o.switch("hugepages").unwrap(), Some(true));
         let e = OptionList::parse("memory", "sise=1G", &["size"], None).unwrap_err();
         assert!(e.to_string().contains("memory") && e.to_string().contains("sise"));

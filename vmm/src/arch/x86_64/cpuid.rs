@@ -59,6 +59,10 @@ const LEAF_EXT_FEATURES: u32 = 0x7;
 const LEAF_TOPOLOGY: u32 = 0xB;
 /// Basic leaf: V2 extended topology enumeration.
 const LEAF_TOPOLOGY_V2: u32 = 0x1F;
+/// AMX tile palette information (Intel).
+const LEAF_AMX_TILE_INFO: u32 = 0x1D;
+/// AMX TMUL information (Intel).
+const LEAF_AMX_TMUL_INFO: u32 = 0x1E;
 /// Hypervisor leaf: KVM signature and maximum hypervisor leaf.
 const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
 /// Hypervisor leaf: TSC and APIC bus frequencies (the VMware-defined timing leaf).
@@ -691,6 +695,10 @@ pub fn build_vcpu_cpuid<H: HostCpuid + ?Sized>(
         e.eax &= !EAX7_1_AMX_FP16;
         e.edx &= !EDX7_1_AMX_COMPLEX;
     }
+    // The AMX tile leaves describe nothing without AMX (some kernels drop them from
+    // KVM_GET_CPUID2 when they are all zeros, others keep them): leave them out.
+    table.remove_leaf(LEAF_AMX_TILE_INFO);
+    table.remove_leaf(LEAF_AMX_TMUL_INFO);
 
     // Leaves 0xB and 0x1F: the guest topology replaces whatever KVM copied from the host.
     table.remove_leaf(LEAF_TOPOLOGY);
@@ -963,6 +971,7 @@ mod tests {
     use kvm_ioctls::Kvm;
 
     use super::*;
+    use crate::arch::x86_64::cpuid_dump::CpuidDump;
 
     /// (leaf, subleaf, register) of every feature-flag register: bits here may only be set
     /// when KVM supports them (plus the documented additions).
@@ -1055,6 +1064,10 @@ mod tests {
         // exactly three subleaves: SMT, Core, invalid).
         for e in supported.as_slice() {
             if matches!(e.function, LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2) && e.index > 2 {
+                continue;
+            }
+            if matches!(e.function, LEAF_AMX_TILE_INFO | LEAF_AMX_TMUL_INFO) {
+                assert!(find(built, e.function, e.index).is_none(), "{ctx}: AMX leaf kept");
                 continue;
             }
             let b = find(built, e.function, e.index)
@@ -1278,30 +1291,156 @@ mod tests {
                 cores: 36,
                 threads: 2,
             },
-            // 300 cores in one package: saturates the legacy 8-bit and 6-bit count fields.
+            // 256 threads in one package: the most AMD's 8-bit NC field describes.
+            CpuTopology {
+                sockets: 1,
+                cores: 128,
+                threads: 2,
+            },
+            // 300 cores in one package: saturates the legacy 8-bit and 6-bit count fields
+            // on Intel; more than AMD's 0x80000008 can describe, so refused there.
             CpuTopology::flat(300),
         ]
+    }
+
+    /// What [`check_all_topologies`] saw.
+    #[derive(Debug, Default, PartialEq)]
+    struct TopologyOutcome {
+        /// Topologies whose every vCPU table was built and checked.
+        accepted: Vec<CpuTopology>,
+        /// Topologies the vendor's rules refuse (and `build_vcpu_cpuid` refused).
+        refused: Vec<CpuTopology>,
+    }
+
+    /// Builds and checks every vCPU's table of every topology in [`topologies`] for
+    /// `host`, following the host vendor's rules: a topology [`check_topology`]
+    /// refuses for that vendor must be refused by `build_vcpu_cpuid` too.
+    fn check_all_topologies<H: HostCpuid + ?Sized>(
+        supported: &CpuId,
+        host: &H,
+        opts: &CpuidOptions,
+    ) -> TopologyOutcome {
+        let vendor = host_vendor(host);
+        let mut outcome = TopologyOutcome::default();
+        for topo in topologies() {
+            if let Err(e) = check_topology(&topo, vendor) {
+                assert!(matches!(e, CpuidError::TopologyTooLarge { .. }), "{e}");
+                assert!(
+                    matches!(
+                        build_vcpu_cpuid(supported, host, &topo, 0, opts),
+                        Err(CpuidError::TopologyTooLarge { .. })
+                    ),
+                    "{vendor:?} {topo:?}: refused by check_topology, built anyway"
+                );
+                outcome.refused.push(topo);
+                continue;
+            }
+            let mut ids = HashSet::new();
+            for index in 0..topo.vcpus() {
+                let built = build_vcpu_cpuid(supported, host, &topo, index, opts)
+                    .unwrap_or_else(|e| panic!("{vendor:?} {topo:?} vCPU {index}: {e}"));
+                let id = check_table(&built, supported, host, &topo, index, opts);
+                assert_eq!(id, topo.apic_id(index));
+                assert!(ids.insert(id), "{topo:?}: APIC ID {id} repeated");
+            }
+            assert_eq!(ids.len() as u32, topo.vcpus());
+            outcome.accepted.push(topo);
+        }
+        outcome
+    }
+
+    /// The outcome every host of `vendor` must give: all topologies but, on AMD, the
+    /// one with more than 256 threads per package.
+    fn expected_outcome(vendor: CpuVendor) -> TopologyOutcome {
+        let (refused, accepted) = topologies()
+            .into_iter()
+            .partition(|t| vendor == CpuVendor::Amd && t.vcpus_per_socket() > 256);
+        TopologyOutcome { accepted, refused }
+    }
+
+    fn real_host_opts() -> CpuidOptions {
+        CpuidOptions {
+            masked_features: vec!["rtm".into(), "hle".into(), "tsc_adjust".into()],
+            tsc_khz: Some(2_300_000),
+            tsc_deadline: true,
+        }
     }
 
     #[test]
     fn real_host_tables_follow_host_kvm_and_topology() {
         let kvm = open_kvm();
         let supported = kvm_supported(&kvm);
-        let opts = CpuidOptions {
-            masked_features: vec!["rtm".into(), "hle".into(), "tsc_adjust".into()],
-            tsc_khz: Some(2_300_000),
-            tsc_deadline: true,
+        let outcome = check_all_topologies(&supported, &NativeCpuid, &real_host_opts());
+        assert_eq!(outcome, expected_outcome(host_vendor(&NativeCpuid)));
+    }
+
+    /// A processor recorded with `cargo run -p vmm --example capture-cpuid`.
+    fn captured(text: &str) -> CpuidDump {
+        CpuidDump::parse(text).unwrap_or_else(|e| panic!("test data: {e}"))
+    }
+
+    /// Recorded hosts of both vendors, whatever this host is.
+    fn captured_hosts() -> Vec<(&'static str, CpuidDump)> {
+        vec![
+            (
+                "intel-xeon-5th-gen",
+                captured(include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/testdata/cpuid/intel-xeon-5th-gen.txt"
+                ))),
+            ),
+            (
+                "amd-epyc",
+                captured(include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/testdata/cpuid/amd-epyc.txt"
+                ))),
+            ),
+        ]
+    }
+
+    #[test]
+    fn captured_hosts_cover_both_vendors() {
+        let vendors: Vec<CpuVendor> = captured_hosts()
+            .iter()
+            .map(|(_, h)| host_vendor(h))
+            .collect();
+        assert_eq!(vendors, [CpuVendor::Intel, CpuVendor::Amd]);
+    }
+
+    #[test]
+    fn captured_tables_follow_kvm_and_topology() {
+        for (name, host) in captured_hosts() {
+            let supported = host.supported().expect("KVM table fits");
+            let outcome = check_all_topologies(&supported, &host, &real_host_opts());
+            assert_eq!(
+                outcome,
+                expected_outcome(host_vendor(&host)),
+                "{name}: vendor rules"
+            );
+        }
+    }
+
+    #[test]
+    fn captured_hosts_every_feature_can_be_masked() {
+        let topo = CpuTopology {
+            sockets: 1,
+            cores: 2,
+            threads: 2,
         };
-        for topo in topologies() {
-            let mut ids = HashSet::new();
-            for index in 0..topo.vcpus() {
-                let built = build_vcpu_cpuid(&supported, &NativeCpuid, &topo, index, &opts)
-                    .unwrap_or_else(|e| panic!("{topo:?} vCPU {index}: {e}"));
-                let id = check_table(&built, &supported, &NativeCpuid, &topo, index, &opts);
-                assert_eq!(id, topo.apic_id(index));
-                assert!(ids.insert(id), "{topo:?}: APIC ID {id} repeated");
+        for (name, host) in captured_hosts() {
+            let supported = host.supported().expect("KVM table fits");
+            for feat in feature_names() {
+                let opts = CpuidOptions {
+                    masked_features: vec![feat.to_string()],
+                    tsc_khz: Some(1_000_000),
+                    tsc_deadline: true,
+                };
+                let built = build_vcpu_cpuid(&supported, &host, &topo, 3, &opts)
+                    .unwrap_or_else(|e| panic!("{name}: masking {feat}: {e}"));
+                assert!(!bit_set(&built, &feature(feat)), "{name}: {feat} still set");
+                check_table(&built, &supported, &host, &topo, 3, &opts);
             }
-            assert_eq!(ids.len() as u32, topo.vcpus());
         }
     }
 
@@ -1360,7 +1499,13 @@ mod tests {
             let back = vcpu
                 .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
                 .expect("KVM_GET_CPUID2");
-            assert_eq!(back.as_slice().len(), built.as_slice().len());
+            let missing: Vec<(u32, u32)> = built
+                .as_slice()
+                .iter()
+                .filter(|b| !back.as_slice().iter().any(|e| e.function == b.function && e.index == b.index))
+                .map(|e| (e.function, e.index))
+                .collect();
+            assert_eq!(back.as_slice().len(), built.as_slice().len(), "missing {missing:x?}");
             assert_eq!(regs(&back, 1, 0).ebx >> 24, apic_id & 0xFF);
             for subleaf in 0..3 {
                 assert_eq!(
@@ -1570,13 +1715,14 @@ mod tests {
             tsc_khz: Some(2_100_000),
             tsc_deadline: false,
         };
+        assert_eq!(
+            check_all_topologies(&supported, &host, &opts),
+            expected_outcome(CpuVendor::Intel)
+        );
         for topo in topologies() {
-            let mut ids = HashSet::new();
-            for index in 0..topo.vcpus() {
-                let built = build_vcpu_cpuid(&supported, &host, &topo, index, &opts)
-                    .unwrap_or_else(|e| panic!("{topo:?} vCPU {index}: {e}"));
-                let id = check_table(&built, &supported, &host, &topo, index, &opts);
-                assert!(ids.insert(id));
+            for index in [0, topo.vcpus() - 1] {
+                let built =
+                    build_vcpu_cpuid(&supported, &host, &topo, index, &opts).expect("table");
                 // 0x1F mirrors 0xB (no module/die levels).
                 for subleaf in 0..3 {
                     assert_eq!(regs(&built, 0x1F, subleaf), regs(&built, 0xB, subleaf));
@@ -1655,6 +1801,10 @@ mod tests {
             tsc_khz: Some(2_400_000),
             tsc_deadline: true,
         };
+        assert_eq!(
+            check_all_topologies(&supported, &host, &opts),
+            expected_outcome(CpuVendor::Amd)
+        );
         let topo = CpuTopology {
             sockets: 2,
             cores: 3,

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod cpuid_dump;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
