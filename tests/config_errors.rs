@@ -70,7 +70,7 @@ fn bad_flags_name_the_field() {
         1,
         "disks[0].path",
     );
-    expect_error(&["--kernel", k, "--disk", "readonly=on"], 1, "disk.path");
+    expect_error(&["--kernel", k, "--disk", "readonly=on"], 1, "disks[0].path");
     expect_error(
         &["--kernel", k, "--disk", "path=/dev/null"],
         1,
@@ -79,7 +79,31 @@ fn bad_flags_name_the_field() {
     expect_error(
         &["--kernel", k, "--disk", &format!("path={k},engine=aio")],
         1,
-        "disk.engine",
+        "disks[0].engine",
+    );
+    // The second --disk is disks[1].
+    expect_error(
+        &[
+            "--kernel",
+            k,
+            "--disk",
+            &format!("path={k},readonly=on"),
+            "--disk",
+            &format!("path={k},readonly=on,cache=none"),
+        ],
+        1,
+        "unknown key `cache` in disks[1]",
+    );
+    expect_error(
+        &["--kernel", k, "--net", "tap=t0,mtu=big"],
+        1,
+        "nets[0].mtu",
+    );
+    // Values are shown as typed.
+    expect_error(
+        &["--kernel", k, "--memory", "size=1K"],
+        1,
+        "invalid value for memory.size: \"1K\"",
     );
     expect_error(&["--kernel", k, "--bogus-flag"], 2, "--bogus-flag");
 }
@@ -133,10 +157,148 @@ fn bad_config_files_name_the_key() {
 #[test]
 fn hugepage_shortage_is_reported_before_boot() {
     let probe = probe_guest().display().to_string();
-    // More hugepages than any test host has free.
+    // More hugepages than any test host has free (overcommit=on: past the MemTotal check).
     expect_error(
-        &["--kernel", &probe, "--memory", "size=4T,hugepages=on"],
+        &["--kernel", &probe, "--memory", "size=4T,hugepages=on,overcommit=on"],
         1,
         "hugepage",
     );
+}
+
+#[test]
+fn memory_larger_than_the_host_needs_overcommit() {
+    let probe = probe_guest().display().to_string();
+    expect_error(
+        &["--kernel", &probe, "--memory", "size=1T"],
+        1,
+        "invalid value for memory.size: \"1T\": more than this host's physical memory",
+    );
+    let r = run_keel(
+        &["--kernel", &probe, "--memory", "size=1T"],
+        Duration::from_secs(30),
+    );
+    assert!(r.stderr.contains("overcommit=on"), "{}", r.stderr);
+}
+
+/// Runs `cmd args`, panicking with its output when it fails.
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (the tests need root and util-linux/e2fsprogs)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A disk the kernel would refuse to write must be given with readonly=on:
+/// otherwise the guest sees a writable disk whose every write fails.
+#[test]
+fn read_only_host_disks_need_readonly_on() {
+    let dir = scratch_dir("ro-disks");
+    let probe = probe_guest().display().to_string();
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let expect_refusal = |path: &str, why: &str| {
+        expect_error(
+            &["--kernel", &probe, "--disk", &format!("path={path}")],
+            1,
+            "invalid value for disks[0].readonly: \"off\"",
+        );
+        let r = run_keel(
+            &["--kernel", &probe, "--disk", &format!("path={path}")],
+            Duration::from_secs(30),
+        );
+        assert!(
+            r.stderr.contains(why) && r.stderr.contains("use readonly=on"),
+            "{path}: expected {why:?}:\n{}",
+            r.stderr
+        );
+    };
+
+    // A read-only loop device (losetup -r): BLKROGET says 1.
+    let dev = sh("losetup", &["-r", "-f", "--show", &img.display().to_string()]);
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    expect_refusal(&dev, "reports read-only (BLKROGET)");
+
+    // An immutable file (chattr +i): EPERM.
+    let imm = dir.join("immutable.img");
+    std::fs::write(&imm, vec![0u8; 1 << 20]).unwrap();
+    let imm_s = imm.display().to_string();
+    sh("chattr", &["+i", &imm_s]);
+    struct Mutable(String);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .args(["-i", &self.0])
+                .status();
+        }
+    }
+    let _mutable = Mutable(imm_s.clone());
+    expect_refusal(&imm_s, "immutable");
+
+    // A file on a read-only mount: EROFS.
+    let mnt = dir.join("ro-mount");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt_s = mnt.display().to_string();
+    sh("mount", &["-t", "tmpfs", "-o", "size=4m", "tmpfs", &mnt_s]);
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt_s.clone());
+    let on_ro = mnt.join("disk.img");
+    std::fs::write(&on_ro, vec![0u8; 1 << 20]).unwrap();
+    sh("mount", &["-o", "remount,ro", &mnt_s]);
+    expect_refusal(&on_ro.display().to_string(), "read-only filesystem (EROFS)");
+
+    // Each is accepted with readonly=on: the refusal is only the missing flag
+    // (--print-config stops before the device is opened, so boot the probe).
+    for path in [dev.clone(), imm_s.clone(), on_ro.display().to_string()] {
+        let r = run_keel(
+            &[
+                "--kernel",
+                &probe,
+                "--cmdline",
+                "console=ttyS0 probe.check=boot.cmdline",
+                "--disk",
+                &format!("path={path},readonly=on"),
+            ],
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.code(), 0, "{path} readonly=on:\n{}\n{}", r.stdout, r.stderr);
+    }
+}
+
+#[test]
+fn help_lists_every_exit_code() {
+    let r = run_keel(&["--help"], Duration::from_secs(30));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(r.stdout.contains("Exit codes:"), "{}", r.stdout);
+    for line in [
+        "  0  the guest powered off",
+        "  1  configuration or set-up error",
+        "  2  command-line usage error",
+        "  3  the guest reset or rebooted",
+        "  4  the guest triple-faulted",
+        "  5  the guest reported a crash",
+        "  6  fatal VMM or KVM error",
+    ] {
+        assert!(r.stdout.contains(line), "no {line:?} in:\n{}", r.stdout);
+    }
+    // 0 also covers a stop through the API.
+    assert!(r.stdout.contains("PUT /v1/vm/stop"), "{}", r.stdout);
 }

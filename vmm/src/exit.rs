@@ -1,14 +1,6 @@
 //! How a VM ended, and the process exit code `keel` reports for it.
 //!
-//! | code | meaning |
-//! |------|---------|
-//! | 0 | the guest powered off, or Keel stopped it cleanly on request (SIGTERM/SIGINT) |
-//! | 1 | configuration or set-up error: nothing ran |
-//! | 2 | command-line usage error |
-//! | 3 | the guest reset or rebooted itself (i8042 reset, KVM reset event) |
-//! | 4 | the guest triple-faulted |
-//! | 5 | the guest reported a crash (KVM crash event / pvpanic) |
-//! | 6 | a fatal VMM or KVM error while running (internal error, unhandled exit) |
+//! The codes and their meanings are [`EXIT_CODES`], which `keel --help` prints.
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +17,37 @@ pub enum VmOutcome {
     Crash,
     /// Fatal error while running.
     Fatal(String),
+}
+
+/// Every exit code of `keel` with its meaning, as `keel --help` lists them.
+pub const EXIT_CODES: &[(u8, &str)] = &[
+    (
+        0,
+        "the guest powered off, or Keel stopped it on request: a graceful shutdown \
+         (SIGTERM/SIGINT or PUT /v1/vm/shutdown, also when its timeout forced the stop) \
+         or PUT /v1/vm/stop",
+    ),
+    (1, "configuration or set-up error: the guest never started"),
+    (2, "command-line usage error"),
+    (
+        3,
+        "the guest reset or rebooted itself (i8042 reset, KVM reset event)",
+    ),
+    (4, "the guest triple-faulted (its registers are logged)"),
+    (5, "the guest reported a crash (KVM crash event)"),
+    (
+        6,
+        "fatal VMM or KVM error while running (internal or emulation error, unhandled exit)",
+    ),
+];
+
+/// The exit-code table as text, for `keel --help`.
+pub fn exit_codes_help() -> String {
+    let mut s = String::from("Exit codes:\n");
+    for (code, meaning) in EXIT_CODES {
+        s.push_str(&format!("  {code}  {meaning}\n"));
+    }
+    s
 }
 
 /// `keel`'s exit code for a configuration or set-up error.
@@ -77,5 +100,14 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), n);
         assert_eq!(VmOutcome::Stopped("SIGTERM").exit_code(), 0);
+        // Every code has exactly one line in the table --help prints.
+        for code in codes {
+            assert_eq!(
+                EXIT_CODES.iter().filter(|(c, _)| *c == code).count(),
+                1,
+                "exit code {code}"
+            );
+        }
+        assert_eq!(EXIT_CODES.len(), n);
     }
 }

@@ -5,17 +5,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use log::{error, LevelFilter};
 use vmm::config::{FlagOverrides, VmConfig};
 use vmm::exit::EXIT_CONFIG_ERROR;
 
 /// Keel: a VMM for one large, security-critical guest.
 ///
-/// Exit codes: 0 guest powered off or stopped on SIGTERM/SIGINT; 1 bad
-/// configuration or set-up failure; 2 usage error; 3 guest reset/reboot;
-/// 4 guest triple fault; 5 guest crash report; 6 fatal VMM/KVM error.
-#[derive(Parser, Debug)]
+/// `--help` ends with the table of exit codes (`vmm::exit::EXIT_CODES`).
+#[derive(clap::Parser, Debug)]
 #[command(name = "keel", version)]
 struct Args {
     /// TOML config file; flags given too override its settings.
@@ -95,7 +93,13 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let args = Args::parse();
+    let matches = Args::command()
+        .after_help(vmm::exit::exit_codes_help())
+        .get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     vmm::logger::init(args.log_level);
     // A panic anywhere (a vCPU or device thread included) ends the whole
     // VMM: a half-dead VMM holding a guest is worse than a clean restart.
