@@ -4,9 +4,10 @@
 //!
 //! The kernel and initramfs come from `resources/linux-guest/build.sh` (cached
 //! under `.cache/linux-guest/`; the first build takes a while). Linux cannot
-//! boot on KVM without hardware virtualization (see
-//! shared/reference/kvm-here.md), so the test is `#[ignore]`d and refuses to
-//! pass where /proc/cpuinfo has neither vmx nor svm.
+//! boot on KVM without hardware virtualization (a software KVM emulates guest
+//! kernel mode and lacks instructions Linux needs early, such as `xrstor`; see
+//! the README's "Machines without hardware virtualization"), so the test is
+//! `#[ignore]`d and refuses to pass where /proc/cpuinfo has neither vmx nor svm.
 
 use std::fs;
 use std::io::Read;
