@@ -70,7 +70,11 @@ fn bad_flags_name_the_field() {
         1,
         "disks[0].path",
     );
-    expect_error(&["--kernel", k, "--disk", "readonly=on"], 1, "disks[0].path");
+    expect_error(
+        &["--kernel", k, "--disk", "readonly=on"],
+        1,
+        "disks[0].path",
+    );
     expect_error(
         &["--kernel", k, "--disk", "path=/dev/null"],
         1,
@@ -159,7 +163,12 @@ fn hugepage_shortage_is_reported_before_boot() {
     let probe = probe_guest().display().to_string();
     // More hugepages than any test host has free (overcommit=on: past the MemTotal check).
     expect_error(
-        &["--kernel", &probe, "--memory", "size=4T,hugepages=on,overcommit=on"],
+        &[
+            "--kernel",
+            &probe,
+            "--memory",
+            "size=4T,hugepages=on,overcommit=on",
+        ],
         1,
         "hugepage",
     );
@@ -220,7 +229,10 @@ fn read_only_host_disks_need_readonly_on() {
     };
 
     // A read-only loop device (losetup -r): BLKROGET says 1.
-    let dev = sh("losetup", &["-r", "-f", "--show", &img.display().to_string()]);
+    let dev = sh(
+        "losetup",
+        &["-r", "-f", "--show", &img.display().to_string()],
+    );
     struct Detach(String);
     impl Drop for Detach {
         fn drop(&mut self) {
@@ -279,7 +291,13 @@ fn read_only_host_disks_need_readonly_on() {
             ],
             Duration::from_secs(60),
         );
-        assert_eq!(r.code(), 0, "{path} readonly=on:\n{}\n{}", r.stdout, r.stderr);
+        assert_eq!(
+            r.code(),
+            0,
+            "{path} readonly=on:\n{}\n{}",
+            r.stdout,
+            r.stderr
+        );
     }
 }
 

@@ -23,7 +23,7 @@ set -euo pipefail
 
 # Bump when a change to this script changes what it produces.
 KERNEL_RECIPE=1
-INITRAMFS_RECIPE=1
+INITRAMFS_RECIPE=2
 ARCH=x86_64
 export ARCH
 
@@ -31,6 +31,9 @@ script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$script_dir/../.." && pwd)
 fragment=$script_dir/kernel.config
 init_script=$script_dir/init
+lab_script=$script_dir/lab.sh
+# Debian tools the lab scenarios run in the guest (with their libraries).
+lab_tools=(/usr/bin/socat /usr/sbin/mke2fs /usr/sbin/e2fsck)
 check_config=$script_dir/check-config.sh
 cache=${KEEL_LINUX_GUEST_CACHE:-$repo_root/.cache/linux-guest}
 jobs=${KEEL_LINUX_GUEST_JOBS:-$(nproc)}
@@ -69,7 +72,7 @@ ensure_pkgs() {
 command -v dpkg-query >/dev/null 2>&1 || die "this script needs a Debian-based system (dpkg/apt-get)"
 
 # The cache keys need both versions, so these two are installed up front.
-ensure_pkgs linux-source busybox-static
+ensure_pkgs linux-source busybox-static socat e2fsprogs
 
 # linux-source depends on linux-source-<major.minor>, which ships the tarball.
 src_pkg=$(dpkg-query -W -f='${Depends}' linux-source | grep -o 'linux-source-[0-9.]*' | head -n1)
@@ -84,7 +87,8 @@ busybox_bin=/bin/busybox
 
 kernel_key=$( { echo "kernel-recipe $KERNEL_RECIPE"; echo "$src_pkg $src_version"; cat "$fragment"; } |
     sha256sum | cut -c1-16)
-initramfs_key=$( { echo "initramfs-recipe $INITRAMFS_RECIPE"; echo "busybox-static $busybox_version"; cat "$init_script"; } |
+tools_version=$(dpkg-query -W -f='${Version} ' socat e2fsprogs libc6 libssl3 2>/dev/null || true)
+initramfs_key=$( { echo "initramfs-recipe $INITRAMFS_RECIPE"; echo "busybox-static $busybox_version"; echo "tools $tools_version"; cat "$init_script" "$lab_script"; } |
     sha256sum | cut -c1-16)
 kernel_dir=$cache/kernel-$kernel_key
 initramfs_dir=$cache/initramfs-$initramfs_key
@@ -180,11 +184,34 @@ build_initramfs() {
         echo "nod /dev/console 0600 0 0 c 5 1"
         echo "nod /dev/null 0666 0 0 c 1 3"
         local d
-        for d in /bin /sbin /usr /usr/bin /usr/sbin /proc /sys /tmp /root /etc; do
+        for d in /bin /sbin /usr /usr/bin /usr/sbin /proc /sys /tmp /root /etc /mnt; do
             echo "dir $d 0755 0 0"
         done
         echo "file /bin/busybox $busybox_bin 0755 0 0"
         echo "file /init $init_script 0755 0 0"
+        echo "file /lab.sh $lab_script 0644 0 0"
+        # The lab's Debian tools and every library they load, at their paths.
+        local f lib dirs=()
+        for f in "${lab_tools[@]}"; do
+            echo "file $f $(realpath "$f") 0755 0 0"
+            while read -r lib; do
+                dirs+=("$(dirname "$lib")")
+                echo "file $lib $(realpath "$lib") 0755 0 0"
+            done < <(ldd "$f" | grep -o '/[^ ]*' | sort -u)
+        done | sort -u > "$work/tools.list"
+        # Parent directories of the libraries, once each, before their files.
+        grep -o '^file [^ ]*' "$work/tools.list" | cut -d' ' -f2 | xargs -n1 dirname | sort -u |
+            while read -r d; do
+                local p=""
+                local part
+                for part in $(echo "$d" | tr '/' ' '); do
+                    p="$p/$part"
+                    echo "dir $p 0755 0 0"
+                done
+            done | awk '!seen[$0]++' | grep -vxE 'dir /(bin|sbin|usr|usr/bin|usr/sbin|tmp|etc)( .*)?' 
+        cat "$work/tools.list"
+        echo "slink /sbin/mkfs.ext4 /usr/sbin/mke2fs 0777 0 0"
+        echo "slink /sbin/fsck.ext4 /usr/sbin/e2fsck 0777 0 0"
         local applet
         while read -r applet; do
             [ "/$applet" = /bin/busybox ] && continue

@@ -1,92 +1,151 @@
 #!/usr/bin/env bash
-# Runs a scenario inside an emulated AMD machine with hardware virtualization.
+# Runs a lab scenario inside an emulated AMD machine with hardware
+# virtualization ("L1"), or directly on a host that has vmx/svm.
 #
-# This project's machines have only a software KVM on which Linux cannot
-# boot. QEMU's software emulation (TCG) emulates AMD's SVM with nested
-# paging well enough for Debian's stock kernel to load kvm_amd and offer a
-# working /dev/kvm: the "L1" machine this script boots. Everything in it
-# comes from Debian packages (qemu-system-x86, busybox-static and the
-# current linux-image-<abi>-amd64, unpacked, never installed) plus the files
-# the caller names.
+# This project's machines have only a software KVM, on which Linux cannot
+# boot. QEMU's software emulation (TCG) emulates AMD's SVM with nested paging
+# well enough for Debian's stock kernel to load kvm_amd and offer a working
+# /dev/kvm: L1. Keel runs there and boots real Linux guests (L2).
+# Everything in L1 comes from Debian packages (qemu-system-x86,
+# busybox-static, the current linux-image-<abi>-amd64, unpacked and never
+# installed) plus the files the caller names.
 #
-# usage: tests/lab/l1.sh SCENARIO.sh [FILE...]
-#   SCENARIO.sh runs as L1's /scenario.sh once /dev/kvm is there; each FILE
-#   (a binary: its libraries come along) is copied to the same path in L1.
-#   L1's console goes to stdout. Exit status: the scenario's.
+# usage: tests/lab/l1.sh SCENARIO.sh
+#   Every environment variable LAB_<NAME>=<path> names a file the scenario
+#   needs: it is copied into L1 at the same path (an ELF binary with the
+#   libraries ldd lists) and LAB_<NAME> is set to that path there, as in the
+#   caller's environment. SCENARIO.sh runs as root once /dev/kvm, tun, bridge
+#   and loop are there, with tests/lab/lib.sh as $LAB_LIB. L1's console goes to
+#   stdout. Exit status: the scenario's (98 when L1 never said, 99 when L1 had
+#   no /dev/kvm).
 #
-# Downloads and unpacked packages are cached in .cache/lab/ (keyed by the
-# package's version), so a second run downloads nothing.
+#   LAB_MODE=direct runs SCENARIO.sh here instead (for hosts with vmx/svm).
+#   `l1.sh --print-kernel` prints the path of the Debian kernel (fetched
+#   into the cache if needed): the scenarios boot it as a guest too.
+#   LAB_TIMEOUT (seconds, default 900) bounds the whole L1 run.
+#
+# Downloads and unpacked packages are cached in $KEEL_LAB_CACHE (default
+# /var/cache/keel/lab, outside the checkout so a fresh clone on the same
+# machine reuses them), keyed by the package's version.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-cache="$root/.cache/lab"
-mkdir -p "$cache"
+here=$(cd "$(dirname "$0")" && pwd)
+arg=${1:?usage: l1.sh SCENARIO.sh | --print-kernel}
+export LAB_LIB="$here/lib.sh"
 
-scenario=${1:?usage: l1.sh SCENARIO.sh [FILE...]}
-shift
+if [ "$arg" != --print-kernel ] && [ "${LAB_MODE:-l1}" = direct ]; then
+    exec bash "$(realpath "$arg")"
+fi
+
+cache=${KEEL_LAB_CACHE:-/var/cache/keel/lab}
+mkdir -p "$cache"
+log() { echo "[lab] $*" >&2; }
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
+[ -x /bin/busybox ] || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
+command -v modinfo >/dev/null || need+=(kmod)
 if ((${#need[@]})); then
-    echo "lab: installing ${need[*]}" >&2
+    log "installing ${need[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
 fi
 
-# The kernel: the package linux-image-amd64 depends on, unpacked once.
-pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+# L1's kernel: the package linux-image-amd64 depends on, unpacked once.
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+pkg=$(resolve)
 if [ -z "$pkg" ]; then
     apt-get update -qq
-    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    pkg=$(resolve)
 fi
-[ -n "$pkg" ] || { echo "lab: cannot resolve linux-image-amd64" >&2; exit 1; }
+[ -n "$pkg" ] || { log "cannot resolve linux-image-amd64"; exit 1; }
 ver=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
 kdir="$cache/$pkg-$ver"
-if [ ! -f "$kdir/.done" ]; then
-    echo "lab: fetching $pkg $ver" >&2
-    rm -rf "$kdir" && mkdir -p "$kdir"
-    (cd "$cache" && apt-get download -qq "$pkg=$ver" >&2)
-    dpkg-deb -x "$cache/${pkg}_"*"_amd64.deb" "$kdir"
-    rm -f "$cache/${pkg}_"*"_amd64.deb"
-    touch "$kdir/.done"
-fi
+(
+    flock 9
+    if [ ! -f "$kdir/.done" ]; then
+        log "fetching $pkg $ver"
+        rm -rf "$kdir" && mkdir -p "$kdir"
+        tmp=$(mktemp -d "$cache/dl.XXXXXX")
+        (cd "$tmp" && apt-get download -qq "$pkg=$ver" >&2)
+        dpkg-deb -x "$tmp/"*.deb "$kdir"
+        rm -rf "$tmp"
+        touch "$kdir/.done"
+    fi
+) 9>"$cache/.lock"
 kver=${pkg#linux-image-}
 vmlinuz="$kdir/boot/vmlinuz-$kver"
-mods="$kdir/lib/modules/$kver/kernel"
+moddir="$kdir/lib/modules/$kver"
+# --print-kernel: the Debian kernel's path (downloaded if needed), for the
+# scenarios that boot it as a guest too.
+if [ "$arg" = --print-kernel ]; then
+    echo "$vmlinuz"
+    exit 0
+fi
+scenario=$(realpath "$arg")
 
 work=$(mktemp -d /tmp/keel-lab.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 ir="$work/root"
-mkdir -p "$ir"/{bin,sbin,proc,sys,dev,tmp,run,modules,etc}
+mkdir -p "$ir"/{bin,sbin,proc,sys,dev,tmp,run,lab/modules,etc,mnt}
 cp /bin/busybox "$ir/bin/busybox"
-for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko drivers/crypto/ccp/ccp.ko arch/x86/kvm/kvm-amd.ko; do
-    src="$mods/$m"
-    [ -f "$src" ] || src="$src.xz"
-    case "$src" in
-        *.xz) xz -dc "$src" > "$ir/modules/$(basename "$m")" ;;
-        *) cp "$src" "$ir/modules/" ;;
+
+# Modules with their dependencies (modinfo reads them from each .ko), in
+# load order.
+order=()
+add_module() {
+    local name=$1 path dep
+    for m in "${order[@]:-}"; do [ "$m" = "$name" ] && return 0; done
+    path=$(find "$moddir/kernel" -name "$name.ko" -o -name "$name.ko.xz" | head -n1)
+    [ -n "$path" ] || { log "module $name not in $pkg (built in?)"; return 0; }
+    for dep in $(modinfo -F depends "$path" | tr ',' ' '); do add_module "$dep"; done
+    case "$path" in
+        *.xz) xz -dc "$path" > "$ir/lab/modules/$name.ko" ;;
+        *) cp "$path" "$ir/lab/modules/$name.ko" ;;
     esac
-done
+    order+=("$name")
+}
+for m in kvm-amd tun bridge loop; do add_module "$m"; done
+echo "${order[*]}" > "$ir/lab/modules/order"
+
 copy_with_libs() {
-    local f=$1
+    local f=$1 lib
     mkdir -p "$ir$(dirname "$f")"
     cp -L "$f" "$ir$f"
-    ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
-        mkdir -p "$ir$(dirname "$lib")"
-        cp -Ln "$lib" "$ir$lib"
-    done
+    if head -c 4 "$f" | grep -q ELF; then
+        ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+            mkdir -p "$ir$(dirname "$lib")"
+            cp -Ln "$lib" "$ir$lib"
+        done
+    fi
 }
-for f in "$@"; do copy_with_libs "$(realpath "$f")"; done
-cp "$scenario" "$ir/scenario.sh"
+: > "$ir/lab/env"
+while IFS='=' read -r name value; do
+    case "$name" in
+        LAB_MODE | LAB_TIMEOUT | LAB_LIB) continue ;;
+    esac
+    if [ -f "$value" ]; then
+        copy_with_libs "$(realpath "$value")"
+        echo "export $name=$(realpath "$value")" >> "$ir/lab/env"
+    else
+        printf 'export %s=%q\n' "$name" "$value" >> "$ir/lab/env"
+    fi
+done < <(env | grep '^LAB_' | sort)
+cp "$scenario" "$ir/lab/scenario.sh"
+cp "$LAB_LIB" "$ir/lab/lib.sh"
+echo "export LAB_LIB=/lab/lib.sh" >> "$ir/lab/env"
 cat > "$ir/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in irqbypass kvm ccp kvm-amd; do insmod /modules/$m.ko || echo "lab: insmod $m failed"; done
+mount -t tmpfs -o size=1536m tmp /tmp; mkdir -p /run/keel
+for m in $(cat /lab/modules/order); do insmod /lab/modules/$m.ko || echo "lab: insmod $m failed"; done
+ip link set lo up
 if [ -c /dev/kvm ]; then
-    echo "lab: /dev/kvm ready"
-    sh /scenario.sh
+    echo "lab: L1 ready: /dev/kvm present"
+    . /lab/env
+    sh /lab/scenario.sh
     echo "lab: scenario exit $?"
 else
     echo "lab: no /dev/kvm in L1"
@@ -94,13 +153,14 @@ else
 fi
 poweroff -f
 INIT
-chmod +x "$ir/init" "$ir/scenario.sh"
+chmod +x "$ir/init"
 (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/l1.cpio.gz"
 
 out="$work/console.log"
-timeout 600 qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -smp 2 -m 2048 \
+log "booting L1 ($pkg, QEMU TCG, EPYC with SVM)"
+timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -smp 2 -m 3072 \
     -nographic -no-reboot -nic none \
     -kernel "$vmlinuz" -initrd "$work/l1.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet" </dev/null | tee "$out"
+    -append "console=ttyS0 panic=-1 quiet" </dev/null | tee "$out" || true
 rc=$(sed -n 's/^lab: scenario exit \([0-9]*\).*/\1/p' "$out" | tail -1)
 exit "${rc:-98}"

@@ -8,6 +8,7 @@ use devices::bus::Bus;
 use log::info;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, CpuidError, CpuidOptions, NativeCpuid};
 use crate::arch::x86_64::mptable::{self, MpTableError};
@@ -47,6 +48,9 @@ pub enum BuildError {
     /// MP table.
     #[error(transparent)]
     MpTable(#[from] MpTableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     /// CPUID table.
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
@@ -175,6 +179,19 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     )?;
     boot::write_boot_info(&guest_memory, mem_size, &payload, cmdline.len())?;
     mptable::setup_mptable(&guest_memory, &topology)?;
+    if config.machine.acpi {
+        let virtio_irqs: Vec<u32> =
+            (device_manager::VIRTIO_IRQ_BASE..=device_manager::VIRTIO_IRQ_LAST).collect();
+        acpi::setup_acpi(
+            &guest_memory,
+            &acpi::AcpiMachine {
+                topology: &topology,
+                virtio_irqs: &virtio_irqs,
+                com1: (devices::legacy::COM1_PORT as u16, devices::legacy::COM1_IRQ),
+                i8042_irq: device_manager::KBD_IRQ,
+            },
+        )?;
+    }
     info!(
         "payload: {} ({:?} entry at {:#x}), {} MiB, {} vCPUs ({}x{}x{})",
         kernel.display(),

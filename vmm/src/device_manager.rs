@@ -32,7 +32,8 @@ use crate::config::{DiskConfig, DiskEngine, NetConfig, SerialConfig};
 use crate::vstate::vm::{Vm, VmError};
 
 /// ISA interrupt line of the i8042 keyboard.
-const KBD_IRQ: u32 = 1;
+/// The i8042's keyboard interrupt line.
+pub const KBD_IRQ: u32 = 1;
 
 /// Errors of device set-up.
 #[derive(Debug, thiserror::Error)]
@@ -85,9 +86,9 @@ pub enum DeviceError {
 }
 
 /// First interrupt line given to virtio-mmio devices (below: legacy ISA).
-const VIRTIO_IRQ_BASE: u32 = 5;
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last usable I/O APIC pin.
-const VIRTIO_IRQ_LAST: u32 = 23;
+pub const VIRTIO_IRQ_LAST: u32 = 23;
 
 /// Event loop type of the device thread.
 pub type DeviceEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;

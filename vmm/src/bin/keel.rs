@@ -43,6 +43,9 @@ struct Args {
     /// virtio-vsock: cid=N,socket=PATH[,allow_host_connect=on].
     #[arg(long, value_name = "OPTIONS")]
     vsock: Option<String>,
+    /// The machine: acpi=on|off (ACPI tables; on by default).
+    #[arg(long, value_name = "OPTIONS")]
+    machine: Option<String>,
     /// Control API socket (HTTP/1.1 + JSON over a Unix socket).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -86,6 +89,7 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         shutdown_timeout_s: args.shutdown_timeout,
         device_poll_us: args.device_poll_us,
         vsock: args.vsock.clone(),
+        machine: args.machine.clone(),
         nets: args.nets.clone(),
     })?;
     Ok(config)

@@ -350,6 +350,30 @@ pub struct VmConfig {
     /// The device thread.
     #[serde(default)]
     pub devices: DevicesConfig,
+    /// The machine the guest sees.
+    #[serde(default)]
+    pub machine: MachineConfig,
+}
+
+/// The machine the guest sees.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// ACPI tables (RSDP, XSDT, hardware-reduced FADT, DSDT, MADT): how a
+    /// distro kernel finds the vCPUs, COM1, the i8042 and power-off. The MP
+    /// table is there either way (for `acpi=off` guests).
+    #[serde(default = "default_true")]
+    pub acpi: bool,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig { acpi: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Command-line flag values, as given (each overrides the file).
@@ -378,6 +402,8 @@ pub struct FlagOverrides {
     pub device_poll_us: Option<u32>,
     /// `--vsock cid=N,socket=PATH[,allow_host_connect=on]`
     pub vsock: Option<String>,
+    /// `--machine acpi=on|off`
+    pub machine: Option<String>,
     /// `--net tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N]` (MAC may be
     /// `hostos:<node>:<deployment>:<management MAC>`, a HostOS-derived one),
     /// repeated; when any is given they replace the file's NICs.
@@ -445,6 +471,9 @@ impl VmConfig {
         }
         if let Some(t) = flags.shutdown_timeout_s {
             self.control.shutdown_timeout_s = t;
+        }
+        if let Some(m) = &flags.machine {
+            self.machine = parse_machine_flag(m)?;
         }
         if let Some(p) = flags.device_poll_us {
             self.devices.poll_us = p;
@@ -809,7 +838,11 @@ fn write_refusal(path: &Path, block_device: bool) -> Option<String> {
             }
         }
     }
-    match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
         Ok(_) => None,
         Err(e) => match e.raw_os_error() {
             Some(libc::EROFS) => Some("is on a read-only filesystem (EROFS)".into()),
@@ -1038,6 +1071,14 @@ pub fn parse_net_flag(index: usize, input: &str) -> Result<NetConfig, ConfigErro
     })
 }
 
+/// Parses `--machine acpi=on|off`.
+pub fn parse_machine_flag(input: &str) -> Result<MachineConfig, ConfigError> {
+    let o = OptionList::parse("machine", input, &["acpi"], None)?;
+    Ok(MachineConfig {
+        acpi: o.switch("acpi")?.unwrap_or(true),
+    })
+}
+
 /// Parses `--serial stdout|off|file=PATH`.
 pub fn parse_serial_flag(input: &str) -> Result<SerialConfig, ConfigError> {
     match input {
@@ -1195,7 +1236,10 @@ mod tests {
         assert!(warn.contains("MemAvailable"), "{warn}");
         // Above the physical memory: refused, unless overcommit.
         let err = host.check(1 << 40, false).unwrap_err();
-        assert!(err.contains("overcommit=on") && err.contains("MemTotal"), "{err}");
+        assert!(
+            err.contains("overcommit=on") && err.contains("MemTotal"),
+            "{err}"
+        );
         let warn = host.check(1 << 40, true).unwrap().unwrap();
         assert!(warn.contains("overcommit=on"), "{warn}");
         // Unreadable meminfo: nothing to compare with.
@@ -1206,7 +1250,10 @@ mod tests {
         let mut c = valid();
         c.memory = parse_memory_flag("size=1T").unwrap();
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("memory.size: \"1T\"") && e.contains("overcommit=on"), "{e}");
+        assert!(
+            e.contains("memory.size: \"1T\"") && e.contains("overcommit=on"),
+            "{e}"
+        );
         c.memory = parse_memory_flag("size=1T,overcommit=on").unwrap();
         c.validate().expect("overcommit=on accepts it");
     }
@@ -1349,8 +1396,14 @@ mod tests {
             &|c| c.payload.cmdline = Some("x".repeat(5000)),
             "payload.cmdline",
         );
-        check(&|c| c.memory.size = ByteSize::from_bytes(1 << 20), "memory.size");
-        check(&|c| c.memory.size = ByteSize::from_bytes((64 << 20) + 512), "memory.size");
+        check(
+            &|c| c.memory.size = ByteSize::from_bytes(1 << 20),
+            "memory.size",
+        );
+        check(
+            &|c| c.memory.size = ByteSize::from_bytes((64 << 20) + 512),
+            "memory.size",
+        );
         check(
             &|c| {
                 c.memory.size = ByteSize::from_bytes((64 << 20) + (4 << 10));

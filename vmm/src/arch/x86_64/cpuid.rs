@@ -1067,7 +1067,10 @@ mod tests {
                 continue;
             }
             if matches!(e.function, LEAF_AMX_TILE_INFO | LEAF_AMX_TMUL_INFO) {
-                assert!(find(built, e.function, e.index).is_none(), "{ctx}: AMX leaf kept");
+                assert!(
+                    find(built, e.function, e.index).is_none(),
+                    "{ctx}: AMX leaf kept"
+                );
                 continue;
             }
             let b = find(built, e.function, e.index)
@@ -1502,10 +1505,19 @@ mod tests {
             let missing: Vec<(u32, u32)> = built
                 .as_slice()
                 .iter()
-                .filter(|b| !back.as_slice().iter().any(|e| e.function == b.function && e.index == b.index))
+                .filter(|b| {
+                    !back
+                        .as_slice()
+                        .iter()
+                        .any(|e| e.function == b.function && e.index == b.index)
+                })
                 .map(|e| (e.function, e.index))
                 .collect();
-            assert_eq!(back.as_slice().len(), built.as_slice().len(), "missing {missing:x?}");
+            assert_eq!(
+                back.as_slice().len(),
+                built.as_slice().len(),
+                "missing {missing:x?}"
+            );
             assert_eq!(regs(&back, 1, 0).ebx >> 24, apic_id & 0xFF);
             for subleaf in 0..3 {
                 assert_eq!(

@@ -182,16 +182,18 @@ impl CpuidDump {
         let entries: Vec<kvm_cpuid_entry2> = self
             .kvm
             .iter()
-            .map(|&[function, index, flags, eax, ebx, ecx, edx]| kvm_cpuid_entry2 {
-                function,
-                index,
-                flags,
-                eax,
-                ebx,
-                ecx,
-                edx,
-                ..Default::default()
-            })
+            .map(
+                |&[function, index, flags, eax, ebx, ecx, edx]| kvm_cpuid_entry2 {
+                    function,
+                    index,
+                    flags,
+                    eax,
+                    ebx,
+                    ecx,
+                    edx,
+                    ..Default::default()
+                },
+            )
             .collect();
         CpuId::from_entries(&entries).map_err(|_| DumpError::TooManyEntries(entries.len()))
     }
@@ -284,7 +286,11 @@ mod tests {
         let back = CpuidDump::parse(&text).expect("parses");
         assert_eq!(back, dump);
         for (leaf, sub) in [(0, 0), (1, 0), (1, 5), (0xB, 0), (0xB, 1), (0xB, 9), (7, 3)] {
-            assert_eq!(back.cpuid(leaf, sub), Fixed.cpuid(leaf, sub), "{leaf:#x}.{sub}");
+            assert_eq!(
+                back.cpuid(leaf, sub),
+                Fixed.cpuid(leaf, sub),
+                "{leaf:#x}.{sub}"
+            );
         }
         let kvm = back.supported().expect("fits");
         assert_eq!(kvm.as_slice(), kvm_table().as_slice());
@@ -303,7 +309,10 @@ mod tests {
         for leaf in [0u32, 7, 0x8000_0000, 0x8000_0001, 0x8000_0002] {
             assert_eq!(back.cpuid(leaf, 0), NativeCpuid.cpuid(leaf, 0), "{leaf:#x}");
         }
-        assert_eq!(back.supported().expect("fits").as_slice(), supported.as_slice());
+        assert_eq!(
+            back.supported().expect("fits").as_slice(),
+            supported.as_slice()
+        );
     }
 
     #[test]

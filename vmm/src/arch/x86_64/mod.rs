@@ -1,6 +1,7 @@
 //! x86-64 specifics: address map, boot protocols, CPUID, MP table, vCPU
 //! register state.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod cpuid_dump;

@@ -1,0 +1,152 @@
+# Guest half of the lab scenarios (tests/lab/, tests/linux_guest.rs): sourced
+# by /init when the command line has `lab=<name>`, which runs lab_<name>.
+# Results are `LAB-GUEST <key> <value>` lines on the console; the host half
+# (tests/lab/scenarios/) judges them.
+
+g() { echo "LAB-GUEST $*"; }
+
+# Stays up until the host ends the VM.
+idle() { while :; do sleep 3600; done; }
+
+lab_boot() {
+    g nproc "$(nproc)"
+    for c in /sys/devices/system/cpu/cpu[0-9]*; do
+        g "topology-$(basename "$c")" \
+            "package=$(cat "$c/topology/physical_package_id")" \
+            "core=$(cat "$c/topology/core_id")" \
+            "siblings=$(cat "$c/topology/thread_siblings_list")"
+    done
+    g cpuinfo-packages "$(grep '^physical id' /proc/cpuinfo | sort -u | wc -l)"
+    g flags "$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)"
+    g memtotal-kib "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+    g boot done
+}
+
+# First boot of the blk scenario: vda a file disk, vdb a loop device, vdc
+# read-only.
+lab_blk_write() {
+    mkdir -p /mnt/a /mnt/b
+    # vda: ext4 without discarding at mkfs (the host pre-filled it), files
+    # with checksums, then fstrim gives the free space back.
+    /usr/sbin/mke2fs -q -F -t ext4 -E nodiscard /dev/vda && mount -t ext4 /dev/vda /mnt/a &&
+        g mkfs-vda ok || g mkfs-vda fail
+    for i in 1 2 3 4; do
+        dd if=/dev/urandom of=/mnt/a/f$i bs=64k count=$((i * 4)) 2>/dev/null
+    done
+    (cd /mnt/a && sha256sum f1 f2 f3 f4 > SUMS) && g files-vda ok || g files-vda fail
+    sync
+    fstrim /mnt/a && g fstrim ok || g fstrim fail
+    umount /mnt/a && g umount-vda ok || g umount-vda fail
+    # vdb: a 32 MiB filesystem on the 64 MiB loop device; the tail is discarded.
+    /usr/sbin/mke2fs -q -F -t ext4 /dev/vdb 32M && mount -t ext4 /dev/vdb /mnt/b &&
+        g mkfs-vdb ok || g mkfs-vdb fail
+    dd if=/dev/urandom of=/mnt/b/big bs=1M count=8 2>/dev/null
+    (cd /mnt/b && sha256sum big > SUMS) && g files-vdb ok || g files-vdb fail
+    umount /mnt/b && g umount-vdb ok || g umount-vdb fail
+    blkdiscard -o $((48 << 20)) -l $((8 << 20)) /dev/vdb && g blkdiscard ok || g blkdiscard fail
+    # vdc: the kernel knows it is read-only, and a write fails.
+    g vdc-ro "$(cat /sys/block/vdc/ro)"
+    if dd if=/dev/zero of=/dev/vdc bs=4096 count=1 conv=fsync 2>/dev/null; then
+        g vdc-write accepted
+    else
+        g vdc-write refused
+    fi
+    sync
+    g blk-write done
+}
+
+# fsck_and_verify DEV MOUNTPOINT: e2fsck clean, then every checksum matches.
+fsck_and_verify() {
+    /usr/sbin/e2fsck -fn "$1" >/tmp/fsck.out 2>&1
+    g "fsck-$(basename "$1")" "$?"
+    mkdir -p "$2"
+    mount -t ext4 -o ro "$1" "$2" || { g "verify-$(basename "$1")" "mount failed"; return; }
+    if (cd "$2" && sha256sum -c SUMS >/tmp/sums.out 2>&1); then
+        g "verify-$(basename "$1")" ok
+    else
+        g "verify-$(basename "$1")" "$(tr '\n' ' ' </tmp/sums.out)"
+    fi
+    umount "$2"
+}
+
+# Second boot: both filesystems are clean and intact.
+lab_blk_check() {
+    fsck_and_verify /dev/vda /mnt/a
+    fsck_and_verify /dev/vdb /mnt/b
+    g blk-check done
+}
+
+# Writes a file, syncs, says so and waits to be killed (kill -9 of keel).
+lab_blk_kill() {
+    mkdir -p /mnt/a
+    mount -t ext4 /dev/vda /mnt/a || { g synced "mount failed"; idle; }
+    dd if=/dev/urandom of=/mnt/a/after-kill bs=64k count=32 2>/dev/null
+    (cd /mnt/a && sha256sum f1 f2 f3 f4 after-kill > SUMS)
+    sync
+    g synced yes
+    idle
+}
+
+lab_net() {
+    ip link set eth0 up
+    ip addr add 192.0.2.2/24 dev eth0
+    g mtu "$(cat /sys/class/net/eth0/mtu)"
+    if ping -c 3 -W 5 192.0.2.1 >/tmp/ping.out 2>&1; then g ping-host ok; else g ping-host fail; fi
+    /usr/bin/socat -u TCP-LISTEN:5001,reuseaddr CREATE:/tmp/in &
+    listener=$!
+    dd if=/dev/urandom of=/tmp/out bs=1M count=16 2>/dev/null
+    g send-sum "$(sha256sum /tmp/out | cut -d' ' -f1)"
+    g net ready
+    wait "$listener"
+    g recv-sum "$(sha256sum /tmp/in | cut -d' ' -f1)"
+    n=0
+    until /usr/bin/socat -u FILE:/tmp/out TCP:192.0.2.1:5002,connect-timeout=2 2>/dev/null; do
+        n=$((n + 1))
+        [ "$n" -lt 60 ] || break
+        sleep 1
+    done
+    g net done
+}
+
+# vsock_request JSON: one request to the host agent (CID 2, port 19090).
+vsock_request() {
+    printf '%s' "$1" | /usr/bin/socat -t 10 - VSOCK-CONNECT:2:19090 2>&1 | tr -d '\n'
+}
+
+lab_vsock() {
+    g vsock-protocol "$(vsock_request '{"sender_cid":3,"message":"GetVsockProtocol"}')"
+    g vsock-version "$(vsock_request '{"sender_cid":3,"message":"GetHostOSVersion"}')"
+    g vsock-notify "$(vsock_request '{"sender_cid":3,"message":{"notify":{"count":1,"message":"hello from L2"}}}')"
+    g vsock-wrong-cid "$(vsock_request '{"sender_cid":7,"message":"GetVsockProtocol"}')"
+    /usr/bin/socat VSOCK-LISTEN:5000,reuseaddr,fork SYSTEM:'echo guest-listener-says-hi' &
+    g vsock ready
+    idle
+}
+
+# Busybox init with the given Ctrl-Alt-Del action, and a heartbeat.
+run_init_with_cad() {
+    cat >/etc/inittab <<INITTAB
+::sysinit:/bin/sh -c 'i=0; while :; do i=\$((i+1)); echo "LAB-GUEST tick \$i"; sleep 1; done &'
+::ctrlaltdel:$1
+INITTAB
+    g lifecycle ready
+    exec /sbin/init
+}
+
+lab_lifecycle() {
+    run_init_with_cad "/bin/sh -c 'echo LAB-GUEST ctrlaltdel received; sync; poweroff -f'"
+}
+
+lab_lifecycle_ignore() {
+    run_init_with_cad "/bin/sh -c 'echo LAB-GUEST ctrlaltdel ignored'"
+}
+
+lab_reboot() {
+    g reboot now
+    reboot -f
+}
+
+lab_panic() {
+    g panic now
+    echo c >/proc/sysrq-trigger
+}

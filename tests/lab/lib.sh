@@ -1,0 +1,102 @@
+# Shell library of the lab scenarios (sourced; busybox sh and bash alike).
+#
+# A scenario prints one line per check, which tests/linux_guest.rs parses:
+#   LAB-RESULT <check> ok
+#   LAB-RESULT <check> FAIL <why>
+# The guest (L2) prints `LAB-GUEST <key> <value...>` lines on its console,
+# which the scenario reads from Keel's serial log.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin:$PATH
+LAB_DIR=${LAB_DIR:-$(mktemp -d /tmp/lab.XXXXXX)}
+
+ok() { echo "LAB-RESULT $1 ok"; }
+fail() {
+    local name=$1
+    shift
+    echo "LAB-RESULT $name FAIL $*"
+    echo "$name" >>"$LAB_DIR/failed"
+}
+# expect NAME ACTUAL WANTED: ok when equal.
+expect() {
+    if [ "$2" = "$3" ]; then ok "$1"; else fail "$1" "got '$2', want '$3'"; fi
+}
+# check NAME CMD...: ok when CMD succeeds.
+check() {
+    local name=$1
+    shift
+    if "$@" >"$LAB_DIR/check.out" 2>&1; then
+        ok "$name"
+    else
+        fail "$name" "'$*' failed: $(tail -c 300 "$LAB_DIR/check.out" | tr '\n' ' ')"
+    fi
+}
+
+# wait_file FILE PATTERN SECONDS: waits until FILE has a line matching
+# PATTERN (grep -E); returns 1 on timeout.
+wait_file() {
+    local file=$1 pattern=$2 deadline=$(($(date +%s) + $3))
+    while ! grep -qE "$pattern" "$file" 2>/dev/null; do
+        [ "$(date +%s)" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
+# guest CONSOLE KEY: the value of the last `LAB-GUEST KEY value` line.
+guest() {
+    tr -d '\r' <"$1" | sed -n "s/^LAB-GUEST $2 //p" | tail -n1
+}
+
+# start_keel NAME ARGS...: starts keel in the background, console in
+# $LAB_DIR/NAME.console, log in $LAB_DIR/NAME.log, pid in KEEL_PID.
+start_keel() {
+    local name=$1
+    shift
+    : >"$LAB_DIR/$name.console"
+    "$LAB_KEEL" --serial "file=$LAB_DIR/$name.console" "$@" >"$LAB_DIR/$name.log" 2>&1 &
+    KEEL_PID=$!
+}
+
+# wait_keel SECONDS: waits for $KEEL_PID to exit; sets KEEL_RC (124 and a
+# kill -9 on timeout).
+wait_keel() {
+    local deadline=$(($(date +%s) + $1))
+    while kill -0 "$KEEL_PID" 2>/dev/null; do
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            kill -9 "$KEEL_PID" 2>/dev/null
+            wait "$KEEL_PID" 2>/dev/null
+            KEEL_RC=124
+            return 1
+        fi
+        sleep 0.2
+    done
+    wait "$KEEL_PID"
+    KEEL_RC=$?
+    return 0
+}
+
+# show NAME: prints a run's console and log (for a failed check's context).
+show() {
+    echo "----- $1: console -----"
+    tr -d '\r' <"$LAB_DIR/$1.console" | tail -n 60
+    echo "----- $1: keel log -----"
+    tail -n 40 "$LAB_DIR/$1.log"
+    echo "----- end of $1 -----"
+}
+
+# The L2 kernel's command line for a guest scenario.
+l2_cmdline() {
+    echo "console=ttyS0 reboot=k panic=1 nokaslr lab=$1"
+}
+
+# finish: after a scenario with a failed check, prints every run's whole
+# console and log (the harness keeps this output).
+finish() {
+    [ -s "$LAB_DIR/failed" ] || return 0
+    local f
+    for f in "$LAB_DIR"/*.console "$LAB_DIR"/*.log; do
+        [ -f "$f" ] || continue
+        echo "===== $f ====="
+        tr -d '\r' <"$f"
+    done
+    echo "===== end of the runs' logs ====="
+}

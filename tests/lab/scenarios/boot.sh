@@ -1,0 +1,124 @@
+# Lab scenario: boot (topology, CPUID flags, memory), Debian's stock kernel,
+# and the VM's lifecycle (control socket, shutdown, SIGTERM, timeout, reboot,
+# panic). Runs in L1 (or on a host with vmx/svm); see tests/lab/l1.sh.
+. "$LAB_LIB"
+K=$LAB_L2_KERNEL
+I=$LAB_L2_INITRD
+
+# boot_layout NAME CPUS: one boot of lab_boot; checks the common facts.
+boot_layout() {
+    local name=$1 cpus=$2
+    start_keel "$name" --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline boot)" \
+        --memory size=256M --cpus "$cpus"
+    wait_keel 240
+    local c=$LAB_DIR/$name.console
+    expect "boot.$name.init-reached" "$(grep -c 'KEEL-LINUX-GUEST: init reached' "$c")" 1
+    expect "boot.$name.exit-reset" "$KEEL_RC" 3
+    expect "boot.$name.nproc" "$(guest "$c" nproc)" 2
+    case " $(guest "$c" flags) " in
+        *" hypervisor "*) ok "boot.$name.hypervisor-flag" ;;
+        *) fail "boot.$name.hypervisor-flag" "no hypervisor flag" ;;
+    esac
+    local mem
+    mem=$(guest "$c" memtotal-kib)
+    if [ -n "$mem" ] && [ "$mem" -gt $((200 << 10)) ] && [ "$mem" -le $((256 << 10)) ]; then
+        ok "boot.$name.memory"
+    else
+        fail "boot.$name.memory" "MemTotal ${mem:-?} KiB for 256 MiB"
+    fi
+    [ "$(guest "$c" boot)" = done ] || show "$name"
+}
+
+# 1 socket x 1 core x 2 threads, AES masked.
+boot_layout smt boot=2,sockets=1,cores=1,threads=2,mask=aes
+c=$LAB_DIR/smt.console
+expect boot.smt.cpu0 "$(guest "$c" topology-cpu0)" "package=0 core=0 siblings=0-1"
+expect boot.smt.cpu1 "$(guest "$c" topology-cpu1)" "package=0 core=0 siblings=0-1"
+expect boot.smt.packages "$(guest "$c" cpuinfo-packages)" 1
+case " $(guest "$c" flags) " in
+    *" aes "*) fail boot.smt.aes-masked "aes still in /proc/cpuinfo" ;;
+    *) ok boot.smt.aes-masked ;;
+esac
+
+# 2 sockets x 1 core x 1 thread, nothing masked: AES is there (so the mask
+# check above is not vacuous).
+boot_layout sockets boot=2,sockets=2,cores=1,threads=1
+c=$LAB_DIR/sockets.console
+expect boot.sockets.cpu0 "$(guest "$c" topology-cpu0)" "package=0 core=0 siblings=0"
+expect boot.sockets.cpu1 "$(guest "$c" topology-cpu1)" "package=1 core=0 siblings=1"
+expect boot.sockets.packages "$(guest "$c" cpuinfo-packages)" 2
+case " $(guest "$c" flags) " in
+    *" aes "*) ok boot.sockets.aes-unmasked ;;
+    *) fail boot.sockets.aes-unmasked "aes missing without a mask" ;;
+esac
+
+# Debian's stock kernel (a bzImage): boot, console, shutdown (its reboot).
+if [ -n "${LAB_STOCK_KERNEL:-}" ]; then
+    start_keel stock --kernel "$LAB_STOCK_KERNEL" --initrd "$I" \
+        --cmdline "console=ttyS0 reboot=k panic=1 lab=boot" --memory size=256M --cpus boot=1
+    wait_keel 400
+    c=$LAB_DIR/stock.console
+    expect stock.init-reached "$(grep -c 'KEEL-LINUX-GUEST: init reached' "$c")" 1
+    expect stock.console "$(guest "$c" boot)" done
+    expect stock.exit-reset "$KEEL_RC" 3
+    [ "$KEEL_RC" = 3 ] || show stock
+else
+    fail stock.init-reached "LAB_STOCK_KERNEL not given"
+fi
+
+# Lifecycle: the control socket, then a graceful shutdown through it.
+sock=$LAB_DIR/api.sock
+ctl() { "$LAB_KEELCTL" --socket "$sock" "$@"; }
+state() { ctl --json info 2>/dev/null | sed -n 's/.*"state":"\([a-z-]*\)".*/\1/p'; }
+last_tick() { tr -d '\r' <"$1" | sed -n 's/^LAB-GUEST tick \([0-9]*\)$/\1/p' | tail -n1; }
+
+start_keel life --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
+    --memory size=256M --cpus boot=1 --api-socket "$sock" --shutdown-timeout 120
+c=$LAB_DIR/life.console
+if wait_file "$c" '^LAB-GUEST tick 2' 240; then ok lifecycle.up; else fail lifecycle.up "no heartbeat"; show life; fi
+expect lifecycle.info-running "$(state)" running
+check lifecycle.pause ctl pause
+expect lifecycle.info-paused "$(state)" paused
+size1=$(wc -c <"$c")
+sleep 3
+size2=$(wc -c <"$c")
+expect lifecycle.paused-guest-silent "$size2" "$size1"
+n=$(last_tick "$c")
+check lifecycle.resume ctl resume
+if wait_file "$c" "^LAB-GUEST tick $((n + 2))" 60; then ok lifecycle.runs-after-resume; else fail lifecycle.runs-after-resume "no tick after $n"; fi
+check lifecycle.shutdown-request ctl shutdown --timeout 120
+wait_keel 180
+if grep -q 'LAB-GUEST ctrlaltdel received' "$c"; then ok lifecycle.shutdown-reaches-init; else fail lifecycle.shutdown-reaches-init "init never saw Ctrl-Alt-Del"; fi
+expect lifecycle.shutdown-exit "$KEEL_RC" 0
+if grep -q 'guest powered off' "$LAB_DIR/life.log"; then ok lifecycle.shutdown-graceful; else fail lifecycle.shutdown-graceful "$(tail -n 3 "$LAB_DIR/life.log" | tr '\n' ' ')"; fi
+
+# SIGTERM: the same graceful path.
+start_keel term --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
+    --memory size=256M --cpus boot=1 --shutdown-timeout 120
+c=$LAB_DIR/term.console
+wait_file "$c" '^LAB-GUEST tick 2' 240 || show term
+kill -TERM "$KEEL_PID"
+wait_keel 180
+if grep -q 'LAB-GUEST ctrlaltdel received' "$c"; then ok lifecycle.sigterm-reaches-init; else fail lifecycle.sigterm-reaches-init "init never saw Ctrl-Alt-Del"; fi
+expect lifecycle.sigterm-exit "$KEEL_RC" 0
+if grep -q 'guest powered off' "$LAB_DIR/term.log"; then ok lifecycle.sigterm-graceful; else fail lifecycle.sigterm-graceful "$(tail -n 3 "$LAB_DIR/term.log" | tr '\n' ' ')"; fi
+
+# A guest that ignores the request is stopped at the timeout.
+start_keel ignore --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle-ignore)" \
+    --memory size=256M --cpus boot=1 --api-socket "$sock"
+c=$LAB_DIR/ignore.console
+wait_file "$c" '^LAB-GUEST tick 2' 240 || show ignore
+check lifecycle.ignore-request ctl shutdown --timeout 5
+wait_keel 60
+if grep -q 'LAB-GUEST ctrlaltdel ignored' "$c"; then ok lifecycle.ignore-reaches-init; else fail lifecycle.ignore-reaches-init "init never saw Ctrl-Alt-Del"; fi
+expect lifecycle.ignore-stopped-at-timeout "$KEEL_RC" 0
+
+# The guest's reboot, and a guest panic (panic=1 reboots): exit 3.
+start_keel reboot --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline reboot)" --memory size=256M
+wait_keel 240
+expect lifecycle.reboot-exit "$KEEL_RC" 3
+start_keel panic --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline panic)" --memory size=256M
+wait_keel 240
+expect lifecycle.panic-exit "$KEEL_RC" 3
+if grep -q 'Kernel panic' "$LAB_DIR/panic.console"; then ok lifecycle.panic-logged; else fail lifecycle.panic-logged "no panic on the console"; fi
+finish

@@ -1,0 +1,95 @@
+# Lab scenario: virtio-net on a tap in a bridge, and virtio-vsock with
+# keel-agent. Runs in L1 (or on a host with vmx/svm); see tests/lab/l1.sh.
+. "$LAB_LIB"
+K=$LAB_L2_KERNEL
+I=$LAB_L2_INITRD
+socat=${LAB_SOCAT:-socat}
+sum() { sha256sum "$1" | cut -d' ' -f1; }
+
+# --- net: a bridge with the documentation range 192.0.2.0/24 -----------------
+ip link add labbr0 type bridge
+ip addr add 192.0.2.1/24 dev labbr0
+ip link set labbr0 up
+start_keel net --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline net)" \
+    --memory size=256M --cpus boot=2 --net tap=labtap0,bridge=labbr0,mtu=1400
+c=$LAB_DIR/net.console
+if wait_file "$c" '^LAB-GUEST net ready' 300; then ok net.up; else fail net.up "guest network never ready"; show net; fi
+expect net.mtu "$(guest "$c" mtu)" 1400
+expect net.ping-guest-to-host "$(guest "$c" ping-host)" ok
+check net.ping-host-to-guest ping -c 3 -W 5 192.0.2.2
+dd if=/dev/urandom of="$LAB_DIR/h2g" bs=1M count=16 2>/dev/null
+"$socat" -u TCP-LISTEN:5002,reuseaddr CREATE:"$LAB_DIR/g2h" &
+listener=$!
+n=0
+until "$socat" -u FILE:"$LAB_DIR/h2g" TCP:192.0.2.2:5001,connect-timeout=2 2>/dev/null; do
+    n=$((n + 1))
+    [ "$n" -lt 30 ] || break
+    sleep 1
+done
+if wait_file "$c" '^LAB-GUEST net done' 600; then :; else show net; fi
+wait "$listener"
+expect net.tcp-host-to-guest "$(guest "$c" recv-sum)" "$(sum "$LAB_DIR/h2g")"
+expect net.tcp-guest-to-host "$(sum "$LAB_DIR/g2h")" "$(guest "$c" send-sum)"
+wait_keel 120
+expect net.exit "$KEEL_RC" 3
+if ip link show labtap0 >/dev/null 2>&1; then fail net.tap-removed "labtap0 still exists"; else ok net.tap-removed; fi
+ip link del labbr0
+
+# --- vsock: keel-agent serves the guest ---------------------------------------
+echo "lab-1.2.3" >"$LAB_DIR/version"
+: >"$LAB_DIR/notify-console"
+mkdir -p "$LAB_DIR/agent-state"
+cat >"$LAB_DIR/agent.toml" <<TOML
+guest_cid = 3
+vsock_socket = "$LAB_DIR/vsock.sock_19090"
+version_file = "$LAB_DIR/version"
+state_dir = "$LAB_DIR/agent-state"
+grubenv = "$LAB_DIR/grubenv"
+keel_api_socket = "$LAB_DIR/api.sock"
+reboot_command = ["/bin/true"]
+consoles = ["$LAB_DIR/notify-console"]
+[metrics]
+listen = "127.0.0.1:19100"
+textfile = "$LAB_DIR/agent.prom"
+TOML
+"$LAB_AGENT" --config "$LAB_DIR/agent.toml" serve >"$LAB_DIR/agent.log" 2>&1 &
+agent=$!
+n=0
+while [ ! -S "$LAB_DIR/vsock.sock_19090" ] && [ "$n" -lt 150 ]; do
+    n=$((n + 1))
+    sleep 0.2
+done
+if [ -S "$LAB_DIR/vsock.sock_19090" ]; then ok vsock.agent-listening; else fail vsock.agent-listening "$(tail -n 5 "$LAB_DIR/agent.log" | tr '\n' ' ')"; fi
+start_keel vsock --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
+    --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock"
+c=$LAB_DIR/vsock.console
+if wait_file "$c" '^LAB-GUEST vsock ready' 300; then ok vsock.up; else fail vsock.up "guest never ready"; show vsock; fi
+expect vsock.get-protocol "$(guest "$c" vsock-protocol)" '{"Ok":{"HostOSVsockVersion":{"major":1,"minor":0,"patch":0}}}'
+expect vsock.get-version "$(guest "$c" vsock-version)" '{"Ok":{"HostOSVersion":"lab-1.2.3"}}'
+expect vsock.notify "$(guest "$c" vsock-notify)" '{"Ok":"NoPayload"}'
+if wait_file "$LAB_DIR/notify-console" 'hello from L2' 30; then ok vsock.notify-printed; else fail vsock.notify-printed "nothing on the console"; fi
+case "$(guest "$c" vsock-wrong-cid)" in
+    '{"Err":'*) ok vsock.wrong-cid-refused ;;
+    *) fail vsock.wrong-cid-refused "answer: $(guest "$c" vsock-wrong-cid)" ;;
+esac
+out=$(printf 'CONNECT 5000\n' | "$socat" -t 5 - UNIX-CONNECT:"$LAB_DIR/vsock.sock" 2>&1)
+case "$out" in
+    OK*) fail vsock.host-connect-refused "accepted: $out" ;;
+    *) ok vsock.host-connect-refused ;;
+esac
+kill "$KEEL_PID"
+wait_keel 60
+
+start_keel vsock-allow --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
+    --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock,allow_host_connect=on"
+c=$LAB_DIR/vsock-allow.console
+wait_file "$c" '^LAB-GUEST vsock ready' 300 || show vsock-allow
+out=$(printf 'CONNECT 5000\n' | "$socat" -t 5 - UNIX-CONNECT:"$LAB_DIR/vsock.sock" 2>&1)
+case "$out" in
+    OK*guest-listener-says-hi*) ok vsock.host-connect-allowed ;;
+    *) fail vsock.host-connect-allowed "answer: $(echo "$out" | tr '\n' ' ')" ;;
+esac
+kill "$KEEL_PID"
+wait_keel 60
+kill "$agent"
+finish

@@ -1,0 +1,398 @@
+//! ACPI tables: how a distro kernel finds the vCPUs, the interrupt
+//! controllers, the legacy devices and how to power the machine off.
+//!
+//! The tables sit in the BIOS area below 1 MiB (reserved in the memory map),
+//! where Linux also finds them by scanning for the RSDP:
+//!
+//! ```text
+//! 0x000e_0000  RSDP (revision 2, points at the XSDT)
+//! 0x000e_0040  XSDT -> FADT, MADT
+//!   ...        FADT (hardware-reduced), DSDT, MADT
+//! ```
+//!
+//! The FADT is **hardware-reduced** (ACPI 6, `HW_REDUCED_ACPI`): there is no
+//! PM1 event/control block, SCI or GPE to emulate, power-off is one write to
+//! the sleep-control register (port 0x600, `SLP_TYP = 5 | SLP_EN`, which
+//! Keel already implements), and the DSDT says `_S5` is sleep type 5. A full
+//! FADT would add PM1a blocks, an SCI and the PM timer for nothing a
+//! server guest uses. The DSDT describes COM1 (PNP0501) and the i8042
+//! keyboard controller (PNP0303), which a hardware-reduced kernel only
+//! finds there. The MADT lists every vCPU (local APIC entries below APIC ID
+//! 255, local x2APIC entries from 255 on, so more than 254 vCPUs work), the
+//! I/O APIC and the ISA interrupt overrides (IRQ 0 on pin 2; the virtio
+//! interrupt lines edge-triggered, active high, as Keel signals them).
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{APIC_START, IOAPIC_START};
+use super::topology::CpuTopology;
+
+/// Where the RSDP goes (inside the BIOS area Linux scans).
+pub const RSDP_START: u64 = 0xe_0000;
+/// End of the area the tables may use.
+pub const ACPI_END: u64 = 0x10_0000;
+/// The sleep-control register (hardware-reduced power-off).
+pub const SLEEP_CONTROL_PORT: u64 = 0x600;
+/// The sleep-status register, next to it.
+pub const SLEEP_STATUS_PORT: u64 = 0x601;
+
+const OEM_ID: [u8; 6] = *b"KEEL  ";
+const OEM_TABLE_ID: [u8; 8] = *b"KEEL-VM ";
+const OEM_REVISION: u32 = 1;
+
+/// MADT structure types.
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_INT_OVERRIDE: u8 = 2;
+const MADT_LOCAL_X2APIC: u8 = 9;
+/// MADT flags: the machine also has 8259 PICs (PCAT_COMPAT).
+const MADT_PCAT_COMPAT: u32 = 1;
+/// MPS INTI flags: active high, edge triggered.
+const INTI_EDGE_HIGH: u16 = (1 << 2) | 1;
+/// FADT IA-PC boot architecture flags: an 8042 is present.
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+
+/// Why the tables cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables do not fit below 1 MiB.
+    #[error("ACPI tables need {need} bytes, more than the {room} bytes reserved for them")]
+    TooLarge {
+        /// Bytes the tables need.
+        need: u64,
+        /// Bytes reserved.
+        room: u64,
+    },
+    /// Guest memory refused the write.
+    #[error("cannot write the ACPI tables into guest memory: {0}")]
+    Write(vm_memory::GuestMemoryError),
+}
+
+/// What the tables describe.
+#[derive(Clone, Debug)]
+pub struct AcpiMachine<'a> {
+    /// vCPU topology (APIC IDs).
+    pub topology: &'a CpuTopology,
+    /// Interrupt lines of the virtio devices (GSIs on the I/O APIC).
+    pub virtio_irqs: &'a [u32],
+    /// COM1's port and interrupt.
+    pub com1: (u16, u32),
+    /// The i8042's interrupt.
+    pub i8042_irq: u32,
+}
+
+/// The tables as bytes, each at its guest address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcpiTables {
+    /// (guest address, bytes) of the RSDP and each table.
+    pub blobs: Vec<(u64, Vec<u8>)>,
+}
+
+impl AcpiTables {
+    /// The bytes of the table at `addr`, if one starts there.
+    pub fn at(&self, addr: u64) -> Option<&[u8]> {
+        self.blobs
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, b)| b.as_slice())
+    }
+}
+
+fn bytes_of(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT: `_S5`, COM1 and the i8042.
+fn dsdt(m: &AcpiMachine) -> Vec<u8> {
+    // Each object is serialized within its statement: the AML builders borrow
+    // their children.
+    let mut body = Vec::new();
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(m.com1.0, m.com1.0, 1, 8),
+                    &aml::Interrupt::new(true, true, false, false, m.com1.1),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    aml::Device::new(
+        "_SB_.PS2K".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(0x60, 0x60, 1, 1),
+                    &aml::IO::new(0x64, 0x64, 1, 1),
+                    &aml::Interrupt::new(true, true, false, false, m.i8042_irq),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&5u8, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
+    )
+    .to_aml_bytes(&mut body);
+    let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    table.append_slice(&body);
+    table.as_slice().to_vec()
+}
+
+/// The hardware-reduced FADT pointing at the DSDT.
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton);
+    f.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
+    f.sleep_control_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        SLEEP_CONTROL_PORT,
+    );
+    f.sleep_status_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        SLEEP_STATUS_PORT,
+    );
+    bytes_of(&f.finalize())
+}
+
+/// The MADT: every vCPU, the I/O APIC, the interrupt overrides.
+fn madt(m: &AcpiMachine) -> Vec<u8> {
+    let mut table = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    table.write_u32(36, APIC_START as u32);
+    table.write_u32(40, MADT_PCAT_COMPAT);
+    let t = m.topology;
+    for index in 0..t.vcpus() {
+        let id = t.apic_id(index);
+        match u8::try_from(id) {
+            Ok(id8) if id8 < 0xff => {
+                let uid = u8::try_from(index).unwrap_or(0xff);
+                table.append_slice(&[MADT_LOCAL_APIC, 8, uid, id8, 1, 0, 0, 0]);
+            }
+            _ => {
+                let mut e = vec![MADT_LOCAL_X2APIC, 16, 0, 0];
+                e.extend_from_slice(&id.to_le_bytes());
+                e.extend_from_slice(&1u32.to_le_bytes()); // enabled
+                e.extend_from_slice(&index.to_le_bytes()); // ACPI processor UID
+                table.append_slice(&e);
+            }
+        }
+    }
+    // The I/O APIC keeps ID 0 in the MADT sense of "an ID", which Linux only
+    // uses to name it; pins start at GSI 0.
+    let mut ioapic = vec![MADT_IO_APIC, 12, 0, 0];
+    ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes());
+    table.append_slice(&ioapic);
+    let mut overrides: Vec<(u8, u32)> = vec![(0, 2)];
+    for &irq in m.virtio_irqs {
+        if let Ok(source) = u8::try_from(irq) {
+            overrides.push((source, irq));
+        }
+    }
+    for (source, gsi) in overrides {
+        let mut e = vec![MADT_INT_OVERRIDE, 10, 0, source];
+        e.extend_from_slice(&gsi.to_le_bytes());
+        e.extend_from_slice(&INTI_EDGE_HIGH.to_le_bytes());
+        table.append_slice(&e);
+    }
+    table.update_checksum();
+    table.as_slice().to_vec()
+}
+
+/// Builds the RSDP and the tables at their guest addresses.
+pub fn build(m: &AcpiMachine) -> Result<AcpiTables, AcpiError> {
+    let align = |a: u64| (a + 15) & !15;
+    let xsdt_addr = align(RSDP_START + Rsdp::len() as u64);
+    // Two entries: FADT and MADT.
+    let xsdt_len = 36 + 2 * 8;
+    let fadt_addr = align(xsdt_addr + xsdt_len);
+    let fadt_len = acpi_tables::fadt::FADT::len() as u64;
+    let dsdt_addr = align(fadt_addr + fadt_len);
+    let dsdt = dsdt(m);
+    let madt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let madt = madt(m);
+    let end = madt_addr + madt.len() as u64;
+    if end > ACPI_END {
+        return Err(AcpiError::TooLarge {
+            need: end - RSDP_START,
+            room: ACPI_END - RSDP_START,
+        });
+    }
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    Ok(AcpiTables {
+        blobs: vec![
+            (RSDP_START, bytes_of(&Rsdp::new(OEM_ID, xsdt_addr))),
+            (xsdt_addr, bytes_of(&xsdt)),
+            (fadt_addr, fadt(dsdt_addr)),
+            (dsdt_addr, dsdt),
+            (madt_addr, madt),
+        ],
+    })
+}
+
+/// Writes the tables into guest memory; returns the RSDP's address.
+pub fn setup_acpi(mem: &GuestMemoryMmap, m: &AcpiMachine) -> Result<u64, AcpiError> {
+    let tables = build(m)?;
+    for (addr, bytes) in &tables.blobs {
+        mem.write_slice(bytes, GuestAddress(*addr))
+            .map_err(AcpiError::Write)?;
+    }
+    Ok(RSDP_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+    }
+
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from(u32_at(b, o)) | (u64::from(u32_at(b, o + 4)) << 32)
+    }
+
+    fn machine(t: &CpuTopology) -> AcpiMachine<'_> {
+        AcpiMachine {
+            topology: t,
+            virtio_irqs: &[5, 6, 17],
+            com1: (0x3f8, 4),
+            i8042_irq: 1,
+        }
+    }
+
+    /// Walks RSDP -> XSDT -> tables; returns (signature, bytes) of each.
+    fn walk(t: &AcpiTables) -> Vec<([u8; 4], Vec<u8>)> {
+        let rsdp = t.at(RSDP_START).expect("RSDP");
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
+        assert_eq!(sum(rsdp), 0, "RSDP extended checksum");
+        assert_eq!(rsdp[15], 2, "revision 2");
+        let xsdt = t.at(u64_at(rsdp, 24)).expect("XSDT");
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert_eq!(sum(xsdt), 0);
+        let mut out = Vec::new();
+        for i in 0..(xsdt.len() - 36) / 8 {
+            let tb = t.at(u64_at(xsdt, 36 + 8 * i)).expect("table");
+            assert_eq!(u32_at(tb, 4) as usize, tb.len(), "length field");
+            assert_eq!(sum(tb), 0, "checksum of {:?}", &tb[..4]);
+            out.push(([tb[0], tb[1], tb[2], tb[3]], tb.to_vec()));
+        }
+        out
+    }
+
+    #[test]
+    fn tables_chain_and_checksum() {
+        let topo = CpuTopology {
+            sockets: 2,
+            cores: 3,
+            threads: 2,
+        };
+        let t = build(&machine(&topo)).unwrap();
+        let tables = walk(&t);
+        let sigs: Vec<[u8; 4]> = tables.iter().map(|(s, _)| *s).collect();
+        assert_eq!(sigs, [*b"FACP", *b"APIC"]);
+        let fadt = &tables[0].1;
+        // HW_REDUCED_ACPI (bit 20) and the sleep registers at 0x600/0x601.
+        assert_ne!(u32_at(fadt, 112) & (1 << 20), 0);
+        assert_eq!(fadt[244], 1, "sleep control in system I/O space");
+        assert_eq!(u64_at(fadt, 248), SLEEP_CONTROL_PORT);
+        assert_eq!(u64_at(fadt, 260), SLEEP_STATUS_PORT);
+        let dsdt = t.at(u64_at(fadt, 140)).expect("X_DSDT");
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert_eq!(sum(dsdt), 0);
+        // _S5_ is a package whose first element is sleep type 5.
+        let s5 = dsdt.windows(4).position(|w| w == b"_S5_").expect("_S5_");
+        assert_eq!(&dsdt[s5 + 4..s5 + 9], &[0x12, 0x07, 0x04, 0x0a, 0x05]);
+        assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+    }
+
+    #[test]
+    fn madt_lists_every_vcpu_by_apic_id() {
+        let topo = CpuTopology {
+            sockets: 2,
+            cores: 3,
+            threads: 2,
+        };
+        let t = build(&machine(&topo)).unwrap();
+        let madt = &walk(&t)[1].1;
+        assert_eq!(u32_at(madt, 36), APIC_START as u32);
+        let mut ids = Vec::new();
+        let mut overrides = Vec::new();
+        let mut ioapics = 0;
+        let mut o = 44;
+        while o < madt.len() {
+            let (kind, len) = (madt[o], madt[o + 1] as usize);
+            match kind {
+                MADT_LOCAL_APIC => ids.push(u32::from(madt[o + 3])),
+                MADT_LOCAL_X2APIC => ids.push(u32_at(madt, o + 4)),
+                MADT_IO_APIC => {
+                    ioapics += 1;
+                    assert_eq!(u32_at(madt, o + 4), IOAPIC_START as u32);
+                }
+                MADT_INT_OVERRIDE => overrides.push((madt[o + 3], u32_at(madt, o + 4))),
+                other => panic!("unexpected MADT entry {other}"),
+            }
+            o += len;
+        }
+        let want: Vec<u32> = (0..topo.vcpus()).map(|i| topo.apic_id(i)).collect();
+        assert_eq!(ids, want);
+        assert_eq!(ioapics, 1);
+        assert_eq!(overrides, [(0, 2), (5, 5), (6, 6), (17, 17)]);
+    }
+
+    #[test]
+    fn more_than_254_vcpus_use_x2apic_entries() {
+        let topo = CpuTopology {
+            sockets: 2,
+            cores: 80,
+            threads: 2,
+        };
+        let t = build(&machine(&topo)).unwrap();
+        let madt = &walk(&t)[1].1;
+        let mut x2 = 0;
+        let mut o = 44;
+        while o < madt.len() {
+            if madt[o] == MADT_LOCAL_X2APIC {
+                x2 += 1;
+                assert!(u32_at(madt, o + 4) >= 0xff);
+            }
+            o += madt[o + 1] as usize;
+        }
+        let high = (0..topo.vcpus())
+            .filter(|&i| topo.apic_id(i) >= 0xff)
+            .count();
+        assert!(high > 0);
+        assert_eq!(x2, high);
+    }
+}
