@@ -108,16 +108,6 @@ fn build_guest() -> (PathBuf, PathBuf) {
     )
 }
 
-fn scratch_dir() -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("keel-linux-guest-{}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir).expect("create scratch directory");
-    dir
-}
-
 /// Waits for `child` up to `timeout`; kills it and returns None on timeout.
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let start = Instant::now();
@@ -167,7 +157,7 @@ fn linux_guest_boots_reports_and_resets() {
 
     let keel = keel_binary();
     let (vmlinux, initramfs) = build_guest();
-    let dir = scratch_dir();
+    let dir = keel_tests::scratch_dir("linux-guest");
     let console_log = dir.join("console.log");
     let keel_out = dir.join("keel.stdout.log");
     let keel_err = dir.join("keel.stderr.log");
@@ -262,6 +252,4 @@ fn linux_guest_boots_reports_and_resets() {
         "keel should exit with {EXIT_GUEST_RESET} (guest-requested reset)\n{}",
         diagnostics()
     );
-
-    let _ = fs::remove_dir_all(&dir);
 }
