@@ -128,7 +128,6 @@ fn loop_device_and_read_only_file_disk() {
         r.stderr
     );
     drop(lo);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -147,7 +146,6 @@ fn file_disk_with_the_sync_engine() {
     ProbeReport::parse(&r.stdout).assert_all_passed(&required, &r.stdout);
     assert_eq!(r.code(), 0, "{}", r.stderr);
     verify_written(&std::fs::read(&disk).unwrap());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -194,7 +192,6 @@ fn flushed_data_survives_kill_9() {
         "flushed data lost at offset {bad:?}\nconsole:\n{seen}"
     );
     drop(lo);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -214,5 +211,4 @@ fn a_disk_in_use_is_refused_before_boot() {
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("in use"), "{}", r.stderr);
     drop(f);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

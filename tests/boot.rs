@@ -123,7 +123,6 @@ fn serial_log_file_is_truncated_at_each_launch() {
     assert!(!text.contains("stale output"));
     ProbeReport::parse(&text).assert_all_passed(BASE_CHECKS, &text);
     assert!(!r.stdout.contains("PROBE"), "console went to the file only");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

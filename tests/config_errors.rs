@@ -130,7 +130,6 @@ fn bad_payloads_are_refused() {
         1,
         "initrd",
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -155,7 +154,6 @@ fn bad_config_files_name_the_key() {
         1,
         "cannot read config file",
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -13,11 +13,11 @@
 //! `ping` (iputils) for the responder test.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_tests::{api_call, keel, probe_guest, scratch_dir, ProbeReport};
+use keel_tests::{api_call, keel, probe_guest, scratch_dir, ProbeReport, ScratchDir};
 
 const T: Duration = Duration::from_secs(30);
 const BRIDGE: &str = "br6";
@@ -199,7 +199,7 @@ fn stop(child: Child) -> (i32, String) {
     failed_run(child)
 }
 
-fn dir(name: &str) -> PathBuf {
+fn dir(name: &str) -> ScratchDir {
     scratch_dir(name)
 }
 
@@ -358,6 +358,8 @@ fn udp_send_pattern(size: usize, i: usize) -> u8 {
 /// Keel in the namespace with its console collected by a thread.
 struct Console {
     text: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Receives one message when the reader hits end of stream.
+    ended: std::sync::mpsc::Receiver<()>,
 }
 
 impl Console {
@@ -365,6 +367,7 @@ impl Console {
         let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = text.clone();
         let mut out = child.stdout.take().expect("stdout");
+        let (done, ended) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
@@ -375,8 +378,20 @@ impl Console {
                     .unwrap()
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
+            let _ = done.send(());
         });
-        Console { text }
+        Console { text, ended }
+    }
+
+    /// The whole console output, once keel has exited: waits (up to
+    /// `deadline`) for the reader to reach end of stream.
+    fn finish(&self, deadline: Duration) -> String {
+        assert!(
+            self.ended.recv_timeout(deadline).is_ok(),
+            "the console did not end within {deadline:?} of keel's exit:\n{}",
+            self.get()
+        );
+        self.get()
     }
 
     fn get(&self) -> String {
@@ -519,8 +534,7 @@ fn the_probe_answers_arp_ping_nd_and_udp_echo_through_the_tap() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    std::thread::sleep(Duration::from_millis(100));
-    let text = console.get();
+    let text = console.finish(T);
     let mut log = String::new();
     if let Some(mut e) = k.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut e, &mut log);

@@ -67,6 +67,9 @@ pub struct Config {
     /// Consoles `notify` prints on (HostOS: /dev/tty1 and /dev/ttyS0).
     #[serde(default = "d_consoles")]
     pub consoles: Vec<PathBuf>,
+    /// Pause between two prints of one `notify` message, in seconds (HostOS: 2).
+    #[serde(default = "d_notify_interval_s")]
+    pub notify_interval_s: f64,
     #[serde(default)]
     pub metrics: MetricsConfig,
     /// Largest upgrade image accepted (bytes).
@@ -221,6 +224,9 @@ fn d_systemctl() -> PathBuf {
 fn d_consoles() -> Vec<PathBuf> {
     vec!["/dev/tty1".into(), "/dev/ttyS0".into()]
 }
+fn d_notify_interval_s() -> f64 {
+    2.0
+}
 fn d_max_download_bytes() -> u64 {
     4 << 30
 }
@@ -262,6 +268,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The pause between two prints of one `notify` message.
+    pub fn notify_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.notify_interval_s)
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -344,6 +355,13 @@ impl Config {
                     format!("{c:?} is not an absolute path"),
                 ));
             }
+        }
+        let n = self.notify_interval_s;
+        if !(n.is_finite() && n > 0.0 && n <= 3600.0) {
+            return Err(invalid(
+                "notify_interval_s",
+                "must be within (0, 3600] seconds",
+            ));
         }
         if self.max_download_bytes == 0 {
             return Err(invalid("max_download_bytes", "must be > 0"));
@@ -439,6 +457,7 @@ mod tests {
         assert_eq!(c.download_timeout_s, 120);
         assert_eq!(c.vsock.read_timeout_s, 5.0);
         assert_eq!(c.vsock.total_timeout_s, 30.0);
+        assert_eq!(c.notify_interval(), Duration::from_secs(2));
     }
 
     #[test]
@@ -452,6 +471,9 @@ mod tests {
             ("[metrics]\nlisten = \"nope\"", "metrics.listen"),
             ("[metrics]\ntextfile = \"/tmp/x.txt\"", "metrics.textfile"),
             ("[vsock]\nread_timeout_s = 0", "vsock.read_timeout_s"),
+            ("notify_interval_s = 0", "notify_interval_s"),
+            ("notify_interval_s = -1.0", "notify_interval_s"),
+            ("notify_interval_s = nan", "notify_interval_s"),
             (
                 "[volumes.A]\nboot=\"/v/1\"\nroot=\"/v/2\"\nvar=\"/v/3\"\n[volumes.B]\nboot=\"/v/4\"\nroot=\"/v/2\"\nvar=\"/v/6\"",
                 "volumes.B.root",

@@ -30,7 +30,8 @@ pub struct Agent {
 impl Agent {
     pub fn new(config: config::Config) -> Arc<Agent> {
         let api = keel_api::KeelApi::new(config.keel_api_socket.clone());
-        let notifier = notify::Notifier::new(config.consoles.clone());
+        let mut notifier = notify::Notifier::new(config.consoles.clone());
+        notifier.interval = config.notify_interval();
         Arc::new(Agent {
             config,
             metrics: metrics::Metrics::default(),

@@ -1,5 +1,6 @@
 //! `notify`: print a guest-supplied message on the host consoles,
-//! min(count, 10) times, 2 s apart, in a background thread.
+//! min(count, 10) times, 2 s apart (`notify_interval_s`), in a background
+//! thread.
 //!
 //! The text is untrusted: every control character and every terminal escape
 //! or control sequence (ESC ..., CSI, OSC, DCS, C1 controls) is removed
@@ -88,7 +89,7 @@ fn skip_string(it: &mut std::iter::Peekable<std::str::Chars<'_>>) {
 pub struct Notifier {
     consoles: Vec<PathBuf>,
     active: Arc<AtomicUsize>,
-    /// Pause between repetitions (2 s; tests may shorten it).
+    /// Pause between repetitions (2 s; the agent's `notify_interval_s`).
     pub interval: Duration,
 }
 
@@ -142,6 +143,7 @@ impl Notifier {
         let interval = self.interval;
         let line = format!("\n{text}\n");
         std::thread::spawn(move || {
+            let mut printed = 0;
             for i in 0..repeat {
                 files.retain_mut(|(path, f)| match f.write_all(line.as_bytes()) {
                     Ok(()) => true,
@@ -150,11 +152,16 @@ impl Notifier {
                         false
                     }
                 });
-                if files.is_empty() || i + 1 == repeat {
+                if files.is_empty() {
+                    break;
+                }
+                printed += 1;
+                if i + 1 == repeat {
                     break;
                 }
                 std::thread::sleep(interval);
             }
+            log::info!("notify: done, printed {printed} time(s)");
             active.fetch_sub(1, Ordering::SeqCst);
         });
         Ok(repeat)

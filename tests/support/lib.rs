@@ -64,12 +64,54 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A fresh, empty scratch directory for one test.
-pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("keel-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+/// A test's scratch directory (`/tmp/keel-test-<name>-<pid>`): removed
+/// when dropped, unless the thread is panicking (a failed test keeps its
+/// files for inspection, and says where they are).
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.path.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("could not remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// A fresh, empty scratch directory for one test, removed again when the
+/// returned guard is dropped (see [`ScratchDir`]).
+pub fn scratch_dir(name: &str) -> ScratchDir {
+    let path = std::env::temp_dir().join(format!("keel-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).expect("scratch dir");
+    ScratchDir { path }
 }
 
 /// What a finished `keel` run left behind.
@@ -270,6 +312,11 @@ pub struct RunningKeel {
     pub console: std::sync::Arc<std::sync::Mutex<String>>,
     /// Keel's log (stderr), filled by a thread.
     pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// One message from each of the two pipe readers when it hits end of
+    /// stream.
+    readers_done: std::sync::mpsc::Receiver<()>,
+    /// How many of them have.
+    readers_ended: usize,
 }
 
 impl RunningKeel {
@@ -286,6 +333,7 @@ impl RunningKeel {
         let mut child = cmd.spawn().expect("spawn keel");
         let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (done_tx, readers_done) = std::sync::mpsc::channel();
         for (pipe, sink) in [
             (
                 Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
@@ -296,6 +344,7 @@ impl RunningKeel {
                 log.clone(),
             ),
         ] {
+            let done = done_tx.clone();
             std::thread::spawn(move || {
                 let mut pipe = pipe;
                 let mut buf = [0u8; 1024];
@@ -307,6 +356,7 @@ impl RunningKeel {
                         .unwrap()
                         .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
+                let _ = done.send(());
             });
         }
         let k = RunningKeel {
@@ -314,6 +364,8 @@ impl RunningKeel {
             socket: socket.to_path_buf(),
             console,
             log,
+            readers_done,
+            readers_ended: 0,
         };
         let start = Instant::now();
         while api_call(socket, "GET", "/v1/vm", "").map(|r| r.0) != Some(200) {
@@ -351,13 +403,22 @@ impl RunningKeel {
         }
     }
 
-    /// Waits for the process to exit; returns its exit code.
+    /// Waits for the process to exit and for its console and log to be
+    /// read to the end; returns its exit code.
     pub fn wait_exit(&mut self, deadline: Duration) -> i32 {
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
-                // Let the pipe readers finish.
-                std::thread::sleep(Duration::from_millis(50));
+                // Both pipe readers reach end of stream once keel is gone.
+                while self.readers_ended < 2 {
+                    let left = deadline.saturating_sub(start.elapsed());
+                    assert!(
+                        self.readers_done.recv_timeout(left).is_ok(),
+                        "keel exited ({st:?}) but its output did not end within {deadline:?}:\n{}",
+                        self.log()
+                    );
+                    self.readers_ended += 1;
+                }
                 return st.code().unwrap_or(-1);
             }
             assert!(

@@ -365,6 +365,8 @@ pub struct Options {
     pub upgrade_vm_unit: Option<String>,
     pub metrics_tls: bool,
     pub download_timeout_s: u64,
+    /// `notify_interval_s` (unset: the agent's default, 2 s).
+    pub notify_interval_s: Option<f64>,
     /// Replace a volume path (slot, kind) -> path.
     pub volume_override: Vec<(&'static str, &'static str, PathBuf)>,
 }
@@ -379,6 +381,7 @@ impl Default for Options {
             upgrade_vm_unit: Some("guestos-upgrader.service".into()),
             metrics_tls: false,
             download_timeout_s: 20,
+            notify_interval_s: None,
             volume_override: vec![],
         }
     }
@@ -403,6 +406,44 @@ pub struct Env {
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh scratch directory (`/tmp/keel-agent-<name>-<pid>-<n>`), removed
+/// when dropped unless the thread is panicking (a failed test keeps it).
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(name: &str) -> ScratchDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("keel-agent-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        ScratchDir(dir)
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -504,6 +545,9 @@ shutdown_timeout_s = 120
             max = opts.max_download_bytes,
             dl_timeout = opts.download_timeout_s,
         );
+        if let Some(n) = opts.notify_interval_s {
+            toml.push_str(&format!("notify_interval_s = {n:?}\n"));
+        }
         if let Some(u) = &opts.upgrade_vm_unit {
             toml.push_str(&format!("upgrade_vm_unit = \"{u}\"\n"));
         }
