@@ -490,7 +490,11 @@ fn console(mut stream: UnixStream, ctx: &ApiContext, wants_write: bool) {
     );
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    // Subscribed before the answer: whatever the guest prints once the
+    // client has its 200 reaches it.
+    let (id, rx) = ctx.console_hub.subscribe();
     if stream.write_all(head.as_bytes()).is_err() {
+        ctx.console_hub.unsubscribe(id);
         release_writer(ctx, writer);
         return;
     }
@@ -498,7 +502,6 @@ fn console(mut stream: UnixStream, ctx: &ApiContext, wants_write: bool) {
         "api: console attached ({})",
         if writer { "read-write" } else { "read-only" }
     );
-    let (id, rx) = ctx.console_hub.subscribe();
     // Set by the writer's input thread once the client has closed its
     // connection (a half-close, end of its input, is not that).
     let gone = AtomicBool::new(false);
