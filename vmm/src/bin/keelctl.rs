@@ -3,6 +3,11 @@
 //! Exit codes: 0 success; 1 the request was refused or failed (4xx/5xx
 //! other than 403); 2 usage error; 3 the socket cannot be reached;
 //! 4 permission denied (403).
+//!
+//! `console` exits 0 on detach (Ctrl-]) and when the VM ends (it says so
+//! on stderr), 1 when Keel closes the console while the VM still runs. On
+//! a terminal it runs in raw mode, restored on exit and on SIGINT, SIGTERM,
+//! SIGHUP and SIGQUIT.
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
