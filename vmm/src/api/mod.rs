@@ -10,11 +10,11 @@ pub mod auth;
 pub mod http;
 
 use std::io::Write;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -271,48 +271,81 @@ fn serve_connection(mut stream: UnixStream, ctx: &ApiContext) {
                 return;
             }
         };
-        if req.method == "GET"
-            && req.path == "/v1/console"
-            && allowed(&mut stream, &peer, role, &req)
-        {
-            console(stream, ctx, role, &req);
+        if let Err(refusal) = check(&peer, role, &req) {
+            // A refusal for want of a role ends the connection: the caller
+            // may do nothing more on it (and a console client must not be
+            // left waiting for a stream that never comes).
+            let close = req.close || refusal.status == 403;
+            let _ = http::respond_error(&mut stream, refusal.status, &refusal.message, close);
+            if close {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            continue;
+        }
+        if req.method == "GET" && req.path == "/v1/console" {
+            console(stream, ctx, wants_console_write(&req));
             return;
         }
         let close = req.close;
-        if allowed(&mut stream, &peer, role, &req) {
-            let (status, body) = route(ctx, &req);
-            if http::respond(&mut stream, status, &body, close).is_err() {
-                return;
-            }
-        }
-        if close {
+        let (status, body) = route(ctx, &req);
+        if http::respond(&mut stream, status, &body, close).is_err() || close {
             return;
         }
     }
 }
 
-/// Checks the route exists and the role suffices; answers 404/405/403
-/// itself when not.
-fn allowed(stream: &mut UnixStream, peer: &Peer, role: Role, req: &Request) -> bool {
+/// Why a request is not served: its status and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    status: u16,
+    message: String,
+}
+
+/// Whether a console request asks to type (`?mode=rw`).
+fn wants_console_write(req: &Request) -> bool {
+    req.path == "/v1/console"
+        && req
+            .query
+            .as_deref()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "mode=rw"))
+}
+
+/// Checks the route exists and the role suffices (typing into the console
+/// needs an admin); logs a denial, once.
+fn check(peer: &Peer, role: Role, req: &Request) -> Result<(), Refusal> {
     let same_path: Vec<_> = ROUTES.iter().filter(|(_, p, _)| *p == req.path).collect();
     let Some((_, _, need)) = same_path.iter().find(|(m, _, _)| *m == req.method) else {
-        let (status, msg) = if same_path.is_empty() {
+        let (status, message) = if same_path.is_empty() {
             (404, format!("no such endpoint: {}", req.path))
         } else {
             (405, format!("{} does not accept {}", req.path, req.method))
         };
-        let _ = http::respond_error(stream, status, &msg, req.close);
-        return false;
+        return Err(Refusal { status, message });
     };
-    if role < *need {
+    let (need, message) = if wants_console_write(req) {
+        (Role::Admin, "only admins may type into the console")
+    } else {
+        (*need, "permission denied")
+    };
+    if role < need {
         warn!(
-            "api: denied {} {} to uid {} (pid {}, role {role:?})",
-            req.method, req.path, peer.uid, peer.pid
+            "api: denied {} {}{} to uid {} (pid {}, role {role:?})",
+            req.method,
+            req.path,
+            req.query
+                .as_deref()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default(),
+            peer.uid,
+            peer.pid
         );
-        let _ = http::respond_error(stream, 403, "permission denied", req.close);
-        return false;
+        return Err(Refusal {
+            status: 403,
+            message: message.into(),
+        });
     }
-    true
+    Ok(())
 }
 
 fn route(ctx: &ApiContext, req: &Request) -> (u16, Value) {
@@ -434,22 +467,10 @@ pub fn counters_json(view: &VmView) -> Value {
     json!({ "vcpus": vcpus, "disks": disks, "net": net, "vsock": vsock })
 }
 
-/// Streams the serial console; an admin who asks (`?mode=rw`) and finds no
-/// other writer may also type into it.
-fn console(mut stream: UnixStream, ctx: &ApiContext, role: Role, req: &Request) {
-    let wants_write = req
-        .query
-        .as_deref()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "mode=rw"));
-    if wants_write && role < Role::Admin {
-        let _ = http::respond_error(
-            &mut stream,
-            403,
-            "only admins may type into the console",
-            true,
-        );
-        return;
-    }
+/// Streams the serial console; a writer (an admin who asked with
+/// `?mode=rw`, already checked) who finds no other writer may also type
+/// into it.
+fn console(mut stream: UnixStream, ctx: &ApiContext, wants_write: bool) {
     let writer = wants_write && {
         let mut w = ctx.console_writer.lock().unwrap_or_else(|p| p.into_inner());
         !std::mem::replace(&mut *w, true)
@@ -469,7 +490,11 @@ fn console(mut stream: UnixStream, ctx: &ApiContext, role: Role, req: &Request) 
     );
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    // Subscribed before the answer: whatever the guest prints once the
+    // client has its 200 reaches it.
+    let (id, rx) = ctx.console_hub.subscribe();
     if stream.write_all(head.as_bytes()).is_err() {
+        ctx.console_hub.unsubscribe(id);
         release_writer(ctx, writer);
         return;
     }
@@ -477,46 +502,61 @@ fn console(mut stream: UnixStream, ctx: &ApiContext, role: Role, req: &Request) 
         "api: console attached ({})",
         if writer { "read-write" } else { "read-only" }
     );
-    let (id, rx) = ctx.console_hub.subscribe();
-    let input = if writer {
-        stream.try_clone().ok().map(|mut s| {
-            let serial = ctx.serial.clone();
-            std::thread::spawn(move || console_input(&mut s, &serial))
-        })
-    } else {
-        None
-    };
-    let mut out = Vec::with_capacity(4096);
-    loop {
-        // A writer that stopped typing (EOF on its side) still watches:
-        // it is gone only once writing to it fails.
-        if ctx.control.status.state() == VmState::Stopped {
-            break;
-        }
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(b) => {
-                out.push(b);
-                out.extend(rx.try_iter().take(4095));
-                if stream.write_all(&out).is_err() {
-                    break;
-                }
-                out.clear();
+    // Set by the writer's input thread once the client has closed its
+    // connection (a half-close, end of its input, is not that).
+    let gone = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let input = if writer {
+            stream.try_clone().ok().and_then(|s| {
+                let gone = &gone;
+                std::thread::Builder::new()
+                    .name("keel-api-console-in".into())
+                    .spawn_scoped(scope, move || {
+                        console_input(&s, &ctx.serial);
+                        gone.store(true, SeqCst);
+                        // The slot is free the moment the writer is gone,
+                        // not when the guest next prints.
+                        release_writer(ctx, true);
+                    })
+                    .ok()
+            })
+        } else {
+            None
+        };
+        let mut out = Vec::with_capacity(4096);
+        loop {
+            if ctx.control.status.state() == VmState::Stopped || gone.load(SeqCst) {
+                break;
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                // Notice a client that went away without typing.
-                if !writer && peer_closed(&stream) {
-                    break;
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(b) => {
+                    out.push(b);
+                    out.extend(rx.try_iter().take(4095));
+                    if stream.write_all(&out).is_err() {
+                        break;
+                    }
+                    out.clear();
                 }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    // Notice a watcher that went away while the guest is
+                    // quiet (a writer's input thread watches for that).
+                    if input.is_none() && hung_up(&stream, 0) {
+                        break;
+                    }
+                }
+                Err(_) => break,
             }
-            Err(_) => break,
         }
-    }
-    ctx.console_hub.unsubscribe(id);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    if let Some(t) = input {
-        let _ = t.join();
-    }
-    release_writer(ctx, writer);
+        ctx.console_hub.unsubscribe(id);
+        // Wakes the input thread, which then frees the writer slot.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        match input {
+            Some(t) => {
+                let _ = t.join();
+            }
+            None => release_writer(ctx, writer),
+        }
+    });
 }
 
 fn release_writer(ctx: &ApiContext, writer: bool) {
@@ -525,22 +565,40 @@ fn release_writer(ctx: &ApiContext, writer: bool) {
     }
 }
 
-fn peer_closed(stream: &UnixStream) -> bool {
-    let _ = stream.set_nonblocking(true);
-    let mut b = [0u8; 1];
-    let closed = matches!(std::io::Read::read(&mut &*stream, &mut b), Ok(0));
-    let _ = stream.set_nonblocking(false);
-    closed
+/// Whether the connection is hung up: the client closed it entirely (or
+/// shut down both directions), or this side shut it down. A client that
+/// only half-closed (stopped sending) is not. Waits up to `timeout_ms`
+/// (-1: for as long as it takes).
+fn hung_up(stream: &UnixStream, timeout_ms: i32) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    }];
+    loop {
+        // SAFETY: poll reads and writes exactly the one pollfd given, which
+        // lives on this stack frame for the whole call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout_ms) };
+        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        // An error of poll itself: treat the connection as unusable.
+        return r < 0 || fds[0].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0;
+    }
 }
 
 /// Forwards what the client types to the serial port, waiting while the
-/// UART's FIFO is full.
-fn console_input(stream: &mut UnixStream, serial: &Mutex<Serial>) {
+/// UART's FIFO is full. Returns once the client has hung up: end of its
+/// input alone (a half-close) leaves it watching, so this then waits for
+/// the full close.
+fn console_input(stream: &UnixStream, serial: &Mutex<Serial>) {
     let mut buf = [0u8; 256];
     loop {
-        let n = match std::io::Read::read(stream, &mut buf) {
-            Ok(0) | Err(_) => return,
+        let n = match std::io::Read::read(&mut &*stream, &mut buf) {
+            Ok(0) => break,
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         };
         let mut sent = 0;
         while sent < n {
@@ -555,6 +613,7 @@ fn console_input(stream: &mut UnixStream, serial: &Mutex<Serial>) {
             }
         }
     }
+    while !hung_up(stream, -1) {}
 }
 
 #[cfg(test)]
@@ -573,6 +632,46 @@ mod tests {
         assert!(shutdown_timeout(br#"{"timeout_s":0}"#, d).is_err());
         assert!(shutdown_timeout(br#"{"timeout":5}"#, d).is_err());
         assert!(shutdown_timeout(b"{not json", d).is_err());
+    }
+
+    #[test]
+    fn refusals_name_their_status() {
+        let peer = Peer {
+            pid: 1,
+            uid: 1000,
+            groups: vec![1000],
+        };
+        let req = |method: &str, path: &str, query: Option<&str>| Request {
+            method: method.into(),
+            path: path.into(),
+            query: query.map(str::to_string),
+            body: Vec::new(),
+            close: false,
+        };
+        let status = |role, r: &Request| check(&peer, role, r).err().map(|r| r.status);
+        assert_eq!(
+            status(Role::None, &req("GET", "/v1/console", None)),
+            Some(403)
+        );
+        assert_eq!(
+            status(Role::ReadOnly, &req("GET", "/v1/console", None)),
+            None
+        );
+        let rw = req("GET", "/v1/console", Some("mode=rw"));
+        assert_eq!(status(Role::ReadOnly, &rw), Some(403));
+        assert_eq!(status(Role::Admin, &rw), None);
+        assert_eq!(
+            status(Role::Admin, &req("GET", "/v1/nope", None)),
+            Some(404)
+        );
+        assert_eq!(
+            status(Role::Admin, &req("PUT", "/v1/console", None)),
+            Some(405)
+        );
+        assert_eq!(
+            status(Role::ReadOnly, &req("PUT", "/v1/vm/stop", None)),
+            Some(403)
+        );
     }
 
     #[test]
