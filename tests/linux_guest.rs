@@ -276,6 +276,7 @@ fn linux_lab_boot_stock_kernel_and_lifecycle() {
             "lifecycle.ignore-request",
             "lifecycle.ignore-reaches-init",
             "lifecycle.ignore-stopped-at-timeout",
+            "lifecycle.ignore-forced-stop-logged",
             "lifecycle.reboot-exit",
             "lifecycle.panic-exit",
             "lifecycle.panic-logged",

@@ -113,7 +113,8 @@ copy_with_libs() {
     mkdir -p "$ir$(dirname "$f")"
     cp -L "$f" "$ir$f"
     if head -c 4 "$f" | grep -q ELF; then
-        ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+        # A static ELF (a kernel) has no libraries: ldd fails, nothing to copy.
+        { ldd "$f" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | while read -r lib; do
             mkdir -p "$ir$(dirname "$lib")"
             cp -Ln "$lib" "$ir$lib"
         done

@@ -54,6 +54,9 @@ start_keel() {
     : >"$LAB_DIR/$name.console"
     "$LAB_KEEL" --serial "file=$LAB_DIR/$name.console" "$@" >"$LAB_DIR/$name.log" 2>&1 &
     KEEL_PID=$!
+    KEEL_NAME=$name
+    KEEL_START=$(date +%s)
+    echo "lab: run $name started: keel $*"
 }
 
 # wait_keel SECONDS: waits for $KEEL_PID to exit; sets KEEL_RC (124 and a
@@ -65,12 +68,14 @@ wait_keel() {
             kill -9 "$KEEL_PID" 2>/dev/null
             wait "$KEEL_PID" 2>/dev/null
             KEEL_RC=124
+            echo "lab: run $KEEL_NAME still running after $1 s: killed"
             return 1
         fi
         sleep 0.2
     done
     wait "$KEEL_PID"
     KEEL_RC=$?
+    echo "lab: run $KEEL_NAME ended with $KEEL_RC after $(($(date +%s) - KEEL_START)) s"
     return 0
 }
 
