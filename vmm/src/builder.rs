@@ -159,6 +159,11 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         .unwrap_or(DEFAULT_CMDLINE)
         .to_string();
     let virtio_locations = virtio.cmdline.clone();
+    // The command line announces the devices (Linux's virtio_mmio.device=,
+    // which the probe guest reads too); with ACPI the DSDT describes them as
+    // well, and a hardware-reduced Linux binds those (the command-line copies
+    // then find their window taken and stand aside: such a kernel gives
+    // command-line devices no interrupt line).
     for entry in &virtio.cmdline {
         cmdline.push(' ');
         cmdline.push_str(entry);
@@ -180,13 +185,16 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     boot::write_boot_info(&guest_memory, mem_size, &payload, cmdline.len())?;
     mptable::setup_mptable(&guest_memory, &topology)?;
     if config.machine.acpi {
-        let virtio_irqs: Vec<u32> =
-            (device_manager::VIRTIO_IRQ_BASE..=device_manager::VIRTIO_IRQ_LAST).collect();
+        let virtio_mmio: Vec<(u64, u64, u32)> = virtio
+            .slots
+            .iter()
+            .map(|s| (s.base, s.len, s.irq))
+            .collect();
         acpi::setup_acpi(
             &guest_memory,
             &acpi::AcpiMachine {
                 topology: &topology,
-                virtio_irqs: &virtio_irqs,
+                virtio_mmio: &virtio_mmio,
                 com1: (devices::legacy::COM1_PORT as u16, devices::legacy::COM1_IRQ),
                 i8042_irq: device_manager::KBD_IRQ,
             },

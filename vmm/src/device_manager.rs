@@ -86,9 +86,9 @@ pub enum DeviceError {
 }
 
 /// First interrupt line given to virtio-mmio devices (below: legacy ISA).
-pub const VIRTIO_IRQ_BASE: u32 = 5;
+const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last usable I/O APIC pin.
-pub const VIRTIO_IRQ_LAST: u32 = 23;
+const VIRTIO_IRQ_LAST: u32 = 23;
 
 /// Event loop type of the device thread.
 pub type DeviceEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
@@ -99,6 +99,8 @@ pub struct VirtioDevices {
     pub event_manager: DeviceEventManager,
     /// `virtio_mmio.device=` command-line entries, one per device.
     pub cmdline: Vec<String>,
+    /// Where each device sits (the same order as `cmdline`), for the DSDT.
+    pub slots: Vec<MmioSlot>,
     /// Per-disk counters, in disk order.
     pub disk_counters: Vec<Arc<BlockCounters>>,
     /// vsock counters.
@@ -139,6 +141,7 @@ pub fn setup_virtio_devices(
         event_manager: DeviceEventManager::new()
             .map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?,
         cmdline: Vec::new(),
+        slots: Vec::new(),
         disk_counters: Vec::new(),
         vsock_counters: None,
         nets: Vec::new(),
@@ -161,7 +164,7 @@ pub fn setup_virtio_devices(
         let block = Arc::new(Mutex::new(block));
         out.event_manager.add_subscriber(block.clone());
         let slot = out.cmdline.len();
-        out.cmdline.push(attach_mmio(vm, mem, mmio, block, slot)?);
+        out.add(attach_mmio(vm, mem, mmio, block, slot)?);
         log::info!(
             "disk {index}: {} on virtio-mmio slot {slot}",
             d.path.display()
@@ -177,7 +180,7 @@ pub fn setup_virtio_devices(
         let dev = Arc::new(Mutex::new(dev));
         out.event_manager.add_subscriber(dev.clone());
         let slot = out.cmdline.len();
-        out.cmdline.push(attach_mmio(vm, mem, mmio, dev, slot)?);
+        out.add(attach_mmio(vm, mem, mmio, dev, slot)?);
         log::info!(
             "vsock: guest CID {} on {} (host-initiated connections {})",
             v.cid,
@@ -225,8 +228,7 @@ pub fn setup_virtio_devices(
         let dev = Arc::new(Mutex::new(dev));
         out.event_manager.add_subscriber(dev.clone());
         let slot = out.cmdline.len();
-        let location = attach_mmio(vm, mem, mmio, dev, slot)?;
-        out.cmdline.push(location.clone());
+        let location = out.add(attach_mmio(vm, mem, mmio, dev, slot)?);
         log::info!(
             "net {index}: tap {}{} mac {} mtu {mtu}, {} queue pair{}, on virtio-mmio slot {slot}",
             n.tap,
@@ -249,14 +251,47 @@ pub fn setup_virtio_devices(
     Ok(out)
 }
 
-/// Places `device` in virtio-mmio slot `slot`; returns its command-line entry.
+/// Where one virtio-mmio device sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// First byte of its register window.
+    pub base: u64,
+    /// Size of the window.
+    pub len: u64,
+    /// Its interrupt line (a GSI on the I/O APIC).
+    pub irq: u32,
+}
+
+impl MmioSlot {
+    /// The `virtio_mmio.device=` command-line entry that announces it.
+    pub fn cmdline(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.len >> 10,
+            self.base,
+            self.irq
+        )
+    }
+}
+
+impl VirtioDevices {
+    /// Records a placed device; returns its command-line entry.
+    fn add(&mut self, slot: MmioSlot) -> String {
+        let entry = slot.cmdline();
+        self.cmdline.push(entry.clone());
+        self.slots.push(slot);
+        entry
+    }
+}
+
+/// Places `device` in virtio-mmio slot `slot`.
 fn attach_mmio<D: VirtioDevice + 'static>(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     device: Arc<Mutex<D>>,
     slot: usize,
-) -> Result<String, DeviceError> {
+) -> Result<MmioSlot, DeviceError> {
     let irq = VIRTIO_IRQ_BASE + slot as u32;
     if irq > VIRTIO_IRQ_LAST {
         return Err(DeviceError::NoIrq(slot));
@@ -272,7 +307,11 @@ fn attach_mmio<D: VirtioDevice + 'static>(
     let interrupt = Arc::new(Interrupt::new(vm.irq_line(irq)?));
     let transport = MmioTransport::new(mem.clone(), device, interrupt, queue_evts);
     mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
-    Ok(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+    Ok(MmioSlot {
+        base,
+        len: MMIO_WINDOW,
+        irq,
+    })
 }
 
 fn lock<D: ?Sized>(m: &Mutex<D>) -> std::sync::MutexGuard<'_, D> {

@@ -19,8 +19,11 @@
 //! keyboard controller (PNP0303), which a hardware-reduced kernel only
 //! finds there. The MADT lists every vCPU (local APIC entries below APIC ID
 //! 255, local x2APIC entries from 255 on, so more than 254 vCPUs work), the
-//! I/O APIC and the ISA interrupt overrides (IRQ 0 on pin 2; the virtio
-//! interrupt lines edge-triggered, active high, as Keel signals them).
+//! I/O APIC and the ISA interrupt override (IRQ 0 on pin 2). The virtio-mmio
+//! devices are DSDT devices (`LNRO0005`) with their window and interrupt
+//! (edge-triggered, active high, as Keel signals them): a hardware-reduced
+//! kernel maps no legacy interrupt lines by itself, so devices announced on
+//! the command line alone would get no interrupt.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -79,8 +82,8 @@ pub enum AcpiError {
 pub struct AcpiMachine<'a> {
     /// vCPU topology (APIC IDs).
     pub topology: &'a CpuTopology,
-    /// Interrupt lines of the virtio devices (GSIs on the I/O APIC).
-    pub virtio_irqs: &'a [u32],
+    /// The virtio-mmio devices: (register window base, length, GSI).
+    pub virtio_mmio: &'a [(u64, u64, u32)],
     /// COM1's port and interrupt.
     pub com1: (u16, u32),
     /// The i8042's interrupt.
@@ -145,6 +148,26 @@ fn dsdt(m: &AcpiMachine) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    for (i, &(base, len, gsi)) in m.virtio_mmio.iter().enumerate() {
+        // Linux's virtio_mmio driver matches LNRO0005 (as QEMU's microvm and
+        // Firecracker describe their devices).
+        let (base32, len32) = (base as u32, len as u32);
+        aml::Device::new(
+            format!("_SB_.V{:03X}", i & 0xfff).as_str().into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"LNRO0005"),
+                &aml::Name::new("_UID".into(), &(i as u32)),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::Memory32Fixed::new(true, base32, len32),
+                        &aml::Interrupt::new(true, true, false, false, gsi),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut body);
+    }
     aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&5u8, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
@@ -207,13 +230,10 @@ fn madt(m: &AcpiMachine) -> Vec<u8> {
     ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     ioapic.extend_from_slice(&0u32.to_le_bytes());
     table.append_slice(&ioapic);
-    let mut overrides: Vec<(u8, u32)> = vec![(0, 2)];
-    for &irq in m.virtio_irqs {
-        if let Ok(source) = u8::try_from(irq) {
-            overrides.push((source, irq));
-        }
-    }
-    for (source, gsi) in overrides {
+    // The PIT's IRQ 0 reaches pin 2. Other ISA IRQs are identity-mapped, edge
+    // and active high by default; the virtio lines carry their trigger mode
+    // in their DSDT `_CRS` (an override is only valid for ISA IRQs 0-15).
+    for (source, gsi) in [(0u8, 2u32)] {
         let mut e = vec![MADT_INT_OVERRIDE, 10, 0, source];
         e.extend_from_slice(&gsi.to_le_bytes());
         e.extend_from_slice(&INTI_EDGE_HIGH.to_le_bytes());
@@ -285,7 +305,7 @@ mod tests {
     fn machine(t: &CpuTopology) -> AcpiMachine<'_> {
         AcpiMachine {
             topology: t,
-            virtio_irqs: &[5, 6, 17],
+            virtio_mmio: &[(0xd000_0000, 0x1000, 5), (0xd000_1000, 0x1000, 17)],
             com1: (0x3f8, 4),
             i8042_irq: 1,
         }
@@ -335,6 +355,9 @@ mod tests {
         let s5 = dsdt.windows(4).position(|w| w == b"_S5_").expect("_S5_");
         assert_eq!(&dsdt[s5 + 4..s5 + 9], &[0x12, 0x07, 0x04, 0x0a, 0x05]);
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        // One LNRO0005 device per virtio-mmio slot.
+        let hids = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(hids, 2);
     }
 
     #[test]
@@ -368,7 +391,7 @@ mod tests {
         let want: Vec<u32> = (0..topo.vcpus()).map(|i| topo.apic_id(i)).collect();
         assert_eq!(ids, want);
         assert_eq!(ioapics, 1);
-        assert_eq!(overrides, [(0, 2), (5, 5), (6, 6), (17, 17)]);
+        assert_eq!(overrides, [(0, 2)]);
     }
 
     #[test]
