@@ -57,6 +57,9 @@ lab_blk_write() {
 
 # fsck_and_verify DEV MOUNTPOINT: e2fsck clean, then every checksum matches.
 fsck_and_verify() {
+    # Mounting replays the journal (as a boot would); then a read-only fsck.
+    mkdir -p "$2"
+    mount -t ext4 "$1" "$2" && umount "$2"
     /usr/sbin/e2fsck -fn "$1" >/tmp/fsck.out 2>&1
     g "fsck-$(basename "$1")" "$?"
     mkdir -p "$2"

@@ -233,12 +233,11 @@ fn madt(m: &AcpiMachine) -> Vec<u8> {
     // The PIT's IRQ 0 reaches pin 2. Other ISA IRQs are identity-mapped, edge
     // and active high by default; the virtio lines carry their trigger mode
     // in their DSDT `_CRS` (an override is only valid for ISA IRQs 0-15).
-    for (source, gsi) in [(0u8, 2u32)] {
-        let mut e = vec![MADT_INT_OVERRIDE, 10, 0, source];
-        e.extend_from_slice(&gsi.to_le_bytes());
-        e.extend_from_slice(&INTI_EDGE_HIGH.to_le_bytes());
-        table.append_slice(&e);
-    }
+    let (source, gsi) = (0u8, 2u32);
+    let mut e = vec![MADT_INT_OVERRIDE, 10, 0, source];
+    e.extend_from_slice(&gsi.to_le_bytes());
+    e.extend_from_slice(&INTI_EDGE_HIGH.to_le_bytes());
+    table.append_slice(&e);
     table.update_checksum();
     table.as_slice().to_vec()
 }
