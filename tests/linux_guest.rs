@@ -132,6 +132,11 @@ fn parse_results(console: &str) -> Vec<Check> {
 /// Runs `tests/lab/scenarios/<scenario>.sh` (in L1, or directly with
 /// vmx/svm) and asserts that exactly the `expected` checks ran and passed.
 fn run_scenario(scenario: &str, expected: &[&str]) {
+    run_scenario_with(scenario, &[], expected);
+}
+
+/// [`run_scenario`] with extra `LAB_*` variables (files the scenario needs).
+fn run_scenario_with(scenario: &str, extra: &[(&str, PathBuf)], expected: &[&str]) {
     let inputs = inputs();
     let _one_at_a_time = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let root = repo_root();
@@ -148,6 +153,9 @@ fn run_scenario(scenario: &str, expected: &[&str]) {
         .env("LAB_STOCK_KERNEL", &inputs.stock_kernel)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
     if has_hardware_virtualization() {
         cmd.env("LAB_MODE", "direct");
     }
@@ -340,6 +348,115 @@ fn linux_lab_net_and_vsock() {
     );
 }
 
+/// Runs `program args`, panicking with its output when it fails.
+fn sh(program: &str, args: &[&str], dir: &Path) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (the test command installs it)"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn linux_lab_upgrade() {
+    // The upgrade image (tar + zstd with its frame checksum, as HostOS's
+    // update-img.tar.zst) and a test CA with a certificate for 127.0.0.1.
+    let dir = keel_tests::scratch_dir("lab-upgrade");
+    let pattern = |seed: u8, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed ^ ((i >> 12) as u8))
+            .collect()
+    };
+    std::fs::write(dir.join("boot.img"), pattern(0x11, 1 << 20)).unwrap();
+    std::fs::write(dir.join("root.img"), pattern(0x22, 3 << 20)).unwrap();
+    sh(
+        "tar",
+        &["-cf", "update-img.tar", "boot.img", "root.img"],
+        &dir,
+    );
+    sh(
+        "zstd",
+        &[
+            "-q",
+            "--check",
+            "-f",
+            "update-img.tar",
+            "-o",
+            "update-img.tar.zst",
+        ],
+        &dir,
+    );
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "30", "-subj", "/CN=keel-lab-ca"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    sh("openssl", &ca, &dir);
+    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "srv.key", "-out", "srv.csr"]);
+    sh("openssl", &csr, &dir);
+    std::fs::write(
+        dir.join("srv.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    sh(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "srv.ext",
+            "-out",
+            "srv.pem",
+        ],
+        &dir,
+    );
+    run_scenario_with(
+        "upgrade",
+        &[
+            ("LAB_UPGRADE_IMG", dir.join("update-img.tar.zst")),
+            ("LAB_UPGRADE_BOOT", dir.join("boot.img")),
+            ("LAB_UPGRADE_ROOT", dir.join("root.img")),
+            ("LAB_UPGRADE_CA", dir.join("ca.pem")),
+            ("LAB_UPGRADE_CERT", dir.join("srv.pem")),
+            ("LAB_UPGRADE_KEY", dir.join("srv.key")),
+        ],
+        &[
+            "upgrade.answer",
+            "upgrade.guest-shut-down",
+            "upgrade.keel-exit",
+            "upgrade.reboot-command-ran",
+            "upgrade.grubenv-switched",
+            "upgrade.grubenv-size",
+            "upgrade.b-boot-written",
+            "upgrade.b-root-written",
+            "upgrade.b-var-cleared",
+            "upgrade.a-untouched",
+        ],
+    );
+}
+
 #[test]
 fn results_are_parsed_per_check() {
     let r = parse_results(
@@ -361,7 +478,7 @@ fn results_are_parsed_per_check() {
         ]
     );
     // A scenario file exists for every test above.
-    for s in ["boot", "blk", "net_vsock"] {
+    for s in ["boot", "blk", "net_vsock", "upgrade"] {
         let p: &Path = &repo_root().join(format!("tests/lab/scenarios/{s}.sh"));
         assert!(p.is_file(), "{}", p.display());
     }

@@ -126,10 +126,12 @@ lab_vsock() {
     idle
 }
 
-# Busybox init with the given Ctrl-Alt-Del action, and a heartbeat.
+# Busybox init with the given Ctrl-Alt-Del action, a heartbeat, and an
+# optional command run once init has taken Ctrl-Alt-Del over from the kernel.
 run_init_with_cad() {
     cat >/etc/inittab <<INITTAB
 ::sysinit:/bin/sh -c 'i=0; while :; do i=\$((i+1)); echo "LAB-GUEST tick \$i"; sleep 1; done &'
+::sysinit:/bin/sh -c '. /lab.sh; ${2:-true}'
 ::ctrlaltdel:$1
 INITTAB
     g lifecycle ready
@@ -152,4 +154,27 @@ lab_reboot() {
 lab_panic() {
     g panic now
     echo c >/proc/sysrq-trigger
+}
+
+# cmdline_value KEY: the value of KEY=... on the kernel command line.
+cmdline_value() {
+    for word in $(cat /proc/cmdline); do
+        case "$word" in
+            "$1"=*) echo "${word#*=}" ;;
+        esac
+    done
+}
+
+# Asks the host agent for an upgrade (lab.url, lab.hash on the command line),
+# then runs busybox init so that the agent's graceful shutdown powers off.
+upgrade_request() {
+    url=$(cmdline_value lab.url)
+    hash=$(cmdline_value lab.hash)
+    g upgrade-answer "$(vsock_request "{\"sender_cid\":3,\"message\":{\"upgrade\":{\"url\":\"$url\",\"target-hash\":\"$hash\"}}}")"
+}
+
+lab_upgrade() {
+    # The request goes out from init's sysinit: the agent's graceful shutdown
+    # must find init handling Ctrl-Alt-Del (before, the kernel would reboot).
+    run_init_with_cad "/bin/sh -c 'echo LAB-GUEST ctrlaltdel received; sync; poweroff -f'" upgrade_request
 }

@@ -12,9 +12,8 @@
 #
 # usage: tests/lab/l1.sh SCENARIO.sh
 #   Every environment variable LAB_<NAME>=<path> names a file the scenario
-#   needs: it is copied into L1 at the same path (an ELF binary with the
-#   libraries ldd lists) and LAB_<NAME> is set to that path there, as in the
-#   caller's environment. SCENARIO.sh runs as root once /dev/kvm, tun, bridge
+#   needs: it is copied into L1 below /lab/files (an ELF binary with the
+#   libraries ldd lists) and LAB_<NAME> names the copy there. SCENARIO.sh runs as root once /dev/kvm, tun, bridge
 #   and loop are there, with tests/lab/lib.sh as $LAB_LIB. L1's console goes to
 #   stdout. Exit status: the scenario's (98 when L1 never said, 99 when L1 had
 #   no /dev/kvm).
@@ -108,10 +107,12 @@ add_module() {
 for m in kvm-amd tun bridge loop; do add_module "$m"; done
 echo "${order[*]}" > "$ir/lab/modules/order"
 
+# copy_with_libs FILE DEST: FILE to DEST in L1, with the libraries ldd lists
+# (at their own paths).
 copy_with_libs() {
-    local f=$1 lib
-    mkdir -p "$ir$(dirname "$f")"
-    cp -L "$f" "$ir$f"
+    local f=$1 dest=$2 lib
+    mkdir -p "$ir$(dirname "$dest")"
+    cp -L "$f" "$ir$dest"
     if head -c 4 "$f" | grep -q ELF; then
         # A static ELF (a kernel) has no libraries: ldd fails, nothing to copy.
         { ldd "$f" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | while read -r lib; do
@@ -126,8 +127,10 @@ while IFS='=' read -r name value; do
         LAB_MODE | LAB_TIMEOUT | LAB_LIB) continue ;;
     esac
     if [ -f "$value" ]; then
-        copy_with_libs "$(realpath "$value")"
-        echo "export $name=$(realpath "$value")" >> "$ir/lab/env"
+        # Below /lab/files: L1 mounts a tmpfs on /tmp, which would hide
+        # files copied to their own /tmp paths.
+        copy_with_libs "$(realpath "$value")" "/lab/files$(realpath "$value")"
+        echo "export $name=/lab/files$(realpath "$value")" >> "$ir/lab/env"
     else
         printf 'export %s=%q\n' "$name" "$value" >> "$ir/lab/env"
     fi

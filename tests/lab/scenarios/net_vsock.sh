@@ -4,7 +4,8 @@
 K=$LAB_L2_KERNEL
 I=$LAB_L2_INITRD
 socat=${LAB_SOCAT:-socat}
-sum() { sha256sum "$1" | cut -d' ' -f1; }
+# (named sha: busybox has a `sum` applet of its own)
+sha() { sha256sum "$1" | cut -d' ' -f1; }
 
 # --- net: a bridge with the documentation range 192.0.2.0/24 -----------------
 ip link add labbr0 type bridge
@@ -28,8 +29,8 @@ until "$socat" -u FILE:"$LAB_DIR/h2g" TCP:192.0.2.2:5001,connect-timeout=2 2>/de
 done
 if wait_file "$c" '^LAB-GUEST net done' 600; then :; else show net; fi
 wait "$listener"
-expect net.tcp-host-to-guest "$(guest "$c" recv-sum)" "$(sum "$LAB_DIR/h2g")"
-expect net.tcp-guest-to-host "$(sum "$LAB_DIR/g2h")" "$(guest "$c" send-sum)"
+expect net.tcp-host-to-guest "$(guest "$c" recv-sum)" "$(sha "$LAB_DIR/h2g")"
+expect net.tcp-guest-to-host "$(sha "$LAB_DIR/g2h")" "$(guest "$c" send-sum)"
 wait_keel 120
 expect net.exit "$KEEL_RC" 3
 if ip link show labtap0 >/dev/null 2>&1; then fail net.tap-removed "labtap0 still exists"; else ok net.tap-removed; fi
