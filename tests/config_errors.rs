@@ -201,6 +201,17 @@ fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Runs its command (argv) when dropped: undoes a test's host set-up.
+struct Undo(Vec<String>);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Some((program, args)) = self.0.split_first() {
+            let _ = std::process::Command::new(program).args(args).status();
+        }
+    }
+}
+
 /// A disk the kernel would refuse to write must be given with readonly=on:
 /// otherwise the guest sees a writable disk whose every write fails.
 #[test]
@@ -231,15 +242,7 @@ fn read_only_host_disks_need_readonly_on() {
         "losetup",
         &["-r", "-f", "--show", &img.display().to_string()],
     );
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup")
-                .args(["-d", &self.0])
-                .status();
-        }
-    }
-    let _detach = Detach(dev.clone());
+    let _detach = Undo(vec!["losetup".into(), "-d".into(), dev.clone()]);
     expect_refusal(&dev, "reports read-only (BLKROGET)");
 
     // An immutable file (chattr +i): EPERM.
@@ -247,15 +250,7 @@ fn read_only_host_disks_need_readonly_on() {
     std::fs::write(&imm, vec![0u8; 1 << 20]).unwrap();
     let imm_s = imm.display().to_string();
     sh("chattr", &["+i", &imm_s]);
-    struct Mutable(String);
-    impl Drop for Mutable {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("chattr")
-                .args(["-i", &self.0])
-                .status();
-        }
-    }
-    let _mutable = Mutable(imm_s.clone());
+    let _mutable = Undo(vec!["chattr".into(), "-i".into(), imm_s.clone()]);
     expect_refusal(&imm_s, "immutable");
 
     // A file on a read-only mount: EROFS.
@@ -263,13 +258,7 @@ fn read_only_host_disks_need_readonly_on() {
     std::fs::create_dir(&mnt).unwrap();
     let mnt_s = mnt.display().to_string();
     sh("mount", &["-t", "tmpfs", "-o", "size=4m", "tmpfs", &mnt_s]);
-    struct Unmount(String);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt_s.clone());
+    let _unmount = Undo(vec!["umount".into(), mnt_s.clone()]);
     let on_ro = mnt.join("disk.img");
     std::fs::write(&on_ro, vec![0u8; 1 << 20]).unwrap();
     sh("mount", &["-o", "remount,ro", &mnt_s]);

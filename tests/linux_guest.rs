@@ -443,6 +443,7 @@ fn linux_lab_upgrade() {
             ("LAB_UPGRADE_KEY", dir.join("srv.key")),
         ],
         &[
+            "upgrade.agent-listening",
             "upgrade.answer",
             "upgrade.guest-shut-down",
             "upgrade.keel-exit",

@@ -105,3 +105,20 @@ finish() {
     done
     echo "===== end of the runs' logs ====="
 }
+
+# start_agent CONFIG CHECK: starts keel-agent with CONFIG (AGENT_PID) and
+# waits for its vsock socket ($LAB_DIR/vsock.sock_19090); CHECK reports it.
+start_agent() {
+    "$LAB_AGENT" --config "$1" serve >"$LAB_DIR/agent.log" 2>&1 &
+    AGENT_PID=$!
+    local n=0
+    while [ ! -S "$LAB_DIR/vsock.sock_19090" ] && [ "$n" -lt 150 ]; do
+        n=$((n + 1))
+        sleep 0.2
+    done
+    if [ -S "$LAB_DIR/vsock.sock_19090" ]; then
+        ok "$2"
+    else
+        fail "$2" "$(tail -n 5 "$LAB_DIR/agent.log" | tr '\n' ' ')"
+    fi
+}

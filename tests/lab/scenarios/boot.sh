@@ -87,11 +87,15 @@ n=$(last_tick "$c")
 check lifecycle.resume ctl resume
 if wait_file "$c" "^LAB-GUEST tick $((n + 2))" 60; then ok lifecycle.runs-after-resume; else fail lifecycle.runs-after-resume "no tick after $n"; fi
 check lifecycle.shutdown-request ctl shutdown --timeout 120
-wait_keel 180
-if grep -q 'LAB-GUEST ctrlaltdel received' "$c"; then ok lifecycle.shutdown-reaches-init; else fail lifecycle.shutdown-reaches-init "init never saw Ctrl-Alt-Del"; fi
-expect lifecycle.shutdown-exit "$KEEL_RC" 0
-# The guest went down by itself (S5 through ACPI) before the timeout.
-if grep -q 'VM ended: stopped on graceful shutdown' "$LAB_DIR/life.log"; then ok lifecycle.shutdown-graceful; else fail lifecycle.shutdown-graceful "$(tail -n 3 "$LAB_DIR/life.log" | tr '\n' ' ')"; fi
+# graceful_end RUN CHECK: the run's guest saw Ctrl-Alt-Del, powered off by
+# itself (S5 through ACPI) before the timeout, and keel exited 0.
+graceful_end() {
+    wait_keel 180
+    if grep -q 'LAB-GUEST ctrlaltdel received' "$LAB_DIR/$1.console"; then ok "$2-reaches-init"; else fail "$2-reaches-init" "init never saw Ctrl-Alt-Del"; fi
+    expect "$2-exit" "$KEEL_RC" 0
+    if grep -q 'VM ended: stopped on graceful shutdown' "$LAB_DIR/$1.log"; then ok "$2-graceful"; else fail "$2-graceful" "$(tail -n 3 "$LAB_DIR/$1.log" | tr '\n' ' ')"; fi
+}
+graceful_end life lifecycle.shutdown
 
 # SIGTERM: the same graceful path.
 start_keel term --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
@@ -99,10 +103,7 @@ start_keel term --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" 
 c=$LAB_DIR/term.console
 wait_file "$c" '^LAB-GUEST tick 2' 240 || show term
 kill -TERM "$KEEL_PID"
-wait_keel 180
-if grep -q 'LAB-GUEST ctrlaltdel received' "$c"; then ok lifecycle.sigterm-reaches-init; else fail lifecycle.sigterm-reaches-init "init never saw Ctrl-Alt-Del"; fi
-expect lifecycle.sigterm-exit "$KEEL_RC" 0
-if grep -q 'VM ended: stopped on graceful shutdown' "$LAB_DIR/term.log"; then ok lifecycle.sigterm-graceful; else fail lifecycle.sigterm-graceful "$(tail -n 3 "$LAB_DIR/term.log" | tr '\n' ' ')"; fi
+graceful_end term lifecycle.sigterm
 
 # A guest that ignores the request is stopped at the timeout.
 start_keel ignore --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle-ignore)" \

@@ -53,14 +53,7 @@ consoles = ["$LAB_DIR/notify-console"]
 listen = "127.0.0.1:19100"
 textfile = "$LAB_DIR/agent.prom"
 TOML
-"$LAB_AGENT" --config "$LAB_DIR/agent.toml" serve >"$LAB_DIR/agent.log" 2>&1 &
-agent=$!
-n=0
-while [ ! -S "$LAB_DIR/vsock.sock_19090" ] && [ "$n" -lt 150 ]; do
-    n=$((n + 1))
-    sleep 0.2
-done
-if [ -S "$LAB_DIR/vsock.sock_19090" ]; then ok vsock.agent-listening; else fail vsock.agent-listening "$(tail -n 5 "$LAB_DIR/agent.log" | tr '\n' ' ')"; fi
+start_agent "$LAB_DIR/agent.toml" vsock.agent-listening
 start_keel vsock --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
     --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock"
 c=$LAB_DIR/vsock.console
@@ -92,5 +85,5 @@ case "$out" in
 esac
 kill "$KEEL_PID"
 wait_keel 60
-kill "$agent"
+kill "$AGENT_PID"
 finish

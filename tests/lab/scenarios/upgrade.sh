@@ -65,14 +65,7 @@ var = "$B_var"
 listen = ""
 textfile = ""
 TOML
-"$LAB_AGENT" --config "$LAB_DIR/agent.toml" serve >"$LAB_DIR/agent.log" 2>&1 &
-agent=$!
-n=0
-while [ ! -S "$LAB_DIR/vsock.sock_19090" ] && [ "$n" -lt 150 ]; do
-    n=$((n + 1))
-    sleep 0.2
-done
-[ -S "$LAB_DIR/vsock.sock_19090" ] || { fail upgrade.agent-listening "$(tail -n 5 "$LAB_DIR/agent.log" | tr '\n' ' ')"; }
+start_agent "$LAB_DIR/agent.toml" upgrade.agent-listening
 
 hash=$(sha "$LAB_UPGRADE_IMG")
 start_keel upgrade --kernel "$LAB_L2_KERNEL" --initrd "$LAB_L2_INITRD" \
@@ -102,6 +95,6 @@ expect upgrade.b-root-written "$(head -c "$root_len" "$B_root" | sha256sum | cut
 expect upgrade.b-var-cleared "$(head -c $((16 << 20)) "$B_var" | tr -d '\000' | wc -c | tr -d ' ')" 0
 expect upgrade.a-untouched "$(sha "$A_boot") $(sha "$A_root") $(sha "$A_var")" "$a_sums"
 [ -s "$LAB_DIR/failed" ] && { tail -n 30 "$LAB_DIR/agent.log"; tail -n 10 "$LAB_DIR/https.log"; }
-kill "$agent" "$https" 2>/dev/null
+kill "$AGENT_PID" "$https" 2>/dev/null
 for slot in A B; do for v in boot root var; do eval "losetup -d \$${slot}_$v"; done; done
 finish

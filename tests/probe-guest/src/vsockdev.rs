@@ -370,6 +370,9 @@ impl Vsock {
                 Ok(())
             }
             Err(VirtioError::SocketDeviceError(SocketError::InsufficientBufferSpaceInPeer)) => {
+                // The driver sent a CREDIT_REQUEST headed with our fwd_cnt:
+                // the device may now fill the buffer up from there.
+                conn.told = conn.consumed;
                 Err(SendError::NoCredit)
             }
             Err(e) => Err(SendError::Failed(format!("send: {e}"))),
@@ -470,6 +473,9 @@ impl Vsock {
         probe.update_for_event(&update);
         match self.sock.send(&[0], &mut probe) {
             Err(VirtioError::SocketDeviceError(SocketError::InsufficientBufferSpaceInPeer)) => {
+                // The request carried our current fwd_cnt (the connection's
+                // own): the device may fill the buffer up from there.
+                conn.told = conn.consumed;
                 Ok(())
             }
             Ok(()) => Err(String::from("the driver sent the credit probe as data")),
