@@ -46,6 +46,8 @@ struct Inputs {
     l2_kernel: PathBuf,
     l2_initrd: PathBuf,
     stock_kernel: PathBuf,
+    /// The L2 initramfs with Debian's virtio modules appended.
+    stock_initrd: PathBuf,
 }
 
 /// Runs a build step and returns its stdout; panics with its output when it fails.
@@ -91,12 +93,29 @@ fn inputs() -> &'static Inputs {
                 .arg("--print-kernel")
                 .env("KEEL_LAB_CACHE", cache_root().join("lab")),
         );
+        let l2_initrd = value("KEEL_LINUX_GUEST_INITRAMFS");
+        let stock_initrd = cache_root().join("lab").join("stock-initrd.cpio.gz");
+        run_step(
+            "tests/lab/l1.sh --stock-initrd",
+            Command::new("bash")
+                .arg(root.join("tests/lab/l1.sh"))
+                .arg("--stock-initrd")
+                .arg(&l2_initrd)
+                .arg(&stock_initrd)
+                .env("KEEL_LAB_CACHE", cache_root().join("lab")),
+        );
         let inputs = Inputs {
             l2_kernel: value("KEEL_LINUX_GUEST_VMLINUX"),
-            l2_initrd: value("KEEL_LINUX_GUEST_INITRAMFS"),
+            l2_initrd,
             stock_kernel: PathBuf::from(stock.trim()),
+            stock_initrd,
         };
-        for p in [&inputs.l2_kernel, &inputs.l2_initrd, &inputs.stock_kernel] {
+        for p in [
+            &inputs.l2_kernel,
+            &inputs.l2_initrd,
+            &inputs.stock_kernel,
+            &inputs.stock_initrd,
+        ] {
             assert!(p.is_file(), "lab input {} missing", p.display());
         }
         inputs
@@ -151,6 +170,7 @@ fn run_scenario_with(scenario: &str, extra: &[(&str, PathBuf)], expected: &[&str
         .env("LAB_L2_KERNEL", &inputs.l2_kernel)
         .env("LAB_L2_INITRD", &inputs.l2_initrd)
         .env("LAB_STOCK_KERNEL", &inputs.stock_kernel)
+        .env("LAB_STOCK_INITRD", &inputs.stock_initrd)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in extra {
@@ -267,6 +287,7 @@ fn linux_lab_boot_stock_kernel_and_lifecycle() {
             "stock.init-reached",
             "stock.console",
             "stock.exit-reset",
+            "stock.virtio-blk-from-acpi",
             "lifecycle.up",
             "lifecycle.info-running",
             "lifecycle.pause",

@@ -19,6 +19,8 @@ lab_boot() {
     g cpuinfo-packages "$(grep '^physical id' /proc/cpuinfo | sort -u | wc -l)"
     g flags "$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)"
     g memtotal-kib "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+    # shellcheck disable=SC2046 # word splitting joins the names with spaces
+    g disks "$(echo $(ls /sys/block | grep '^vd'))"
     g boot done
 }
 

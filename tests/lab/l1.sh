@@ -21,6 +21,8 @@
 #   LAB_MODE=direct runs SCENARIO.sh here instead (for hosts with vmx/svm).
 #   `l1.sh --print-kernel` prints the path of the Debian kernel (fetched
 #   into the cache if needed): the scenarios boot it as a guest too.
+#   `l1.sh --stock-initrd BASE OUT` writes BASE plus that kernel's virtio
+#   modules to OUT: the initramfs the scenarios give it.
 #   LAB_TIMEOUT (seconds, default 900) bounds the whole L1 run.
 #
 # Downloads and unpacked packages are cached in $KEEL_LAB_CACHE (default
@@ -81,7 +83,7 @@ if [ "$arg" = --print-kernel ]; then
     echo "$vmlinuz"
     exit 0
 fi
-scenario=$(realpath "$arg")
+[ "$arg" = --stock-initrd ] || scenario=$(realpath "$arg")
 
 work=$(mktemp -d /tmp/keel-lab.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -92,6 +94,7 @@ cp /bin/busybox "$ir/bin/busybox"
 # Modules with their dependencies (modinfo reads them from each .ko), in
 # load order.
 order=()
+moddest="$ir/lab/modules"
 add_module() {
     local name=$1 path dep
     for m in "${order[@]:-}"; do [ "$m" = "$name" ] && return 0; done
@@ -99,11 +102,28 @@ add_module() {
     [ -n "$path" ] || { log "module $name not in $pkg (built in?)"; return 0; }
     for dep in $(modinfo -F depends "$path" | tr ',' ' '); do add_module "$dep"; done
     case "$path" in
-        *.xz) xz -dc "$path" > "$ir/lab/modules/$name.ko" ;;
-        *) cp "$path" "$ir/lab/modules/$name.ko" ;;
+        *.xz) xz -dc "$path" > "$moddest/$name.ko" ;;
+        *) cp "$path" "$moddest/$name.ko" ;;
     esac
     order+=("$name")
 }
+# --stock-initrd BASE OUT: BASE (the lab's guest initramfs) with the Debian
+# kernel's virtio modules appended as a second archive (Linux unpacks
+# concatenated archives in turn); the guest's /init loads /lab-modules/*.ko
+# in the order of /lab-modules/order. Debian's kernel builds virtio as
+# modules, so this is how its guest finds Keel's devices.
+if [ "$arg" = --stock-initrd ]; then
+    base=${2:?--stock-initrd BASE OUT}
+    dest=${3:?--stock-initrd BASE OUT}
+    moddest="$work/stock/lab-modules"
+    mkdir -p "$moddest"
+    for m in virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport; do add_module "$m"; done
+    echo "${order[*]}" > "$moddest/order"
+    (cd "$work/stock" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/modules.cpio.gz"
+    cat "$base" "$work/modules.cpio.gz" > "$dest.tmp"
+    mv "$dest.tmp" "$dest"
+    exit 0
+fi
 for m in kvm-amd tun bridge loop; do add_module "$m"; done
 echo "${order[*]}" > "$ir/lab/modules/order"
 
