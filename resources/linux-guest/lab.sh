@@ -97,7 +97,7 @@ lab_net() {
     ip addr add 192.0.2.2/24 dev eth0
     g mtu "$(cat /sys/class/net/eth0/mtu)"
     if ping -c 3 -W 5 192.0.2.1 >/tmp/ping.out 2>&1; then g ping-host ok; else g ping-host fail; fi
-    /usr/bin/socat -u TCP-LISTEN:5001,reuseaddr CREATE:/tmp/in &
+    /usr/bin/socat -T 60 -u TCP-LISTEN:5001,reuseaddr CREATE:/tmp/in &
     listener=$!
     dd if=/dev/urandom of=/tmp/out bs=1M count=16 2>/dev/null
     g send-sum "$(sha256sum /tmp/out | cut -d' ' -f1)"
@@ -105,7 +105,7 @@ lab_net() {
     wait "$listener"
     g recv-sum "$(sha256sum /tmp/in | cut -d' ' -f1)"
     n=0
-    until /usr/bin/socat -u FILE:/tmp/out TCP:192.0.2.1:5002,connect-timeout=2 2>/dev/null; do
+    until /usr/bin/socat -T 60 -u FILE:/tmp/out TCP:192.0.2.1:5002,connect-timeout=2 2>/dev/null; do
         n=$((n + 1))
         [ "$n" -lt 60 ] || break
         sleep 1

@@ -72,17 +72,17 @@ impl Interrupt {
         self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
-    /// Sets `bit` in INTERRUPT_STATUS and interrupts the guest if the bit
-    /// was clear. virtio-mmio's interrupt is a level: while the driver
-    /// has not acknowledged a reason, the interrupt for it is still
-    /// pending and its handler (which acknowledges before it looks at the
-    /// rings, as Linux's does) will see what was added since; sending it
-    /// again would only cost the guest another exit. QEMU's virtio-mmio
-    /// behaves the same way (it raises a level line).
+    /// Sets `bit` in INTERRUPT_STATUS and interrupts the guest, also when
+    /// the bit was still set. The irqfd delivers an edge on an
+    /// edge-triggered I/O APIC pin, and an edge that arrives while the guest
+    /// has the pin masked (Linux masks an edge pin briefly to move its IRQ to
+    /// another CPU) is lost. Signalling a pending reason only once would then
+    /// leave it pending for good: the Linux guest tier saw a 2-vCPU guest's
+    /// TCP transfer stall that way. Signalling every time, the next event
+    /// makes up for a lost edge. (A level line, an irqfd with a resample
+    /// eventfd, would not lose it at all; not done yet.)
     fn raise(&self, bit: u32) {
-        if self.status.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
-            return;
-        }
+        self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
             log::error!("virtio: cannot raise interrupt: {e}");
         }
@@ -230,24 +230,22 @@ mod tests {
     }
 
     #[test]
-    fn an_unacknowledged_reason_is_not_signalled_again() {
+    fn every_reason_is_signalled_and_acknowledged_bits_clear() {
         let i = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         i.signal_used_queue();
         i.signal_used_queue();
-        assert_eq!(fired(&i), 1, "the first interrupt is still pending");
-        // Another reason is a new interrupt.
+        // A pending reason is signalled again: an edge lost while the guest
+        // had the pin masked must not leave it pending for good.
+        assert_eq!(fired(&i), 2);
         i.signal_config_change();
         assert_eq!(fired(&i), 1);
         assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
-        // Once the driver acknowledges, the next one goes out.
         i.ack(VIRTIO_MMIO_INT_VRING);
-        i.signal_config_change();
-        assert_eq!(fired(&i), 0, "config still pending");
+        assert_eq!(i.status(), VIRTIO_MMIO_INT_CONFIG);
         i.signal_used_queue();
         assert_eq!(fired(&i), 1);
         // A device reset clears what was pending.
         i.clear();
-        i.signal_config_change();
-        assert_eq!(fired(&i), 1);
+        assert_eq!(i.status(), 0);
     }
 }

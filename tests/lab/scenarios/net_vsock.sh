@@ -12,23 +12,34 @@ ip link add labbr0 type bridge
 ip addr add 192.0.2.1/24 dev labbr0
 ip link set labbr0 up
 start_keel net --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline net)" \
-    --memory size=256M --cpus boot=2 --net tap=labtap0,bridge=labbr0,mtu=1400
+    --memory size=256M --cpus boot=2 --net tap=labtap0,bridge=labbr0,mtu=1400 \
+    --api-socket "$LAB_DIR/net-api.sock"
 c=$LAB_DIR/net.console
 if wait_file "$c" '^LAB-GUEST net ready' 300; then ok net.up; else fail net.up "guest network never ready"; show net; fi
 expect net.mtu "$(guest "$c" mtu)" 1400
 expect net.ping-guest-to-host "$(guest "$c" ping-host)" ok
 check net.ping-host-to-guest ping -c 3 -W 5 192.0.2.2
 dd if=/dev/urandom of="$LAB_DIR/h2g" bs=1M count=16 2>/dev/null
-"$socat" -u TCP-LISTEN:5002,reuseaddr CREATE:"$LAB_DIR/g2h" &
+"$socat" -T 60 -u TCP-LISTEN:5002,reuseaddr CREATE:"$LAB_DIR/g2h" &
 listener=$!
 n=0
-until "$socat" -u FILE:"$LAB_DIR/h2g" TCP:192.0.2.2:5001,connect-timeout=2 2>/dev/null; do
+# -T: a transfer that stalls for 60 s ends (and the checks below fail).
+until timeout 300 "$socat" -T 60 -u FILE:"$LAB_DIR/h2g" TCP:192.0.2.2:5001,connect-timeout=2 2>"$LAB_DIR/h2g.err"; do
     n=$((n + 1))
     [ "$n" -lt 30 ] || break
     sleep 1
 done
-if wait_file "$c" '^LAB-GUEST net done' 600; then :; else show net; fi
+if wait_file "$c" '^LAB-GUEST net done' 300; then :; else show net; fi
+# The listener ends once the guest's data is in (socat -T ends a stall).
+n=0
+while kill -0 "$listener" 2>/dev/null && [ "$n" -lt 300 ]; do
+    n=$((n + 1))
+    sleep 0.2
+done
+kill "$listener" 2>/dev/null
 wait "$listener"
+# The device's counters (stalls, drops) tell a stalled transfer's story.
+"$LAB_KEELCTL" --socket "$LAB_DIR/net-api.sock" counters 2>&1 | grep -E '^(net|DEVICE)' | head -40
 expect net.tcp-host-to-guest "$(guest "$c" recv-sum)" "$(sha "$LAB_DIR/h2g")"
 expect net.tcp-guest-to-host "$(sha "$LAB_DIR/g2h")" "$(guest "$c" send-sum)"
 wait_keel 120
