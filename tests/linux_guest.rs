@@ -180,10 +180,24 @@ fn run_scenario_with(scenario: &str, extra: &[(&str, PathBuf)], expected: &[&str
         cmd.env("LAB_MODE", "direct");
     }
     let started = std::time::Instant::now();
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the lab: {e}"));
-    let console = String::from_utf8_lossy(&out.stdout).to_string();
+    // L1 itself (QEMU's emulation, not Keel) may wedge before its scenario
+    // reports: then, and only then, the whole scenario runs once more.
+    let mut attempt = 1;
+    let (out, console) = loop {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run the lab: {e}"));
+        let console = String::from_utf8_lossy(&out.stdout).to_string();
+        if console.contains("lab: scenario exit") || attempt == 2 {
+            break (out, console);
+        }
+        let log = keep_log(&format!("{scenario}-l1-attempt{attempt}"), &console);
+        eprintln!(
+            "lab {scenario}: L1 did not finish the scenario (console kept at {}); running it again",
+            log.display()
+        );
+        attempt += 1;
+    };
     let results = parse_results(&console);
     eprintln!(
         "lab {scenario}: {} checks in {:.0} s ({})",
