@@ -183,7 +183,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         cmdline,
     )?;
     boot::write_boot_info(&guest_memory, mem_size, &payload, cmdline.len())?;
-    mptable::setup_mptable(&guest_memory, &topology)?;
+    let virtio_irqs: Vec<u32> = virtio.slots.iter().map(|s| s.irq).collect();
+    mptable::setup_mptable(&guest_memory, &topology, &virtio_irqs)?;
     if config.machine.acpi {
         let virtio_mmio: Vec<(u64, u64, u32)> = virtio
             .slots

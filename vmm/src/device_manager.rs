@@ -23,7 +23,7 @@ use devices::virtio::net::{
 use devices::virtio::vsock::{
     VirtioVsock, VsockConfig as DevVsockConfig, VsockCounters, VsockError,
 };
-use devices::virtio::{Interrupt, VirtioDevice};
+use devices::virtio::{Interrupt, InterruptResampler, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 
@@ -147,6 +147,7 @@ pub fn setup_virtio_devices(
         nets: Vec::new(),
         net_teardown: Vec::new(),
     };
+    let mut resampler = InterruptResampler::new();
     for (index, d) in disks.iter().enumerate() {
         let backend = DiskBackend::open(&d.path, d.readonly, d.direct)?;
         let block = VirtioBlock::new(
@@ -164,7 +165,7 @@ pub fn setup_virtio_devices(
         let block = Arc::new(Mutex::new(block));
         out.event_manager.add_subscriber(block.clone());
         let slot = out.cmdline.len();
-        out.add(attach_mmio(vm, mem, mmio, block, slot)?);
+        out.add(attach_mmio(vm, mem, mmio, &mut resampler, block, slot)?);
         log::info!(
             "disk {index}: {} on virtio-mmio slot {slot}",
             d.path.display()
@@ -180,7 +181,7 @@ pub fn setup_virtio_devices(
         let dev = Arc::new(Mutex::new(dev));
         out.event_manager.add_subscriber(dev.clone());
         let slot = out.cmdline.len();
-        out.add(attach_mmio(vm, mem, mmio, dev, slot)?);
+        out.add(attach_mmio(vm, mem, mmio, &mut resampler, dev, slot)?);
         log::info!(
             "vsock: guest CID {} on {} (host-initiated connections {})",
             v.cid,
@@ -228,7 +229,7 @@ pub fn setup_virtio_devices(
         let dev = Arc::new(Mutex::new(dev));
         out.event_manager.add_subscriber(dev.clone());
         let slot = out.cmdline.len();
-        let location = out.add(attach_mmio(vm, mem, mmio, dev, slot)?);
+        let location = out.add(attach_mmio(vm, mem, mmio, &mut resampler, dev, slot)?);
         log::info!(
             "net {index}: tap {}{} mac {} mtu {mtu}, {} queue pair{}, on virtio-mmio slot {slot}",
             n.tap,
@@ -247,6 +248,10 @@ pub fn setup_virtio_devices(
             location,
             counters,
         });
+    }
+    if !resampler.is_empty() {
+        out.event_manager
+            .add_subscriber(Arc::new(Mutex::new(resampler)));
     }
     Ok(out)
 }
@@ -289,6 +294,7 @@ fn attach_mmio<D: VirtioDevice + 'static>(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
+    resampler: &mut InterruptResampler,
     device: Arc<Mutex<D>>,
     slot: usize,
 ) -> Result<MmioSlot, DeviceError> {
@@ -304,7 +310,16 @@ fn attach_mmio<D: VirtioDevice + 'static>(
         vm.register_mmio_notify(&evt, base + NOTIFY_OFFSET, q as u32)?;
         queue_evts.push(evt);
     }
-    let interrupt = Arc::new(Interrupt::new(vm.irq_line(irq)?));
+    let interrupt = Arc::new(match vm.level_irq_line(irq) {
+        Ok((evt, resample)) => Interrupt::with_resample(evt, resample),
+        Err(e) => {
+            // An edge line works too, but loses an edge that arrives while
+            // the guest has the pin masked until the device's next event.
+            log::warn!("virtio-mmio slot {slot}: no level-triggered line ({e}); using an edge");
+            Interrupt::new(vm.irq_line(irq)?)
+        }
+    });
+    resampler.add(interrupt.clone());
     let transport = MmioTransport::new(mem.clone(), device, interrupt, queue_evts);
     mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
     Ok(MmioSlot {

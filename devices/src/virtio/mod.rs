@@ -12,6 +12,9 @@ pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
@@ -47,18 +50,41 @@ pub enum ActivateError {
 
 /// The device's interrupt line (an irqfd) and the transport's
 /// INTERRUPT_STATUS register it sets bits in.
+///
+/// The line is level-triggered when built [`with_resample`](Self::with_resample):
+/// KVM holds the I/O APIC pin asserted from a write of the irqfd until the
+/// guest's EOI, then lowers it and signals the resample eventfd;
+/// [`resample`](Self::resample) asserts it again while a reason is still
+/// pending. Nothing is lost while the guest has the pin masked (Linux masks a
+/// pin briefly to move its IRQ to another CPU): a masked level pin stays
+/// pending in the I/O APIC and fires when unmasked. Built with
+/// [`new`](Self::new), each write is an edge.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    resample: Option<EventFd>,
 }
 
 impl Interrupt {
-    /// An interrupt raised by writing `irqfd`.
+    /// An edge-triggered interrupt raised by writing `irqfd`.
     pub fn new(irqfd: EventFd) -> Self {
         Interrupt {
             status: AtomicU32::new(0),
             irqfd,
+            resample: None,
+        }
+    }
+
+    /// A level-triggered interrupt: `irqfd` was registered with KVM together
+    /// with `resample` (`KVM_IRQFD_FLAG_RESAMPLE`), and the device thread
+    /// calls [`resample`](Self::resample) when `resample` is readable (see
+    /// [`InterruptResampler`]).
+    pub fn with_resample(irqfd: EventFd, resample: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+            resample: Some(resample),
         }
     }
 
@@ -72,20 +98,37 @@ impl Interrupt {
         self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
-    /// Sets `bit` in INTERRUPT_STATUS and interrupts the guest, also when
-    /// the bit was still set. The irqfd delivers an edge on an
-    /// edge-triggered I/O APIC pin, and an edge that arrives while the guest
-    /// has the pin masked (Linux masks an edge pin briefly to move its IRQ to
-    /// another CPU) is lost. Signalling a pending reason only once would then
-    /// leave it pending for good: the Linux guest tier saw a 2-vCPU guest's
-    /// TCP transfer stall that way. Signalling every time, the next event
-    /// makes up for a lost edge. (A level line, an irqfd with a resample
-    /// eventfd, would not lose it at all; not done yet.)
+    /// Sets `bit` in INTERRUPT_STATUS and asserts the line, also when the bit
+    /// was still set: on an edge line, an edge the guest missed while it had
+    /// the pin masked is made up for by the next event; on a level line,
+    /// asserting an asserted line changes nothing.
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
+        self.assert_line();
+    }
+
+    fn assert_line(&self) {
         if let Err(e) = self.irqfd.write(1) {
             log::error!("virtio: cannot raise interrupt: {e}");
         }
+    }
+
+    /// After the guest's EOI lowered a level line: consumes the resample
+    /// event and asserts the line again if a reason is still pending (one
+    /// raised after the driver read INTERRUPT_STATUS, or never acknowledged).
+    pub fn resample(&self) {
+        if let Some(r) = &self.resample {
+            // Nonblocking: nothing to read just means no EOI since the last call.
+            let _ = r.read();
+        }
+        if self.status() != 0 {
+            self.assert_line();
+        }
+    }
+
+    /// The resample eventfd of a level line.
+    pub fn resample_fd(&self) -> Option<&EventFd> {
+        self.resample.as_ref()
     }
 
     /// The INTERRUPT_STATUS register.
@@ -104,6 +147,58 @@ impl Interrupt {
     }
 }
 
+/// Serves the resample eventfds of level-triggered lines on the device
+/// thread: after each EOI, a line with a pending reason is asserted again.
+#[derive(Debug, Default)]
+pub struct InterruptResampler {
+    lines: Vec<Arc<Interrupt>>,
+}
+
+impl InterruptResampler {
+    /// A resampler for no line yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `line` (ignored when it has no resample eventfd). Call before the
+    /// resampler is added to its event manager.
+    pub fn add(&mut self, line: Arc<Interrupt>) {
+        if line.resample.is_some() {
+            self.lines.push(line);
+        }
+    }
+
+    /// The lines served.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Whether no line is served.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+}
+
+impl MutEventSubscriber for InterruptResampler {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, line) in self.lines.iter().enumerate() {
+            if let Some(fd) = line.resample_fd() {
+                let data = u32::try_from(index).unwrap_or(u32::MAX);
+                if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
+                    log::error!("virtio: cannot watch interrupt resample eventfd: {e:?}");
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let index = usize::try_from(events.data()).unwrap_or(usize::MAX);
+        if let Some(line) = self.lines.get(index) {
+            line.resample();
+        }
+    }
+}
+
 /// What a device receives when the driver sets DRIVER_OK.
 pub struct ActivateContext {
     /// Guest memory.
@@ -113,7 +208,7 @@ pub struct ActivateContext {
     /// Their notification eventfds (KVM ioeventfds), in index order.
     pub queue_evts: Vec<EventFd>,
     /// The interrupt line.
-    pub interrupt: std::sync::Arc<Interrupt>,
+    pub interrupt: Arc<Interrupt>,
 }
 
 impl ActivateContext {
@@ -247,5 +342,49 @@ mod tests {
         // A device reset clears what was pending.
         i.clear();
         assert_eq!(i.status(), 0);
+    }
+
+    #[test]
+    fn level_line_is_asserted_again_after_eoi_while_a_reason_is_pending() {
+        let nb = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let resample = nb();
+        let kvm_side = resample.try_clone().unwrap();
+        let i = Arc::new(Interrupt::with_resample(nb(), resample));
+        i.signal_used_queue();
+        assert_eq!(fired(&i), 1);
+        // The guest's EOI (KVM writes the resample eventfd) with the reason
+        // still pending: the line goes up again.
+        kvm_side.write(1).unwrap();
+        i.resample();
+        assert_eq!(fired(&i), 1);
+        // Acknowledged: the next EOI leaves the line down.
+        i.ack(VIRTIO_MMIO_INT_VRING);
+        kvm_side.write(1).unwrap();
+        i.resample();
+        assert_eq!(fired(&i), 0);
+        // The resample event was consumed.
+        assert!(kvm_side.read().is_err());
+    }
+
+    #[test]
+    fn resampler_serves_only_level_lines_through_its_event_loop() {
+        use event_manager::{EventManager, SubscriberOps};
+        use std::sync::Mutex;
+        let nb = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let resample = nb();
+        let kvm_side = resample.try_clone().unwrap();
+        let level = Arc::new(Interrupt::with_resample(nb(), resample));
+        let edge = Arc::new(Interrupt::new(nb()));
+        let mut r = InterruptResampler::new();
+        r.add(level.clone());
+        r.add(edge);
+        assert_eq!(r.len(), 1);
+        let mut em = EventManager::<Arc<Mutex<InterruptResampler>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(r)));
+        level.signal_config_change();
+        assert_eq!(fired(&level), 1);
+        kvm_side.write(1).unwrap();
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+        assert_eq!(fired(&level), 1);
     }
 }

@@ -116,17 +116,34 @@ impl Vm {
             .map_err(|e| VmError::Kvm("register ioeventfd", e))
     }
 
-    /// An eventfd that raises interrupt line `gsi` when written.
+    /// An eventfd that raises interrupt line `gsi` when written (an edge).
     pub fn irq_line(&self, gsi: u32) -> Result<EventFd, VmError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
-            VmError::Kvm(
-                "eventfd",
-                kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
-            )
-        })?;
+        let evt = new_eventfd()?;
         self.fd
             .register_irqfd(&evt, gsi)
             .map_err(|e| VmError::Kvm("register irqfd", e))?;
         Ok(evt)
     }
+
+    /// A level-triggered line `gsi`: writing the first eventfd asserts it;
+    /// KVM lowers it at the guest's EOI and then signals the second
+    /// (`KVM_IRQFD_FLAG_RESAMPLE`), where the device asserts it again if it
+    /// still has a reason to.
+    pub fn level_irq_line(&self, gsi: u32) -> Result<(EventFd, EventFd), VmError> {
+        let evt = new_eventfd()?;
+        let resample = new_eventfd()?;
+        self.fd
+            .register_irqfd_with_resample(&evt, &resample, gsi)
+            .map_err(|e| VmError::Kvm("register irqfd with resample", e))?;
+        Ok((evt, resample))
+    }
+}
+
+fn new_eventfd() -> Result<EventFd, VmError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+        VmError::Kvm(
+            "eventfd",
+            kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+        )
+    })
 }

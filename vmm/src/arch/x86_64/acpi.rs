@@ -20,10 +20,12 @@
 //! finds there. The MADT lists every vCPU (local APIC entries below APIC ID
 //! 255, local x2APIC entries from 255 on, so more than 254 vCPUs work), the
 //! I/O APIC and the ISA interrupt override (IRQ 0 on pin 2). The virtio-mmio
-//! devices are DSDT devices (`LNRO0005`) with their window and interrupt
-//! (edge-triggered, active high, as Keel signals them): a hardware-reduced
-//! kernel maps no legacy interrupt lines by itself, so devices announced on
-//! the command line alone would get no interrupt.
+//! devices are DSDT devices (`LNRO0005`) with their window and interrupt:
+//! a hardware-reduced kernel maps no legacy interrupt lines by itself, so
+//! devices announced on the command line alone would get no interrupt.
+//! Their lines are level-triggered, active high, as Keel signals them (an
+//! irqfd with a resample eventfd): in the `_CRS`, and for lines below 16 in
+//! a MADT override too, as ISA lines are otherwise edge-triggered.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -58,6 +60,10 @@ const MADT_LOCAL_X2APIC: u8 = 9;
 const MADT_PCAT_COMPAT: u32 = 1;
 /// MPS INTI flags: active high, edge triggered.
 const INTI_EDGE_HIGH: u16 = (1 << 2) | 1;
+/// MPS INTI flags: active high, level triggered.
+const INTI_LEVEL_HIGH: u16 = (3 << 2) | 1;
+/// ISA interrupt lines (the only ones a MADT override may name).
+const ISA_IRQS: u32 = 16;
 /// FADT IA-PC boot architecture flags: an 8042 is present.
 const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
 
@@ -161,7 +167,8 @@ fn dsdt(m: &AcpiMachine) -> Vec<u8> {
                     "_CRS".into(),
                     &aml::ResourceTemplate::new(vec![
                         &aml::Memory32Fixed::new(true, base32, len32),
-                        &aml::Interrupt::new(true, true, false, false, gsi),
+                        // Level-triggered, active high.
+                        &aml::Interrupt::new(true, false, false, false, gsi),
                     ]),
                 ),
             ],
@@ -231,13 +238,23 @@ fn madt(m: &AcpiMachine) -> Vec<u8> {
     ioapic.extend_from_slice(&0u32.to_le_bytes());
     table.append_slice(&ioapic);
     // The PIT's IRQ 0 reaches pin 2. Other ISA IRQs are identity-mapped, edge
-    // and active high by default; the virtio lines carry their trigger mode
-    // in their DSDT `_CRS` (an override is only valid for ISA IRQs 0-15).
-    let (source, gsi) = (0u8, 2u32);
-    let mut e = vec![MADT_INT_OVERRIDE, 10, 0, source];
-    e.extend_from_slice(&gsi.to_le_bytes());
-    e.extend_from_slice(&INTI_EDGE_HIGH.to_le_bytes());
-    table.append_slice(&e);
+    // and active high by default; virtio lines among them are overridden to
+    // level-triggered (an override is only valid for ISA IRQs 0-15; the
+    // lines above carry their trigger mode in their DSDT `_CRS` alone).
+    let mut overrides = vec![(0u8, 2u32, INTI_EDGE_HIGH)];
+    for &(_, _, gsi) in m.virtio_mmio {
+        if let Ok(source) = u8::try_from(gsi) {
+            if gsi < ISA_IRQS {
+                overrides.push((source, gsi, INTI_LEVEL_HIGH));
+            }
+        }
+    }
+    for (source, gsi, flags) in overrides {
+        let mut e = vec![MADT_INT_OVERRIDE, 10, 0, source];
+        e.extend_from_slice(&gsi.to_le_bytes());
+        e.extend_from_slice(&flags.to_le_bytes());
+        table.append_slice(&e);
+    }
     table.update_checksum();
     table.as_slice().to_vec()
 }
@@ -357,6 +374,17 @@ mod tests {
         // One LNRO0005 device per virtio-mmio slot.
         let hids = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
         assert_eq!(hids, 2);
+        // Their extended interrupt descriptors (0x89, length 6, flags, one
+        // interrupt): consumer, level-triggered, active high, exclusive.
+        for gsi in [5u8, 17] {
+            let flags: Vec<u8> = dsdt
+                .windows(9)
+                .filter(|w| w[0] == 0x89 && w[1] == 6 && w[2] == 0 && w[4] == 1)
+                .filter(|w| w[5..] == [gsi, 0, 0, 0])
+                .map(|w| w[3])
+                .collect();
+            assert_eq!(flags, [0x01], "interrupt descriptor of GSI {gsi}");
+        }
     }
 
     #[test]
@@ -382,7 +410,11 @@ mod tests {
                     ioapics += 1;
                     assert_eq!(u32_at(madt, o + 4), IOAPIC_START as u32);
                 }
-                MADT_INT_OVERRIDE => overrides.push((madt[o + 3], u32_at(madt, o + 4))),
+                MADT_INT_OVERRIDE => overrides.push((
+                    madt[o + 3],
+                    u32_at(madt, o + 4),
+                    u16::from_le_bytes([madt[o + 8], madt[o + 9]]),
+                )),
                 other => panic!("unexpected MADT entry {other}"),
             }
             o += len;
@@ -390,7 +422,9 @@ mod tests {
         let want: Vec<u32> = (0..topo.vcpus()).map(|i| topo.apic_id(i)).collect();
         assert_eq!(ids, want);
         assert_eq!(ioapics, 1);
-        assert_eq!(overrides, [(0, 2)]);
+        // The PIT's override, and the virtio line below 16 made
+        // level-triggered (the one at 17 is no ISA line: its `_CRS` says it).
+        assert_eq!(overrides, [(0, 2, INTI_EDGE_HIGH), (5, 5, INTI_LEVEL_HIGH)]);
     }
 
     #[test]

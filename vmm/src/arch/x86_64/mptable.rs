@@ -37,6 +37,13 @@ const INT_TYPE_EXTINT: u8 = 3;
 const ISA_BUS_ID: u8 = 0;
 /// Pins of the I/O APIC given ISA IRQs (KVM's in-kernel I/O APIC has 24).
 const ISA_IRQS: u8 = 16;
+/// Pins of KVM's in-kernel I/O APIC.
+const IOAPIC_PINS: u8 = 24;
+/// Interrupt entry flags: conforming to the bus (ISA: edge, active high).
+const IRQ_FLAGS_CONFORM: u16 = 0;
+/// Interrupt entry flags: level-triggered (bits 3:2 = 11), active high
+/// (bits 1:0 = 01): the virtio lines.
+const IRQ_FLAGS_LEVEL_HIGH: u16 = (3 << 2) | 1;
 /// Floating pointer size in bytes.
 const FPS_LEN: usize = 16;
 /// Configuration table header size in bytes.
@@ -55,8 +62,13 @@ fn ioapic_id(topology: &CpuTopology) -> u32 {
 }
 
 /// Builds the floating pointer and configuration table as they will sit at
-/// guest address `base`.
-pub fn build(topology: &CpuTopology, base: u64) -> Result<Vec<u8>, MpTableError> {
+/// guest address `base`. `level_irqs` are the level-triggered lines (the
+/// virtio devices'); the other ISA lines conform to the bus.
+pub fn build(
+    topology: &CpuTopology,
+    base: u64,
+    level_irqs: &[u32],
+) -> Result<Vec<u8>, MpTableError> {
     let ioapic = ioapic_id(topology);
     let ioapic = u8::try_from(ioapic)
         .ok()
@@ -85,20 +97,23 @@ pub fn build(topology: &CpuTopology, base: u64) -> Result<Vec<u8>, MpTableError>
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 2;
-    for irq in 0..ISA_IRQS {
-        // Identity-map ISA IRQs to I/O APIC pins, except IRQ 0 (the PIT),
-        // which reaches pin 2 on PC hardware (and in KVM's model).
+    // Identity-map ISA IRQs to I/O APIC pins, except IRQ 0 (the PIT), which
+    // reaches pin 2 on PC hardware (and in KVM's model); then the level lines
+    // above the ISA range, identity-mapped too.
+    let above = level_irqs
+        .iter()
+        .filter_map(|&irq| u8::try_from(irq).ok())
+        .filter(|&irq| (ISA_IRQS..IOAPIC_PINS).contains(&irq));
+    for irq in (0..ISA_IRQS).chain(above) {
         let pin = if irq == 0 { 2 } else { irq };
-        entries.extend_from_slice(&[
-            ENTRY_IOINT,
-            INT_TYPE_INT,
-            0,
-            0,
-            ISA_BUS_ID,
-            irq,
-            ioapic,
-            pin,
-        ]);
+        let flags = if level_irqs.contains(&u32::from(irq)) {
+            IRQ_FLAGS_LEVEL_HIGH
+        } else {
+            IRQ_FLAGS_CONFORM
+        };
+        entries.extend_from_slice(&[ENTRY_IOINT, INT_TYPE_INT]);
+        entries.extend_from_slice(&flags.to_le_bytes());
+        entries.extend_from_slice(&[ISA_BUS_ID, irq, ioapic, pin]);
         count += 1;
     }
     // LINT0 is ExtINT (the 8259), LINT1 NMI, on every local APIC (dest 0xff).
@@ -138,9 +153,14 @@ pub fn build(topology: &CpuTopology, base: u64) -> Result<Vec<u8>, MpTableError>
     Ok(fps)
 }
 
-/// Writes the MP table for `topology` at [`MPTABLE_START`].
-pub fn setup_mptable(mem: &GuestMemoryMmap, topology: &CpuTopology) -> Result<(), MpTableError> {
-    let bytes = build(topology, MPTABLE_START)?;
+/// Writes the MP table for `topology` at [`MPTABLE_START`]; `level_irqs`
+/// are the level-triggered lines.
+pub fn setup_mptable(
+    mem: &GuestMemoryMmap,
+    topology: &CpuTopology,
+    level_irqs: &[u32],
+) -> Result<(), MpTableError> {
+    let bytes = build(topology, MPTABLE_START, level_irqs)?;
     mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
         .map_err(MpTableError::Write)
 }
@@ -160,7 +180,7 @@ mod tests {
             cores: 3,
             threads: 2,
         };
-        let b = build(&t, MPTABLE_START).unwrap();
+        let b = build(&t, MPTABLE_START, &[5, 17]).unwrap();
         assert_eq!(&b[..4], b"_MP_");
         assert_eq!(b[..16].iter().fold(0u8, |a, x| a.wrapping_add(*x)), 0);
         let table = &b[16..];
@@ -171,6 +191,7 @@ mod tests {
         let mut off = HEADER_LEN;
         let mut ids = Vec::new();
         let mut bsp = 0;
+        let mut ints = Vec::new();
         while off < len {
             match table[off] {
                 ENTRY_PROCESSOR => {
@@ -181,13 +202,26 @@ mod tests {
                     }
                     off += 20;
                 }
+                ENTRY_IOINT => {
+                    // (source IRQ, pin, flags)
+                    ints.push((table[off + 5], table[off + 7], u16_at(table, off + 2)));
+                    off += 8;
+                }
                 _ => off += 8,
             }
         }
         let want: Vec<u32> = (0..12).map(|i| t.apic_id(i)).collect();
         assert_eq!(ids, want);
         assert_eq!(bsp, 1);
-        assert_eq!(u16_at(table, 34) as usize, 12 + 2 + 16 + 2);
+        // 12 CPUs, bus and I/O APIC, 16 ISA lines and line 17, 2 LINTs.
+        assert_eq!(u16_at(table, 34) as usize, 12 + 2 + 17 + 2);
+        // IRQ 0 on pin 2; the virtio lines 5 and 17 level-triggered, active
+        // high; the rest conform to the ISA bus.
+        assert_eq!(ints.len(), 17);
+        assert_eq!(ints[0], (0, 2, IRQ_FLAGS_CONFORM));
+        assert_eq!(ints[5], (5, 5, IRQ_FLAGS_LEVEL_HIGH));
+        assert_eq!(ints[4], (4, 4, IRQ_FLAGS_CONFORM));
+        assert_eq!(ints[16], (17, 17, IRQ_FLAGS_LEVEL_HIGH));
     }
 
     #[test]
@@ -198,7 +232,7 @@ mod tests {
             threads: 1,
         };
         assert!(matches!(
-            build(&t, MPTABLE_START),
+            build(&t, MPTABLE_START, &[]),
             Err(MpTableError::ApicIdTooLarge(_))
         ));
     }
