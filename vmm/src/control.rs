@@ -1,7 +1,7 @@
 //! What the outside world (the control API, signals, systemd) can ask of a
 //! running VM, and the state it reports back.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,6 +106,7 @@ pub type Envelope = (ControlRequest, Sender<Result<(), String>>);
 pub struct ControlHandle {
     tx: Sender<Envelope>,
     wake: Arc<EventFd>,
+    answering: Arc<AtomicUsize>,
     /// The VM's state.
     pub status: Arc<VmStatus>,
 }
@@ -116,23 +117,57 @@ pub struct ControlInbox {
     pub rx: Receiver<Envelope>,
     /// Written on each request.
     pub wake: Arc<EventFd>,
+    answering: Arc<AtomicUsize>,
+}
+
+/// Held by the API while it handles a request and writes the answer: the
+/// VMM waits for these before it exits, so that the client of a `stop`
+/// or `shutdown` hears the answer rather than a closed connection.
+pub struct AnswerGuard(Arc<AtomicUsize>);
+
+impl Drop for AnswerGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl ControlInbox {
+    /// Waits (at most `limit`) until no API answer is being written.
+    pub fn wait_for_answers(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.answering.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 /// A connected handle/inbox pair.
 pub fn channel(status: Arc<VmStatus>) -> std::io::Result<(ControlHandle, ControlInbox)> {
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+    let answering = Arc::new(AtomicUsize::new(0));
     Ok((
         ControlHandle {
             tx,
             wake: wake.clone(),
+            answering: answering.clone(),
             status,
         },
-        ControlInbox { rx, wake },
+        ControlInbox {
+            rx,
+            wake,
+            answering,
+        },
     ))
 }
 
 impl ControlHandle {
+    /// Marks an answer as being prepared until the guard is dropped.
+    pub fn answering(&self) -> AnswerGuard {
+        self.answering.fetch_add(1, Ordering::SeqCst);
+        AnswerGuard(self.answering.clone())
+    }
+
     /// Sends `req` and waits (at most `wait`) for the loop's answer.
     pub fn request(&self, req: ControlRequest, wait: Duration) -> Result<(), String> {
         let (tx, rx) = mpsc::channel();

@@ -83,6 +83,9 @@ const TOKEN_POWER: u64 = 3;
 const TOKEN_SIGNAL: u64 = 4;
 const TOKEN_CONTROL: u64 = 5;
 
+/// How long the VMM waits at exit for API answers being written.
+const ANSWER_FLUSH_LIMIT: Duration = Duration::from_secs(1);
+
 /// A graceful shutdown in progress.
 struct Shutdown {
     deadline: Instant,
@@ -172,6 +175,11 @@ impl Vmm {
         let outcome = self.wait_for_end();
         vcpu::stop_all(std::mem::take(&mut self.vcpus), &self.control);
         self.set_state(VmState::Stopped);
+        if let Some(inbox) = &self.inbox {
+            // The answer to the request that ended the VM (stop, shutdown)
+            // reaches its client before the process exits.
+            inbox.wait_for_answers(ANSWER_FLUSH_LIMIT);
+        }
         info!("VM ended: {}", outcome.describe());
         for (i, c) in self.view.disk_counters.iter().enumerate() {
             let s = c.snapshot();

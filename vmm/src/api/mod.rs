@@ -288,8 +288,11 @@ fn serve_connection(mut stream: UnixStream, ctx: &ApiContext) {
             return;
         }
         let close = req.close;
+        let answering = ctx.control.answering();
         let (status, body) = route(ctx, &req);
-        if http::respond(&mut stream, status, &body, close).is_err() || close {
+        let sent = http::respond(&mut stream, status, &body, close);
+        drop(answering);
+        if sent.is_err() || close {
             return;
         }
     }
