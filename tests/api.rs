@@ -4,12 +4,11 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keel_tests::{api_call, probe_guest, scratch_dir, RunningKeel, ScratchDir};
+use keel_tests::{api_call, keelctl_as, probe_guest, scratch_dir, RunningKeel, ScratchDir};
 
 const T: Duration = Duration::from_secs(30);
 /// Groups of the test's config (numeric, so no /etc/group entries needed).
@@ -39,31 +38,6 @@ fn start(
     .unwrap();
     let k = RunningKeel::start(&["--config".into(), cfg.display().to_string()], &sock, envs);
     (dir, k)
-}
-
-/// Runs keelctl as `uid` with exactly `groups`.
-fn keelctl_as(uid: u32, groups: &[u32], sock: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(keel_tests::workspace_binary("keelctl"));
-    cmd.arg("--socket").arg(sock).args(args);
-    let groups = groups.to_vec();
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(groups[0]) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output().expect("run keelctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 /// Every vCPU exit counted so far, per vCPU and kind, from `GET /v1/counters`.

@@ -17,7 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_tests::{api_call, probe_guest, scratch_dir, workspace_binary, RunningKeel};
+use keel_tests::{api_call, keelctl_as, probe_guest, scratch_dir, workspace_binary, RunningKeel};
 
 const T: Duration = Duration::from_secs(30);
 /// Groups of the test's config (numeric, so no /etc/group entries needed).
@@ -65,25 +65,6 @@ fn output(mut cmd: Command) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
-}
-
-/// Runs keelctl as `uid` with exactly `groups`.
-fn keelctl_as(uid: u32, groups: &[u32], sock: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = keelctl_cmd(sock, args);
-    let groups = groups.to_vec();
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(groups[0]) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    output(cmd)
 }
 
 /// Connects to `sock` with the credentials `uid`/`gid` (what SO_PEERCRED

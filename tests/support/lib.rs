@@ -475,3 +475,34 @@ mod tests {
         assert_eq!(r.summary, Some((1, 1)));
     }
 }
+
+/// Runs `keelctl --socket SOCK ARGS...` as `uid` with exactly the groups
+/// `groups` (the first is also the gid), stdin closed; returns (exit code,
+/// stdout, stderr).
+pub fn keelctl_as(uid: u32, groups: &[u32], sock: &Path, args: &[&str]) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(workspace_binary("keelctl"));
+    cmd.arg("--socket")
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::null());
+    let groups = groups.to_vec();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(groups[0]) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run keelctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
