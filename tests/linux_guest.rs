@@ -364,10 +364,12 @@ fn linux_lab_net_and_vsock() {
         &[
             "net.up",
             "net.mtu",
+            "net.irq-level-triggered",
             "net.ping-guest-to-host",
             "net.ping-host-to-guest",
             "net.tcp-host-to-guest",
             "net.tcp-guest-to-host",
+            "net.tcp-guest-to-host-acknowledged",
             "net.exit",
             "net.tap-removed",
             "vsock.agent-listening",

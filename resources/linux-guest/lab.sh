@@ -96,6 +96,9 @@ lab_net() {
     ip link set eth0 up
     ip addr add 192.0.2.2/24 dev eth0
     g mtu "$(cat /sys/class/net/eth0/mtu)"
+    # How Linux handles the NIC's interrupt: "fasteoi" for a level-triggered
+    # I/O APIC line, as Keel describes its virtio lines.
+    g net-irq "$(grep -m1 virtio /proc/interrupts | tr -s ' ')"
     if ping -c 3 -W 5 192.0.2.1 >/tmp/ping.out 2>&1; then g ping-host ok; else g ping-host fail; fi
     /usr/bin/socat -T 60 -u TCP-LISTEN:5001,reuseaddr CREATE:/tmp/in &
     listener=$!
@@ -104,12 +107,19 @@ lab_net() {
     g net ready
     wait "$listener"
     g recv-sum "$(sha256sum /tmp/in | cut -d' ' -f1)"
+    # The host answers with the SHA-256 of what it received once our end of
+    # the stream reached it: only then has every byte left this guest (socat
+    # alone exits as soon as the data is in the socket's send buffer, and
+    # the reboot that ends the scenario would drop what is still in flight).
     n=0
-    until /usr/bin/socat -T 60 -u FILE:/tmp/out TCP:192.0.2.1:5002,connect-timeout=2 2>/dev/null; do
+    until got=$(/usr/bin/socat -T 60 -t 60 FILE:/tmp/out!!STDOUT TCP:192.0.2.1:5002,connect-timeout=2 2>/dev/null) &&
+        [ -n "$got" ]; do
         n=$((n + 1))
         [ "$n" -lt 60 ] || break
         sleep 1
     done
+    # ("<sha256>  -": the host hashed its stdin)
+    g host-got "${got%% *}"
     g net done
 }
 
