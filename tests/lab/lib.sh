@@ -106,6 +106,20 @@ finish() {
     echo "===== end of the runs' logs ====="
 }
 
+# agent_config: prints the keel-agent settings every lab scenario shares
+# (guest CID 3, the vsock socket, version file, state, grubenv, Keel's API
+# socket in $LAB_DIR); a scenario appends its own.
+agent_config() {
+    cat <<TOML
+guest_cid = 3
+vsock_socket = "$LAB_DIR/vsock.sock_19090"
+version_file = "$LAB_DIR/version"
+state_dir = "$LAB_DIR/agent-state"
+grubenv = "$LAB_DIR/grubenv"
+keel_api_socket = "$LAB_DIR/api.sock"
+TOML
+}
+
 # start_agent CONFIG CHECK: starts keel-agent with CONFIG (AGENT_PID) and
 # waits for its vsock socket ($LAB_DIR/vsock.sock_19090); CHECK reports it.
 start_agent() {

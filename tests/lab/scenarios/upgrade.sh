@@ -41,13 +41,7 @@ https=$!
 
 echo "lab-1.0.0" >"$LAB_DIR/version"
 mkdir -p "$LAB_DIR/agent-state"
-cat >"$LAB_DIR/agent.toml" <<TOML
-guest_cid = 3
-vsock_socket = "$LAB_DIR/vsock.sock_19090"
-version_file = "$LAB_DIR/version"
-state_dir = "$LAB_DIR/agent-state"
-grubenv = "$LAB_DIR/grubenv"
-keel_api_socket = "$LAB_DIR/api.sock"
+{ agent_config; cat <<TOML; } >"$LAB_DIR/agent.toml"
 reboot_command = ["/bin/sh", "-c", "echo rebooted > $LAB_DIR/rebooted"]
 consoles = []
 extra_ca_file = "$LAB_UPGRADE_CA"
