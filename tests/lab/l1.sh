@@ -24,6 +24,7 @@
 #   `l1.sh --stock-initrd BASE OUT` writes BASE plus that kernel's virtio
 #   modules to OUT: the initramfs the scenarios give it.
 #   LAB_TIMEOUT (seconds, default 900) bounds the whole L1 run.
+#   LAB_L1_CPUS (default 2): L1's vCPUs.
 #
 # Downloads and unpacked packages are cached in $KEEL_LAB_CACHE (default
 # /var/cache/keel/lab, outside the checkout so a fresh clone on the same
@@ -187,7 +188,7 @@ log "booting L1 ($pkg, QEMU TCG, EPYC with SVM)"
 # slower. So the console is watched, a wedged L1 stopped at once and
 # reported (exit 98), and the harness runs the scenario once more.
 : > "$out"
-(timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -smp 2 -m 3072 \
+(timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -smp "${LAB_L1_CPUS:-2}" -m 3072 \
     -nographic -no-reboot -nic none \
     -kernel "$vmlinuz" -initrd "$work/l1.cpio.gz" \
     -append "console=ttyS0 panic=-1 quiet" </dev/null | tee "$out" || true) &
