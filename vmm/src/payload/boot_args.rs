@@ -206,12 +206,14 @@ impl Parser {
                     }
                     self.at += 1;
                 }
-                '$' | '`' | ';' | '&' | '|' | '<' | '>' | '(' | ')' => return Err(self.error(
-                    line,
-                    &format!(
+                '$' | '`' | ';' | '&' | '|' | '<' | '>' | '(' | ')' => {
+                    return Err(self.error(
+                        line,
+                        &format!(
                         "unquoted {c:?}: expansions, commands and redirections are not supported"
                     ),
-                )),
+                    ))
+                }
                 c => {
                     out.push(c);
                     self.at += 1;
