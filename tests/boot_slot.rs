@@ -478,7 +478,7 @@ fn cow_partition_keeps_the_hosts_bytes_and_enforces_its_limit() {
     );
     assert!(now[..o] == whole[..o] && now[o + len..] == whole[o + len..]);
     assert!(
-        r.stderr.contains("cow_limit_errors") || r.stderr.contains("cow limit"),
+        r.stderr.contains(" 1 cow_limit_errors"),
         "the refused write is counted:\n{}",
         r.stderr
     );

@@ -148,6 +148,11 @@ impl DiskBackend {
         self.file.try_clone()
     }
 
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The file descriptor, for the I/O engines.
     pub fn fd(&self) -> std::os::fd::RawFd {
         self.file.as_raw_fd()

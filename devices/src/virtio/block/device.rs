@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::DiskBackend;
 use super::counters::{bump, BlockCounters};
+use super::cow::{CowError, CowOverlay, CowRange};
 use super::engine::{sync_rw, Completion, EngineKind, Uring};
 use super::request::{self, Request, RequestError, RequestKind, ID_LEN};
 use crate::virtio::{
@@ -53,6 +54,8 @@ pub struct BlockConfig {
     pub serial: Option<String>,
     /// I/O engine.
     pub engine: EngineKind,
+    /// A copy-on-write range (writes there go to a temporary overlay).
+    pub cow: Option<CowRange>,
 }
 
 /// Event-manager data tags of the device thread's fds.
@@ -94,6 +97,7 @@ struct Active {
 /// A virtio-blk device.
 pub struct VirtioBlock {
     disk: DiskBackend,
+    cow: Option<CowOverlay>,
     config: BlockConfig,
     id: [u8; ID_LEN],
     config_space: [u8; CONFIG_LEN],
@@ -124,9 +128,14 @@ impl VirtioBlock {
             let n = s.len().min(ID_LEN);
             id[..n].copy_from_slice(&s.as_bytes()[..n]);
         }
+        let cow = config
+            .cow
+            .map(|range| CowOverlay::new(range, &std::env::temp_dir()))
+            .transpose()?;
         Ok(VirtioBlock {
             config_space: config_space(disk.capacity()),
             disk,
+            cow,
             config,
             id,
             avail_features,
@@ -220,6 +229,7 @@ impl VirtioBlock {
                 slot.descs.extend(chain);
                 let done = start_request(
                     &self.disk,
+                    self.cow.as_mut(),
                     &self.id,
                     &self.counters,
                     &a.mem,
@@ -319,6 +329,7 @@ fn pack(status: u32, len: u64) -> u32 {
 /// synchronously (errors, small requests, the sync engine).
 fn start_request(
     disk: &DiskBackend,
+    cow: Option<&mut CowOverlay>,
     id: &[u8; ID_LEN],
     counters: &BlockCounters,
     mem: &GuestMemoryMmap,
@@ -358,6 +369,14 @@ fn start_request(
     slot.kind = req.kind;
     slot.bytes = req.data_len;
     let offset = req.sector * SECTOR_SIZE;
+    let mut cow = cow;
+    if let Some(c) = cow.as_deref_mut() {
+        let rw = matches!(req.kind, RequestKind::In | RequestKind::Out);
+        if rw && c.overlaps(offset, req.data_len) {
+            cow_rw(disk, c, counters, mem, slot, req.kind, offset);
+            return true;
+        }
+    }
     match (req.kind, uring) {
         (RequestKind::In | RequestKind::Out, Some(u)) => {
             let write = req.kind == RequestKind::Out;
@@ -393,7 +412,7 @@ fn start_request(
             true
         }
         (RequestKind::Discard | RequestKind::WriteZeroes, _) => {
-            let status = trim(disk, mem, counters, &req, &slot.data);
+            let status = trim(disk, cow, mem, counters, &req, &slot.data);
             slot.used_len = pack(status, 0);
             true
         }
@@ -470,6 +489,7 @@ fn write_id(mem: &GuestMemoryMmap, data: &[(GuestAddress, u32)], id: &[u8; ID_LE
 /// Runs every segment of a discard / write-zeroes request.
 fn trim(
     disk: &DiskBackend,
+    mut cow: Option<&mut CowOverlay>,
     mem: &GuestMemoryMmap,
     counters: &BlockCounters,
     req: &Request,
@@ -488,11 +508,26 @@ fn trim(
             bump(&counters.invalid_requests, 1);
             return VIRTIO_BLK_S_IOERR;
         }
-        let r = if req.kind == RequestKind::Discard {
-            disk.discard(seg.offset, seg.len)
-        } else {
-            disk.write_zeroes(seg.offset, seg.len, seg.unmap)
+        let zeroes = req.kind == RequestKind::WriteZeroes;
+        let pieces = match cow.as_deref_mut() {
+            Some(c) if c.overlaps(seg.offset, seg.len) => {
+                // The range's part: zeroes in the overlay, a discard nothing.
+                if zeroes {
+                    if let Err(e) = c.zero_inside(disk.file(), seg.offset, seg.len) {
+                        return cow_failed(counters, e);
+                    }
+                }
+                c.outside(seg.offset, seg.len)
+            }
+            _ => vec![(seg.offset, seg.len)],
         };
+        let r = pieces.into_iter().try_for_each(|(offset, len)| {
+            if zeroes {
+                disk.write_zeroes(offset, len, seg.unmap)
+            } else {
+                disk.discard(offset, len)
+            }
+        });
         if let Err(e) = r {
             warn!("virtio-blk: {:?} failed: {e}", req.kind);
             bump(&counters.io_errors, 1);
@@ -505,6 +540,69 @@ fn trim(
         bump(&counters.write_zeroes_ops, 1);
     }
     VIRTIO_BLK_S_OK
+}
+
+/// Counts a failed overlay operation; the status for the guest.
+fn cow_failed(counters: &BlockCounters, e: CowError) -> u32 {
+    match e {
+        CowError::Limit { limit } => {
+            warn!("virtio-blk: copy-on-write overlay full ({limit} bytes): write refused");
+            bump(&counters.cow_limit_errors, 1);
+        }
+        CowError::Io(e) => {
+            warn!("virtio-blk: copy-on-write I/O error: {e}");
+            bump(&counters.io_errors, 1);
+        }
+    }
+    VIRTIO_BLK_S_IOERR
+}
+
+/// A read or write touching the copy-on-write range, served synchronously
+/// through a bounce buffer (guest memory through vm-memory; the buffer
+/// 4 KiB aligned, for O_DIRECT disks).
+fn cow_rw(
+    disk: &DiskBackend,
+    cow: &mut CowOverlay,
+    counters: &BlockCounters,
+    mem: &GuestMemoryMmap,
+    slot: &mut Slot,
+    kind: RequestKind,
+    offset: u64,
+) {
+    let len = slot.bytes as usize;
+    let mut raw = vec![0u8; len + 4096];
+    let skip = raw.as_ptr().align_offset(4096).min(4096);
+    let buf = &mut raw[skip..skip + len];
+    let mut at = 0usize;
+    let result = if kind == RequestKind::Out {
+        let gathered = slot.data.iter().try_for_each(|&(addr, n)| {
+            let r = mem.read_slice(&mut buf[at..at + n as usize], addr);
+            at += n as usize;
+            r
+        });
+        match gathered {
+            Ok(()) => cow.write(disk.file(), buf, offset),
+            Err(_) => {
+                bump(&counters.invalid_requests, 1);
+                slot.used_len = pack(VIRTIO_BLK_S_IOERR, 0);
+                return;
+            }
+        }
+    } else {
+        cow.read(disk.file(), buf, offset)
+            .map_err(CowError::Io)
+            .and_then(|()| {
+                slot.data.iter().try_for_each(|&(addr, n)| {
+                    let r = mem.write_slice(&buf[at..at + n as usize], addr);
+                    at += n as usize;
+                    r.map_err(|e| CowError::Io(std::io::Error::other(e.to_string())))
+                })
+            })
+    };
+    match result {
+        Ok(()) => complete_io(counters, slot, len as i32),
+        Err(e) => slot.used_len = pack(cow_failed(counters, e), 0),
+    }
 }
 
 /// `struct virtio_blk_config` for a disk of `capacity` bytes.
@@ -691,6 +789,7 @@ mod tests {
             BlockConfig {
                 serial: Some("keel-disk-0".into()),
                 engine,
+                cow: None,
             },
         )
         .unwrap();
