@@ -1521,6 +1521,100 @@ mod tests {
     }
 
     #[test]
+    fn boot_slot_and_cow_settings() {
+        let dir = std::env::temp_dir().join(format!("keel-cfg-slot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("d.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let text = format!(
+            "[payload]\nboot_slot = \"upgrade\"\n[[disks]]\npath = \"{}\"\ncow = \"partition:10\"\ncow_limit = \"512M\"\n",
+            disk.display()
+        );
+        let cfg = VmConfig::from_toml(&text).unwrap();
+        assert_eq!(cfg.payload.boot_slot, Some(BootSlot::Upgrade));
+        assert_eq!(cfg.disks[0].cow, Some(CowTarget::Partition(10)));
+        assert_eq!(
+            cfg.disks[0].cow_limit.as_ref().map(ByteSize::bytes),
+            Some(512 << 20)
+        );
+        cfg.validate().expect("no kernel needed with boot_slot");
+        assert_eq!(
+            VmConfig::from_toml(&toml::to_string(&cfg).unwrap()).unwrap(),
+            cfg
+        );
+        let check = |f: &dyn Fn(&mut VmConfig), field: &str, why: &str| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(why), "{e}");
+        };
+        check(
+            &|c| c.payload.kernel = Some("/bin/sh".into()),
+            "payload.boot_slot",
+            "payload.kernel",
+        );
+        check(
+            &|c| c.payload.cmdline = Some("x".into()),
+            "payload.boot_slot",
+            "payload.cmdline",
+        );
+        check(
+            &|c| c.payload.boot_disk = Some(1),
+            "payload.boot_disk",
+            "1 disks",
+        );
+        check(&|c| c.disks.clear(), "payload.boot_disk", "0 disks");
+        check(&|c| c.disks[0].readonly = true, "disks[0].cow", "read-only");
+        check(
+            &|c| c.disks[0].cow_limit = Some(ByteSize::from_bytes(100)),
+            "disks[0].cow_limit",
+            "multiple of 512",
+        );
+        check(
+            &|c| {
+                c.payload.boot_slot = None;
+                c.payload.boot_disk = Some(0)
+            },
+            "payload.boot_disk",
+            "only used with",
+        );
+        assert!(
+            VmConfig::from_toml("[[disks]]\npath = \"x\"\ncow = \"part:1\"\n")
+                .unwrap_err()
+                .contains("partition:N")
+        );
+        let mut flags = cfg.clone();
+        flags
+            .apply_flags(&FlagOverrides {
+                boot_slot: Some("guestos".into()),
+                disks: vec![format!(
+                    "path={},cow=partition:3,cow_limit=1M",
+                    disk.display()
+                )],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(flags.payload.boot_slot, Some(BootSlot::Guestos));
+        assert_eq!(flags.disks[0].cow, Some(CowTarget::Partition(3)));
+        let e = flags
+            .apply_flags(&FlagOverrides {
+                boot_slot: Some("hostos".into()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("payload.boot_slot") && e.contains("guestos or upgrade"),
+            "{e}"
+        );
+        assert!(parse_disk_flag(1, "path=x,cow=partition:0")
+            .unwrap_err()
+            .to_string()
+            .contains("disks[1].cow"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn serial_flag() {
         assert_eq!(parse_serial_flag("stdout").unwrap(), SerialConfig::Stdout);
         assert_eq!(

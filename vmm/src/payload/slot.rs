@@ -93,7 +93,8 @@ mod tests {
     fn guestos_table() {
         use BootCycle::*;
         use Slot::*;
-        let rows: &[(&str, Slot, Option<(Slot, BootCycle)>)] = &[
+        type Row = (&'static str, Slot, Option<(Slot, BootCycle)>);
+        let rows: &[Row] = &[
             ("", A, Some((A, Stable))),
             ("boot_alternative=B\n", B, Some((B, Stable))),
             ("boot_cycle=stable\n", A, Some((A, Stable))),

@@ -60,7 +60,7 @@ const SECTOR: usize = SECTOR_SIZE as usize;
 impl CowOverlay {
     /// An empty overlay for `range`, its file unlinked in `dir`.
     pub fn new(range: CowRange, dir: &Path) -> std::io::Result<Self> {
-        if range.start % SECTOR_SIZE != 0 || range.len % SECTOR_SIZE != 0 {
+        if !range.start.is_multiple_of(SECTOR_SIZE) || !range.len.is_multiple_of(SECTOR_SIZE) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "copy-on-write range not sector aligned",

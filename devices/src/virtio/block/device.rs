@@ -228,8 +228,10 @@ impl VirtioBlock {
                 slot.descs.clear();
                 slot.descs.extend(chain);
                 let done = start_request(
-                    &self.disk,
-                    self.cow.as_mut(),
+                    Target {
+                        disk: &self.disk,
+                        cow: self.cow.as_mut(),
+                    },
                     &self.id,
                     &self.counters,
                     &a.mem,
@@ -327,9 +329,14 @@ fn pack(status: u32, len: u64) -> u32 {
 
 /// Parses and starts the request in `slot`. Returns true when it completed
 /// synchronously (errors, small requests, the sync engine).
+/// The disk a request goes to, with its copy-on-write overlay if any.
+struct Target<'a> {
+    disk: &'a DiskBackend,
+    cow: Option<&'a mut CowOverlay>,
+}
+
 fn start_request(
-    disk: &DiskBackend,
-    cow: Option<&mut CowOverlay>,
+    target: Target<'_>,
     id: &[u8; ID_LEN],
     counters: &BlockCounters,
     mem: &GuestMemoryMmap,
@@ -337,6 +344,7 @@ fn start_request(
     slot: &mut Slot,
     tag: u16,
 ) -> bool {
+    let Target { disk, mut cow } = target;
     let req = match request::parse(
         mem,
         &slot.descs,
@@ -369,7 +377,6 @@ fn start_request(
     slot.kind = req.kind;
     slot.bytes = req.data_len;
     let offset = req.sector * SECTOR_SIZE;
-    let mut cow = cow;
     if let Some(c) = cow.as_deref_mut() {
         let rw = matches!(req.kind, RequestKind::In | RequestKind::Out);
         if rw && c.overlaps(offset, req.data_len) {
