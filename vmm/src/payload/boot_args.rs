@@ -145,88 +145,90 @@ impl Parser {
             let line = self.line;
             match c {
                 ' ' | '\t' | '\n' | '\r' => break,
-                '\'' => {
-                    self.at += 1;
-                    loop {
-                        match self.peek() {
-                            None => return Err(self.error(line, "unterminated single quote")),
-                            Some('\'') => break,
-                            Some(c) => {
-                                self.newline(c);
-                                out.push(c);
-                                self.at += 1;
-                            }
-                        }
-                    }
-                    self.at += 1;
-                }
-                '"' => {
-                    self.at += 1;
-                    loop {
-                        match self.peek() {
-                            None => return Err(self.error(line, "unterminated double quote")),
-                            Some('"') => break,
-                            Some('\\') => {
-                                self.at += 1;
-                                match self.peek() {
-                                    Some('\n') => self.line += 1,
-                                    Some(e @ ('"' | '\\' | '$' | '`')) => out.push(e),
-                                    Some(e) => {
-                                        out.push('\\');
-                                        self.newline(e);
-                                        out.push(e);
-                                    }
-                                    None => {
-                                        return Err(self.error(line, "unterminated double quote"))
-                                    }
-                                }
-                                self.at += 1;
-                            }
-                            Some('$' | '`') => {
-                                return Err(self.error(
-                                    self.line,
-                                    "`$` or a backquote: expansions are not supported",
-                                ))
-                            }
-                            Some(c) => {
-                                self.newline(c);
-                                out.push(c);
-                                self.at += 1;
-                            }
-                        }
-                    }
-                    self.at += 1;
-                }
+                '\'' => self.single_quoted(&mut out)?,
+                '"' => self.double_quoted(&mut out)?,
                 '\\' => {
                     self.at += 1;
                     match self.peek() {
-                        Some('\n') => self.line += 1,
-                        Some(e) => out.push(e),
+                        Some('\n') => self.skip_newline(),
+                        Some(e) => self.take(&mut out, e),
                         None => return Err(self.error(line, "a backslash at the end of the file")),
                     }
-                    self.at += 1;
                 }
-                '$' | '`' | ';' | '&' | '|' | '<' | '>' | '(' | ')' => {
-                    return Err(self.error(
-                        line,
-                        &format!(
+                '$' | '`' | ';' | '&' | '|' | '<' | '>' | '(' | ')' => return Err(self.error(
+                    line,
+                    &format!(
                         "unquoted {c:?}: expansions, commands and redirections are not supported"
                     ),
-                    ))
-                }
-                c => {
-                    out.push(c);
-                    self.at += 1;
-                }
+                )),
+                c => self.take(&mut out, c),
             }
         }
         Ok(out)
     }
 
-    fn newline(&mut self, c: char) {
+    /// `'...'`: everything literal up to the closing quote.
+    fn single_quoted(&mut self, out: &mut String) -> Result<(), BootArgsError> {
+        let line = self.line;
+        self.at += 1;
+        loop {
+            match self.peek() {
+                None => return Err(self.error(line, "unterminated single quote")),
+                Some('\'') => break,
+                Some(c) => self.take(out, c),
+            }
+        }
+        self.at += 1;
+        Ok(())
+    }
+
+    /// `"..."`: a backslash escapes `"`, `\`, `$`, `` ` `` and a newline
+    /// (and stays before anything else); `$` and `` ` `` are refused.
+    fn double_quoted(&mut self, out: &mut String) -> Result<(), BootArgsError> {
+        let line = self.line;
+        self.at += 1;
+        loop {
+            match self.peek() {
+                None => return Err(self.error(line, "unterminated double quote")),
+                Some('"') => break,
+                Some('\\') => {
+                    self.at += 1;
+                    match self.peek() {
+                        Some('\n') => self.skip_newline(),
+                        Some(e @ ('"' | '\\' | '$' | '`')) => self.take(out, e),
+                        Some(e) => {
+                            out.push('\\');
+                            self.take(out, e);
+                        }
+                        None => return Err(self.error(line, "unterminated double quote")),
+                    }
+                }
+                Some('$' | '`') => {
+                    return Err(self.error(
+                        self.line,
+                        "`$` or a backquote: expansions are not supported",
+                    ))
+                }
+                Some(c) => self.take(out, c),
+            }
+        }
+        self.at += 1;
+        Ok(())
+    }
+
+    /// Appends `c` (the current character) and moves past it.
+    fn take(&mut self, out: &mut String, c: char) {
         if c == '\n' {
             self.line += 1;
         }
+        out.push(c);
+        self.at += 1;
+    }
+
+    /// Moves past an escaped newline (a line continuation).
+    fn skip_newline(&mut self) {
+        self.line += 1;
+        self.at += 1;
     }
 }
 
