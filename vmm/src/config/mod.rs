@@ -673,9 +673,9 @@ impl VmConfig {
                     "only used with payload.boot_slot (--boot-slot)".into(),
                 ));
             }
-            p.kernel
-                .as_ref()
-                .ok_or(ConfigError::Missing("kernel (--kernel or payload.kernel)"))?;
+            p.kernel.as_ref().ok_or(ConfigError::Missing(
+                "kernel (--kernel or payload.kernel; or --boot-slot to boot from the disk)",
+            ))?;
             return Ok(());
         };
         let shown = format!("{role:?}").to_lowercase();

@@ -155,12 +155,14 @@ impl Parser {
                         None => return Err(self.error(line, "a backslash at the end of the file")),
                     }
                 }
-                '$' | '`' | ';' | '&' | '|' | '<' | '>' | '(' | ')' => return Err(self.error(
-                    line,
-                    &format!(
+                '$' | '`' | ';' | '&' | '|' | '<' | '>' | '(' | ')' => {
+                    return Err(self.error(
+                        line,
+                        &format!(
                         "unquoted {c:?}: expansions, commands and redirections are not supported"
                     ),
-                )),
+                    ))
+                }
                 c => self.take(&mut out, c),
             }
         }

@@ -786,6 +786,17 @@ mod tests {
         chains: &[RawDescriptor],
         mem: GuestMemoryMmap,
     ) -> Rig {
+        rig_cow(path, ro, engine, chains, mem, None)
+    }
+
+    fn rig_cow(
+        path: &std::path::Path,
+        ro: bool,
+        engine: EngineKind,
+        chains: &[RawDescriptor],
+        mem: GuestMemoryMmap,
+        cow: Option<CowRange>,
+    ) -> Rig {
         let q = MockSplitQueue::new(&mem, 32);
         let used_addr = q.used_addr();
         q.add_desc_chains(chains, 0).unwrap();
@@ -796,7 +807,7 @@ mod tests {
             BlockConfig {
                 serial: Some("keel-disk-0".into()),
                 engine,
-                cow: None,
+                cow,
             },
         )
         .unwrap();
@@ -1153,6 +1164,77 @@ mod tests {
         assert_eq!(status(&r.mem, 0), VIRTIO_BLK_S_IOERR as u8);
         let c = r.dev.lock().unwrap().counters().snapshot();
         assert_eq!((c.io_errors, c.write_ops), (1, 0));
+    }
+
+    #[test]
+    fn the_cow_range_takes_writes_zeroes_and_discards_without_touching_the_disk() {
+        // 1 MiB disk; sectors [256, 512) are copy-on-write, 8 KiB at most.
+        let d = disk("cow", 1 << 20);
+        let m = mem();
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        let w = header(&m, 0, VIRTIO_BLK_T_OUT, 252); // 2 KiB before, 6 KiB inside
+        let r = header(&m, 1, VIRTIO_BLK_T_IN, 252);
+        let over = header(&m, 2, VIRTIO_BLK_T_OUT, 300); // 8 KiB more: over the limit
+        let z = header(&m, 3, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let dis = header(&m, 4, VIRTIO_BLK_T_DISCARD, 0);
+        let seg = |at: u64, sector: u64, n: u32| {
+            m.write_obj(sector, GuestAddress(at)).unwrap();
+            m.write_obj(n, GuestAddress(at + 8)).unwrap();
+            m.write_obj(0u32, GuestAddress(at + 12)).unwrap();
+        };
+        seg(DATA + 0x8000, 510, 4); // zeroes: 2 sectors inside, 2 after
+        seg(DATA + 0x8010, 256, 256); // discard: the whole range
+        let chains = [
+            desc(w, 16, N, 1),
+            desc(DATA, 8192, N, 2),
+            desc(STATUS, 1, W, 0),
+            desc(r, 16, N, 4),
+            desc(DATA + 0x10000, 8192, N | W, 5),
+            desc(STATUS + 1, 1, W, 0),
+            desc(over, 16, N, 7),
+            desc(DATA, 8192, N, 8),
+            desc(STATUS + 2, 1, W, 0),
+            desc(z, 16, N, 10),
+            desc(DATA + 0x8000, 16, N, 11),
+            desc(STATUS + 3, 1, W, 0),
+            desc(dis, 16, N, 13),
+            desc(DATA + 0x8010, 16, N, 14),
+            desc(STATUS + 4, 1, W, 0),
+        ];
+        let cow = CowRange {
+            start: 256 * 512,
+            len: 256 * 512,
+            limit: 8192,
+        };
+        let mut rig = rig_cow(&d.0, false, EngineKind::IoUring, &chains, m, Some(cow));
+        run_until_used(&mut rig, 5);
+        let m = &rig.mem;
+        assert_eq!((status(m, 0), status(m, 1)), (0, 0));
+        assert_eq!(status(m, 2), VIRTIO_BLK_S_IOERR as u8, "over the limit");
+        assert_eq!((status(m, 3), status(m, 4)), (0, 0));
+        let mut back = vec![0u8; 8192];
+        m.read_slice(&mut back, GuestAddress(DATA + 0x10000))
+            .unwrap();
+        assert!(back == pattern, "reads see the overlay");
+        let host = std::fs::read(&d.0).unwrap();
+        assert_eq!(
+            &host[252 * 512..256 * 512],
+            &pattern[..2048],
+            "before the range"
+        );
+        assert!(
+            host[256 * 512..512 * 512].iter().all(|b| *b == 0x11),
+            "range untouched"
+        );
+        assert!(
+            host[512 * 512..514 * 512].iter().all(|b| *b == 0),
+            "zeroes after it"
+        );
+        assert_eq!(host[514 * 512], 0x11);
+        let c = rig.dev.lock().unwrap().counters().snapshot();
+        assert_eq!((c.cow_limit_errors, c.io_errors, c.write_ops), (1, 0, 1));
+        assert_eq!((c.write_zeroes_ops, c.discard_ops), (1, 1));
     }
 
     #[test]
