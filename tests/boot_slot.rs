@@ -374,6 +374,23 @@ fn every_failure_is_an_error_before_boot_and_leaves_the_disk_untouched() {
             "{what}: the disk (and grubenv) changed"
         );
     }
+    // A read-only disk whose grubenv would have to change.
+    let disk = build_disk(&dir, &Spec::new(first_boot_b));
+    let whole = std::fs::read(&disk).unwrap();
+    let r = run_keel(
+        &[
+            "--boot-slot",
+            "guestos",
+            "--memory",
+            "size=256M",
+            "--disk",
+            &format!("path={},readonly=on", disk.display()),
+        ],
+        DEADLINE,
+    );
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("disk is readonly"), "{}", r.stderr);
+    assert!(std::fs::read(&disk).unwrap() == whole);
     // The upgrade VM without boot_alternative.
     let disk = build_disk(&dir, &Spec::new("boot_cycle=stable\n"));
     let r = boot(&disk, "upgrade");
@@ -393,6 +410,23 @@ fn boot_slot_excludes_kernel_and_needs_a_disk() {
     let r = run_keel(&["--boot-slot", "guestos", "--kernel", &probe], DEADLINE);
     assert_eq!(r.code(), 2, "clap refuses the pair: {}", r.stderr);
     assert!(r.stderr.contains("cannot be used with"), "{}", r.stderr);
+}
+
+#[test]
+fn boots_through_a_loop_block_device() {
+    let dir = scratch_dir("bootslot-loop");
+    let disk = build_disk(
+        &dir,
+        &Spec::new("boot_alternative=B\nboot_cycle=first_boot\n"),
+    );
+    let lo = keel_tests::LoopDevice::attach(&disk);
+    let r = boot(&lo.path, "guestos");
+    assert_booted(&r, "B");
+    drop(lo);
+    assert_eq!(
+        read_grubenv(&disk),
+        grubenv("boot_alternative=B\nboot_cycle=failsafe_check\n")
+    );
 }
 
 /// Waits until process `pid` is stopped (state `T` in /proc/pid/stat).
