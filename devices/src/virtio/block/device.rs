@@ -757,6 +757,13 @@ mod tests {
         Disk(p)
     }
 
+    /// Writes a discard / write-zeroes segment at `at`.
+    fn segment(mem: &GuestMemoryMmap, at: u64, sector: u64, n: u32) {
+        mem.write_obj(sector, GuestAddress(at)).unwrap();
+        mem.write_obj(n, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(0u32, GuestAddress(at + 12)).unwrap();
+    }
+
     fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
         RawDescriptor::from(Descriptor::new(addr, len, flags, next))
     }
@@ -1178,30 +1185,28 @@ mod tests {
         let over = header(&m, 2, VIRTIO_BLK_T_OUT, 300); // 8 KiB more: over the limit
         let z = header(&m, 3, VIRTIO_BLK_T_WRITE_ZEROES, 0);
         let dis = header(&m, 4, VIRTIO_BLK_T_DISCARD, 0);
-        let seg = |at: u64, sector: u64, n: u32| {
-            m.write_obj(sector, GuestAddress(at)).unwrap();
-            m.write_obj(n, GuestAddress(at + 8)).unwrap();
-            m.write_obj(0u32, GuestAddress(at + 12)).unwrap();
-        };
-        seg(DATA + 0x8000, 510, 4); // zeroes: 2 sectors inside, 2 after
-        seg(DATA + 0x8010, 256, 256); // discard: the whole range
-        let chains = [
-            desc(w, 16, N, 1),
-            desc(DATA, 8192, N, 2),
-            desc(STATUS, 1, W, 0),
-            desc(r, 16, N, 4),
-            desc(DATA + 0x10000, 8192, N | W, 5),
-            desc(STATUS + 1, 1, W, 0),
-            desc(over, 16, N, 7),
-            desc(DATA, 8192, N, 8),
-            desc(STATUS + 2, 1, W, 0),
-            desc(z, 16, N, 10),
-            desc(DATA + 0x8000, 16, N, 11),
-            desc(STATUS + 3, 1, W, 0),
-            desc(dis, 16, N, 13),
-            desc(DATA + 0x8010, 16, N, 14),
-            desc(STATUS + 4, 1, W, 0),
+        segment(&m, DATA + 0x8000, 510, 4); // zeroes: 2 sectors inside, 2 after
+        segment(&m, DATA + 0x8010, 256, 256); // discard: the whole range
+                                              // (header, data, data length, device-writable) per request.
+        let requests = [
+            (w, DATA, 8192, false),
+            (r, DATA + 0x10000, 8192, true),
+            (over, DATA, 8192, false),
+            (z, DATA + 0x8000, 16, false),
+            (dis, DATA + 0x8010, 16, false),
         ];
+        let chains: Vec<RawDescriptor> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(h, data, len, write))| {
+                let i = i as u16;
+                [
+                    desc(h, 16, N, 3 * i + 1),
+                    desc(data, len, N | if write { W } else { 0 }, 3 * i + 2),
+                    desc(STATUS + u64::from(i), 1, W, 0),
+                ]
+            })
+            .collect();
         let cow = CowRange {
             start: 256 * 512,
             len: 256 * 512,
