@@ -27,6 +27,10 @@ command -v grub-script-check >/dev/null || need_apt+=(grub-common)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v script >/dev/null || need_apt+=(bsdutils)
 command -v chattr >/dev/null || need_apt+=(e2fsprogs)
+# GuestOS-shaped boot disks (tests/boot_slot.rs): GPT, FAT and ext4 images.
+command -v sfdisk >/dev/null || need_apt+=(fdisk)
+command -v mkfs.vfat >/dev/null || need_apt+=(dosfstools)
+command -v mcopy >/dev/null || need_apt+=(mtools)
 # The Linux guest tier: QEMU for the emulated L1 machine, busybox, socat
 # (AF_VSOCK and TCP in the scenarios), kmod and cpio to assemble L1.
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)

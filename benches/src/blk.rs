@@ -188,6 +188,7 @@ fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
         BlockConfig {
             serial: None,
             engine: EngineKind::IoUring,
+            cow: None,
         },
     )
     .expect("device");

@@ -72,6 +72,9 @@ pub enum BuildError {
     /// The control API socket.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// Booting from the guest's disk (`boot_slot`).
+    #[error(transparent)]
+    Payload(#[from] crate::payload::PayloadError),
 }
 
 /// The API's group-to-role mapping.
@@ -138,6 +141,20 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let topology = config.cpus.topology()?;
     let vcpus = topology.vcpus();
     let mem_size = config.memory.size.bytes();
+    // Booting from the disk: read (and for the GuestOS VM advance) its A/B
+    // state before anything else is created, and before the virtio-blk
+    // device opens the disk.
+    let from_disk = match config.payload.boot_slot {
+        Some(role) => {
+            let disk = config.payload.boot_disk.unwrap_or(0);
+            let disk = config
+                .disks
+                .get(disk)
+                .ok_or(ConfigError::Missing("payload.boot_disk"))?;
+            Some(crate::payload::resolve(role, disk)?)
+        }
+        None => None,
+    };
 
     let vm = Vm::new(vcpus)?;
     let guest_memory = memory::create_guest_memory(mem_size, config.memory.hugepages)?;
@@ -152,12 +169,15 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         config.vsock.as_ref(),
         &config.nets,
     )?;
-    let mut cmdline = config
-        .payload
-        .cmdline
-        .as_deref()
-        .unwrap_or(DEFAULT_CMDLINE)
-        .to_string();
+    let mut cmdline = match &from_disk {
+        Some(p) => p.cmdline.clone(),
+        None => config
+            .payload
+            .cmdline
+            .as_deref()
+            .unwrap_or(DEFAULT_CMDLINE)
+            .to_string(),
+    };
     let virtio_locations = virtio.cmdline.clone();
     // The command line announces the devices (Linux's virtio_mmio.device=,
     // which the probe guest reads too); with ACPI the DSDT describes them as
@@ -169,19 +189,33 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         cmdline.push_str(entry);
     }
     let cmdline = cmdline.as_str();
-    // `validate` guarantees the kernel is set.
-    let kernel = config
-        .payload
-        .kernel
-        .as_deref()
-        .ok_or(ConfigError::Missing("kernel"))?;
-    let payload = boot::load_payload(
-        &guest_memory,
-        mem_size,
-        kernel,
-        config.payload.initrd.as_deref(),
-        cmdline,
-    )?;
+    let (kernel, initrd, kernel_name) = match &from_disk {
+        Some(p) => (
+            boot::Image::Bytes {
+                name: &p.source,
+                data: &p.kernel,
+            },
+            p.initrd.as_deref().map(|data| boot::Image::Bytes {
+                name: &p.source,
+                data,
+            }),
+            p.source.clone(),
+        ),
+        None => {
+            // `validate` guarantees the kernel is set without boot_slot.
+            let kernel = config
+                .payload
+                .kernel
+                .as_deref()
+                .ok_or(ConfigError::Missing("kernel"))?;
+            (
+                boot::Image::Path(kernel),
+                config.payload.initrd.as_deref().map(boot::Image::Path),
+                kernel.display().to_string(),
+            )
+        }
+    };
+    let payload = boot::load_payload(&guest_memory, mem_size, kernel, initrd, cmdline)?;
     boot::write_boot_info(&guest_memory, mem_size, &payload, cmdline.len())?;
     let virtio_irqs: Vec<u32> = virtio.slots.iter().map(|s| s.irq).collect();
     mptable::setup_mptable(&guest_memory, &topology, &virtio_irqs)?;
@@ -203,7 +237,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     }
     info!(
         "payload: {} ({:?} entry at {:#x}), {} MiB, {} vCPUs ({}x{}x{})",
-        kernel.display(),
+        kernel_name,
         payload.entry.mode,
         payload.entry.entry,
         mem_size >> 20,
@@ -297,12 +331,18 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
                 },
             },
             boot: BootInfo {
-                kernel: kernel.display().to_string(),
-                initrd: config
-                    .payload
-                    .initrd
-                    .as_ref()
-                    .map(|p| p.display().to_string()),
+                kernel: kernel_name.clone(),
+                initrd: match &from_disk {
+                    Some(p) => p
+                        .initrd
+                        .as_ref()
+                        .map(|_| p.source.replace("/vmlinuz", "/initrd.img")),
+                    None => config
+                        .payload
+                        .initrd
+                        .as_ref()
+                        .map(|p| p.display().to_string()),
+                },
                 cmdline: cmdline.to_string(),
                 protocol: match payload.entry.mode {
                     EntryMode::Pvh => "pvh",

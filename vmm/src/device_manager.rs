@@ -13,7 +13,7 @@ use devices::legacy::{
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::virtio::block::{
-    BlockConfig, BlockCounters, DiskBackend, DiskError, EngineKind, VirtioBlock,
+    BlockConfig, BlockCounters, CowRange, DiskBackend, DiskError, EngineKind, VirtioBlock,
 };
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use devices::virtio::net::{
@@ -28,7 +28,9 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::layout::MMIO_DEVICES_START;
-use crate::config::{DiskConfig, DiskEngine, NetConfig, SerialConfig};
+use crate::config::{
+    CowTarget, DiskConfig, DiskEngine, NetConfig, SerialConfig, DEFAULT_COW_LIMIT,
+};
 use crate::vstate::vm::{Vm, VmError};
 
 /// ISA interrupt line of the i8042 keyboard.
@@ -58,6 +60,14 @@ pub enum DeviceError {
     /// A disk cannot be used.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// A disk's copy-on-write range cannot be set up.
+    #[error("disks[{index}].cow: {why}")]
+    Cow {
+        /// The disk's position in the configuration.
+        index: usize,
+        /// Why.
+        why: String,
+    },
     /// The vsock device cannot be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
@@ -150,6 +160,33 @@ pub fn setup_virtio_devices(
     let mut resampler = InterruptResampler::new();
     for (index, d) in disks.iter().enumerate() {
         let backend = DiskBackend::open(&d.path, d.readonly, d.direct)?;
+        let cow = match d.cow {
+            Some(CowTarget::Partition(n)) => {
+                let file = backend.try_clone_file().map_err(DeviceError::EventFd)?;
+                let part =
+                    crate::payload::partition_range(&d.path, Arc::new(file), backend.capacity(), n)
+                        .map_err(|e| DeviceError::Cow {
+                            index,
+                            why: e.to_string(),
+                        })?;
+                let limit = d
+                    .cow_limit
+                    .as_ref()
+                    .map_or(DEFAULT_COW_LIMIT, |l| l.bytes());
+                log::info!(
+                    "disk {index}: partition {n} ([{:#x}, {:#x})) is copy-on-write into a {} KiB overlay",
+                    part.start,
+                    part.start + part.len,
+                    limit >> 10
+                );
+                Some(CowRange {
+                    start: part.start,
+                    len: part.len,
+                    limit,
+                })
+            }
+            None => None,
+        };
         let block = VirtioBlock::new(
             backend,
             BlockConfig {
@@ -158,6 +195,7 @@ pub fn setup_virtio_devices(
                     DiskEngine::IoUring => EngineKind::IoUring,
                     DiskEngine::Sync => EngineKind::Sync,
                 },
+                cow,
             },
         )
         .map_err(DeviceError::EventFd)?;

@@ -15,6 +15,7 @@ pub mod control;
 pub mod device_manager;
 pub mod exit;
 pub mod logger;
+pub mod payload;
 pub mod systemd;
 pub mod vmm;
 pub mod vstate;

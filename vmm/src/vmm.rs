@@ -184,9 +184,10 @@ impl Vmm {
         for (i, c) in self.view.disk_counters.iter().enumerate() {
             let s = c.snapshot();
             info!(
-                "disk {i}: {} reads ({} B), {} writes ({} B), {} flushes, {} discards, {} write-zeroes, {} invalid, {} unsupported, {} I/O errors",
+                "disk {i}: {} reads ({} B), {} writes ({} B), {} flushes, {} discards, {} write-zeroes, {} invalid, {} unsupported, {} I/O errors, {} cow_limit_errors",
                 s.read_ops, s.read_bytes, s.write_ops, s.write_bytes, s.flush_ops, s.discard_ops,
-                s.write_zeroes_ops, s.invalid_requests, s.unsupported_requests, s.io_errors
+                s.write_zeroes_ops, s.invalid_requests, s.unsupported_requests, s.io_errors,
+                s.cow_limit_errors
             );
         }
         for (i, n) in self.view.nets.iter().enumerate() {

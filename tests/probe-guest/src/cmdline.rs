@@ -216,6 +216,9 @@ pub struct Options<'a> {
     pub blk: Option<u32>,
     /// `probe.bench.blk`: the block benchmark to run.
     pub bench_blk: Option<BlkBench>,
+    /// `probe.cow=<inside sector>,<outside sector>`: the `blk.cow` check's
+    /// sectors on disk 0 (in and out of its copy-on-write range).
+    pub cow: Option<(u64, u64)>,
     /// `probe.vsock.cid`: the guest CID the VMM was configured with.
     pub vsock_cid: Option<u64>,
     /// `probe.vsock.transfer=<port>,<bytes>`: the echo transfer.
@@ -283,6 +286,15 @@ impl<'a> Options<'a> {
                     opts.blk = opts.number(token, v).and_then(|n| opts.u32(token, n))
                 }
                 ("probe.bench.blk", Some(v)) => opts.bench_blk = opts.blk_bench(token, v),
+                ("probe.cow", Some(v)) => {
+                    opts.cow = match v.split_once(',') {
+                        Some((a, b)) => opts.number(token, a).zip(opts.number(token, b)),
+                        None => {
+                            opts.errors.push(format!("{token:?}: want <sector>,<sector>"));
+                            None
+                        }
+                    }
+                }
                 ("probe.vsock.cid", Some(v)) => opts.vsock_cid = opts.number(token, v),
                 ("probe.vsock.transfer", Some(v)) => {
                     opts.vsock_transfer = opts.vsock_transfer(token, v)

@@ -438,6 +438,7 @@ pub fn counters_json(view: &VmView) -> Value {
                 "invalid_requests": s.invalid_requests,
                 "unsupported_requests": s.unsupported_requests,
                 "io_errors": s.io_errors,
+                "cow_limit_errors": s.cow_limit_errors,
                 "latency_ns_total": s.latency_ns_total,
                 "latency_ns_max": s.latency_ns_max,
                 "latency_samples": s.latency_samples,

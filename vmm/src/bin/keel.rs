@@ -28,13 +28,18 @@ struct Args {
     /// Kernel command line.
     #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
     cmdline: Option<String>,
+    /// Boot the GuestOS from its disk (the first, or payload.boot_disk):
+    /// guestos (the slot grubenv selects) or upgrade (the opposite slot).
+    /// Excludes --kernel, --initrd and --cmdline.
+    #[arg(long, value_name = "ROLE", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    boot_slot: Option<String>,
     /// Guest memory: size=512M[,hugepages=on].
     #[arg(long, value_name = "OPTIONS")]
     memory: Option<String>,
     /// vCPUs: boot=N[,sockets=S,cores=C,threads=T][,mask=feat1:feat2].
     #[arg(long, value_name = "OPTIONS")]
     cpus: Option<String>,
-    /// A virtio-blk disk (repeatable): path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync].
+    /// A virtio-blk disk (repeatable): path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync][,cow=partition:N[,cow_limit=SIZE]].
     #[arg(long = "disk", value_name = "OPTIONS")]
     disks: Vec<String>,
     /// A virtio-net NIC on a tap (repeatable): tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N].
@@ -81,6 +86,7 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
+        boot_slot: args.boot_slot.clone(),
         memory: args.memory.clone(),
         cpus: args.cpus.clone(),
         serial: args.serial.clone(),

@@ -89,6 +89,39 @@ pub struct PayloadConfig {
     /// Kernel command line.
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// Boot the GuestOS from its own disk instead of `kernel`/`initrd`/
+    /// `cmdline`: the A/B slot its grubenv selects (`guestos`) or the
+    /// opposite one (`upgrade`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_slot: Option<BootSlot>,
+    /// The disk (index into `disks`) `boot_slot` reads; the first when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_disk: Option<usize>,
+}
+
+/// The role of a VM booted from its disk (`--boot-slot`, `payload.boot_slot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootSlot {
+    /// The GuestOS VM: the slot grubenv selects, advancing its boot cycle.
+    Guestos,
+    /// The upgrade VM: the slot opposite `boot_alternative`; never writes.
+    Upgrade,
+}
+
+impl BootSlot {
+    /// Parses `guestos` or `upgrade`.
+    pub fn parse(field: &str, v: &str) -> Result<Self, ConfigError> {
+        match v {
+            "guestos" => Ok(BootSlot::Guestos),
+            "upgrade" => Ok(BootSlot::Upgrade),
+            _ => Err(ConfigError::invalid(
+                field,
+                v,
+                "expected guestos or upgrade".into(),
+            )),
+        }
+    }
 }
 
 /// Guest memory.
@@ -224,6 +257,58 @@ pub struct DiskConfig {
     /// I/O engine.
     #[serde(default)]
     pub engine: DiskEngine,
+    /// A range whose writes go to a temporary overlay, discarded at exit
+    /// (`"partition:N"`: partition N of the disk's GPT). Reads see the
+    /// overlay; the disk itself is never written there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cow: Option<CowTarget>,
+    /// Most bytes the overlay holds (default 512M, HostOS's temporary
+    /// device); writes beyond it fail with IOERR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cow_limit: Option<ByteSize>,
+}
+
+/// Overlay size when `cow_limit` is absent (HostOS's 512 MiB device).
+pub const DEFAULT_COW_LIMIT: u64 = 512 << 20;
+
+/// What `[[disks]] cow` covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CowTarget {
+    /// Partition N (1-based) of the disk's GPT.
+    Partition(u32),
+}
+
+impl CowTarget {
+    /// Parses `partition:N`.
+    pub fn parse(input: &str) -> Result<Self, String> {
+        input
+            .strip_prefix("partition:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| *n >= 1)
+            .map(CowTarget::Partition)
+            .ok_or_else(|| "expected partition:N (N from 1, as in the GPT)".to_string())
+    }
+}
+
+impl std::fmt::Display for CowTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CowTarget::Partition(n) => write!(f, "partition:{n}"),
+        }
+    }
+}
+
+impl Serialize for CowTarget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for CowTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        CowTarget::parse(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The virtio-vsock device (host side on Unix sockets).
@@ -385,6 +470,8 @@ pub struct FlagOverrides {
     pub initrd: Option<PathBuf>,
     /// `--cmdline STRING`
     pub cmdline: Option<String>,
+    /// `--boot-slot guestos|upgrade`
+    pub boot_slot: Option<String>,
     /// `--memory size=..[,hugepages=on]`
     pub memory: Option<String>,
     /// `--cpus boot=N[,sockets=S,cores=C,threads=T][,mask=a:b]`
@@ -454,6 +541,9 @@ impl VmConfig {
         if let Some(c) = &flags.cmdline {
             self.payload.cmdline = Some(c.clone());
         }
+        if let Some(b) = &flags.boot_slot {
+            self.payload.boot_slot = Some(BootSlot::parse("payload.boot_slot", b)?);
+        }
         if let Some(m) = &flags.memory {
             self.memory = parse_memory_flag(m)?;
         }
@@ -499,12 +589,10 @@ impl VmConfig {
 
     /// Checks everything that can be checked before creating the VM.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let kernel = self
-            .payload
-            .kernel
-            .as_deref()
-            .ok_or(ConfigError::Missing("kernel (--kernel or payload.kernel)"))?;
-        check_readable_file("payload.kernel", kernel)?;
+        self.validate_boot_source()?;
+        if let Some(kernel) = &self.payload.kernel {
+            check_readable_file("payload.kernel", kernel)?;
+        }
         if let Some(initrd) = &self.payload.initrd {
             check_readable_file("payload.initrd", initrd)?;
         }
@@ -569,6 +657,54 @@ impl VmConfig {
                     format!("directory {} does not exist", parent.display()),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Either a kernel, or `boot_slot` (then no kernel, initrd or command
+    /// line, and `boot_disk` names a disk).
+    fn validate_boot_source(&self) -> Result<(), ConfigError> {
+        let p = &self.payload;
+        let Some(role) = p.boot_slot else {
+            if let Some(d) = p.boot_disk {
+                return Err(ConfigError::invalid(
+                    "payload.boot_disk",
+                    &d.to_string(),
+                    "only used with payload.boot_slot (--boot-slot)".into(),
+                ));
+            }
+            p.kernel.as_ref().ok_or(ConfigError::Missing(
+                "kernel (--kernel or payload.kernel; or --boot-slot to boot from the disk)",
+            ))?;
+            return Ok(());
+        };
+        let shown = format!("{role:?}").to_lowercase();
+        for (set, field) in [
+            (p.kernel.is_some(), "kernel"),
+            (p.initrd.is_some(), "initrd"),
+            (p.cmdline.is_some(), "cmdline"),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(
+                    "payload.boot_slot",
+                    &shown,
+                    format!(
+                        "takes the kernel, initrd and command line from the disk: \
+                         remove payload.{field} (--{field})"
+                    ),
+                ));
+            }
+        }
+        let index = p.boot_disk.unwrap_or(0);
+        if index >= self.disks.len() {
+            return Err(ConfigError::invalid(
+                "payload.boot_disk",
+                &index.to_string(),
+                format!(
+                    "there are {} disks; boot_slot reads disks[{index}]",
+                    self.disks.len()
+                ),
+            ));
         }
         Ok(())
     }
@@ -756,6 +892,29 @@ impl VmConfig {
             }
             if self.disks[..i].iter().any(|o| o.path == d.path) {
                 return Err(ConfigError::invalid(&field, &shown, "given twice".into()));
+            }
+            if let Some(limit) = &d.cow_limit {
+                if d.cow.is_none() {
+                    return Err(ConfigError::invalid(
+                        &format!("disks[{i}].cow_limit"),
+                        &limit.to_string(),
+                        "only used with cow".into(),
+                    ));
+                }
+                if limit.bytes() == 0 || limit.bytes() % 512 != 0 {
+                    return Err(ConfigError::invalid(
+                        &format!("disks[{i}].cow_limit"),
+                        &limit.to_string(),
+                        "a positive multiple of 512 bytes".into(),
+                    ));
+                }
+            }
+            if let (Some(cow), true) = (&d.cow, d.readonly) {
+                return Err(ConfigError::invalid(
+                    &format!("disks[{i}].cow"),
+                    &cow.to_string(),
+                    "a read-only disk takes no writes to redirect".into(),
+                ));
             }
             if !d.readonly {
                 if let Some(why) = write_refusal(&d.path, meta.file_type().is_block_device()) {
@@ -1004,7 +1163,15 @@ pub fn parse_disk_flag(index: usize, input: &str) -> Result<DiskConfig, ConfigEr
     let o = OptionList::parse(
         format!("disks[{index}]"),
         input,
-        &["path", "readonly", "direct", "serial", "engine"],
+        &[
+            "path",
+            "readonly",
+            "direct",
+            "serial",
+            "engine",
+            "cow",
+            "cow_limit",
+        ],
         None,
     )?;
     let engine = match o.get("engine") {
@@ -1028,6 +1195,13 @@ pub fn parse_disk_flag(index: usize, input: &str) -> Result<DiskConfig, ConfigEr
         direct: o.switch("direct")?.unwrap_or(false),
         serial: o.get("serial").map(str::to_string),
         engine,
+        cow: o
+            .get("cow")
+            .map(|v| {
+                CowTarget::parse(v).map_err(|why| ConfigError::invalid(&o.field("cow"), v, why))
+            })
+            .transpose()?,
+        cow_limit: o.size("cow_limit")?,
     })
 }
 
@@ -1344,6 +1518,100 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.nets.len(), 1);
         assert_eq!(cfg.nets[0].tap, "vnet9");
+    }
+
+    #[test]
+    fn boot_slot_and_cow_settings() {
+        let dir = std::env::temp_dir().join(format!("keel-cfg-slot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("d.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let text = format!(
+            "[payload]\nboot_slot = \"upgrade\"\n[[disks]]\npath = \"{}\"\ncow = \"partition:10\"\ncow_limit = \"512M\"\n",
+            disk.display()
+        );
+        let cfg = VmConfig::from_toml(&text).unwrap();
+        assert_eq!(cfg.payload.boot_slot, Some(BootSlot::Upgrade));
+        assert_eq!(cfg.disks[0].cow, Some(CowTarget::Partition(10)));
+        assert_eq!(
+            cfg.disks[0].cow_limit.as_ref().map(ByteSize::bytes),
+            Some(512 << 20)
+        );
+        cfg.validate().expect("no kernel needed with boot_slot");
+        assert_eq!(
+            VmConfig::from_toml(&toml::to_string(&cfg).unwrap()).unwrap(),
+            cfg
+        );
+        let check = |f: &dyn Fn(&mut VmConfig), field: &str, why: &str| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(why), "{e}");
+        };
+        check(
+            &|c| c.payload.kernel = Some("/bin/sh".into()),
+            "payload.boot_slot",
+            "payload.kernel",
+        );
+        check(
+            &|c| c.payload.cmdline = Some("x".into()),
+            "payload.boot_slot",
+            "payload.cmdline",
+        );
+        check(
+            &|c| c.payload.boot_disk = Some(1),
+            "payload.boot_disk",
+            "1 disks",
+        );
+        check(&|c| c.disks.clear(), "payload.boot_disk", "0 disks");
+        check(&|c| c.disks[0].readonly = true, "disks[0].cow", "read-only");
+        check(
+            &|c| c.disks[0].cow_limit = Some(ByteSize::from_bytes(100)),
+            "disks[0].cow_limit",
+            "multiple of 512",
+        );
+        check(
+            &|c| {
+                c.payload.boot_slot = None;
+                c.payload.boot_disk = Some(0)
+            },
+            "payload.boot_disk",
+            "only used with",
+        );
+        assert!(
+            VmConfig::from_toml("[[disks]]\npath = \"x\"\ncow = \"part:1\"\n")
+                .unwrap_err()
+                .contains("partition:N")
+        );
+        let mut flags = cfg.clone();
+        flags
+            .apply_flags(&FlagOverrides {
+                boot_slot: Some("guestos".into()),
+                disks: vec![format!(
+                    "path={},cow=partition:3,cow_limit=1M",
+                    disk.display()
+                )],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(flags.payload.boot_slot, Some(BootSlot::Guestos));
+        assert_eq!(flags.disks[0].cow, Some(CowTarget::Partition(3)));
+        let e = flags
+            .apply_flags(&FlagOverrides {
+                boot_slot: Some("hostos".into()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("payload.boot_slot") && e.contains("guestos or upgrade"),
+            "{e}"
+        );
+        assert!(parse_disk_flag(1, "path=x,cow=partition:0")
+            .unwrap_err()
+            .to_string()
+            .contains("disks[1].cow"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -137,6 +137,22 @@ impl DiskBackend {
         self.read_only
     }
 
+    /// The open file (for reading a partition table before the device
+    /// takes the disk); its lock goes with it.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    /// Another descriptor of the open file (sharing its lock).
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The file descriptor, for the I/O engines.
     pub fn fd(&self) -> std::os::fd::RawFd {
         self.file.as_raw_fd()

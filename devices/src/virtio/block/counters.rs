@@ -25,6 +25,8 @@ pub struct BlockCounters {
     pub unsupported_requests: AtomicU64,
     /// Host I/O errors (EIO, ENOSPC, ...) passed to the guest as IOERR.
     pub io_errors: AtomicU64,
+    /// Writes refused (IOERR) because the copy-on-write overlay is full.
+    pub cow_limit_errors: AtomicU64,
     /// Sum of request latencies, nanoseconds.
     pub latency_ns_total: AtomicU64,
     /// Largest request latency, nanoseconds.
@@ -47,6 +49,7 @@ pub struct BlockCountersSnapshot {
     pub invalid_requests: u64,
     pub unsupported_requests: u64,
     pub io_errors: u64,
+    pub cow_limit_errors: u64,
     pub latency_ns_total: u64,
     pub latency_ns_max: u64,
     pub latency_samples: u64,
@@ -66,6 +69,7 @@ impl BlockCounters {
             invalid_requests: self.invalid_requests.load(Relaxed),
             unsupported_requests: self.unsupported_requests.load(Relaxed),
             io_errors: self.io_errors.load(Relaxed),
+            cow_limit_errors: self.cow_limit_errors.load(Relaxed),
             latency_ns_total: self.latency_ns_total.load(Relaxed),
             latency_ns_max: self.latency_ns_max.load(Relaxed),
             latency_samples: self.latency_samples.load(Relaxed),

@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::DiskBackend;
 use super::counters::{bump, BlockCounters};
+use super::cow::{CowError, CowOverlay, CowRange};
 use super::engine::{sync_rw, Completion, EngineKind, Uring};
 use super::request::{self, Request, RequestError, RequestKind, ID_LEN};
 use crate::virtio::{
@@ -53,6 +54,8 @@ pub struct BlockConfig {
     pub serial: Option<String>,
     /// I/O engine.
     pub engine: EngineKind,
+    /// A copy-on-write range (writes there go to a temporary overlay).
+    pub cow: Option<CowRange>,
 }
 
 /// Event-manager data tags of the device thread's fds.
@@ -94,6 +97,7 @@ struct Active {
 /// A virtio-blk device.
 pub struct VirtioBlock {
     disk: DiskBackend,
+    cow: Option<CowOverlay>,
     config: BlockConfig,
     id: [u8; ID_LEN],
     config_space: [u8; CONFIG_LEN],
@@ -124,9 +128,14 @@ impl VirtioBlock {
             let n = s.len().min(ID_LEN);
             id[..n].copy_from_slice(&s.as_bytes()[..n]);
         }
+        let cow = config
+            .cow
+            .map(|range| CowOverlay::new(range, &std::env::temp_dir()))
+            .transpose()?;
         Ok(VirtioBlock {
             config_space: config_space(disk.capacity()),
             disk,
+            cow,
             config,
             id,
             avail_features,
@@ -219,7 +228,10 @@ impl VirtioBlock {
                 slot.descs.clear();
                 slot.descs.extend(chain);
                 let done = start_request(
-                    &self.disk,
+                    Target {
+                        disk: &self.disk,
+                        cow: self.cow.as_mut(),
+                    },
                     &self.id,
                     &self.counters,
                     &a.mem,
@@ -317,8 +329,14 @@ fn pack(status: u32, len: u64) -> u32 {
 
 /// Parses and starts the request in `slot`. Returns true when it completed
 /// synchronously (errors, small requests, the sync engine).
+/// The disk a request goes to, with its copy-on-write overlay if any.
+struct Target<'a> {
+    disk: &'a DiskBackend,
+    cow: Option<&'a mut CowOverlay>,
+}
+
 fn start_request(
-    disk: &DiskBackend,
+    target: Target<'_>,
     id: &[u8; ID_LEN],
     counters: &BlockCounters,
     mem: &GuestMemoryMmap,
@@ -326,6 +344,7 @@ fn start_request(
     slot: &mut Slot,
     tag: u16,
 ) -> bool {
+    let Target { disk, mut cow } = target;
     let req = match request::parse(
         mem,
         &slot.descs,
@@ -358,6 +377,13 @@ fn start_request(
     slot.kind = req.kind;
     slot.bytes = req.data_len;
     let offset = req.sector * SECTOR_SIZE;
+    if let Some(c) = cow.as_deref_mut() {
+        let rw = matches!(req.kind, RequestKind::In | RequestKind::Out);
+        if rw && c.overlaps(offset, req.data_len) {
+            cow_rw(disk, c, counters, mem, slot, req.kind, offset);
+            return true;
+        }
+    }
     match (req.kind, uring) {
         (RequestKind::In | RequestKind::Out, Some(u)) => {
             let write = req.kind == RequestKind::Out;
@@ -393,7 +419,7 @@ fn start_request(
             true
         }
         (RequestKind::Discard | RequestKind::WriteZeroes, _) => {
-            let status = trim(disk, mem, counters, &req, &slot.data);
+            let status = trim(disk, cow, mem, counters, &req, &slot.data);
             slot.used_len = pack(status, 0);
             true
         }
@@ -470,6 +496,7 @@ fn write_id(mem: &GuestMemoryMmap, data: &[(GuestAddress, u32)], id: &[u8; ID_LE
 /// Runs every segment of a discard / write-zeroes request.
 fn trim(
     disk: &DiskBackend,
+    mut cow: Option<&mut CowOverlay>,
     mem: &GuestMemoryMmap,
     counters: &BlockCounters,
     req: &Request,
@@ -488,11 +515,26 @@ fn trim(
             bump(&counters.invalid_requests, 1);
             return VIRTIO_BLK_S_IOERR;
         }
-        let r = if req.kind == RequestKind::Discard {
-            disk.discard(seg.offset, seg.len)
-        } else {
-            disk.write_zeroes(seg.offset, seg.len, seg.unmap)
+        let zeroes = req.kind == RequestKind::WriteZeroes;
+        let pieces = match cow.as_deref_mut() {
+            Some(c) if c.overlaps(seg.offset, seg.len) => {
+                // The range's part: zeroes in the overlay, a discard nothing.
+                if zeroes {
+                    if let Err(e) = c.zero_inside(disk.file(), seg.offset, seg.len) {
+                        return cow_failed(counters, e);
+                    }
+                }
+                c.outside(seg.offset, seg.len)
+            }
+            _ => vec![(seg.offset, seg.len)],
         };
+        let r = pieces.into_iter().try_for_each(|(offset, len)| {
+            if zeroes {
+                disk.write_zeroes(offset, len, seg.unmap)
+            } else {
+                disk.discard(offset, len)
+            }
+        });
         if let Err(e) = r {
             warn!("virtio-blk: {:?} failed: {e}", req.kind);
             bump(&counters.io_errors, 1);
@@ -505,6 +547,69 @@ fn trim(
         bump(&counters.write_zeroes_ops, 1);
     }
     VIRTIO_BLK_S_OK
+}
+
+/// Counts a failed overlay operation; the status for the guest.
+fn cow_failed(counters: &BlockCounters, e: CowError) -> u32 {
+    match e {
+        CowError::Limit { limit } => {
+            warn!("virtio-blk: copy-on-write overlay full ({limit} bytes): write refused");
+            bump(&counters.cow_limit_errors, 1);
+        }
+        CowError::Io(e) => {
+            warn!("virtio-blk: copy-on-write I/O error: {e}");
+            bump(&counters.io_errors, 1);
+        }
+    }
+    VIRTIO_BLK_S_IOERR
+}
+
+/// A read or write touching the copy-on-write range, served synchronously
+/// through a bounce buffer (guest memory through vm-memory; the buffer
+/// 4 KiB aligned, for O_DIRECT disks).
+fn cow_rw(
+    disk: &DiskBackend,
+    cow: &mut CowOverlay,
+    counters: &BlockCounters,
+    mem: &GuestMemoryMmap,
+    slot: &mut Slot,
+    kind: RequestKind,
+    offset: u64,
+) {
+    let len = slot.bytes as usize;
+    let mut raw = vec![0u8; len + 4096];
+    let skip = raw.as_ptr().align_offset(4096).min(4096);
+    let buf = &mut raw[skip..skip + len];
+    let mut at = 0usize;
+    let result = if kind == RequestKind::Out {
+        let gathered = slot.data.iter().try_for_each(|&(addr, n)| {
+            let r = mem.read_slice(&mut buf[at..at + n as usize], addr);
+            at += n as usize;
+            r
+        });
+        match gathered {
+            Ok(()) => cow.write(disk.file(), buf, offset),
+            Err(_) => {
+                bump(&counters.invalid_requests, 1);
+                slot.used_len = pack(VIRTIO_BLK_S_IOERR, 0);
+                return;
+            }
+        }
+    } else {
+        cow.read(disk.file(), buf, offset)
+            .map_err(CowError::Io)
+            .and_then(|()| {
+                slot.data.iter().try_for_each(|&(addr, n)| {
+                    let r = mem.write_slice(&buf[at..at + n as usize], addr);
+                    at += n as usize;
+                    r.map_err(|e| CowError::Io(std::io::Error::other(e.to_string())))
+                })
+            })
+    };
+    match result {
+        Ok(()) => complete_io(counters, slot, len as i32),
+        Err(e) => slot.used_len = pack(cow_failed(counters, e), 0),
+    }
 }
 
 /// `struct virtio_blk_config` for a disk of `capacity` bytes.
@@ -652,6 +757,13 @@ mod tests {
         Disk(p)
     }
 
+    /// Writes a discard / write-zeroes segment at `at`.
+    fn segment(mem: &GuestMemoryMmap, at: u64, sector: u64, n: u32) {
+        mem.write_obj(sector, GuestAddress(at)).unwrap();
+        mem.write_obj(n, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(0u32, GuestAddress(at + 12)).unwrap();
+    }
+
     fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
         RawDescriptor::from(Descriptor::new(addr, len, flags, next))
     }
@@ -681,6 +793,17 @@ mod tests {
         chains: &[RawDescriptor],
         mem: GuestMemoryMmap,
     ) -> Rig {
+        rig_cow(path, ro, engine, chains, mem, None)
+    }
+
+    fn rig_cow(
+        path: &std::path::Path,
+        ro: bool,
+        engine: EngineKind,
+        chains: &[RawDescriptor],
+        mem: GuestMemoryMmap,
+        cow: Option<CowRange>,
+    ) -> Rig {
         let q = MockSplitQueue::new(&mem, 32);
         let used_addr = q.used_addr();
         q.add_desc_chains(chains, 0).unwrap();
@@ -691,6 +814,7 @@ mod tests {
             BlockConfig {
                 serial: Some("keel-disk-0".into()),
                 engine,
+                cow,
             },
         )
         .unwrap();
@@ -1047,6 +1171,75 @@ mod tests {
         assert_eq!(status(&r.mem, 0), VIRTIO_BLK_S_IOERR as u8);
         let c = r.dev.lock().unwrap().counters().snapshot();
         assert_eq!((c.io_errors, c.write_ops), (1, 0));
+    }
+
+    #[test]
+    fn the_cow_range_takes_writes_zeroes_and_discards_without_touching_the_disk() {
+        // 1 MiB disk; sectors [256, 512) are copy-on-write, 8 KiB at most.
+        let d = disk("cow", 1 << 20);
+        let m = mem();
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        let w = header(&m, 0, VIRTIO_BLK_T_OUT, 252); // 2 KiB before, 6 KiB inside
+        let r = header(&m, 1, VIRTIO_BLK_T_IN, 252);
+        let over = header(&m, 2, VIRTIO_BLK_T_OUT, 300); // 8 KiB more: over the limit
+        let z = header(&m, 3, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let dis = header(&m, 4, VIRTIO_BLK_T_DISCARD, 0);
+        segment(&m, DATA + 0x8000, 510, 4); // zeroes: 2 sectors inside, 2 after
+        segment(&m, DATA + 0x8010, 256, 256); // discard: the whole range
+                                              // (header, data, data length, device-writable) per request.
+        let requests = [
+            (w, DATA, 8192, false),
+            (r, DATA + 0x10000, 8192, true),
+            (over, DATA, 8192, false),
+            (z, DATA + 0x8000, 16, false),
+            (dis, DATA + 0x8010, 16, false),
+        ];
+        let chains: Vec<RawDescriptor> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(h, data, len, write))| {
+                let i = i as u16;
+                [
+                    desc(h, 16, N, 3 * i + 1),
+                    desc(data, len, N | if write { W } else { 0 }, 3 * i + 2),
+                    desc(STATUS + u64::from(i), 1, W, 0),
+                ]
+            })
+            .collect();
+        let cow = CowRange {
+            start: 256 * 512,
+            len: 256 * 512,
+            limit: 8192,
+        };
+        let mut rig = rig_cow(&d.0, false, EngineKind::IoUring, &chains, m, Some(cow));
+        run_until_used(&mut rig, 5);
+        let m = &rig.mem;
+        assert_eq!((status(m, 0), status(m, 1)), (0, 0));
+        assert_eq!(status(m, 2), VIRTIO_BLK_S_IOERR as u8, "over the limit");
+        assert_eq!((status(m, 3), status(m, 4)), (0, 0));
+        let mut back = vec![0u8; 8192];
+        m.read_slice(&mut back, GuestAddress(DATA + 0x10000))
+            .unwrap();
+        assert!(back == pattern, "reads see the overlay");
+        let host = std::fs::read(&d.0).unwrap();
+        assert_eq!(
+            &host[252 * 512..256 * 512],
+            &pattern[..2048],
+            "before the range"
+        );
+        assert!(
+            host[256 * 512..512 * 512].iter().all(|b| *b == 0x11),
+            "range untouched"
+        );
+        assert!(
+            host[512 * 512..514 * 512].iter().all(|b| *b == 0),
+            "zeroes after it"
+        );
+        assert_eq!(host[514 * 512], 0x11);
+        let c = rig.dev.lock().unwrap().counters().snapshot();
+        assert_eq!((c.cow_limit_errors, c.io_errors, c.write_ops), (1, 0, 1));
+        assert_eq!((c.write_zeroes_ops, c.discard_ops), (1, 1));
     }
 
     #[test]

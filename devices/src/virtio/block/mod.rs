@@ -4,12 +4,14 @@
 
 mod backend;
 mod counters;
+mod cow;
 mod device;
 mod engine;
 mod request;
 
 pub use backend::{DiskBackend, DiskError};
 pub use counters::{BlockCounters, BlockCountersSnapshot};
+pub use cow::{CowError, CowOverlay, CowRange};
 pub use device::{BlockConfig, VirtioBlock, SECTOR_SIZE};
 pub use engine::EngineKind;
 pub use request::{RequestError, RequestKind};

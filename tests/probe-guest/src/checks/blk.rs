@@ -86,6 +86,9 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) -> bool {
     for (i, dev) in disks.iter().enumerate() {
         disk_checks(ctx, report, i, dev, &mut malformed_done, &mut bench_done);
     }
+    if let (Some((inside, outside)), Some(dev)) = (ctx.options.cow, disks.first()) {
+        report.check("blk.cow", || cow(ctx, dev, inside, outside));
+    }
     if let Some(want) = ctx.options.blk {
         report.check("blk.count", || {
             if disks.len() != want as usize {
@@ -327,6 +330,38 @@ fn write_read(disk: &mut Disk, scratch: &Scratch, capacity: u64) -> CheckResult 
         expect_ok(status, &format!("read of 64 KiB at {:#x}", GUEST_AT + off))?;
     }
     compare(back, GUEST_AT, guest_pattern)
+}
+
+/// blk.cow (`probe.cow=<in>,<out>`, disk 0 with a copy-on-write range of
+/// at most 64 KiB): 8 KiB of G written at sector `in` (inside the range)
+/// and at `out` (outside) read back; 128 KiB more inside fail with IOERR
+/// (the overlay is full) and leave the first write readable. The host
+/// checks that `out` reached the disk and the range did not.
+fn cow(ctx: &Context<'_>, dev: &MmioDevice, inside: u64, outside: u64) -> CheckResult {
+    let scratch = ctx.start_info().and_then(Scratch::new)?;
+    let mut disk = Disk::open(dev)?;
+    const LEN: u64 = 8 * KIB;
+    for sector in [inside, outside] {
+        let at = sector * SECTOR;
+        let data = scratch.take(LEN as usize)?;
+        data.iter_mut()
+            .enumerate()
+            .for_each(|(k, b)| *b = guest_pattern(at + k as u64));
+        expect_ok(disk.write(sector, data)?, &format!("write at sector {sector}"))?;
+        let back = scratch.take(LEN as usize)?;
+        expect_ok(disk.read(sector, back)?, &format!("read at sector {sector}"))?;
+        compare(back, at, guest_pattern)?;
+    }
+    let big = scratch.take(128 * KIB as usize)?;
+    big.fill(0xee);
+    let status = disk.write(inside + LEN / SECTOR, big)?;
+    println!("probe: cow write past the limit: status {}", status_text(status));
+    if status != RespStatus::IO_ERR {
+        fail!("128 KiB past the overlay's limit: status {}, want IOERR", status_text(status));
+    }
+    let back = scratch.take(LEN as usize)?;
+    expect_ok(disk.read(inside, back)?, "read after the refused write")?;
+    compare(back, inside * SECTOR, guest_pattern)
 }
 
 /// Config space: max_discard_sectors, max_write_zeroes_sectors.

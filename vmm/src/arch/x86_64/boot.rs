@@ -82,19 +82,94 @@ pub struct LoadedPayload {
     setup_header: Option<setup_header>,
 }
 
-fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
-    File::open(path).map_err(|source| BootError::Open {
-        what,
-        path: path.display().to_string(),
-        source,
-    })
+/// A kernel or initrd: a file, or bytes read from elsewhere (the guest's
+/// boot partition).
+#[derive(Clone, Copy, Debug)]
+pub enum Image<'a> {
+    /// A file.
+    Path(&'a Path),
+    /// Bytes, with a name for messages.
+    Bytes {
+        /// Where they came from.
+        name: &'a str,
+        /// The image.
+        data: &'a [u8],
+    },
+}
+
+impl Image<'_> {
+    fn name(&self) -> String {
+        match self {
+            Image::Path(p) => p.display().to_string(),
+            Image::Bytes { name, .. } => name.to_string(),
+        }
+    }
+}
+
+/// An opened [`Image`]: readable (volatile too, for guest memory) and
+/// seekable.
+enum Reader<'a> {
+    File(File),
+    Bytes(std::io::Cursor<&'a [u8]>),
+}
+
+impl std::io::Read for Reader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Reader::File(f) => f.read(buf),
+            Reader::Bytes(c) => c.read(buf),
+        }
+    }
+}
+
+impl std::io::Seek for Reader<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Reader::File(f) => f.seek(to),
+            Reader::Bytes(c) => c.seek(to),
+        }
+    }
+}
+
+impl vm_memory::ReadVolatile for Reader<'_> {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        match self {
+            Reader::File(f) => f.read_volatile(buf),
+            Reader::Bytes(c) => c.read_volatile(buf),
+        }
+    }
+}
+
+impl Reader<'_> {
+    fn len(&self) -> std::io::Result<u64> {
+        match self {
+            Reader::File(f) => f.metadata().map(|m| m.len()),
+            Reader::Bytes(c) => Ok(c.get_ref().len() as u64),
+        }
+    }
+}
+
+fn open<'a>(what: &'static str, image: Image<'a>) -> Result<Reader<'a>, BootError> {
+    match image {
+        Image::Path(path) => File::open(path)
+            .map(Reader::File)
+            .map_err(|source| BootError::Open {
+                what,
+                path: path.display().to_string(),
+                source,
+            }),
+        Image::Bytes { data, .. } => Ok(Reader::Bytes(std::io::Cursor::new(data))),
+    }
 }
 
 /// Loads the kernel: an ELF through its PVH note when present, otherwise
 /// its 64-bit entry; a bzImage through the 64-bit boot protocol.
 fn load_kernel(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    path: Image<'_>,
 ) -> Result<(KernelLoaderResult, KernelEntry), BootError> {
     let mut file = open("kernel", path)?;
     let elf_err = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
@@ -124,7 +199,7 @@ fn load_kernel(
             },
         )),
         Err(bzimage) => Err(BootError::Kernel {
-            path: path.display().to_string(),
+            path: path.name(),
             elf: elf_err,
             bzimage,
         }),
@@ -135,20 +210,17 @@ fn load_kernel(
 /// the limit, above the kernel.
 fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    path: Image<'_>,
     mem_size: u64,
     kernel_end: u64,
     addr_max: u64,
 ) -> Result<(u64, u64), BootError> {
     let mut file = open("initrd", path)?;
-    let size = file
-        .metadata()
-        .map_err(|source| BootError::Open {
-            what: "initrd",
-            path: path.display().to_string(),
-            source,
-        })?
-        .len();
+    let size = file.len().map_err(|source| BootError::Open {
+        what: "initrd",
+        path: path.name(),
+        source,
+    })?;
     let limit = mem_size
         .min(MMIO_HOLE_START)
         .min(addr_max.saturating_add(1));
@@ -175,8 +247,8 @@ fn load_initrd(
 pub fn load_payload(
     mem: &GuestMemoryMmap,
     mem_size: u64,
-    kernel: &Path,
-    initrd: Option<&Path>,
+    kernel: Image<'_>,
+    initrd: Option<Image<'_>>,
     cmdline: &str,
 ) -> Result<LoadedPayload, BootError> {
     let (result, entry) = load_kernel(mem, kernel)?;
@@ -347,14 +419,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("initrd");
         std::fs::write(&p, vec![0xabu8; 10_000]).unwrap();
-        let (addr, len) = load_initrd(&m, &p, size, 0x200_0000, INITRD_ADDR_MAX).unwrap();
+        let (addr, len) =
+            load_initrd(&m, Image::Path(&p), size, 0x200_0000, INITRD_ADDR_MAX).unwrap();
         assert_eq!(len, 10_000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + len <= size && addr + len > size - 8192);
         let b: u8 = m.read_obj(GuestAddress(addr + 9_999)).unwrap();
         assert_eq!(b, 0xab);
         assert!(matches!(
-            load_initrd(&m, &p, size, size - 4096, INITRD_ADDR_MAX),
+            load_initrd(&m, Image::Path(&p), size, size - 4096, INITRD_ADDR_MAX),
             Err(BootError::InitrdTooLarge { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -367,7 +440,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("kernel");
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        let e = load_payload(&m, 64 << 20, &p, None, "").unwrap_err();
+        let e = load_payload(&m, 64 << 20, Image::Path(&p), None, "").unwrap_err();
         assert!(matches!(e, BootError::Kernel { .. }), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
