@@ -134,6 +134,7 @@ pub fn setup_virtio_devices(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     disks: &[DiskConfig],
+    config_disk: Option<DiskBackend>,
     vsock: Option<&crate::config::VsockConfig>,
     nets: &[NetConfig],
 ) -> Result<VirtioDevices, DeviceError> {
@@ -170,6 +171,24 @@ pub fn setup_virtio_devices(
             "disk {index}: {} on virtio-mmio slot {slot}",
             d.path.display()
         );
+    }
+    // The config disk: read-only, and never a serial (`config` would tell
+    // the GuestOS it runs in a Kubernetes testnet).
+    if let Some(backend) = config_disk {
+        let block = VirtioBlock::new(
+            backend,
+            BlockConfig {
+                serial: None,
+                engine: EngineKind::Sync,
+            },
+        )
+        .map_err(DeviceError::EventFd)?;
+        out.disk_counters.push(block.counters());
+        let block = Arc::new(Mutex::new(block));
+        out.event_manager.add_subscriber(block.clone());
+        let slot = out.cmdline.len();
+        out.add(attach_mmio(vm, mem, mmio, &mut resampler, block, slot)?);
+        log::info!("config disk on virtio-mmio slot {slot} (read-only)");
     }
     if let Some(v) = vsock {
         let dev = VirtioVsock::new(DevVsockConfig {
