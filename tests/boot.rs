@@ -264,14 +264,7 @@ fn memory_info(name: &str, memory: &str) -> (serde_json::Value, String) {
     let (code, body) = api_call(&sock, "GET", "/v1/vm", "").expect("API answers");
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("VM JSON");
-    let stop = Command::new(keel_tests::workspace_binary("keelctl"))
-        .arg("--socket")
-        .arg(&sock)
-        .arg("stop")
-        .output()
-        .expect("keelctl stop");
-    assert!(stop.status.success(), "{stop:?}");
-    assert_eq!(k.wait_exit(DEADLINE), 0, "{}", k.log());
+    k.stop_with_keelctl(DEADLINE);
     (v["memory"].clone(), k.log())
 }
 

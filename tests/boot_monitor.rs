@@ -121,14 +121,7 @@ impl Vm {
     }
 
     fn stop(mut self) {
-        let out = Command::new(keel_tests::workspace_binary("keelctl"))
-            .arg("--socket")
-            .arg(&self.keel.socket)
-            .arg("stop")
-            .output()
-            .expect("run keelctl");
-        assert!(out.status.success(), "{out:?}");
-        assert_eq!(self.keel.wait_exit(T), 0);
+        self.keel.stop_with_keelctl(T);
     }
 }
 

@@ -151,22 +151,14 @@ pub fn setup_virtio_devices(
     let mut resampler = InterruptResampler::new();
     for (index, d) in disks.iter().enumerate() {
         let backend = DiskBackend::open(&d.path, d.readonly, d.direct)?;
-        let block = VirtioBlock::new(
-            backend,
-            BlockConfig {
-                serial: d.serial.clone(),
-                engine: match d.engine {
-                    DiskEngine::IoUring => EngineKind::IoUring,
-                    DiskEngine::Sync => EngineKind::Sync,
-                },
+        let config = BlockConfig {
+            serial: d.serial.clone(),
+            engine: match d.engine {
+                DiskEngine::IoUring => EngineKind::IoUring,
+                DiskEngine::Sync => EngineKind::Sync,
             },
-        )
-        .map_err(DeviceError::EventFd)?;
-        out.disk_counters.push(block.counters());
-        let block = Arc::new(Mutex::new(block));
-        out.event_manager.add_subscriber(block.clone());
-        let slot = out.cmdline.len();
-        out.add(attach_mmio(vm, mem, mmio, &mut resampler, block, slot)?);
+        };
+        let slot = out.add_block(vm, mem, mmio, &mut resampler, backend, config)?;
         log::info!(
             "disk {index}: {} on virtio-mmio slot {slot}",
             d.path.display()
@@ -175,19 +167,11 @@ pub fn setup_virtio_devices(
     // The config disk: read-only, and never a serial (`config` would tell
     // the GuestOS it runs in a Kubernetes testnet).
     if let Some(backend) = config_disk {
-        let block = VirtioBlock::new(
-            backend,
-            BlockConfig {
-                serial: None,
-                engine: EngineKind::Sync,
-            },
-        )
-        .map_err(DeviceError::EventFd)?;
-        out.disk_counters.push(block.counters());
-        let block = Arc::new(Mutex::new(block));
-        out.event_manager.add_subscriber(block.clone());
-        let slot = out.cmdline.len();
-        out.add(attach_mmio(vm, mem, mmio, &mut resampler, block, slot)?);
+        let config = BlockConfig {
+            serial: None,
+            engine: EngineKind::Sync,
+        };
+        let slot = out.add_block(vm, mem, mmio, &mut resampler, backend, config)?;
         log::info!("config disk on virtio-mmio slot {slot} (read-only)");
     }
     if let Some(v) = vsock {
@@ -299,6 +283,26 @@ impl MmioSlot {
 }
 
 impl VirtioDevices {
+    /// A virtio-blk device on `backend`, placed in the next slot (its
+    /// counters kept); returns the slot.
+    fn add_block(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        mmio: &mut Bus,
+        resampler: &mut InterruptResampler,
+        backend: DiskBackend,
+        config: BlockConfig,
+    ) -> Result<usize, DeviceError> {
+        let block = VirtioBlock::new(backend, config).map_err(DeviceError::EventFd)?;
+        self.disk_counters.push(block.counters());
+        let block = Arc::new(Mutex::new(block));
+        self.event_manager.add_subscriber(block.clone());
+        let slot = self.cmdline.len();
+        self.add(attach_mmio(vm, mem, mmio, resampler, block, slot)?);
+        Ok(slot)
+    }
+
     /// Records a placed device; returns its command-line entry.
     fn add(&mut self, slot: MmioSlot) -> String {
         let entry = slot.cmdline();
