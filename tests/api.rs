@@ -346,3 +346,147 @@ fn systemd_unit_is_valid() {
         Err(e) => panic!("systemd-analyze not available: {e} (install systemd)"),
     }
 }
+
+/// `systemd-analyze verify` of `units` (paths in `dir`); every complaint
+/// about our files (the unit, its drop-ins) fails the test.
+fn systemd_verify(dir: &Path, units: &[&str]) {
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(units.iter().map(|u| dir.join(u)))
+        .output()
+        .unwrap_or_else(|e| panic!("systemd-analyze not available: {e} (install systemd)"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let real: Vec<&str> = err
+        .lines()
+        .filter(|l| {
+            (l.contains("keel@") || l.contains(".conf"))
+                && !l.contains("Documentation")
+                && !l.contains("Cannot add dependency")
+        })
+        .collect();
+    assert!(real.is_empty(), "systemd-analyze verify:\n{err}");
+}
+
+#[test]
+fn keel_template_unit_and_its_two_instances_are_valid() {
+    let root = keel_tests::repo_root().join("resources/systemd");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let unit = read("keel@.service");
+    let guestos = read("keel@guestos.service.d/guestos.conf");
+    let upgrade = read("keel@upgrade.service.d/upgrade.conf");
+    for needle in [
+        "Type=notify",
+        "ExecStart=/usr/bin/keel --config /etc/keel/%i.toml --boot-slot %i",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "DeviceAllow=/dev/kvm rw",
+        "WatchdogSec=",
+    ] {
+        assert!(unit.contains(needle), "keel@.service lacks {needle}");
+    }
+    for needle in [
+        "Restart=always",
+        "RestartSec=60",
+        "ExecStartPost=-+/usr/bin/keel-agent --config /etc/keel/keel-agent.toml confirm",
+    ] {
+        assert!(
+            guestos.contains(needle),
+            "the GuestOS drop-in lacks {needle}"
+        );
+    }
+    assert!(upgrade.contains("Restart=no"), "{upgrade}");
+    assert!(!upgrade.contains("ExecStartPost"), "{upgrade}");
+
+    // systemd's own parser on both instances, the drop-ins beside the
+    // template, with the built binaries.
+    let dir = scratch_dir("unit-template");
+    let bin = |name: &str| keel_tests::workspace_binary(name).display().to_string();
+    std::fs::write(
+        dir.join("keel@.service"),
+        unit.replace("/usr/bin/keel ", &format!("{} ", bin("keel"))),
+    )
+    .unwrap();
+    for (d, text) in [
+        (
+            "keel@guestos.service.d",
+            guestos.replace("/usr/bin/keel-agent", &bin("keel-agent")),
+        ),
+        ("keel@upgrade.service.d", upgrade.clone()),
+    ] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+        let name = if d.starts_with("keel@guestos") {
+            "guestos.conf"
+        } else {
+            "upgrade.conf"
+        };
+        std::fs::write(dir.join(d).join(name), text).unwrap();
+    }
+    systemd_verify(&dir, &["keel@guestos.service", "keel@upgrade.service"]);
+    // The check can fail: a misspelt key in a drop-in is reported.
+    std::fs::write(
+        dir.join("keel@upgrade.service.d/upgrade.conf"),
+        format!("{upgrade}\nRestrt=no\n"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("keel@upgrade.service"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Restrt"),
+        "systemd-analyze did not read the drop-in: {out:?}"
+    );
+}
+
+#[test]
+fn example_configs_parse_and_the_vm_roles_are_as_documented() {
+    let examples = keel_tests::repo_root().join("resources/examples");
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(&examples).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let out = Command::new(keel_tests::keel())
+            .arg("--config")
+            .arg(&path)
+            .arg("--print-config")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {out:?}", path.display());
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        seen.push((name, String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    let printed = |n: &str| {
+        seen.iter()
+            .find(|(name, _)| name == n)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("no resources/examples/{n}.toml"))
+    };
+    let guestos = printed("guestos");
+    let upgrade = printed("upgrade");
+    assert!(upgrade.contains("size = \"4G\""), "{upgrade}");
+    for (name, text) in [("guestos", &guestos), ("upgrade", &upgrade)] {
+        for needle in [
+            "hugepages = \"auto\"",
+            "[config_disk]",
+            "[boot_monitor]",
+            "timeout_s = 300",
+            "\"/dev/tty1\"",
+        ] {
+            assert!(text.contains(needle), "{name}: no {needle} in\n{text}");
+        }
+        // The payload comes from the disk (--boot-slot in the unit).
+        assert!(!text.contains("kernel ="), "{name}:\n{text}");
+    }
+    // The two VMs run side by side: nothing they would both claim.
+    for key in ["api_socket", "tap", "cid", "path = \"/var/log"] {
+        let line = |t: &str| t.lines().find(|l| l.contains(key)).map(str::to_string);
+        assert_ne!(
+            line(&guestos),
+            line(&upgrade),
+            "both VMs use the same {key}"
+        );
+    }
+}

@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use keel_tests::{
-    guest_pattern, make_test_disk, probe_guest, run_keel, scratch_dir, LoopDevice, ProbeReport,
+    api_call, guest_pattern, make_test_disk, probe_guest, run_keel, scratch_dir, LoopDevice,
+    ProbeReport, RunningKeel,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -211,4 +212,99 @@ fn a_disk_in_use_is_refused_before_boot() {
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("in use"), "{}", r.stderr);
     drop(f);
+}
+
+/// The config disk's image, read from the running keel's sealed memfd.
+fn config_disk_image(pid: u32) -> Vec<u8> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("keel's fds");
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if target
+            .display()
+            .to_string()
+            .contains("memfd:keel-config-disk")
+        {
+            return std::fs::read(fd.path()).expect("read the memfd");
+        }
+    }
+    panic!("keel holds no keel-config-disk memfd");
+}
+
+#[test]
+fn config_disk_is_labelled_read_only_and_has_no_serial() {
+    use std::io::Read;
+    let dir = scratch_dir("blk-config-disk");
+    let src = dir.join("config");
+    std::fs::create_dir_all(src.join("extra")).unwrap();
+    let tar: Vec<u8> = (0..200_000u32).map(|i| (i * 31 + i / 977) as u8).collect();
+    std::fs::write(src.join("ic-bootstrap.tar"), &tar).unwrap();
+    std::fs::write(src.join("extra/node.json"), b"{\"node\":1}\n").unwrap();
+    let sock = dir.join("api.sock");
+    let mut args = keel_args(&[], "probe.idle probe.blk=1");
+    args[5] =
+        "console=ttyS0 probe.check=blk.0.identify,blk.0.readonly,blk.count probe.idle probe.blk=1"
+            .into();
+    args.extend([
+        "--config-disk".into(),
+        format!("dir={}", src.display()),
+        "--api-socket".into(),
+        sock.display().to_string(),
+    ]);
+    let mut k = RunningKeel::start(&args, &sock, &[]);
+    k.wait_console("probe: idle", DEADLINE);
+    let console = k.console();
+    ProbeReport::parse(&console)
+        .assert_all_passed(&["blk.0.identify", "blk.0.readonly", "blk.count"], &console);
+    let blk0 = console
+        .lines()
+        .find(|l| l.starts_with("probe: blk0 capacity="))
+        .unwrap_or_else(|| panic!("no blk0 line:\n{console}"));
+    assert!(blk0.contains("ro=1"), "{blk0}");
+    // GET_ID answers an empty serial (the probe prints `-` only when
+    // GET_ID fails).
+    assert!(blk0.ends_with("serial="), "no serial expected: {blk0}");
+
+    // The image: label CONFIG, the files byte for byte.
+    let image = config_disk_image(k.child.id());
+    let copy = dir.join("config.img");
+    std::fs::write(&copy, &image).unwrap();
+    let mut f = std::fs::File::open(&copy).unwrap();
+    let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).unwrap();
+    assert_eq!(fs.volume_label(), "CONFIG");
+    let read = |name: &str| {
+        let mut v = Vec::new();
+        fs.root_dir()
+            .open_file(name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .read_to_end(&mut v)
+            .unwrap();
+        v
+    };
+    assert_eq!(read("ic-bootstrap.tar"), tar);
+    assert_eq!(read("extra/node.json"), b"{\"node\":1}\n");
+    drop(fs);
+    // What udev (and so the GuestOS's /dev/disk/by-label) sees.
+    let blkid = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "LABEL"])
+        .arg(&copy)
+        .output()
+        .expect("blkid (util-linux)");
+    assert_eq!(String::from_utf8_lossy(&blkid.stdout).trim(), "CONFIG");
+
+    // GET /v1/vm lists it, read-only.
+    let (code, body) = api_call(&sock, "GET", "/v1/vm", "").expect("API answers");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let disk = v["devices"]
+        .as_array()
+        .and_then(|d| {
+            d.iter().find(|d| {
+                d["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("config-disk:"))
+            })
+        })
+        .unwrap_or_else(|| panic!("no config disk in {body}"));
+    assert_eq!(disk["readonly"], true, "{body}");
+    k.stop_with_keelctl(DEADLINE);
 }

@@ -4,7 +4,23 @@
 use std::process::Command;
 use std::time::Duration;
 
-use keel_tests::{probe_guest, repo_root, run_keel, run_with_deadline, scratch_dir, ProbeReport};
+use keel_tests::{
+    api_call, probe_guest, repo_root, run_keel, run_with_deadline, scratch_dir, ProbeReport,
+    RunningKeel,
+};
+
+/// The tests that change the host's hugepage pool take turns.
+static HUGEPAGE_POOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+const FREE_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+
+fn read_count(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e} (2 MiB hugepage pool)"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -199,7 +215,8 @@ fn sigterm_shuts_a_running_guest_down_gracefully() {
 
 #[test]
 fn hugepage_backed_memory_boots() {
-    let sys = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+    let _pool = HUGEPAGE_POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let sys = NR_HUGEPAGES;
     let before: u64 = std::fs::read_to_string(sys)
         .expect("2 MiB hugepage pool")
         .trim()
@@ -233,4 +250,53 @@ fn hugepage_backed_memory_boots() {
     );
     assert_eq!(r.code(), 0, "{}", r.stderr);
     ProbeReport::parse(&r.stdout).assert_all_passed(&["boot.memmap"], &r.stdout);
+}
+
+/// `GET /v1/vm`'s `memory` of a probe guest started with `--memory memory`,
+/// and Keel's log.
+fn memory_info(name: &str, memory: &str) -> (serde_json::Value, String) {
+    let dir = scratch_dir(name);
+    let sock = dir.join("api.sock");
+    let mut args = probe_args("128M", "boot=1", "probe.check=boot.cpl3 probe.idle");
+    args[3] = memory.to_string();
+    args.extend(["--api-socket".into(), sock.display().to_string()]);
+    let mut k = RunningKeel::start(&args, &sock, &[]);
+    let (code, body) = api_call(&sock, "GET", "/v1/vm", "").expect("API answers");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("VM JSON");
+    k.stop_with_keelctl(DEADLINE);
+    (v["memory"].clone(), k.log())
+}
+
+#[test]
+fn hugepages_auto_uses_free_pages_else_falls_back_with_a_warning() {
+    let _pool = HUGEPAGE_POOL.lock().unwrap_or_else(|p| p.into_inner());
+    // Too few free: more than the pool has free now (overcommit=on: a
+    // host with a large pool could be asked for more than MemTotal).
+    let pages = read_count(FREE_HUGEPAGES) + 64;
+    let (mem, log) = memory_info(
+        "hugepages-auto-fallback",
+        &format!("size={},hugepages=auto,overcommit=on", pages * (2 << 20)),
+    );
+    assert_eq!(mem["hugepages"], "auto", "{mem}");
+    assert_eq!(mem["backing"], "anonymous", "{mem}");
+    let why = mem["hugepages_fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("free 2 MiB hugepages"), "{mem}");
+    assert!(
+        log.contains("WARN") && log.contains("hugepages=auto") && log.contains("normal pages"),
+        "{log}"
+    );
+
+    // Enough free: 64 pages more in the pool for a 128 MiB guest.
+    let before = read_count(NR_HUGEPAGES);
+    std::fs::write(NR_HUGEPAGES, (before + 64).to_string()).expect("grow the pool (root)");
+    let free = read_count(FREE_HUGEPAGES);
+    let result =
+        (free >= 64).then(|| memory_info("hugepages-auto-used", "size=128M,hugepages=auto"));
+    std::fs::write(NR_HUGEPAGES, before.to_string()).unwrap();
+    let (mem, _) =
+        result.unwrap_or_else(|| panic!("the host could only free {free} of 64 hugepages"));
+    assert_eq!(mem["hugepages"], "auto", "{mem}");
+    assert_eq!(mem["backing"], "hugetlbfs-2M", "{mem}");
+    assert!(mem.get("hugepages_fallback").is_none(), "{mem}");
 }

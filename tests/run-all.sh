@@ -21,6 +21,8 @@ end_tier() {
 need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v losetup >/dev/null || need_apt+=(util-linux)
+# The config disk test reads the image's label as udev does.
+command -v blkid >/dev/null || need_apt+=(util-linux)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
 command -v grub-script-check >/dev/null || need_apt+=(grub-common)

@@ -201,6 +201,31 @@ pub fn guestos_state(api: &Result<String, ApiError>) -> f64 {
     }
 }
 
+/// The boot monitor's outcomes, as Keel's `GET /v1/vm` names them.
+pub const GUEST_BOOT_STATES: [&str; 5] = ["pending", "success", "failure", "timeout", "off"];
+
+/// `keel_guest_boot{state=...}`: 1 for the boot monitor's current outcome
+/// (`guest_boot` of `GET /v1/vm`), 0 for the others; nothing when Keel
+/// did not answer or reports no known outcome.
+pub fn guest_boot_samples(vm: Option<&serde_json::Value>) -> Vec<(Labels, f64)> {
+    let Some(now) = vm
+        .and_then(|v| v.get("guest_boot"))
+        .and_then(|b| b.as_str())
+        .filter(|b| GUEST_BOOT_STATES.contains(b))
+    else {
+        return Vec::new();
+    };
+    GUEST_BOOT_STATES
+        .iter()
+        .map(|s| {
+            (
+                labels(&[("vm", "guestos"), ("state", s)]),
+                if *s == now { 1.0 } else { 0.0 },
+            )
+        })
+        .collect()
+}
+
 /// `hostos_boot_action`: 0 normal (stable), 1 an upgrade is installed and
 /// waits for its first boot (or `install`), 2 the running slot is not
 /// confirmed and the next boot rolls back (`failsafe_check`).
@@ -400,6 +425,15 @@ pub fn render(agent: &Agent) -> String {
         None
     };
     register_keel(&mut reg, vm.as_ref().ok(), counters.as_ref());
+    let boot = guest_boot_samples(vm.as_ref().ok());
+    if !boot.is_empty() {
+        gauge_family(
+            &mut reg,
+            "keel_guest_boot",
+            "GuestOS boot as Keel's boot monitor sees it: 1 for the current state (pending, success, failure, timeout; off without the monitor)",
+            boot,
+        );
+    }
 
     // Boot slots.
     match BootState::load(&cfg.grubenv) {
@@ -846,6 +880,32 @@ mod tests {
         let p = to_prometheus_text(&s);
         assert!(p.contains("# TYPE keel_vcpus_exits_io_in_total counter"));
         assert!(!p.contains("# EOF"));
+    }
+
+    #[test]
+    fn guest_boot_is_one_hot_by_state() {
+        let vm = serde_json::json!({"state": "running", "guest_boot": "timeout"});
+        let mut reg = Registry::default();
+        gauge_family(
+            &mut reg,
+            "keel_guest_boot",
+            "h",
+            guest_boot_samples(Some(&vm)),
+        );
+        let mut s = String::new();
+        encode(&mut s, &reg).unwrap();
+        for (state, v) in [
+            ("pending", 0),
+            ("success", 0),
+            ("failure", 0),
+            ("timeout", 1),
+        ] {
+            let want = format!("keel_guest_boot{{vm=\"guestos\",state=\"{state}\"}} {v}");
+            assert!(s.contains(&want), "missing {want:?} in\n{s}");
+        }
+        assert!(guest_boot_samples(None).is_empty());
+        let odd = serde_json::json!({"guest_boot": "exploded"});
+        assert!(guest_boot_samples(Some(&odd)).is_empty());
     }
 
     #[test]

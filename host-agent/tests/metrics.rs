@@ -34,6 +34,9 @@ fn endpoint_exports_hostos_agent_and_keel_metrics() {
         ),
         ("hostos_version{version=\"1.2.3-test\"}", 1.0),
         ("keel_api_up", 1.0),
+        ("keel_guest_boot{vm=\"guestos\",state=\"pending\"}", 1.0),
+        ("keel_guest_boot{vm=\"guestos\",state=\"success\"}", 0.0),
+        ("keel_guest_boot{vm=\"guestos\",state=\"timeout\"}", 0.0),
         ("keel_vm_uptime_s", 12.5),
         ("keel_vm_vcpus", 2.0),
         ("keel_vcpus_exits_io_in_total{index=\"0\"}", 11.0),
@@ -84,6 +87,12 @@ fn endpoint_exports_hostos_agent_and_keel_metrics() {
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 404"));
 
+    // The boot monitor decides.
+    e.keel.state.lock().unwrap().guest_boot = "timeout".into();
+    let m = parse_metrics(&e.scrape(false).1);
+    assert_eq!(m["keel_guest_boot{vm=\"guestos\",state=\"timeout\"}"], 1.0);
+    assert_eq!(m["keel_guest_boot{vm=\"guestos\",state=\"pending\"}"], 0.0);
+
     // The guest stops, an upgrade is pending, Keel goes away.
     e.keel.state.lock().unwrap().state = "paused".into();
     assert_eq!(
@@ -121,6 +130,7 @@ fn endpoint_exports_hostos_agent_and_keel_metrics() {
     assert_eq!(m["hostos_guestos_state{vm=\"guestos\"}"], 2.0);
     assert_eq!(m["keel_api_up"], 0.0);
     assert!(!m.keys().any(|k| k.starts_with("keel_vcpus")));
+    assert!(!m.keys().any(|k| k.starts_with("keel_guest_boot")));
     std::fs::remove_file(e.dir.join("version.txt")).unwrap();
     assert_eq!(
         parse_metrics(&e.scrape(false).1)["hostos_version{version=\"unknown\"}"],

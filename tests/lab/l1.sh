@@ -191,7 +191,8 @@ log "booting L1 ($pkg, QEMU TCG, EPYC with SVM)"
 (timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -smp "${LAB_L1_CPUS:-2}" -m 3072 \
     -nographic -no-reboot -nic none \
     -kernel "$vmlinuz" -initrd "$work/l1.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet" </dev/null | tee "$out" || true) &
+    -append "console=ttyS0 panic=-1 quiet" </dev/null \
+    2> >(grep --line-buffered -v "TCG doesn't support requested feature" >&2) | tee "$out" || true) &
 qemu_job=$!
 # A wedged L1 never finishes its scenario: stop it at its first soft lockup
 # (the harness may retry; exit 98 says L1 did not report).

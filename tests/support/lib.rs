@@ -403,6 +403,19 @@ impl RunningKeel {
         }
     }
 
+    /// Stops the VM with `keelctl stop` and waits for Keel to exit 0.
+    pub fn stop_with_keelctl(&mut self, deadline: Duration) {
+        let out = Command::new(workspace_binary("keelctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("stop")
+            .output()
+            .expect("run keelctl stop");
+        assert!(out.status.success(), "keelctl stop: {out:?}");
+        let code = self.wait_exit(deadline);
+        assert_eq!(code, 0, "keel after keelctl stop:\n{}", self.log());
+    }
+
     /// Waits for the process to exit and for its console and log to be
     /// read to the end; returns its exit code.
     pub fn wait_exit(&mut self, deadline: Duration) -> i32 {

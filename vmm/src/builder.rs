@@ -18,10 +18,12 @@ use std::time::Duration;
 use crate::api::auth::RolePolicy;
 use crate::api::{self, ApiContext, BootInfo, DeviceInfo, MemoryInfo, VmInfo};
 use crate::arch::x86_64::regs::EntryMode;
+use crate::boot_monitor::BootMonitor;
 use crate::config::{resolve_group, ConfigError, ControlConfig, VmConfig};
 use crate::control::{self, VmStatus};
+use crate::device_manager::LegacyDevices;
 use crate::device_manager::{self, DeviceError};
-use crate::vmm::Vmm;
+use crate::vmm::{BootWatch, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuControl, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
@@ -75,6 +77,9 @@ pub enum BuildError {
     /// Booting from the guest's disk (`boot_slot`).
     #[error(transparent)]
     Payload(#[from] crate::payload::PayloadError),
+    /// The config disk.
+    #[error(transparent)]
+    ConfigDisk(#[from] crate::config_disk::ConfigDiskError),
 }
 
 /// The API's group-to-role mapping.
@@ -115,6 +120,15 @@ fn device_list(
             location: loc.clone(),
         });
     }
+    if let (Some(c), Some(loc)) = (&config.config_disk, virtio.get(config.disks.len())) {
+        v.push(DeviceInfo {
+            kind: "virtio-blk",
+            path: Some(format!("config-disk:{}", c.dir.display())),
+            readonly: Some(true),
+            mac: None,
+            location: loc.clone(),
+        });
+    }
     for n in nets {
         v.push(DeviceInfo {
             kind: "virtio-net",
@@ -125,6 +139,29 @@ fn device_list(
         });
     }
     v
+}
+
+/// The boot monitor, watching the serial output, when configured.
+fn boot_watch(config: &VmConfig, legacy: &LegacyDevices) -> Result<Option<BootWatch>, BuildError> {
+    let c = &config.boot_monitor;
+    if !c.enabled {
+        return Ok(None);
+    }
+    let monitor = Arc::new(BootMonitor::new().map_err(BuildError::EventFd)?);
+    legacy
+        .serial
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .add_watcher(monitor.clone());
+    info!(
+        "boot monitor: waiting up to {} s for GUESTOS BOOT SUCCESS or FAILURE on the console",
+        c.timeout_s
+    );
+    Ok(Some(BootWatch {
+        monitor,
+        timeout: Duration::from_secs(c.timeout_s),
+        consoles: c.consoles.clone(),
+    }))
 }
 
 /// Builds and starts the VM described by `config`. `start` is the VMM's
@@ -157,15 +194,22 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     };
 
     let vm = Vm::new(vcpus)?;
-    let guest_memory = memory::create_guest_memory(mem_size, config.memory.hugepages)?;
+    let (guest_memory, backing) =
+        memory::create_guest_memory_with(mem_size, config.memory.hugepages)?;
     vm.register_memory(&guest_memory)?;
 
+    let config_disk = config
+        .config_disk
+        .as_ref()
+        .map(|c| crate::config_disk::open(&c.dir))
+        .transpose()?;
     let mut mmio = Bus::new();
     let virtio = device_manager::setup_virtio_devices(
         &vm,
         &guest_memory,
         &mut mmio,
         &config.disks,
+        config_disk,
         config.vsock.as_ref(),
         &config.nets,
     )?;
@@ -249,6 +293,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
 
     let mut pio = Bus::new();
     let legacy = device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start)?;
+    let boot_watch = boot_watch(config, &legacy)?;
 
     let supported = vm
         .kvm()
@@ -315,6 +360,9 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     vmm.set_vsock_counters(vsock_counters);
     vmm.set_nets(nets.clone(), net_teardown);
     vmm.set_control_inbox(inbox);
+    if let Some(w) = boot_watch {
+        vmm.set_boot_watch(w);
+    }
     for v in &created {
         vmm.add_vcpu_counters(v.counters());
     }
@@ -324,11 +372,9 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
             topology,
             memory: MemoryInfo {
                 size_bytes: mem_size,
-                backing: if config.memory.hugepages {
-                    "hugetlbfs-2M"
-                } else {
-                    "anonymous"
-                },
+                backing: backing.name(),
+                hugepages: config.memory.hugepages.name(),
+                hugepages_fallback: backing.fallback.clone(),
             },
             boot: BootInfo {
                 kernel: kernel_name.clone(),

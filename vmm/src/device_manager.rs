@@ -144,6 +144,7 @@ pub fn setup_virtio_devices(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     disks: &[DiskConfig],
+    config_disk: Option<DiskBackend>,
     vsock: Option<&crate::config::VsockConfig>,
     nets: &[NetConfig],
 ) -> Result<VirtioDevices, DeviceError> {
@@ -187,27 +188,30 @@ pub fn setup_virtio_devices(
             }
             None => None,
         };
-        let block = VirtioBlock::new(
-            backend,
-            BlockConfig {
-                serial: d.serial.clone(),
-                engine: match d.engine {
-                    DiskEngine::IoUring => EngineKind::IoUring,
-                    DiskEngine::Sync => EngineKind::Sync,
-                },
-                cow,
+        let config = BlockConfig {
+            serial: d.serial.clone(),
+            engine: match d.engine {
+                DiskEngine::IoUring => EngineKind::IoUring,
+                DiskEngine::Sync => EngineKind::Sync,
             },
-        )
-        .map_err(DeviceError::EventFd)?;
-        out.disk_counters.push(block.counters());
-        let block = Arc::new(Mutex::new(block));
-        out.event_manager.add_subscriber(block.clone());
-        let slot = out.cmdline.len();
-        out.add(attach_mmio(vm, mem, mmio, &mut resampler, block, slot)?);
+            cow,
+        };
+        let slot = out.add_block(vm, mem, mmio, &mut resampler, backend, config)?;
         log::info!(
             "disk {index}: {} on virtio-mmio slot {slot}",
             d.path.display()
         );
+    }
+    // The config disk: read-only, and never a serial (`config` would tell
+    // the GuestOS it runs in a Kubernetes testnet).
+    if let Some(backend) = config_disk {
+        let config = BlockConfig {
+            serial: None,
+            engine: EngineKind::Sync,
+            cow: None,
+        };
+        let slot = out.add_block(vm, mem, mmio, &mut resampler, backend, config)?;
+        log::info!("config disk on virtio-mmio slot {slot} (read-only)");
     }
     if let Some(v) = vsock {
         let dev = VirtioVsock::new(DevVsockConfig {
@@ -318,6 +322,26 @@ impl MmioSlot {
 }
 
 impl VirtioDevices {
+    /// A virtio-blk device on `backend`, placed in the next slot (its
+    /// counters kept); returns the slot.
+    fn add_block(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        mmio: &mut Bus,
+        resampler: &mut InterruptResampler,
+        backend: DiskBackend,
+        config: BlockConfig,
+    ) -> Result<usize, DeviceError> {
+        let block = VirtioBlock::new(backend, config).map_err(DeviceError::EventFd)?;
+        self.disk_counters.push(block.counters());
+        let block = Arc::new(Mutex::new(block));
+        self.event_manager.add_subscriber(block.clone());
+        let slot = self.cmdline.len();
+        self.add(attach_mmio(vm, mem, mmio, resampler, block, slot)?);
+        Ok(slot)
+    }
+
     /// Records a placed device; returns its command-line entry.
     fn add(&mut self, slot: MmioSlot) -> String {
         let entry = slot.cmdline();

@@ -9,8 +9,10 @@
 
 pub mod api;
 pub mod arch;
+pub mod boot_monitor;
 pub mod builder;
 pub mod config;
+pub mod config_disk;
 pub mod control;
 pub mod device_manager;
 pub mod exit;

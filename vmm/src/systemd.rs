@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-/// READY=1 and a status line: the guest runs.
-pub fn ready() {
-    send(&[NotifyState::Ready, NotifyState::Status("VM running")]);
+/// READY=1 and a status line (`VM running`, with the boot monitor's
+/// `; guest boot pending`): the guest runs.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// STATUS=<text>.

@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::boot_monitor::{self, BootMonitor, GuestBoot};
 use crate::control::{ControlInbox, ControlRequest, VmState, VmStatus};
 use crate::device_manager::{LegacyDevices, NetDeviceInfo};
 use crate::exit::VmOutcome;
@@ -56,6 +57,18 @@ pub struct VmView {
     pub vsock_counters: Option<Arc<VsockCounters>>,
     /// NICs (with their counters), in configuration order.
     pub nets: Vec<NetDeviceInfo>,
+    /// The boot monitor, when enabled.
+    pub boot_monitor: Option<Arc<BootMonitor>>,
+}
+
+/// The boot monitor's policy: how long to wait, where to tell the outcome.
+pub struct BootWatch {
+    /// Shared with the serial port and the API.
+    pub monitor: Arc<BootMonitor>,
+    /// From the vCPUs' start to `timeout`.
+    pub timeout: Duration,
+    /// Consoles that get a line with the outcome.
+    pub consoles: Vec<std::path::PathBuf>,
 }
 
 /// A running VM.
@@ -68,6 +81,7 @@ pub struct Vmm {
     events: Receiver<VcpuEvent>,
     events_ready: Arc<EventFd>,
     inbox: Option<ControlInbox>,
+    boot_watch: Option<BootWatch>,
     shutdown_timeout: Duration,
     legacy: LegacyDevices,
     /// Undoes the NICs' host set-up (taps, bridge membership) once the
@@ -82,6 +96,7 @@ const TOKEN_RESET: u64 = 2;
 const TOKEN_POWER: u64 = 3;
 const TOKEN_SIGNAL: u64 = 4;
 const TOKEN_CONTROL: u64 = 5;
+const TOKEN_BOOT: u64 = 6;
 
 /// How long the VMM waits at exit for API answers being written.
 const ANSWER_FLUSH_LIMIT: Duration = Duration::from_secs(1);
@@ -113,11 +128,13 @@ impl Vmm {
                 disk_counters: Vec::new(),
                 vsock_counters: None,
                 nets: Vec::new(),
+                boot_monitor: None,
             },
             control,
             events,
             events_ready,
             inbox: None,
+            boot_watch: None,
             shutdown_timeout,
             legacy,
             net_teardown: Vec::new(),
@@ -153,6 +170,13 @@ impl Vmm {
         self.view.vcpu_counters.push(c);
     }
 
+    /// Watches the guest's boot (the monitor must already see the serial
+    /// output).
+    pub fn set_boot_watch(&mut self, watch: BootWatch) {
+        self.view.boot_monitor = Some(watch.monitor.clone());
+        self.boot_watch = Some(watch);
+    }
+
     /// Accepts control requests from `inbox` (the API's channel).
     pub fn set_control_inbox(&mut self, inbox: ControlInbox) {
         self.inbox = Some(inbox);
@@ -170,8 +194,8 @@ impl Vmm {
 
     /// Runs the control loop until the VM ends; then stops all vCPUs.
     pub fn run(mut self) -> VmOutcome {
-        self.set_state(VmState::Running);
-        systemd::ready();
+        self.view.status.set(VmState::Running);
+        systemd::ready(&self.status_line());
         let outcome = self.wait_for_end();
         vcpu::stop_all(std::mem::take(&mut self.vcpus), &self.control);
         self.set_state(VmState::Stopped);
@@ -208,7 +232,30 @@ impl Vmm {
     fn set_state(&self, s: VmState) {
         if self.view.status.state() != s {
             self.view.status.set(s);
-            systemd::status(&format!("VM {}", s.name()));
+            systemd::status(&self.status_line());
+        }
+    }
+
+    /// systemd's STATUS=: `VM <state>`, and `; guest boot <outcome>` with
+    /// the boot monitor.
+    fn status_line(&self) -> String {
+        let vm = format!("VM {}", self.view.status.state().name());
+        match &self.view.boot_monitor {
+            Some(m) => format!("{vm}; guest boot {}", m.state().name()),
+            None => vm,
+        }
+    }
+
+    /// Tells the log, systemd and the configured consoles how the guest's
+    /// boot went.
+    fn report_boot(&self, outcome: GuestBoot) {
+        match outcome {
+            GuestBoot::Success => info!("boot monitor: {}", outcome.console_line()),
+            _ => warn!("boot monitor: {}", outcome.console_line()),
+        }
+        systemd::status(&self.status_line());
+        if let Some(w) = &self.boot_watch {
+            boot_monitor::write_consoles(&w.consoles, outcome.console_line());
         }
     }
 
@@ -291,6 +338,12 @@ impl Vmm {
         if let Some(inbox) = &self.inbox {
             watch.push((inbox.wake.as_raw_fd(), TOKEN_CONTROL));
         }
+        // The boot timeout counts from here, the vCPUs' start.
+        let mut boot_deadline = None;
+        if let Some(w) = &self.boot_watch {
+            watch.push((w.monitor.wake.as_raw_fd(), TOKEN_BOOT));
+            boot_deadline = Some(Instant::now() + w.timeout);
+        }
         for (fd, token) in watch {
             if let Err(e) = epoll.ctl(
                 ControlOperation::Add,
@@ -315,16 +368,28 @@ impl Vmm {
                     return VmOutcome::Stopped("shutdown timeout; forced stop");
                 }
             }
+            if boot_deadline.is_some_and(|at| now >= at) {
+                boot_deadline = None;
+                if let Some(w) = &self.boot_watch {
+                    if w.monitor.time_out() {
+                        self.report_boot(GuestBoot::Timeout);
+                    }
+                }
+            }
             if let (Some(at), Some(every)) = (next_watchdog, watchdog) {
                 if now >= at {
                     systemd::watchdog();
                     next_watchdog = Some(now + every);
                 }
             }
-            let wake_at = [shutdown.as_ref().map(|s| s.deadline), next_watchdog]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake_at = [
+                shutdown.as_ref().map(|s| s.deadline),
+                next_watchdog,
+                boot_deadline,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout_ms = wake_at.map_or(-1, |t| {
                 t.saturating_duration_since(now)
                     .as_millis()
@@ -361,6 +426,13 @@ impl Vmm {
                         let why = if sig == "SIGINT" { "SIGINT" } else { "SIGTERM" };
                         let timeout = self.shutdown_timeout;
                         let _ = self.begin_shutdown(timeout, why, &mut shutdown);
+                    }
+                    TOKEN_BOOT => {
+                        if let Some(w) = &self.boot_watch {
+                            let _ = w.monitor.wake.read();
+                            boot_deadline = None;
+                            self.report_boot(w.monitor.state());
+                        }
                     }
                     TOKEN_CONTROL => {
                         if let Some(end) = self.serve_requests(&mut shutdown) {

@@ -110,14 +110,25 @@ impl ConsoleHub {
     }
 }
 
+/// Sees every byte the guest writes to the serial port, in order, on the
+/// vCPU thread that writes it: it must be quick and must never block.
+pub trait OutputWatcher: Send + Sync {
+    /// The guest wrote `bytes` (the UART passes one byte at a time).
+    fn watch(&self, bytes: &[u8]);
+}
+
 /// The configured sink plus the console watchers.
 pub struct TeeSink {
     sink: SerialSink,
     hub: Arc<ConsoleHub>,
+    watchers: Vec<Arc<dyn OutputWatcher>>,
 }
 
 impl Write for TeeSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for w in &self.watchers {
+            w.watch(buf);
+        }
         self.hub.offer(buf);
         self.sink.write(buf)
     }
@@ -141,8 +152,20 @@ impl Serial {
     /// A UART whose output also goes to the watchers of `hub`.
     pub fn with_hub(irq: EventFdTrigger, sink: SerialSink, hub: Arc<ConsoleHub>) -> Self {
         Serial {
-            uart: vm_superio::Serial::new(irq, TeeSink { sink, hub }),
+            uart: vm_superio::Serial::new(
+                irq,
+                TeeSink {
+                    sink,
+                    hub,
+                    watchers: Vec::new(),
+                },
+            ),
         }
+    }
+
+    /// Adds a watcher of the guest's output (see [`OutputWatcher`]).
+    pub fn add_watcher(&mut self, watcher: Arc<dyn OutputWatcher>) {
+        self.uart.writer_mut().watchers.push(watcher);
     }
 
     /// Queues bytes for the guest to read; returns how many fit in the FIFO.
@@ -226,6 +249,24 @@ mod tests {
         assert!(hub.dropped.load(Ordering::Relaxed) >= 10);
         hub.unsubscribe(id);
         drop(rx);
+    }
+
+    #[test]
+    fn watchers_see_every_byte_in_order() {
+        struct Collect(Mutex<Vec<u8>>);
+        impl OutputWatcher for Collect {
+            fn watch(&self, bytes: &[u8]) {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+            }
+        }
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(EventFdTrigger(irq), SerialSink::Off);
+        let seen = Arc::new(Collect(Mutex::new(Vec::new())));
+        s.add_watcher(seen.clone());
+        for b in b"GUESTOS BOOT" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(*seen.0.lock().unwrap(), b"GUESTOS BOOT");
     }
 
     #[test]

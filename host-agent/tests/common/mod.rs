@@ -255,6 +255,8 @@ fn serve_tls(
 #[derive(Default)]
 pub struct KeelState {
     pub state: String,
+    /// `guest_boot` of `GET /v1/vm` (the boot monitor's outcome).
+    pub guest_boot: String,
     pub shutdown_bodies: Vec<String>,
     pub requests: Vec<String>,
 }
@@ -285,6 +287,7 @@ impl FakeKeel {
         let listener = UnixListener::bind(&socket).unwrap();
         let state = Arc::new(Mutex::new(KeelState {
             state: "running".into(),
+            guest_boot: "pending".into(),
             ..Default::default()
         }));
         let st = state.clone();
@@ -333,7 +336,7 @@ fn fake_keel_conn(c: UnixStream, st: Arc<Mutex<KeelState>>) -> std::io::Result<(
         match (method.as_str(), path.as_str()) {
             ("GET", "/v1/vm") => (
                 200,
-                serde_json::json!({"state": s.state, "uptime_s": 12.5, "pid": 4242, "vcpus": 2, "memory_mib": 512})
+                serde_json::json!({"state": s.state, "guest_boot": s.guest_boot, "uptime_s": 12.5, "pid": 4242, "vcpus": 2, "memory_mib": 512})
                     .to_string(),
             ),
             ("GET", "/v1/counters") => (200, fake_counters().to_string()),

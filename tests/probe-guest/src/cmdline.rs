@@ -11,6 +11,8 @@
 //! - `probe.mem=<bytes>`, `probe.cpus=<n>`, `probe.topo=<s>,<c>,<t>`,
 //!   `probe.echo=<word>`, `probe.blk=<n>`: what the VMM was configured
 //!   with, checked.
+//! - `probe.boot=<success|failure>`: after the summary, print HostOS's
+//!   `GUESTOS BOOT SUCCESS` or `GUESTOS BOOT FAILURE` marker.
 //! - `probe.bench.blk=<read|write|randread|randwrite>,<bs>,<qd>,<count>`:
 //!   a virtio-blk benchmark on disk 0 (check `bench.blk`).
 //! - `probe.vsock.cid=<n>`, `probe.vsock.transfer=<port>,<bytes>`,
@@ -86,6 +88,16 @@ pub enum End {
     Reset,
     /// `triple-fault`: a triple fault, as a crashing kernel does.
     TripleFault,
+}
+
+/// A GuestOS boot marker the probe prints (`probe.boot=`), as HostOS's
+/// GuestOS does on its console, for the VMM's boot monitor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootMarker {
+    /// `success`: `GUESTOS BOOT SUCCESS`.
+    Success,
+    /// `failure`: `GUESTOS BOOT FAILURE`.
+    Failure,
 }
 
 /// The access pattern of a block benchmark.
@@ -212,6 +224,8 @@ pub struct Options<'a> {
     pub echo: Option<&'a str>,
     /// `probe.end`: how to end the VM after the checks.
     pub end: End,
+    /// `probe.boot`: the HostOS boot marker to print after the summary.
+    pub boot_marker: Option<BootMarker>,
     /// `probe.blk`: number of virtio-blk devices configured.
     pub blk: Option<u32>,
     /// `probe.bench.blk`: the block benchmark to run.
@@ -279,6 +293,8 @@ impl<'a> Options<'a> {
                 }
                 ("probe.topo", Some(v)) => opts.topo = opts.topology(token, v),
                 ("probe.echo", Some(v)) => opts.echo = Some(v),
+                ("probe.boot", Some("success")) => opts.boot_marker = Some(BootMarker::Success),
+                ("probe.boot", Some("failure")) => opts.boot_marker = Some(BootMarker::Failure),
                 ("probe.end", Some("poweroff")) => opts.end = End::PowerOff,
                 ("probe.end", Some("reset")) => opts.end = End::Reset,
                 ("probe.end", Some("triple-fault")) => opts.end = End::TripleFault,

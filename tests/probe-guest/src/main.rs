@@ -101,6 +101,18 @@ extern "C" fn probe_main(start_info_paddr: u64) -> ! {
     checks::run_all(&ctx, &mut report);
     port::outb(BOOT_MILESTONE_PORT, MILESTONE_DONE);
     report.summary();
+    if let Some(marker) = options.boot_marker {
+        // In two prints: the VMM must match the byte stream, not lines or
+        // single writes.
+        serial::write_fmt(format_args!("GUESTOS BOOT "));
+        println!(
+            "{}",
+            match marker {
+                cmdline::BootMarker::Success => "SUCCESS",
+                cmdline::BootMarker::Failure => "FAILURE",
+            }
+        );
+    }
 
     if options.interactive {
         interactive::run(options.heartbeat_ms);

@@ -81,8 +81,13 @@ pub struct VmInfo {
 pub struct MemoryInfo {
     /// Bytes.
     pub size_bytes: u64,
-    /// Backing.
+    /// What backs it: `hugetlbfs-2M` or `anonymous`.
     pub backing: &'static str,
+    /// The configured `memory.hugepages`: `on`, `off` or `auto`.
+    pub hugepages: &'static str,
+    /// With `auto`, why Keel fell back to normal pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hugepages_fallback: Option<String>,
 }
 
 /// Boot source description.
@@ -397,6 +402,8 @@ fn vm_json(ctx: &ApiContext) -> Value {
             json!(ctx.control.status.uptime().as_secs_f64()),
         );
         m.insert("pid".into(), json!(std::process::id()));
+        let boot = ctx.view.boot_monitor.as_ref().map(|b| b.state().name());
+        m.insert("guest_boot".into(), json!(boot.unwrap_or("off")));
     }
     v
 }

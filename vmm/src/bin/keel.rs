@@ -51,6 +51,14 @@ struct Args {
     /// The machine: acpi=on|off (ACPI tables; on by default).
     #[arg(long, value_name = "OPTIONS")]
     machine: Option<String>,
+    /// Boot monitor: on | off | timeout_s=N[,consoles=PATH:PATH] (watches
+    /// the console for GUESTOS BOOT SUCCESS/FAILURE; on, 300 s by default).
+    #[arg(long, value_name = "OPTIONS")]
+    boot_monitor: Option<String>,
+    /// Config disk: dir=PATH (a read-only FAT disk labelled CONFIG with the
+    /// directory's files, after the other disks).
+    #[arg(long, value_name = "OPTIONS")]
+    config_disk: Option<String>,
     /// Control API socket (HTTP/1.1 + JSON over a Unix socket).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -96,6 +104,8 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         device_poll_us: args.device_poll_us,
         vsock: args.vsock.clone(),
         machine: args.machine.clone(),
+        boot_monitor: args.boot_monitor.clone(),
+        config_disk: args.config_disk.clone(),
         nets: args.nets.clone(),
     })?;
     Ok(config)

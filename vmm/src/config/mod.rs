@@ -130,9 +130,10 @@ impl BootSlot {
 pub struct MemoryConfig {
     /// Size (a string such as `"512M"` in the file, or a byte count).
     pub size: ByteSize,
-    /// Back guest memory with 2 MiB hugetlbfs pages.
+    /// Back guest memory with 2 MiB hugetlbfs pages: on, off or auto
+    /// (`true`/`false` are read as on/off).
     #[serde(default)]
-    pub hugepages: bool,
+    pub hugepages: HugepagesMode,
     /// Accept a size above the host's physical memory (MemTotal).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub overcommit: bool,
@@ -142,8 +143,63 @@ impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {
             size: ByteSize::from_bytes(512 << 20),
-            hugepages: false,
+            hugepages: HugepagesMode::Off,
             overcommit: false,
+        }
+    }
+}
+
+/// Whether guest memory is backed by 2 MiB hugepages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugepagesMode {
+    /// Normal (anonymous, transparent-hugepage advised) memory.
+    #[default]
+    Off,
+    /// Hugepages, reserved up front; too few free is an error.
+    On,
+    /// Hugepages when enough are free, else normal pages with a warning
+    /// (HostOS's behaviour).
+    Auto,
+}
+
+impl HugepagesMode {
+    /// Parses `on`, `off` or `auto` (also the switch words `true`/`false`,
+    /// `yes`/`no`, `1`/`0`).
+    pub fn parse(input: &str) -> Result<Self, String> {
+        if input.eq_ignore_ascii_case("auto") {
+            return Ok(HugepagesMode::Auto);
+        }
+        match parse_switch(input) {
+            Ok(true) => Ok(HugepagesMode::On),
+            Ok(false) => Ok(HugepagesMode::Off),
+            Err(_) => Err("expected on, off or auto".into()),
+        }
+    }
+
+    /// The name the API and `--print-config` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            HugepagesMode::Off => "off",
+            HugepagesMode::On => "on",
+            HugepagesMode::Auto => "auto",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HugepagesMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(HugepagesMode::On),
+            Raw::Bool(false) => Ok(HugepagesMode::Off),
+            Raw::Text(t) => HugepagesMode::parse(&t)
+                .map_err(|why| serde::de::Error::custom(format!("{t:?}: {why}"))),
         }
     }
 }
@@ -438,6 +494,56 @@ pub struct VmConfig {
     /// The machine the guest sees.
     #[serde(default)]
     pub machine: MachineConfig,
+    /// The boot monitor (`GUESTOS BOOT SUCCESS`/`FAILURE` on the console).
+    #[serde(default)]
+    pub boot_monitor: BootMonitorConfig,
+    /// A FAT disk labelled `CONFIG` built from a directory (HostOS's
+    /// config media), attached read-only after the disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_disk: Option<ConfigDiskConfig>,
+}
+
+/// The config disk: a read-only FAT image labelled `CONFIG`, built at start
+/// from the files of a directory (such as `ic-bootstrap.tar`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDiskConfig {
+    /// The directory whose files (and subdirectories) go on the disk.
+    pub dir: PathBuf,
+}
+
+/// The boot monitor: watches the serial output for HostOS's boot markers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootMonitorConfig {
+    /// Watch at all (on by default; `guest_boot` is `off` without it).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds after the vCPUs start without a marker before the boot is
+    /// reported as timed out (HostOS: 300).
+    #[serde(default = "default_boot_timeout")]
+    pub timeout_s: u64,
+    /// Where a line with the outcome is written as well (HostOS:
+    /// `/dev/tty1` and `/dev/ttyS0`); none by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consoles: Vec<PathBuf>,
+}
+
+fn default_boot_timeout() -> u64 {
+    300
+}
+
+/// Longest boot-monitor timeout accepted (a day).
+pub const MAX_BOOT_TIMEOUT_S: u64 = 86_400;
+
+impl Default for BootMonitorConfig {
+    fn default() -> Self {
+        BootMonitorConfig {
+            enabled: true,
+            timeout_s: default_boot_timeout(),
+            consoles: Vec::new(),
+        }
+    }
 }
 
 /// The machine the guest sees.
@@ -472,7 +578,7 @@ pub struct FlagOverrides {
     pub cmdline: Option<String>,
     /// `--boot-slot guestos|upgrade`
     pub boot_slot: Option<String>,
-    /// `--memory size=..[,hugepages=on]`
+    /// `--memory size=..[,hugepages=on|off|auto][,overcommit=on]`
     pub memory: Option<String>,
     /// `--cpus boot=N[,sockets=S,cores=C,threads=T][,mask=a:b]`
     pub cpus: Option<String>,
@@ -491,6 +597,10 @@ pub struct FlagOverrides {
     pub vsock: Option<String>,
     /// `--machine acpi=on|off`
     pub machine: Option<String>,
+    /// `--boot-monitor on|off|timeout_s=N[,consoles=PATH:PATH]`
+    pub boot_monitor: Option<String>,
+    /// `--config-disk dir=PATH`
+    pub config_disk: Option<String>,
     /// `--net tap=NAME[,bridge=BR][,mac=MAC][,mtu=N][,queues=N]` (MAC may be
     /// `hostos:<node>:<deployment>:<management MAC>`, a HostOS-derived one),
     /// repeated; when any is given they replace the file's NICs.
@@ -565,6 +675,12 @@ impl VmConfig {
         if let Some(m) = &flags.machine {
             self.machine = parse_machine_flag(m)?;
         }
+        if let Some(b) = &flags.boot_monitor {
+            self.boot_monitor = parse_boot_monitor_flag(b)?;
+        }
+        if let Some(c) = &flags.config_disk {
+            self.config_disk = Some(parse_config_disk_flag(c)?);
+        }
         if let Some(p) = flags.device_poll_us {
             self.devices.poll_us = p;
         }
@@ -617,6 +733,7 @@ impl VmConfig {
         self.validate_disks()?;
         self.validate_nets()?;
         self.validate_control()?;
+        self.validate_boot_monitor()?;
         if self.devices.poll_us > MAX_POLL_US {
             return Err(ConfigError::invalid(
                 "devices.poll_us",
@@ -726,10 +843,11 @@ impl VmConfig {
                 format!("at most {} GiB is supported", layout::MAX_MEMORY >> 30),
             ));
         }
-        let align: u64 = if self.memory.hugepages {
-            2 << 20
-        } else {
+        let hugepages = self.memory.hugepages;
+        let align: u64 = if hugepages == HugepagesMode::Off {
             4 << 10
+        } else {
+            2 << 20
         };
         let host = HostMemory::read();
         match host.check(size, self.memory.overcommit) {
@@ -744,13 +862,34 @@ impl VmConfig {
                 format!(
                     "must be a multiple of {} KiB{}",
                     align >> 10,
-                    if self.memory.hugepages {
-                        " with hugepages=on"
+                    if hugepages == HugepagesMode::Off {
+                        String::new()
                     } else {
-                        ""
+                        format!(" with hugepages={}", hugepages.name())
                     }
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_boot_monitor(&self) -> Result<(), ConfigError> {
+        let b = &self.boot_monitor;
+        if b.timeout_s == 0 || b.timeout_s > MAX_BOOT_TIMEOUT_S {
+            return Err(ConfigError::invalid(
+                "boot_monitor.timeout_s",
+                &b.timeout_s.to_string(),
+                format!("between 1 and {MAX_BOOT_TIMEOUT_S} seconds"),
+            ));
+        }
+        for (i, c) in b.consoles.iter().enumerate() {
+            if !c.is_absolute() {
+                return Err(ConfigError::invalid(
+                    &format!("boot_monitor.consoles[{i}]"),
+                    &c.display().to_string(),
+                    "must be an absolute path (such as /dev/tty1)".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -797,13 +936,16 @@ impl VmConfig {
                 format!("at most {MAX_NETS} NICs"),
             ));
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some());
+        let devices = self.disks.len()
+            + usize::from(self.config_disk.is_some())
+            + self.nets.len()
+            + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::invalid(
                 "nets",
                 &devices.to_string(),
                 format!(
-                    "at most {MAX_VIRTIO_DEVICES} virtio devices (disks, NICs and vsock together)"
+                    "at most {MAX_VIRTIO_DEVICES} virtio devices (disks, the config disk, NICs and vsock together)"
                 ),
             ));
         }
@@ -861,12 +1003,22 @@ impl VmConfig {
     }
 
     fn validate_disks(&self) -> Result<(), ConfigError> {
-        if self.disks.len() > MAX_DISKS {
+        let disks = self.disks.len() + usize::from(self.config_disk.is_some());
+        if disks > MAX_DISKS {
             return Err(ConfigError::invalid(
                 "disks",
-                &self.disks.len().to_string(),
-                format!("at most {MAX_DISKS} disks"),
+                &disks.to_string(),
+                format!("at most {MAX_DISKS} disks (the config disk counts)"),
             ));
+        }
+        if let Some(c) = &self.config_disk {
+            if !c.dir.is_dir() {
+                return Err(ConfigError::invalid(
+                    "config_disk.dir",
+                    &c.dir.display().to_string(),
+                    "not a directory".into(),
+                ));
+            }
         }
         for (i, d) in self.disks.iter().enumerate() {
             let field = format!("disks[{i}].path");
@@ -1104,12 +1256,19 @@ pub fn resolve_group(g: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses `--memory size=512M[,hugepages=on][,overcommit=on]`.
+/// Parses `--memory size=512M[,hugepages=on|off|auto][,overcommit=on]`.
 pub fn parse_memory_flag(input: &str) -> Result<MemoryConfig, ConfigError> {
     let o = OptionList::parse("memory", input, &["size", "hugepages", "overcommit"], None)?;
     Ok(MemoryConfig {
         size: o.size("size")?.ok_or(ConfigError::Missing("memory.size"))?,
-        hugepages: o.switch("hugepages")?.unwrap_or(false),
+        hugepages: o
+            .get("hugepages")
+            .map(|v| {
+                HugepagesMode::parse(v)
+                    .map_err(|why| ConfigError::invalid(&o.field("hugepages"), v, why))
+            })
+            .transpose()?
+            .unwrap_or_default(),
         overcommit: o.switch("overcommit")?.unwrap_or(false),
     })
 }
@@ -1253,6 +1412,43 @@ pub fn parse_machine_flag(input: &str) -> Result<MachineConfig, ConfigError> {
     })
 }
 
+/// Parses `--boot-monitor on|off|timeout_s=N[,consoles=PATH:PATH]`: a bare
+/// `on`/`off` switches the monitor; the keys leave it on.
+pub fn parse_boot_monitor_flag(input: &str) -> Result<BootMonitorConfig, ConfigError> {
+    let o = OptionList::parse(
+        "boot_monitor",
+        input,
+        &["enabled", "timeout_s", "consoles"],
+        Some("enabled"),
+    )?;
+    let defaults = BootMonitorConfig::default();
+    Ok(BootMonitorConfig {
+        enabled: o.switch("enabled")?.unwrap_or(true),
+        timeout_s: o.number("timeout_s")?.unwrap_or(defaults.timeout_s),
+        consoles: o
+            .get("consoles")
+            .map(|c| {
+                c.split(':')
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+/// Parses `--config-disk dir=PATH`.
+pub fn parse_config_disk_flag(input: &str) -> Result<ConfigDiskConfig, ConfigError> {
+    let o = OptionList::parse("config_disk", input, &["dir"], None)?;
+    Ok(ConfigDiskConfig {
+        dir: o
+            .get("dir")
+            .filter(|d| !d.is_empty())
+            .ok_or(ConfigError::Missing("config_disk.dir"))?
+            .into(),
+    })
+}
+
 /// Parses `--serial stdout|off|file=PATH`.
 pub fn parse_serial_flag(input: &str) -> Result<SerialConfig, ConfigError> {
     match input {
@@ -1296,7 +1492,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.memory.size.bytes(), 1 << 30);
-        assert!(cfg.memory.hugepages);
+        assert_eq!(cfg.memory.hugepages, HugepagesMode::On);
         assert_eq!(
             cfg.cpus.topology().unwrap(),
             CpuTopology {
@@ -1318,9 +1514,116 @@ mod tests {
         })
         .unwrap();
         assert_eq!(cfg.memory.size.bytes(), 256 << 20);
-        assert!(!cfg.memory.hugepages, "a flag replaces the whole section");
+        assert_eq!(
+            cfg.memory.hugepages,
+            HugepagesMode::Off,
+            "a flag replaces the whole section"
+        );
         assert_eq!(cfg.serial, SerialConfig::Off);
         assert_eq!(cfg.payload.cmdline.as_deref(), Some("console=ttyS0"));
+    }
+
+    #[test]
+    fn hugepages_on_off_auto_in_the_file_and_the_flag() {
+        let mode = |text: &str| {
+            VmConfig::from_toml(&format!("[memory]\nsize = \"1G\"\nhugepages = {text}"))
+                .map(|c| c.memory.hugepages)
+        };
+        assert_eq!(mode("true"), Ok(HugepagesMode::On));
+        assert_eq!(mode("false"), Ok(HugepagesMode::Off));
+        assert_eq!(mode("\"on\""), Ok(HugepagesMode::On));
+        assert_eq!(mode("\"off\""), Ok(HugepagesMode::Off));
+        assert_eq!(mode("\"auto\""), Ok(HugepagesMode::Auto));
+        let e = mode("\"sometimes\"").unwrap_err();
+        assert!(
+            e.contains("hugepages") && e.contains("on, off or auto"),
+            "{e}"
+        );
+        assert_eq!(
+            VmConfig::from_toml("[memory]\nsize = \"1G\"")
+                .unwrap()
+                .memory
+                .hugepages,
+            HugepagesMode::Off,
+            "off by default"
+        );
+        let flag = |text: &str| parse_memory_flag(text).map(|m| m.hugepages);
+        assert_eq!(flag("size=1G,hugepages=on").unwrap(), HugepagesMode::On);
+        assert_eq!(flag("size=1G,hugepages=true").unwrap(), HugepagesMode::On);
+        assert_eq!(flag("size=1G,hugepages=off").unwrap(), HugepagesMode::Off);
+        assert_eq!(flag("size=1G,hugepages=auto").unwrap(), HugepagesMode::Auto);
+        let e = flag("size=1G,hugepages=maybe").unwrap_err().to_string();
+        assert!(
+            e.contains("memory.hugepages") && e.contains("\"maybe\""),
+            "{e}"
+        );
+        // --print-config writes the word, which reads back the same.
+        let mut cfg = VmConfig::default();
+        cfg.memory.hugepages = HugepagesMode::Auto;
+        let text = toml::to_string(&cfg).unwrap();
+        assert!(text.contains("hugepages = \"auto\""), "{text}");
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn boot_monitor_from_the_file_and_the_flag() {
+        let d = VmConfig::default().boot_monitor;
+        assert!(d.enabled, "on by default");
+        assert_eq!(d.timeout_s, 300, "HostOS's five minutes");
+        assert!(d.consoles.is_empty());
+        let cfg = VmConfig::from_toml(
+            "[boot_monitor]\ntimeout_s = 60\nconsoles = [\"/dev/tty1\", \"/dev/ttyS0\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.boot_monitor,
+            BootMonitorConfig {
+                enabled: true,
+                timeout_s: 60,
+                consoles: vec!["/dev/tty1".into(), "/dev/ttyS0".into()],
+            }
+        );
+        assert!(VmConfig::from_toml("[boot_monitor]\ntimeout = 5").is_err());
+        assert!(!parse_boot_monitor_flag("off").unwrap().enabled);
+        let f = parse_boot_monitor_flag("timeout_s=2,consoles=/dev/tty1:/dev/ttyS0").unwrap();
+        assert_eq!(
+            (f.enabled, f.timeout_s, f.consoles.len()),
+            (true, 2, 2),
+            "{f:?}"
+        );
+        let e = parse_boot_monitor_flag("timeout_s=soon")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boot_monitor.timeout_s"), "{e}");
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn config_disk_from_the_file_and_the_flag() {
+        assert_eq!(VmConfig::default().config_disk, None);
+        let cfg = VmConfig::from_toml("[config_disk]\ndir = \"/run/config\"").unwrap();
+        assert_eq!(
+            cfg.config_disk,
+            Some(ConfigDiskConfig {
+                dir: "/run/config".into()
+            })
+        );
+        assert!(VmConfig::from_toml("[config_disk]\ndir = \"/x\"\nserial = \"config\"").is_err());
+        assert_eq!(
+            parse_config_disk_flag("dir=/tmp").unwrap().dir,
+            PathBuf::from("/tmp")
+        );
+        assert!(parse_config_disk_flag("dir=")
+            .unwrap_err()
+            .to_string()
+            .contains("config_disk.dir"));
+        assert!(parse_config_disk_flag("dir=/tmp,serial=config")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key `serial`"));
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), cfg);
     }
 
     #[test]
@@ -1675,9 +1978,16 @@ mod tests {
         check(
             &|c| {
                 c.memory.size = ByteSize::from_bytes((64 << 20) + (4 << 10));
-                c.memory.hugepages = true
+                c.memory.hugepages = HugepagesMode::On
             },
             "memory.size",
+        );
+        check(
+            &|c| {
+                c.memory.size = ByteSize::from_bytes((64 << 20) + (4 << 10));
+                c.memory.hugepages = HugepagesMode::Auto
+            },
+            "hugepages=auto",
         );
         check(&|c| c.cpus.boot = 0, "cpus.boot");
         check(
@@ -1784,6 +2094,19 @@ mod tests {
             "nets[0].mtu",
         );
         check(&|c| c.devices.poll_us = MAX_POLL_US + 1, "devices.poll_us");
+        check(&|c| c.boot_monitor.timeout_s = 0, "boot_monitor.timeout_s");
+        check(
+            &|c| {
+                c.config_disk = Some(ConfigDiskConfig {
+                    dir: "/nonexistent/config".into(),
+                })
+            },
+            "config_disk.dir",
+        );
+        check(
+            &|c| c.boot_monitor.consoles = vec!["tty1".into()],
+            "boot_monitor.consoles[0]",
+        );
         check(
             &|c| {
                 c.nets = vec![NetConfig {

@@ -7,6 +7,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::layout;
+use crate::config::HugepagesMode;
 
 /// Size of one hugetlbfs page.
 pub const HUGEPAGE_SIZE: u64 = 2 << 20;
@@ -15,8 +16,8 @@ const HUGEPAGES_SYSFS: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 /// Errors of creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// Not enough free hugepages for `hugepages=on`.
-    #[error("hugepages=on needs {needed} free 2 MiB hugepages but only {free} are free (raise {HUGEPAGES_SYSFS}/nr_hugepages)")]
+    /// Not enough free hugepages for hugepage-backed memory.
+    #[error("guest memory needs {needed} free 2 MiB hugepages but only {free} are free (raise {HUGEPAGES_SYSFS}/nr_hugepages)")]
     NotEnoughHugepages {
         /// Pages the guest needs.
         needed: u64,
@@ -24,7 +25,7 @@ pub enum MemoryError {
         free: u64,
     },
     /// The host has no 2 MiB hugepage pool.
-    #[error("hugepages=on but the host has no 2 MiB hugepage pool ({HUGEPAGES_SYSFS}: {0})")]
+    #[error("the host has no 2 MiB hugepage pool for guest memory ({HUGEPAGES_SYSFS}: {0})")]
     NoHugepagePool(std::io::Error),
     /// mmap failed.
     #[error("cannot map {size} bytes of guest memory at {addr:#x}: {source}")]
@@ -106,6 +107,66 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))
 }
 
+/// What backs guest memory, as `GET /v1/vm` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryBacking {
+    /// 2 MiB hugetlbfs pages (else anonymous memory).
+    pub hugepages: bool,
+    /// With `hugepages=auto`, why Keel fell back to normal pages.
+    pub fallback: Option<String>,
+}
+
+impl MemoryBacking {
+    /// `hugetlbfs-2M` or `anonymous`.
+    pub fn name(&self) -> &'static str {
+        if self.hugepages {
+            "hugetlbfs-2M"
+        } else {
+            "anonymous"
+        }
+    }
+}
+
+/// Maps guest memory as `mode` asks: `on` and `off` as
+/// [`create_guest_memory`]; `auto` tries hugepages and falls back to normal
+/// pages (with a warning) when too few are free, the host has no pool, or
+/// the reservation fails (pages taken since they were counted).
+pub fn create_guest_memory_with(
+    size: u64,
+    mode: HugepagesMode,
+) -> Result<(GuestMemoryMmap, MemoryBacking), MemoryError> {
+    let backing = |hugepages| MemoryBacking {
+        hugepages,
+        fallback: None,
+    };
+    match mode {
+        HugepagesMode::Off => Ok((create_guest_memory(size, false)?, backing(false))),
+        HugepagesMode::On => Ok((create_guest_memory(size, true)?, backing(true))),
+        HugepagesMode::Auto => match create_guest_memory(size, true) {
+            Ok(m) => {
+                log::info!("hugepages=auto: guest memory on 2 MiB hugepages");
+                Ok((m, backing(true)))
+            }
+            Err(
+                e @ (MemoryError::NotEnoughHugepages { .. }
+                | MemoryError::NoHugepagePool(_)
+                | MemoryError::Mmap { .. }),
+            ) => {
+                log::warn!("hugepages=auto: {e}; using normal pages instead");
+                let m = create_guest_memory(size, false)?;
+                Ok((
+                    m,
+                    MemoryBacking {
+                        hugepages: false,
+                        fallback: Some(e.to_string()),
+                    },
+                ))
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +205,25 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("hugepage"));
+    }
+
+    #[test]
+    fn auto_falls_back_to_normal_pages_when_too_few_are_free() {
+        let free = free_hugepages().unwrap_or(0);
+        let size = (free + 1) * HUGEPAGE_SIZE;
+        let (m, backing) = create_guest_memory_with(size, HugepagesMode::Auto).unwrap();
+        assert!(!backing.hugepages);
+        assert_eq!(backing.name(), "anonymous");
+        let why = backing.fallback.expect("the reason is kept");
+        assert!(why.contains("hugepage"), "{why}");
+        assert_eq!(m.iter().map(|r| r.len()).sum::<u64>(), size);
+        let (_, off) = create_guest_memory_with(16 << 20, HugepagesMode::Off).unwrap();
+        assert_eq!(
+            off,
+            MemoryBacking {
+                hugepages: false,
+                fallback: None
+            }
+        );
     }
 }
