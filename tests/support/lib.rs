@@ -471,24 +471,6 @@ pub fn api_call(socket: &Path, method: &str, path: &str, body: &str) -> Option<(
     Some((status, body.to_string()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_probe_output() {
-        let r = ProbeReport::parse(
-            "probe: start\nPROBE ok boot.cmdline\nPROBE FAIL smp.mptable: no _MP_\nprobe: 1 passed, 1 failed\n",
-        );
-        assert_eq!(r.passed, ["boot.cmdline"]);
-        assert_eq!(
-            r.failed,
-            [("smp.mptable".to_string(), "no _MP_".to_string())]
-        );
-        assert_eq!(r.summary, Some((1, 1)));
-    }
-}
-
 /// Runs `keelctl --socket SOCK ARGS...` as `uid` with exactly the groups
 /// `groups` (the first is also the gid), stdin closed; returns (exit code,
 /// stdout, stderr).
@@ -518,4 +500,22 @@ pub fn keelctl_as(uid: u32, groups: &[u32], sock: &Path, args: &[&str]) -> (i32,
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_probe_output() {
+        let r = ProbeReport::parse(
+            "probe: start\nPROBE ok boot.cmdline\nPROBE FAIL smp.mptable: no _MP_\nprobe: 1 passed, 1 failed\n",
+        );
+        assert_eq!(r.passed, ["boot.cmdline"]);
+        assert_eq!(
+            r.failed,
+            [("smp.mptable".to_string(), "no _MP_".to_string())]
+        );
+        assert_eq!(r.summary, Some((1, 1)));
+    }
 }
