@@ -212,6 +212,31 @@ fn a_disk_in_use_is_refused_before_boot() {
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("in use"), "{}", r.stderr);
     drop(f);
+
+    // A disk its users share (HostOS's GuestOS and upgrade VMs): with a
+    // shared lock held elsewhere, `shared=on` gets in and writes, and a
+    // keel that wants the disk to itself is still kept out.
+    let f = std::fs::File::open(&disk).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_SH) },
+        0
+    );
+    let args = keel_args(
+        &[format!("path={},shared=on", disk.display())],
+        "probe.blk=1",
+    );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run_keel(&refs, DEADLINE);
+    ProbeReport::parse(&r.stdout).assert_all_passed(WRITABLE_CHECKS, &r.stdout);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    verify_written(&std::fs::read(&disk).unwrap());
+    let args = keel_args(&[format!("path={}", disk.display())], "");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run_keel(&refs, DEADLINE);
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("in use"), "{}", r.stderr);
+    drop(f);
 }
 
 /// The config disk's image, read from the running keel's sealed memfd.

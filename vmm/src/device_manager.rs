@@ -160,7 +160,7 @@ pub fn setup_virtio_devices(
     };
     let mut resampler = InterruptResampler::new();
     for (index, d) in disks.iter().enumerate() {
-        let backend = DiskBackend::open(&d.path, d.readonly, d.direct)?;
+        let backend = DiskBackend::open_locked(&d.path, d.readonly, d.direct, d.shared)?;
         let cow = match d.cow {
             Some(CowTarget::Partition(n)) => {
                 let file = backend.try_clone_file().map_err(DeviceError::EventFd)?;

@@ -322,6 +322,11 @@ pub struct DiskConfig {
     /// device); writes beyond it fail with IOERR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cow_limit: Option<ByteSize>,
+    /// Another VMM may use the disk at the same time (a shared advisory lock
+    /// instead of an exclusive one): HostOS's GuestOS VM and upgrade VM share
+    /// the GuestOS disk, each writing its own partitions. Both must say so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// Overlay size when `cow_limit` is absent (HostOS's 512 MiB device).
@@ -1330,6 +1335,7 @@ pub fn parse_disk_flag(index: usize, input: &str) -> Result<DiskConfig, ConfigEr
             "engine",
             "cow",
             "cow_limit",
+            "shared",
         ],
         None,
     )?;
@@ -1361,6 +1367,7 @@ pub fn parse_disk_flag(index: usize, input: &str) -> Result<DiskConfig, ConfigEr
             })
             .transpose()?,
         cow_limit: o.size("cow_limit")?,
+        shared: o.switch("shared")?.unwrap_or(false),
     })
 }
 

@@ -127,10 +127,10 @@ pub struct BootPayload {
     pub source: String,
 }
 
-/// Opens `disk` as Keel will serve it: read-write (exclusive lock) unless
-/// `readonly`, read-only (shared lock) otherwise.
+/// Opens `disk` as Keel will serve it: read-write (an exclusive lock, shared
+/// for a `shared` disk) unless `read_only`, read-only (shared lock) otherwise.
 fn open_disk(disk: &DiskConfig, read_only: bool) -> Result<(Arc<std::fs::File>, u64), DiskError> {
-    let backend = DiskBackend::open(&disk.path, read_only, false)?;
+    let backend = DiskBackend::open_locked(&disk.path, read_only, false, disk.shared)?;
     let size = backend.capacity();
     Ok((Arc::new(backend.into_file()), size))
 }

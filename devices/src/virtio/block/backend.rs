@@ -64,6 +64,19 @@ impl DiskBackend {
     /// (exclusive for read-write, shared for read-only) so two VMMs never
     /// share a writable disk, and reads its capacity.
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, DiskError> {
+        Self::open_locked(path, read_only, direct, false)
+    }
+
+    /// [`open`](Self::open), but with `shared` a read-write disk takes a
+    /// shared lock too: processes that all say so may use it at the same time
+    /// (each writing its own part of it), and none of them can while another
+    /// holds it exclusively.
+    pub fn open_locked(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        shared: bool,
+    ) -> Result<Self, DiskError> {
         let shown = path.display().to_string();
         let mut flags = libc::O_CLOEXEC;
         if direct {
@@ -78,7 +91,7 @@ impl DiskBackend {
                 path: shown.clone(),
                 source,
             })?;
-        let lock = if read_only {
+        let lock = if read_only || shared {
             libc::LOCK_SH
         } else {
             libc::LOCK_EX
