@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: find the built binaries, run
 //! `keel` with a deadline, and read the probe guest's report.
 
+pub mod guestos_disk;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
