@@ -385,6 +385,71 @@ fn linux_lab_net_and_vsock() {
     );
 }
 
+/// Where the grubenv block lies on `disk` (its cluster in the grub
+/// partition), found by its header.
+fn grubenv_offset(disk: &Path) -> u64 {
+    use keel_tests::guestos_disk::{part_len, part_start};
+    let bytes = std::fs::read(disk).expect("read the disk");
+    let grub = part_start(2) as usize..(part_start(2) + part_len(2)) as usize;
+    let at = bytes[grub.clone()]
+        .windows(25)
+        .position(|w| w == b"# GRUB Environment Block\n")
+        .expect("grubenv in the grub partition");
+    (grub.start + at) as u64
+}
+
+#[test]
+fn linux_lab_ab_boot_from_disk() {
+    use keel_tests::guestos_disk::{build_disk, grubenv, Slot, Spec, GRUB_GUID};
+    let inputs = inputs();
+    let dir = keel_tests::scratch_dir("lab-ab");
+    let spec = |offset: u64| {
+        let args = |s: &str| {
+            format!(
+                "console=ttyS0 reboot=k panic=1 nokaslr lab=ab lab.marker=slot-{s} lab.grubenv={offset}"
+            )
+        };
+        let slot = Slot {
+            kernel: Some(std::fs::read(&inputs.l2_kernel).expect("L2 kernel")),
+            initrd: std::fs::read(&inputs.l2_initrd).expect("L2 initramfs"),
+            boot_args: format!(
+                "BOOT_ARGS_A=\"{}\"\nBOOT_ARGS_B=\"{}\"\n",
+                args("A"),
+                args("B")
+            ),
+        };
+        Spec {
+            grubenv: grubenv("boot_alternative=A\nboot_cycle=stable\n"),
+            a: slot.clone(),
+            b: slot,
+            grub_guid: GRUB_GUID,
+        }
+    };
+    // The block's place does not depend on the boot partitions: find it,
+    // then build the disk that names it.
+    let offset = grubenv_offset(&build_disk(&dir, &spec(0)));
+    let disk = build_disk(&dir, &spec(offset));
+    assert_eq!(grubenv_offset(&disk), offset);
+    run_scenario_with(
+        "ab",
+        &[("LAB_AB_DISK", disk)],
+        &[
+            "ab.boot1-exit-is-reset",
+            "ab.boot2-exit-is-reset",
+            "ab.boot3-exit-is-reset",
+            "ab.first-boot-slot",
+            "ab.guest-wrote-first-boot",
+            "ab.upgraded-slot-booted",
+            "ab.grubenv-failsafe-check",
+            "ab.upgraded-slot-unconfirmed",
+            "ab.rollback-slot-booted",
+            "ab.rolled-back-guest-reports",
+            "ab.grubenv-stable-after-rollback",
+            "ab.log-names-slot",
+        ],
+    );
+}
+
 /// Runs `program args`, panicking with its output when it fails.
 fn sh(program: &str, args: &[&str], dir: &Path) {
     let out = Command::new(program)

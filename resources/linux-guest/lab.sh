@@ -190,3 +190,34 @@ lab_upgrade() {
     # must find init handling Ctrl-Alt-Del (before, the kernel would reboot).
     run_init_with_cad "/bin/sh -c 'echo LAB-GUEST ctrlaltdel received; sync; poweroff -f'" upgrade_request
 }
+
+# A/B boot from the guest's own disk (keel --boot-slot guestos). The slot's
+# boot_args carry lab.marker=<slot> and lab.grubenv=<byte offset of the
+# grubenv block on /dev/vda> (the file's cluster in the grub partition, found
+# by the test). The guest reads grubenv there and, like a GuestOS after an
+# upgrade, writes it in place as GRUB does: in slot A the first time, it
+# switches to B with boot_cycle=first_boot (lab_step=1 says it did); in B it
+# reboots without confirming; back in A it only reports.
+lab_ab() {
+    marker=$(sed -n 's/.*lab\.marker=\([^ ]*\).*/\1/p' /proc/cmdline)
+    off=$(sed -n 's/.*lab\.grubenv=\([0-9]*\).*/\1/p' /proc/cmdline)
+    g ab-marker "$marker"
+    env=$(dd if=/dev/vda bs=512 skip=$((off / 512)) count=2 2>/dev/null | grep -v '^#' | tr '\n' ' ')
+    g ab-grubenv "$env"
+    case "$marker $env" in
+        slot-B*) g ab-step unconfirmed ;;
+        *lab_step=1*) g ab-step report ;;
+        slot-A*)
+            {
+                printf '# GRUB Environment Block\nboot_alternative=B\nboot_cycle=first_boot\nlab_step=1\n'
+                dd if=/dev/zero bs=1024 count=1 2>/dev/null | tr '\0' '#'
+            } | head -c 1024 >/tmp/grubenv
+            if dd if=/tmp/grubenv of=/dev/vda bs=512 seek=$((off / 512)) conv=notrunc,fsync 2>/dev/null; then
+                g ab-step wrote-first-boot
+            else
+                g ab-step write-failed
+            fi
+            ;;
+        *) g ab-step "unknown marker" ;;
+    esac
+}
