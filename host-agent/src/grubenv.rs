@@ -8,16 +8,17 @@
 //! rename, fsync of the directory), so after a crash or power loss the file
 //! is either the old block or the new one, never a mix.
 
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-pub const GRUBENV_SIZE: usize = 1024;
-pub const HEADER: &str = "# GRUB Environment Block\n";
-pub const KEY_ALTERNATIVE: &str = "boot_alternative";
-pub const KEY_CYCLE: &str = "boot_cycle";
+pub use ::grubenv::Slot;
+
+pub const GRUBENV_SIZE: usize = ::grubenv::BLOCK_SIZE;
+pub const HEADER: &str = ::grubenv::HEADER;
+pub const KEY_ALTERNATIVE: &str = ::grubenv::BOOT_ALTERNATIVE;
+pub const KEY_CYCLE: &str = ::grubenv::BOOT_CYCLE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrubEnvError {
@@ -34,34 +35,6 @@ pub enum GrubEnvError {
     BadKey(String),
     #[error("grubenv {path}: boot_alternative={value:?} is neither A nor B")]
     BadSlot { path: PathBuf, value: String },
-}
-
-/// One of the two HostOS installations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// `boot_cycle` values.
@@ -81,22 +54,32 @@ pub enum BootCycle {
 }
 
 impl BootCycle {
+    /// Lenient: empty is `Stable`, an unknown value is `Other`.
     pub fn parse(s: &str) -> BootCycle {
-        match s {
-            "" | "stable" => BootCycle::Stable,
-            "install" => BootCycle::Install,
-            "first_boot" => BootCycle::FirstBoot,
-            "failsafe_check" => BootCycle::FailsafeCheck,
-            other => BootCycle::Other(other.to_string()),
+        match (s, ::grubenv::BootCycle::parse(s)) {
+            ("", _) => BootCycle::Stable,
+            (_, Some(known)) => known.into(),
+            (other, None) => BootCycle::Other(other.to_string()),
         }
     }
     pub fn as_str(&self) -> &str {
         match self {
-            BootCycle::Stable => "stable",
-            BootCycle::Install => "install",
-            BootCycle::FirstBoot => "first_boot",
-            BootCycle::FailsafeCheck => "failsafe_check",
+            BootCycle::Stable => ::grubenv::BootCycle::Stable.as_str(),
+            BootCycle::Install => ::grubenv::BootCycle::Install.as_str(),
+            BootCycle::FirstBoot => ::grubenv::BootCycle::FirstBoot.as_str(),
+            BootCycle::FailsafeCheck => ::grubenv::BootCycle::FailsafeCheck.as_str(),
             BootCycle::Other(s) => s,
+        }
+    }
+}
+
+impl From<::grubenv::BootCycle> for BootCycle {
+    fn from(known: ::grubenv::BootCycle) -> BootCycle {
+        match known {
+            ::grubenv::BootCycle::Stable => BootCycle::Stable,
+            ::grubenv::BootCycle::Install => BootCycle::Install,
+            ::grubenv::BootCycle::FirstBoot => BootCycle::FirstBoot,
+            ::grubenv::BootCycle::FailsafeCheck => BootCycle::FailsafeCheck,
         }
     }
 }
@@ -132,77 +115,37 @@ impl GrubEnv {
 
     /// Parse a block. The header is required; `#` lines (padding) are skipped.
     pub fn parse(bytes: &[u8]) -> Result<GrubEnv, String> {
-        let rest = bytes
-            .strip_prefix(HEADER.as_bytes())
-            .ok_or_else(|| "missing the \"# GRUB Environment Block\" header".to_string())?;
+        use ::grubenv::ParseError;
+        let header = || "missing the \"# GRUB Environment Block\" header".to_string();
+        let not_utf8 = || "line is not UTF-8".to_string();
         let mut env = GrubEnv::new();
-        let mut i = 0;
-        while i < rest.len() {
-            if rest[i] == b'#' {
-                // Padding (or a comment line): skip to the end of the line.
-                while i < rest.len() && rest[i] != b'\n' {
-                    i += 1;
-                }
-                i += 1;
-                continue;
-            }
-            // key=value, value escaped with backslashes, up to an unescaped newline.
-            let mut line = Vec::new();
-            let mut terminated = false;
-            while i < rest.len() {
-                match rest[i] {
-                    b'\\' if i + 1 < rest.len() => {
-                        line.push(rest[i + 1]);
-                        i += 2;
-                    }
-                    b'\n' => {
-                        i += 1;
-                        terminated = true;
-                        break;
-                    }
-                    c => {
-                        line.push(c);
-                        i += 1;
-                    }
-                }
-            }
-            if !terminated {
-                return Err("unterminated line".to_string());
-            }
-            if line.is_empty() {
-                continue;
-            }
-            let line = String::from_utf8(line).map_err(|_| "line is not UTF-8".to_string())?;
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| format!("line {line:?} is not key=value"))?;
-            env.set(k, v);
+        // Line by line, so that the first bad line is the one reported.
+        for entry in ::grubenv::entries(bytes).map_err(|_| header())? {
+            let (k, v) = entry.map_err(|e| match e {
+                ParseError::NoHeader => header(),
+                ParseError::Unterminated => "unterminated line".to_string(),
+                ParseError::NotNameValue(line) => match String::from_utf8(line) {
+                    Ok(line) => format!("line {line:?} is not key=value"),
+                    Err(_) => not_utf8(),
+                },
+            })?;
+            // The line is UTF-8 exactly when both halves are (`=` is ASCII).
+            let k = String::from_utf8(k).map_err(|_| not_utf8())?;
+            let v = String::from_utf8(v).map_err(|_| not_utf8())?;
+            env.set(&k, &v);
         }
         Ok(env)
     }
 
     /// Encode as an exactly 1024-byte block.
     pub fn encode(&self) -> Result<Vec<u8>, GrubEnvError> {
-        let mut out = HEADER.as_bytes().to_vec();
-        for (k, v) in &self.entries {
-            if k.is_empty() || k.contains(['=', '\n', '\\', '#']) || k.starts_with('#') {
-                return Err(GrubEnvError::BadKey(k.clone()));
+        let vars = self.entries.iter().map(|(k, v)| (k, v));
+        ::grubenv::encode(vars).map_err(|e| match e {
+            ::grubenv::EncodeError::TooLarge => GrubEnvError::TooLarge,
+            ::grubenv::EncodeError::BadName(k) => {
+                GrubEnvError::BadKey(String::from_utf8_lossy(&k).into_owned())
             }
-            out.extend_from_slice(k.as_bytes());
-            out.push(b'=');
-            for b in v.bytes() {
-                if b == b'\\' || b == b'\n' {
-                    out.push(b'\\');
-                }
-                out.push(b);
-            }
-            out.push(b'\n');
-        }
-        if out.len() > GRUBENV_SIZE {
-            return Err(GrubEnvError::TooLarge);
-        }
-        out.resize(GRUBENV_SIZE, b'#');
-        Ok(out)
+        })
     }
 
     /// Read a grubenv file. A missing file is an empty environment (GRUB's
@@ -320,14 +263,11 @@ pub struct BootState {
 impl BootState {
     pub fn from_env(env: &GrubEnv, path: &Path) -> Result<BootState, GrubEnvError> {
         let alternative = match env.get(KEY_ALTERNATIVE).unwrap_or("") {
-            "" | "A" => Slot::A,
-            "B" => Slot::B,
-            other => {
-                return Err(GrubEnvError::BadSlot {
-                    path: path.to_path_buf(),
-                    value: other.to_string(),
-                })
-            }
+            "" => Slot::A,
+            other => Slot::parse(other).ok_or_else(|| GrubEnvError::BadSlot {
+                path: path.to_path_buf(),
+                value: other.to_string(),
+            })?,
         };
         let cycle = BootCycle::parse(env.get(KEY_CYCLE).unwrap_or(""));
         Ok(BootState { alternative, cycle })

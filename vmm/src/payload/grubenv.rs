@@ -7,12 +7,10 @@
 //! occurrence wins. An empty value is the same as a missing one (GRUB's
 //! script tests `= ""`).
 
-use std::fmt;
+pub use ::grubenv::{BootCycle, Slot, BLOCK_SIZE};
 
-/// Size of a GRUB environment block.
-pub const BLOCK_SIZE: usize = 1024;
 /// The block's first line.
-pub const HEADER: &[u8] = b"# GRUB Environment Block\n";
+pub const HEADER: &[u8] = ::grubenv::HEADER.as_bytes();
 
 /// A grubenv that cannot be used.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -31,82 +29,6 @@ pub enum GrubEnvError {
     TooLarge,
 }
 
-/// One of the two GuestOS installations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Slot {
-    /// A_boot / A_root / A_var.
-    A,
-    /// B_boot / B_root / B_var.
-    B,
-}
-
-impl Slot {
-    /// The other slot.
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-
-    /// `"A"` or `"B"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The `boot_cycle` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BootCycle {
-    /// The slot is confirmed.
-    Stable,
-    /// Freshly installed.
-    Install,
-    /// An upgrade was written to the other slot and `boot_alternative` points
-    /// at it; not booted yet.
-    FirstBoot,
-    /// The new slot booted once and was not confirmed: the next boot rolls
-    /// back.
-    FailsafeCheck,
-}
-
-impl BootCycle {
-    /// The value as written in grubenv.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BootCycle::Stable => "stable",
-            BootCycle::Install => "install",
-            BootCycle::FirstBoot => "first_boot",
-            BootCycle::FailsafeCheck => "failsafe_check",
-        }
-    }
-
-    fn parse(v: &str) -> Result<Self, GrubEnvError> {
-        Ok(match v {
-            "stable" => BootCycle::Stable,
-            "install" => BootCycle::Install,
-            "first_boot" => BootCycle::FirstBoot,
-            "failsafe_check" => BootCycle::FailsafeCheck,
-            other => return Err(GrubEnvError::BadCycle(other.to_string())),
-        })
-    }
-}
-
-impl fmt::Display for BootCycle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// A parsed block: every variable (first-appearance order, last value) and
 /// the two A/B ones, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,9 +41,9 @@ pub struct GrubEnv {
 }
 
 /// `boot_alternative`.
-const ALTERNATIVE: &[u8] = b"boot_alternative";
+const ALTERNATIVE: &[u8] = ::grubenv::BOOT_ALTERNATIVE.as_bytes();
 /// `boot_cycle`.
-const CYCLE: &[u8] = b"boot_cycle";
+const CYCLE: &[u8] = ::grubenv::BOOT_CYCLE.as_bytes();
 
 impl GrubEnv {
     /// Parses a 1024-byte block.
@@ -132,74 +54,19 @@ impl GrubEnv {
                 block.len()
             )));
         }
-        let mut rest = block
-            .strip_prefix(HEADER)
-            .ok_or_else(|| GrubEnvError::Malformed("no `# GRUB Environment Block` line".into()))?;
-        let mut vars: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        while let Some(&first) = rest.first() {
-            if first == b'#' {
-                // Padding (or a comment line) up to the end of its line.
-                let end = rest
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map_or(rest.len(), |p| p + 1);
-                rest = &rest[end..];
-                continue;
-            }
-            let mut line = Vec::new();
-            let mut i = 0;
-            let mut ended = false;
-            while i < rest.len() {
-                match rest[i] {
-                    b'\\' if i + 1 < rest.len() => {
-                        line.push(rest[i + 1]);
-                        i += 2;
-                    }
-                    b'\n' => {
-                        i += 1;
-                        ended = true;
-                        break;
-                    }
-                    b => {
-                        line.push(b);
-                        i += 1;
-                    }
-                }
-            }
-            if !ended {
-                return Err(GrubEnvError::Malformed(
-                    "a line runs past the block's end".into(),
-                ));
-            }
-            rest = &rest[i..];
-            if line.is_empty() {
-                continue;
-            }
-            let eq = line.iter().position(|&b| b == b'=').ok_or_else(|| {
-                GrubEnvError::Malformed(format!(
-                    "line {:?} is not name=value",
-                    String::from_utf8_lossy(&line)
-                ))
-            })?;
-            let value = line.split_off(eq + 1);
-            line.pop();
-            match vars.iter_mut().find(|(n, _)| *n == line) {
-                Some(v) => v.1 = value,
-                None => vars.push((line, value)),
-            }
-        }
+        // The codec's messages are this error's (`Malformed`) own.
+        let vars = ::grubenv::parse(block).map_err(|e| GrubEnvError::Malformed(e.to_string()))?;
         let get = |name: &[u8]| {
             vars.iter()
                 .find(|(n, v)| n == name && !v.is_empty())
                 .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
         };
-        let alternative = match get(ALTERNATIVE).as_deref() {
-            None => None,
-            Some("A") => Some(Slot::A),
-            Some("B") => Some(Slot::B),
-            Some(other) => return Err(GrubEnvError::BadAlternative(other.to_string())),
-        };
-        let cycle = get(CYCLE).as_deref().map(BootCycle::parse).transpose()?;
+        let alternative = get(ALTERNATIVE)
+            .map(|v| Slot::parse(&v).ok_or(GrubEnvError::BadAlternative(v)))
+            .transpose()?;
+        let cycle = get(CYCLE)
+            .map(|v| BootCycle::parse(&v).ok_or(GrubEnvError::BadCycle(v)))
+            .transpose()?;
         Ok(GrubEnv {
             vars,
             alternative,
@@ -211,30 +78,18 @@ impl GrubEnv {
     /// values: header, those two lines, then every other variable in its
     /// original order, padded with `#` to 1024 bytes.
     pub fn encode_with(&self, slot: Slot, cycle: BootCycle) -> Result<Vec<u8>, GrubEnvError> {
-        let mut out = HEADER.to_vec();
-        let mut line = |name: &[u8], value: &[u8]| {
-            out.extend_from_slice(name);
-            out.push(b'=');
-            for &b in value {
-                if b == b'\\' || b == b'\n' {
-                    out.push(b'\\');
-                }
-                out.push(b);
-            }
-            out.push(b'\n');
-        };
-        line(ALTERNATIVE, slot.as_str().as_bytes());
-        line(CYCLE, cycle.as_str().as_bytes());
+        // Names are written back as they were read (unchecked), values
+        // escaped: the codec's `Encoder` with `push_raw_name`.
+        let mut enc = ::grubenv::Encoder::new();
+        enc.push_raw_name(ALTERNATIVE, slot.as_str().as_bytes());
+        enc.push_raw_name(CYCLE, cycle.as_str().as_bytes());
         for (n, v) in &self.vars {
             if n != ALTERNATIVE && n != CYCLE {
-                line(n, v);
+                enc.push_raw_name(n, v);
             }
         }
-        if out.len() > BLOCK_SIZE {
-            return Err(GrubEnvError::TooLarge);
-        }
-        out.resize(BLOCK_SIZE, b'#');
-        Ok(out)
+        // `finish` fails only when the block is too large.
+        enc.finish().map_err(|_| GrubEnvError::TooLarge)
     }
 }
 

@@ -30,7 +30,7 @@ use log::info;
 
 use crate::config::{BootSlot, DiskConfig, MAX_CMDLINE};
 use disk::Window;
-use grubenv::{GrubEnv, Slot};
+use self::grubenv::{GrubEnv, Slot};
 
 /// Unique partition GUID of the GuestOS grub partition (vfat).
 pub const GRUB_GUID: &str = "6788E4CF-F456-104E-9A34-A2C58CFB0EE6";
