@@ -50,6 +50,9 @@ pub enum EncodeError {
     BadName(Vec<u8>),
 }
 
+/// One variable: its name and its value, unescaped.
+pub type Var = (Vec<u8>, Vec<u8>);
+
 /// The variables of a block, one item per `name=value` line in file order
 /// (repeated names included; [`parse`] applies last-wins). `#` lines and
 /// empty lines are skipped, escapes are undone. After an error the iterator
@@ -69,7 +72,7 @@ pub fn entries(block: &[u8]) -> Result<Entries<'_>, ParseError> {
 }
 
 impl Iterator for Entries<'_> {
-    type Item = Result<(Vec<u8>, Vec<u8>), ParseError>;
+    type Item = Result<Var, ParseError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -119,8 +122,8 @@ impl Iterator for Entries<'_> {
 /// Parses a block into its variables: each name once, in the order of its
 /// first appearance, with the value of its last. The block must start with
 /// [`HEADER`]; its length is not checked.
-pub fn parse(block: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ParseError> {
-    let mut vars: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+pub fn parse(block: &[u8]) -> Result<Vec<Var>, ParseError> {
+    let mut vars: Vec<Var> = Vec::new();
     for entry in entries(block)? {
         let (name, value) = entry?;
         match vars.iter_mut().find(|(n, _)| *n == name) {
@@ -330,7 +333,10 @@ mod tests {
                 ("empty", ""),
             ])
         );
-        let all: Vec<_> = entries(&padded(text)).unwrap().map(Result::unwrap).collect();
+        let all: Vec<_> = entries(&padded(text))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(all.len(), 6, "entries keeps every occurrence");
     }
 
@@ -358,7 +364,10 @@ mod tests {
     #[test]
     fn malformed_blocks_are_errors() {
         assert_eq!(parse(b"hello").unwrap_err(), ParseError::NoHeader);
-        assert_eq!(parse(&[b'#'; BLOCK_SIZE]).unwrap_err(), ParseError::NoHeader);
+        assert_eq!(
+            parse(&[b'#'; BLOCK_SIZE]).unwrap_err(),
+            ParseError::NoHeader
+        );
         assert_eq!(
             parse(&padded("novalue\n")).unwrap_err(),
             ParseError::NotNameValue(b"novalue".to_vec())

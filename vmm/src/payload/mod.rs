@@ -28,9 +28,9 @@ use std::sync::Arc;
 use devices::virtio::block::{DiskBackend, DiskError};
 use log::info;
 
+use self::grubenv::{GrubEnv, Slot};
 use crate::config::{BootSlot, DiskConfig, MAX_CMDLINE};
 use disk::Window;
-use self::grubenv::{GrubEnv, Slot};
 
 /// Unique partition GUID of the GuestOS grub partition (vfat).
 pub const GRUB_GUID: &str = "6788E4CF-F456-104E-9A34-A2C58CFB0EE6";
