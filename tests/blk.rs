@@ -2,12 +2,13 @@
 //! with the virtio-drivers crate (and raw rings for malformed requests);
 //! the host checks the backing byte for byte.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use keel_tests::{
     api_call, guest_pattern, make_test_disk, probe_guest, run_keel, scratch_dir, LoopDevice,
-    ProbeReport, RunningKeel,
+    ProbeReport, RunResult, RunningKeel,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -195,48 +196,49 @@ fn flushed_data_survives_kill_9() {
     drop(lo);
 }
 
+/// Opens `disk` and takes the advisory lock `how` (LOCK_EX or LOCK_SH) on
+/// it, as another VMM would; the lock lasts as long as the file.
+fn hold_lock(disk: &Path, how: libc::c_int) -> std::fs::File {
+    let f = std::fs::File::open(disk).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), how) },
+        0
+    );
+    f
+}
+
+/// Runs keel on the probe with the one disk `disk_arg`.
+fn run_with_disk(disk_arg: String, cmdline: &str) -> RunResult {
+    let args = keel_args(&[disk_arg], cmdline);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_keel(&refs, DEADLINE)
+}
+
+fn assert_refused_in_use(r: &RunResult) {
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("in use"), "{}", r.stderr);
+}
+
 #[test]
 fn a_disk_in_use_is_refused_before_boot() {
     let dir = scratch_dir("blk-locked");
     let disk = dir.join("disk.img");
     make_test_disk(&disk);
-    let f = std::fs::File::open(&disk).unwrap();
-    // SAFETY: flock on a descriptor we own.
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
-        0
-    );
-    let args = keel_args(&[format!("path={}", disk.display())], "");
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run_keel(&refs, DEADLINE);
-    assert_eq!(r.code(), 1, "{}", r.stderr);
-    assert!(r.stderr.contains("in use"), "{}", r.stderr);
-    drop(f);
+    let held = hold_lock(&disk, libc::LOCK_EX);
+    assert_refused_in_use(&run_with_disk(format!("path={}", disk.display()), ""));
+    drop(held);
 
     // A disk its users share (HostOS's GuestOS and upgrade VMs): with a
     // shared lock held elsewhere, `shared=on` gets in and writes, and a
     // keel that wants the disk to itself is still kept out.
-    let f = std::fs::File::open(&disk).unwrap();
-    // SAFETY: flock on a descriptor we own.
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_SH) },
-        0
-    );
-    let args = keel_args(
-        &[format!("path={},shared=on", disk.display())],
-        "probe.blk=1",
-    );
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run_keel(&refs, DEADLINE);
+    let held = hold_lock(&disk, libc::LOCK_SH);
+    let r = run_with_disk(format!("path={},shared=on", disk.display()), "probe.blk=1");
     ProbeReport::parse(&r.stdout).assert_all_passed(WRITABLE_CHECKS, &r.stdout);
     assert_eq!(r.code(), 0, "{}", r.stderr);
     verify_written(&std::fs::read(&disk).unwrap());
-    let args = keel_args(&[format!("path={}", disk.display())], "");
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run_keel(&refs, DEADLINE);
-    assert_eq!(r.code(), 1, "{}", r.stderr);
-    assert!(r.stderr.contains("in use"), "{}", r.stderr);
-    drop(f);
+    assert_refused_in_use(&run_with_disk(format!("path={}", disk.display()), ""));
+    drop(held);
 }
 
 /// The config disk's image, read from the running keel's sealed memfd.

@@ -34,7 +34,6 @@ use crate::config::{
 use crate::vstate::vm::{Vm, VmError};
 
 /// ISA interrupt line of the i8042 keyboard.
-/// The i8042's keyboard interrupt line.
 pub const KBD_IRQ: u32 = 1;
 
 /// Errors of device set-up.
