@@ -40,6 +40,11 @@ pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
 /// Data segments per request (queue size less header and status).
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Descriptors collected of one chain at most: a request's (header, SEG_MAX
+/// segments, status) and one more, which tells a longer chain (refused)
+/// without collecting the rest of it. An indirect table may hold 65,535
+/// descriptors; the host heap never grows with it.
+const MAX_CHAIN: usize = SEG_MAX as usize + 3;
 /// Largest discard / write-zeroes request, in sectors (2 GiB).
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 /// Discard granularity, in sectors (4 KiB).
@@ -226,7 +231,7 @@ impl VirtioBlock {
                 slot.head = chain.head_index();
                 slot.start = Instant::now();
                 slot.descs.clear();
-                slot.descs.extend(chain);
+                slot.descs.extend(chain.take(MAX_CHAIN));
                 let done = start_request(
                     Target {
                         disk: &self.disk,
@@ -355,7 +360,7 @@ fn start_request(
         &mut slot.iovecs,
     ) {
         Ok(r) => r,
-        Err(RequestError::NoStatus) => {
+        Err(RequestError::NoStatus | RequestError::ChainTooLong) => {
             bump(&counters.invalid_requests, 1);
             slot.used_len = 0;
             return true;
@@ -1014,6 +1019,56 @@ mod tests {
             vec![0x11u8; 64 << 10],
             "disk untouched"
         );
+    }
+
+    #[test]
+    fn an_overlong_indirect_chain_is_refused_without_being_collected() {
+        use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        let d = disk("long", 64 << 10);
+        let m = mem();
+        // An indirect table of 4,000 descriptors: a header, 3,998 data
+        // segments (far more than SEG_MAX), a status byte.
+        const TABLE: u64 = 0x40_0000;
+        const LONG: u16 = 4000;
+        let long_hdr = header(&m, 0, VIRTIO_BLK_T_IN, 0);
+        for i in 0..LONG {
+            let raw = match i {
+                0 => desc(long_hdr, 16, N, 1),
+                i if i == LONG - 1 => desc(STATUS, 1, W, 0),
+                i => desc(DATA, 512, N | W, i + 1),
+            };
+            m.write_obj(raw, GuestAddress(TABLE + u64::from(i) * 16))
+                .unwrap();
+        }
+        let good = header(&m, 1, VIRTIO_BLK_T_IN, 0);
+        let chains = [
+            desc(TABLE, u32::from(LONG) * 16, VRING_DESC_F_INDIRECT as u16, 0),
+            desc(good, 16, N, 2),
+            desc(DATA, 512, N | W, 3),
+            desc(STATUS + 1, 1, W, 0),
+        ];
+        for i in 0..2 {
+            m.write_obj(0xeeu8, GuestAddress(STATUS + i)).unwrap();
+        }
+        let mut r = rig(&d.0, false, EngineKind::IoUring, &chains, m);
+        let used = run_until_used(&mut r, 2);
+        let long = used
+            .iter()
+            .find(|(h, _)| *h == 0)
+            .expect("long chain returned");
+        assert_eq!(long.1, 0, "returned unanswered");
+        assert_eq!(status(&r.mem, 0), 0xee, "its last descriptor untouched");
+        assert_eq!(
+            status(&r.mem, 1),
+            VIRTIO_BLK_S_OK as u8,
+            "the next request works"
+        );
+        let c = r.dev.lock().unwrap().counters().snapshot();
+        assert_eq!((c.invalid_requests, c.read_ops), (1, 1));
+        // Only what a request may hold was collected.
+        let dev = r.dev.lock().unwrap();
+        let a = dev.active.as_ref().expect("active");
+        assert!(a.slots.iter().all(|s| s.descs.len() <= MAX_CHAIN));
     }
 
     #[test]

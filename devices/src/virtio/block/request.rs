@@ -42,6 +42,11 @@ pub enum RequestError {
     /// the guest unanswered (used length 0).
     #[error("chain has no writable status byte")]
     NoStatus,
+    /// More descriptors than a request may have (header, SEG_MAX data
+    /// segments, status): returned unanswered too, since its last collected
+    /// descriptor is no status byte.
+    #[error("chain longer than a request may be")]
+    ChainTooLong,
     /// The header is missing, short or device-writable.
     #[error("bad request header")]
     BadHeader,
@@ -103,6 +108,9 @@ pub fn parse(
 ) -> Result<Request, RequestError> {
     data.clear();
     iovecs.clear();
+    if descs.len() > seg_max + 2 {
+        return Err(RequestError::ChainTooLong);
+    }
     let status = status_addr(descs).ok_or(RequestError::NoStatus)?;
     let header = descs[0];
     if header.is_write_only() || header.len() < HEADER_LEN {
