@@ -17,8 +17,8 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bit: the device complies with virtio 1.x.
@@ -300,6 +300,19 @@ impl<A> Handoff<A> {
         let _ = self.evt.read();
         (std::mem::take(&mut self.retired), self.pending.take())
     }
+}
+
+/// Whether `chain` has at most `max` descriptors, found by walking at most
+/// `max + 1` of them without keeping any. A device calls it before it
+/// collects a chain (or makes a `Reader`/`Writer` of it, which collects every
+/// descriptor): an indirect table may hold 65,535 descriptors, and the
+/// virtio spec forbids a driver chains longer than the queue size.
+pub fn chain_within<M>(chain: &DescriptorChain<M>, max: usize) -> bool
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    chain.clone().take(max.saturating_add(1)).count() <= max
 }
 
 /// Copies `src[offset..]` into `data`, or fills `data` with zeros when the

@@ -35,8 +35,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::counters::{bump, NetCounters};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    chain_within, read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt,
+    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Largest frame, virtio-net header included: a 64 KiB GSO frame plus
@@ -52,9 +52,10 @@ pub const MAX_QUEUE_PAIRS: usize = 16;
 /// cannot starve the other devices on the thread (epoll is level-triggered:
 /// the rest are read on the next round).
 const RX_BATCH: usize = 64;
-/// Most segments one `writev` takes (UIO_MAXIOV); a frame in more
-/// descriptors than that is refused as malformed.
-const MAX_IOV: usize = 1024;
+/// Most descriptors in one rx or tx chain: the queue size (the virtio spec
+/// forbids longer chains). A longer one (an indirect table may hold 65,535)
+/// is refused as malformed before any of it is collected.
+const MAX_CHAIN: usize = QUEUE_SIZE as usize;
 /// Size of `struct virtio_net_config` up to `mtu`.
 const CONFIG_LEN: usize = 12;
 /// Receive checksum info: DATA_VALID in the header's flags.
@@ -393,7 +394,8 @@ impl VirtioNet {
                 let iov = &mut a.iov.0;
                 iov.clear();
                 let mut total = 0usize;
-                let mut bad = false;
+                let mut bad = !chain_within(&chain, MAX_CHAIN);
+                let chain = chain.take(if bad { 0 } else { MAX_CHAIN });
                 for d in chain {
                     if d.is_write_only() {
                         bad = true;
@@ -417,7 +419,7 @@ impl VirtioNet {
                         }
                     }
                 }
-                if bad || total < VNET_HDR_LEN || iov.len() > MAX_IOV {
+                if bad || total < VNET_HDR_LEN {
                     bump(&c.invalid_chains, 1);
                 } else if total > MAX_FRAME {
                     bump(&c.oversize, 1);
@@ -612,7 +614,8 @@ impl VirtioNet {
                 let mut cmd = [0u8; 8];
                 let mut got = 0usize;
                 let mut ack = None;
-                let mut bad = false;
+                let mut bad = !chain_within(&chain, usize::from(CTRL_QUEUE_SIZE));
+                let chain = chain.take(if bad { 0 } else { usize::from(CTRL_QUEUE_SIZE) });
                 for d in chain {
                     if d.is_write_only() {
                         if d.len() >= 1 && a.mem.check_range(d.addr(), 1) {
@@ -761,7 +764,8 @@ fn next_rx_chain(
         let mut segs = pair.rx.spare.pop().unwrap_or_default();
         segs.clear();
         let mut cap = 0usize;
-        let mut bad = false;
+        let mut bad = !chain_within(&chain, MAX_CHAIN);
+        let chain = chain.take(if bad { 0 } else { MAX_CHAIN });
         for d in chain {
             if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
                 bad = true;

@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Instant;
 
+use super::control::Owed;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 /// Bytes of guest data Keel buffers per connection when the host side is
@@ -61,6 +62,8 @@ pub struct Connection {
     pub guest_send_shut: bool,
     /// Partial `CONNECT` line from a host-initiated connection.
     pub line: Vec<u8>,
+    /// Control packets owed while the control queue was full.
+    pub owed: Owed,
 }
 
 impl Connection {
@@ -83,6 +86,7 @@ impl Connection {
             close_by: None,
             guest_send_shut: false,
             line: Vec::new(),
+            owed: Owed::default(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! The vsock device: queues, the connection multiplexer and the device
 //! thread's event handling.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -19,15 +19,19 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{connect_nonblocking, ConnState, Connection, CONN_TX_BUF};
+use super::control::{ControlQueue, Pushed};
 use super::packet::*;
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    chain_within, read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// Virtio device ID of vsock.
 const VIRTIO_ID_VSOCK: u32 = 19;
 const QUEUE_SIZE: u16 = 256;
+/// Most descriptors in one chain (the queue size: the virtio spec forbids
+/// longer chains); a longer one is dropped before any of it is collected.
+const MAX_CHAIN: usize = QUEUE_SIZE as usize;
 /// Most connections at once: with 1 MiB of credit each, Keel buffers at
 /// most 256 MiB for host sockets that stop reading.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -98,6 +102,9 @@ pub struct VsockCounters {
     pub connection_limit_hits: AtomicU64,
     pub rx_stalls_no_buffers: AtomicU64,
     pub close_timeouts: AtomicU64,
+    /// Control packets of no connection (RSTs) dropped because the control
+    /// queue was full (a guest not taking what it is sent).
+    pub control_dropped: AtomicU64,
 }
 
 impl VsockCounters {
@@ -131,6 +138,7 @@ impl VsockCounters {
                 self.rx_stalls_no_buffers.load(Relaxed),
             ),
             ("close_timeouts", self.close_timeouts.load(Relaxed)),
+            ("control_dropped", self.control_dropped.load(Relaxed)),
         ]
     }
 }
@@ -170,7 +178,7 @@ struct Active {
     /// Registered interest per token.
     interest: HashMap<u32, EventSet>,
     next_token: u32,
-    control: VecDeque<Header>,
+    control: ControlQueue,
     next_host_port: u32,
     buf: Vec<u8>,
     rx_blocked: bool,
@@ -245,18 +253,7 @@ impl VirtioVsock {
     }
 
     fn header(&self, c: &Connection, op: u16, len: u32, flags: u32) -> Header {
-        Header {
-            src_cid: HOST_CID,
-            dst_cid: self.cfg.guest_cid,
-            src_port: c.local_port,
-            dst_port: c.peer_port,
-            len,
-            type_: TYPE_STREAM,
-            op,
-            flags,
-            buf_alloc: CONN_TX_BUF,
-            fwd_cnt: c.fwd_cnt,
-        }
+        header_for(self.cfg.guest_cid, c, op, len, flags)
     }
 
     fn rst_for(&self, local: u32, peer: u32) -> Header {
@@ -302,7 +299,7 @@ impl VirtioVsock {
             tokens: HashMap::new(),
             interest: HashMap::new(),
             next_token: EV_CONN_BASE,
-            control: VecDeque::new(),
+            control: ControlQueue::new(),
             next_host_port: HOST_PORT_BASE,
             buf: vec![0u8; MAX_PKT],
             rx_blocked: false,
@@ -321,9 +318,14 @@ impl VirtioVsock {
         loop {
             while let Some(chain) = a.txq.pop_descriptor_chain(&mem) {
                 let head = chain.head_index();
-                let mut reader = match chain.reader(&mem) {
-                    Ok(r) => r,
-                    Err(_) => {
+                let reader = if chain_within(&chain, MAX_CHAIN) {
+                    chain.reader(&mem).ok()
+                } else {
+                    None
+                };
+                let mut reader = match reader {
+                    Some(r) => r,
+                    None => {
                         bump(&self.counters.packets_dropped, 1);
                         let _ = a.txq.add_used(&a.mem, head, 0);
                         used_any = true;
@@ -391,8 +393,7 @@ impl VirtioVsock {
         }
         let Some(conn) = a.conns.get_mut(&key) else {
             if op != OP_RST {
-                a.control.push_back(self.rst_for(dst_port, src_port));
-                bump(&c.resets_sent, 1);
+                self.send_rst(a, (dst_port, src_port));
             }
             return;
         };
@@ -426,14 +427,14 @@ impl VirtioVsock {
                 } else if conn.credit_update_due() {
                     let h = self.header(conn, OP_CREDIT_UPDATE, 0, 0);
                     conn.last_fwd_cnt_sent = conn.fwd_cnt;
-                    a.control.push_back(h);
+                    a.control.push(h, Some(conn));
                 }
             }
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => {
                 let h = self.header(conn, OP_CREDIT_UPDATE, 0, 0);
                 conn.last_fwd_cnt_sent = conn.fwd_cnt;
-                a.control.push_back(h);
+                a.control.push(h, Some(conn));
             }
             OP_SHUTDOWN => {
                 let flags = h.flags;
@@ -470,8 +471,7 @@ impl VirtioVsock {
         }
         if a.conns.len() >= MAX_CONNECTIONS {
             bump(&c.connection_limit_hits, 1);
-            a.control.push_back(self.rst_for(key.0, key.1));
-            bump(&c.resets_sent, 1);
+            self.send_rst(a, key);
             return;
         }
         let path = format!("{}_{}", self.cfg.uds_path.display(), key.0);
@@ -480,8 +480,7 @@ impl VirtioVsock {
             Err(e) => {
                 debug!("vsock: cannot connect to {path} ({e}): reset");
                 bump(&c.conns_refused, 1);
-                a.control.push_back(self.rst_for(key.0, key.1));
-                bump(&c.resets_sent, 1);
+                self.send_rst(a, key);
                 return;
             }
         };
@@ -490,10 +489,10 @@ impl VirtioVsock {
         conn.peer_fwd_cnt = h.fwd_cnt;
         let resp = self.header(&conn, OP_RESPONSE, 0, 0);
         if self.register(a, key, conn, ops) {
-            a.control.push_back(resp);
+            a.control.push(resp, a.conns.get_mut(&key));
             bump(&c.conns_opened, 1);
         } else {
-            a.control.push_back(self.rst_for(key.0, key.1));
+            self.send_rst(a, key);
         }
     }
 
@@ -525,7 +524,16 @@ impl VirtioVsock {
             bump(&self.counters.conns_closed, 1);
         }
         if rst {
-            a.control.push_back(self.rst_for(key.0, key.1));
+            self.send_rst(a, key);
+        }
+    }
+
+    /// Queues an RST for `key` (a connection that is not, or no longer,
+    /// open); dropped and counted when the control queue is full.
+    fn send_rst(&self, a: &mut Active, key: Key) {
+        if a.control.push(self.rst_for(key.0, key.1), None) == Pushed::Dropped {
+            bump(&self.counters.control_dropped, 1);
+        } else {
             bump(&self.counters.resets_sent, 1);
         }
     }
@@ -538,6 +546,13 @@ impl VirtioVsock {
         };
         let mut used_any = false;
         'fill: loop {
+            if a.control.is_empty() {
+                // Packets owed while the queue was full, made afresh.
+                let cid = self.cfg.guest_cid;
+                a.control.resync(a.conns.values_mut(), |c, op, flags| {
+                    header_for(cid, c, op, 0, flags)
+                });
+            }
             let pending_data = a.conns.values().any(|c| {
                 c.state == ConnState::Established
                     && c.host_readable
@@ -557,7 +572,13 @@ impl VirtioVsock {
                 break;
             };
             let head = chain.head_index();
-            let Ok(mut w) = chain.writer(&a.mem) else {
+            let writer = if chain_within(&chain, MAX_CHAIN) {
+                chain.writer(&a.mem).ok()
+            } else {
+                None
+            };
+            let Some(mut w) = writer else {
+                bump(&self.counters.invalid_packets, 1);
                 let _ = a.rxq.add_used(&a.mem, head, 0);
                 used_any = true;
                 continue;
@@ -567,13 +588,23 @@ impl VirtioVsock {
                 used_any = true;
                 continue;
             }
-            if let Some(h) = a.control.pop_front() {
+            if let Some(h) = a.control.pop() {
                 let _ = w.write_obj(h);
                 let _ = a.rxq.add_used(&a.mem, head, HDR_LEN as u32);
                 used_any = true;
                 continue;
             }
             let room = (w.available_bytes() - HDR_LEN).min(MAX_PKT);
+            if room == 0 {
+                // A header-only buffer takes control packets only (there are
+                // none now): never read into an empty buffer, which would
+                // read 0 bytes and look like the host's EOF. It waits at the
+                // head of the queue for the next control packet or a kick.
+                a.rxq.go_to_previous_position();
+                a.rx_blocked = true;
+                let _ = a.rxq.enable_notification(&a.mem);
+                break;
+            }
             let keys: Vec<Key> = a
                 .conns
                 .iter()
@@ -600,7 +631,7 @@ impl VirtioVsock {
                             SHUTDOWN_SEND
                         };
                         let h = self.header(conn, OP_SHUTDOWN, 0, flags);
-                        a.control.push_back(h);
+                        a.control.push(h, Some(conn));
                     }
                     Ok(n) => {
                         conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
@@ -617,7 +648,7 @@ impl VirtioVsock {
                     Err(_) => {
                         conn.host_eof = true;
                         let h = self.header(conn, OP_SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
-                        a.control.push_back(h);
+                        a.control.push(h, Some(conn));
                     }
                 }
             }
@@ -704,7 +735,7 @@ impl VirtioVsock {
         if let Some(t) = token {
             a.tokens.insert(t, new_key);
         }
-        a.control.push_back(req);
+        a.control.push(req, a.conns.get_mut(&new_key));
     }
 
     /// Drops, with RST, finished connections the guest has not closed
@@ -805,7 +836,7 @@ impl VirtioVsock {
                 if conn.credit_update_due() {
                     let h = self.header(conn, OP_CREDIT_UPDATE, 0, 0);
                     conn.last_fwd_cnt_sent = conn.fwd_cnt;
-                    a.control.push_back(h);
+                    a.control.push(h, Some(conn));
                 }
                 if conn.guest_send_shut && conn.tx_buf.is_empty() {
                     let _ = conn.stream.shutdown(std::net::Shutdown::Write);
@@ -819,6 +850,22 @@ impl VirtioVsock {
             }
         }
         self.active = Some(a);
+    }
+}
+
+/// A packet of connection `c` to the guest `guest_cid`.
+fn header_for(guest_cid: u64, c: &Connection, op: u16, len: u32, flags: u32) -> Header {
+    Header {
+        src_cid: HOST_CID,
+        dst_cid: guest_cid,
+        src_port: c.local_port,
+        dst_port: c.peer_port,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags,
+        buf_alloc: CONN_TX_BUF,
+        fwd_cnt: c.fwd_cnt,
     }
 }
 
@@ -937,6 +984,7 @@ impl MutEventSubscriber for VirtioVsock {
 
 #[cfg(test)]
 mod tests {
+    use super::super::control::MAX_CONTROL;
     use super::*;
     use std::sync::Mutex;
 
@@ -950,6 +998,8 @@ mod tests {
     const GUEST_CID: u64 = 3;
     const TXBUF: u64 = 0x40_0000;
     const RXBUF: u64 = 0x80_0000;
+    const BATCHBUF: u64 = 0xa0_0000;
+    const TABLE: u64 = 0xc0_0000;
 
     struct Rig {
         mem: GuestMemoryMmap,
@@ -981,11 +1031,18 @@ mod tests {
         let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 64);
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 64);
         let evq = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 64);
-        let queues = vec![
-            rxq.create_queue().unwrap(),
-            txq.create_queue().unwrap(),
-            evq.create_queue().unwrap(),
-        ];
+        // The mock lays its used ring over the avail ring's second half:
+        // each queue gets its used ring further on (tests wrap the rings).
+        let used_of = |m: &MockSplitQueue<GuestMemoryMmap>| m.avail_addr().unchecked_add(0x200);
+        let queue_of = |m: &MockSplitQueue<GuestMemoryMmap>| {
+            let mut q: Queue = m.create_queue().unwrap();
+            let used = used_of(m).0;
+            q.set_ready(false);
+            q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+            q.set_ready(true);
+            q
+        };
+        let queues = vec![queue_of(&rxq), queue_of(&txq), queue_of(&evq)];
         let evts: Vec<EventFd> = (0..3)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
@@ -1010,8 +1067,8 @@ mod tests {
         em.run_with_timeout(10).unwrap();
 
         Rig {
-            rx_used: rxq.used_addr(),
-            tx_used: txq.used_addr(),
+            rx_used: used_of(&rxq),
+            tx_used: used_of(&txq),
             tx_avail: txq.avail_addr(),
             tx_desc: txq.desc_table_addr(),
             rx_avail: rxq.avail_addr(),
@@ -1081,6 +1138,11 @@ mod tests {
 
         /// Guest offers `n` receive buffers of 4 KiB + header.
         fn offer_rx(&mut self, n: u16) {
+            self.offer_rx_len(n, 0x1000 + HDR_LEN as u32);
+        }
+
+        /// Guest offers `n` receive buffers of `len` bytes.
+        fn offer_rx_len(&mut self, n: u16, len: u32) {
             for _ in 0..n {
                 let i = self.rx_posted % 64;
                 let at = RXBUF + u64::from(i) * 0x2000;
@@ -1088,7 +1150,7 @@ mod tests {
                     &self.mem,
                     self.rx_desc,
                     i,
-                    Descriptor::new(at, 0x1000 + HDR_LEN as u32, VRING_DESC_F_WRITE as u16, 0),
+                    Descriptor::new(at, len, VRING_DESC_F_WRITE as u16, 0),
                 );
                 let mut p = self.rx_posted;
                 publish(&self.mem, self.rx_avail, &mut p, i);
@@ -1130,6 +1192,57 @@ mod tests {
                     (h, data)
                 })
                 .collect()
+        }
+
+        /// Guest sends header-only packets `hs`, many per notification.
+        fn send_batch(&mut self, hs: &[Header]) {
+            for chunk in hs.chunks(32) {
+                for h in chunk {
+                    let i = self.tx_posted % 64;
+                    let at = BATCHBUF + u64::from(i) * 64;
+                    self.mem.write_obj(*h, GuestAddress(at)).unwrap();
+                    put_desc(
+                        &self.mem,
+                        self.tx_desc,
+                        i,
+                        Descriptor::new(at, HDR_LEN as u32, 0, 0),
+                    );
+                    let mut p = self.tx_posted;
+                    publish(&self.mem, self.tx_avail, &mut p, i);
+                    self.tx_posted = p;
+                }
+                self.evts[1].write(1).unwrap();
+                self.spin();
+                assert_eq!(self.tx_used(), self.tx_posted, "the batch was taken");
+            }
+        }
+
+        /// Guest offers receive buffers until the device has nothing more
+        /// for it; returns what it got (after what `received` saw before).
+        fn drain_rx(&mut self, seen: &mut u16) -> Vec<(Header, Vec<u8>)> {
+            let mut got = Vec::new();
+            loop {
+                let used: u16 = self.mem.read_obj(self.rx_used.unchecked_add(2)).unwrap();
+                let outstanding = self.rx_posted.wrapping_sub(used);
+                self.offer_rx(32u16.min(64 - outstanding));
+                let used: u16 = self.mem.read_obj(self.rx_used.unchecked_add(2)).unwrap();
+                if used == *seen {
+                    return got;
+                }
+                while *seen != used {
+                    let e = self.rx_used.unchecked_add(4 + 8 * u64::from(*seen % 64));
+                    let id: u32 = self.mem.read_obj(e).unwrap();
+                    let len: u32 = self.mem.read_obj(e.unchecked_add(4)).unwrap();
+                    let at = RXBUF + u64::from(id) * 0x2000;
+                    let h: Header = self.mem.read_obj(GuestAddress(at)).unwrap();
+                    let mut data = vec![0u8; len as usize - HDR_LEN];
+                    self.mem
+                        .read_slice(&mut data, GuestAddress(at + HDR_LEN as u64))
+                        .unwrap();
+                    got.push((h, data));
+                    *seen = seen.wrapping_add(1);
+                }
+            }
         }
 
         fn tx_used(&self) -> u16 {
@@ -1334,5 +1447,118 @@ mod tests {
         let c = r.counters();
         assert_eq!(c.flow_control_violations.load(Relaxed), 1);
         assert!(r.received().iter().any(|(h, _)| h.op == OP_RST));
+    }
+
+    #[test]
+    fn a_guest_flooding_without_rx_buffers_cannot_grow_the_control_queue() {
+        let mut r = rig("flood", false);
+        let listener = UnixListener::bind(r.dir.join("v.sock_77")).unwrap();
+        // Three times the queue's bound of packets that each earn an RST
+        // (unknown connections), no receive buffer posted.
+        let flood: Vec<Header> = (0..3 * MAX_CONTROL as u32)
+            .map(|i| {
+                let op = [OP_REQUEST, OP_CREDIT_REQUEST, OP_RW, OP_SHUTDOWN][i as usize % 4];
+                pkt(op, 10_000 + i, 20_000 + i, 0)
+            })
+            .collect();
+        r.send_batch(&flood);
+        // A real connection now: its RESPONSE and credit updates are owed.
+        r.send(pkt(OP_REQUEST, 5, 77, 0), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        r.send_batch(&vec![pkt(OP_CREDIT_REQUEST, 5, 77, 0); 500]);
+        {
+            let dev = r.dev.lock().unwrap();
+            let a = dev.active.as_ref().unwrap();
+            assert!(a.control.len() <= MAX_CONTROL, "{}", a.control.len());
+        }
+        assert_eq!(r.tx_used(), r.tx_posted, "every packet was taken");
+        let c = r.counters();
+        assert_eq!(c.control_dropped.load(Relaxed), 2 * MAX_CONTROL as u64);
+        assert_eq!(c.resets_sent.load(Relaxed), MAX_CONTROL as u64);
+        // The guest posts buffers: the queued RSTs, then what the
+        // connection is owed, made afresh, in order.
+        let mut seen = 0;
+        let got = r.drain_rx(&mut seen);
+        let rsts = got.iter().filter(|(h, _)| h.op == OP_RST).count();
+        assert_eq!(rsts, MAX_CONTROL);
+        let ours: Vec<u16> = got
+            .iter()
+            .filter(|(h, _)| h.dst_port == 5)
+            .map(|(h, _)| h.op)
+            .collect();
+        assert_eq!(ours, [OP_RESPONSE, OP_CREDIT_UPDATE]);
+        // The connection works.
+        r.send(pkt(OP_RW, 5, 77, 4), b"ping");
+        let mut b = [0u8; 4];
+        host.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+        host.write_all(b"pong").unwrap();
+        r.spin();
+        let got = r.drain_rx(&mut seen);
+        assert!(got.iter().any(|(h, d)| h.op == OP_RW && d == b"pong"));
+    }
+
+    #[test]
+    fn a_header_only_rx_buffer_is_never_read_into_and_never_means_eof() {
+        let mut r = rig("hdronly", false);
+        let listener = UnixListener::bind(r.dir.join("v.sock_78")).unwrap();
+        r.offer_rx(1);
+        r.send(pkt(OP_REQUEST, 6, 78, 0), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(b"data").unwrap();
+        r.spin();
+        // A buffer with room for the header only.
+        r.offer_rx_len(1, HDR_LEN as u32);
+        {
+            let dev = r.dev.lock().unwrap();
+            let conn = &dev.active.as_ref().unwrap().conns[&(78, 6)];
+            assert!(!conn.host_eof, "an empty read was taken for EOF");
+        }
+        assert!(r.received().iter().all(|(h, _)| h.op != OP_SHUTDOWN));
+        // It takes the next control packet; a full buffer takes the data.
+        r.send(pkt(OP_CREDIT_REQUEST, 6, 78, 0), &[]);
+        r.offer_rx(1);
+        let ops: Vec<u16> = r.received().iter().map(|(h, _)| h.op).collect();
+        assert_eq!(ops, [OP_RESPONSE, OP_CREDIT_UPDATE, OP_RW]);
+        assert_eq!(r.received()[2].1, b"data");
+    }
+
+    #[test]
+    fn an_overlong_indirect_tx_chain_is_dropped_without_being_collected() {
+        use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        let mut r = rig("longchain", false);
+        r.offer_rx(4);
+        // An indirect table of 4,000 descriptors, the first a REQUEST.
+        const LONG: u16 = 4000;
+        r.mem
+            .write_obj(pkt(OP_REQUEST, 7, 9999, 0), GuestAddress(BATCHBUF))
+            .unwrap();
+        for i in 0..LONG {
+            let d = if i == 0 {
+                Descriptor::new(BATCHBUF, HDR_LEN as u32, VRING_DESC_F_NEXT as u16, 1)
+            } else if i == LONG - 1 {
+                Descriptor::new(BATCHBUF + 0x100, 1, 0, 0)
+            } else {
+                Descriptor::new(BATCHBUF + 0x100, 1, VRING_DESC_F_NEXT as u16, i + 1)
+            };
+            put_desc(&r.mem, GuestAddress(TABLE), i, d);
+        }
+        put_desc(
+            &r.mem,
+            r.tx_desc,
+            0,
+            Descriptor::new(TABLE, u32::from(LONG) * 16, VRING_DESC_F_INDIRECT as u16, 0),
+        );
+        let mut p = r.tx_posted;
+        publish(&r.mem, r.tx_avail, &mut p, 0);
+        r.tx_posted = p;
+        r.evts[1].write(1).unwrap();
+        r.spin();
+        assert_eq!(r.tx_used(), 1, "returned to the guest");
+        assert!(r.received().is_empty(), "not read as a packet");
+        assert_eq!(r.counters().packets_dropped.load(Relaxed), 1);
+        // The queue keeps working.
+        r.send(pkt(OP_REQUEST, 8, 9999, 0), &[]);
+        assert_eq!({ r.received()[0].0.op }, OP_RST);
     }
 }

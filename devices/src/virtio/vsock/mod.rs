@@ -6,6 +6,7 @@
 //! allowed. HostOS leaves them off: the guest always starts.
 
 mod connection;
+mod control;
 mod device;
 pub mod packet;
 
