@@ -202,6 +202,42 @@ impl Ring {
         head
     }
 
+    /// Makes available one indirect chain at `table` of `n` descriptors
+    /// of `len` bytes each at `addr` (device-writable with `write`).
+    fn add_indirect(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        table: u64,
+        n: u16,
+        (addr, len, write): (u64, u32, bool),
+    ) -> u16 {
+        for i in 0..n {
+            let at = table + u64::from(i) * 16;
+            let last = i + 1 == n;
+            let flags = if write { 2u16 } else { 0 } | if last { 0 } else { 1 };
+            mem.write_obj(addr, GuestAddress(at)).unwrap();
+            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            mem.write_obj(if last { 0 } else { i + 1 }, GuestAddress(at + 14))
+                .unwrap();
+        }
+        let head = self.next_desc;
+        let at = self.desc + u64::from(head) * 16;
+        mem.write_obj(table, GuestAddress(at)).unwrap();
+        mem.write_obj(u32::from(n) * 16, GuestAddress(at + 8))
+            .unwrap();
+        mem.write_obj(4u16, GuestAddress(at + 12)).unwrap(); // INDIRECT
+        mem.write_obj(0u16, GuestAddress(at + 14)).unwrap();
+        self.next_desc = (head + 1) % RING_SIZE;
+        let slot = self.avail + 4 + u64::from(self.avail_idx % RING_SIZE) * 2;
+        mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+        head
+    }
+
     fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.used + 2)).unwrap()
     }
@@ -505,6 +541,40 @@ fn malformed_tx_chains_are_counted_and_the_queue_keeps_working() {
     assert_eq!(c.get("invalid_chains"), 3);
     assert_eq!((c.get("oversize"), c.get("tx_dropped")), (1, 1));
     assert_eq!(c.get("tx_frames"), 1);
+}
+
+#[test]
+fn overlong_indirect_chains_are_refused_without_being_collected() {
+    let mut r = Rig::new("lc", 1, BASE | f(VIRTIO_NET_F_MRG_RXBUF));
+    let sock = PacketSock::bind(r.tap.index);
+    const TABLE: u64 = 0x80_0000;
+    // TX: a header, then 4,000 one-byte descriptors (a 4 KB frame, but far
+    // more descriptors than the queue size).
+    let f1 = frame(60, 9);
+    r.mem.write_slice(&[0u8; 12], GuestAddress(BUF)).unwrap();
+    r.mem.write_slice(&f1, GuestAddress(BUF + 0x100)).unwrap();
+    r.rings[1].add_indirect(&r.mem, TABLE, 4000, (BUF + 0x100, 1, false));
+    r.rings[1].add(&r.mem, &[(BUF, 12, false), (BUF + 0x100, 60, false)]);
+    r.kick(1);
+    r.run_until_used(1, 2);
+    assert_eq!(
+        sock.recv_ours(Duration::from_secs(2)).as_deref(),
+        Some(&f1[..]),
+        "only the good frame reached the tap"
+    );
+    let c = r.counters();
+    assert_eq!((c.get("invalid_chains"), c.get("tx_frames")), (1, 1));
+    // RX: a buffer of 4,000 descriptors is returned unused, the next one
+    // takes the frame.
+    r.rings[0].add_indirect(&r.mem, TABLE + 0x10_0000, 4000, (BUF + 0x1000, 16, true));
+    r.rings[0].add(&r.mem, &[(BUF + 0x2000, 2048, true)]);
+    r.kick(0);
+    let f2 = frame(100, 10);
+    sock.send(&f2);
+    r.run_until_used(0, 2);
+    assert_eq!(r.rings[0].used(&r.mem, 0).1, 0, "returned unused");
+    assert_eq!(r.rings[0].used(&r.mem, 1).1 as usize, f2.len() + 12);
+    assert_eq!(c.get("invalid_chains"), 2);
 }
 
 #[test]
