@@ -381,7 +381,7 @@ fn start_request(
     slot.status = req.status;
     slot.kind = req.kind;
     slot.bytes = req.data_len;
-    let offset = req.sector * SECTOR_SIZE;
+    let offset = req.offset;
     if let Some(c) = cow.as_deref_mut() {
         let rw = matches!(req.kind, RequestKind::In | RequestKind::Out);
         if rw && c.overlaps(offset, req.data_len) {
@@ -625,10 +625,10 @@ fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
     c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
     c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
     c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-    c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+    c[40..44].copy_from_slice(&request::MAX_TRIM_SEGMENTS.to_le_bytes()); // max_discard_seg
     c[44..48].copy_from_slice(&DISCARD_ALIGNMENT.to_le_bytes());
     c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-    c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+    c[52..56].copy_from_slice(&request::MAX_TRIM_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
     c[56] = 1; // write_zeroes_may_unmap
     c
 }
@@ -737,6 +737,60 @@ mod tests {
         VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
         VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     };
+    #[test]
+    fn trim_segment_limit_is_enforced_and_unused_sectors_are_never_multiplied() {
+        let d = disk("trimlim", 1 << 20);
+        let m = mem();
+        // Two segments where max_discard_seg / max_write_zeroes_seg say 1.
+        let dis = header(&m, 0, VIRTIO_BLK_T_DISCARD, 0);
+        let wz = header(&m, 1, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segment(&m, DATA, 8, 16);
+        segment(&m, DATA + 16, 64, 16);
+        // FLUSH and GET_ID leave the sector unused: any value is fine.
+        let flush = header(&m, 2, VIRTIO_BLK_T_FLUSH, u64::MAX);
+        let get_id = header(&m, 3, VIRTIO_BLK_T_GET_ID, u64::MAX / 3);
+        let chains = [
+            desc(dis, 16, N, 1),
+            desc(DATA, 32, N, 2),
+            desc(STATUS, 1, W, 0),
+            desc(wz, 16, N, 4),
+            desc(DATA, 32, N, 5),
+            desc(STATUS + 1, 1, W, 0),
+            desc(flush, 16, N, 7),
+            desc(STATUS + 2, 1, W, 0),
+            desc(get_id, 16, N, 9),
+            desc(DATA + 0x1000, 20, N | W, 10),
+            desc(STATUS + 3, 1, W, 0),
+        ];
+        for i in 0..4 {
+            m.write_obj(0xeeu8, GuestAddress(STATUS + i)).unwrap();
+        }
+        let mut r = rig(&d.0, false, EngineKind::Sync, &chains, m);
+        run_until_used(&mut r, 4);
+        let m = &r.mem;
+        assert_eq!(status(m, 0), VIRTIO_BLK_S_IOERR as u8, "2 discard segments");
+        assert_eq!(status(m, 1), VIRTIO_BLK_S_IOERR as u8, "2 zeroes segments");
+        assert_eq!(status(m, 2), VIRTIO_BLK_S_OK as u8, "flush");
+        assert_eq!(status(m, 3), VIRTIO_BLK_S_OK as u8, "get id");
+        let bytes = std::fs::read(&d.0).unwrap();
+        assert!(bytes.iter().all(|b| *b == 0x11), "disk untouched");
+        // Reads and writes validate the sector before using it.
+        let mut data = Vec::new();
+        let mut iov = Vec::new();
+        let descs = [
+            Descriptor::new(HDR + 0x100, 16, N, 1),
+            Descriptor::new(DATA, 512, N | W, 2),
+            Descriptor::new(STATUS, 1, W, 0),
+        ];
+        for (sector, want) in [(u64::MAX, Err(RequestError::OutOfRange)), (3, Ok(1536))] {
+            m.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR + 0x100))
+                .unwrap();
+            m.write_obj(sector, GuestAddress(HDR + 0x108)).unwrap();
+            let got = request::parse(m, &descs, 1 << 20, false, 8, &mut data, &mut iov);
+            assert_eq!(got.map(|r| r.offset), want, "sector {sector}");
+        }
+    }
+
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;

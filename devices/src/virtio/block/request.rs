@@ -15,6 +15,9 @@ use super::device::SECTOR_SIZE;
 pub const HEADER_LEN: u32 = 16;
 /// Size of one discard/write-zeroes segment.
 pub const SEGMENT_LEN: u32 = 16;
+/// Segments one discard / write-zeroes request may have (the
+/// `max_discard_seg` and `max_write_zeroes_seg` the device advertises).
+pub const MAX_TRIM_SEGMENTS: u32 = 1;
 /// Length of the GET_ID string.
 pub const ID_LEN: usize = 20;
 
@@ -82,6 +85,9 @@ pub struct Request {
     pub kind: RequestKind,
     /// First sector.
     pub sector: u64,
+    /// Its byte offset, validated for reads and writes (0 for the other
+    /// kinds, whose sector field the spec leaves unused).
+    pub offset: u64,
     /// Total data bytes.
     pub data_len: u64,
     /// Where the status byte goes.
@@ -147,7 +153,7 @@ pub fn parse(
             return Err(RequestError::WrongDirection);
         }
         data.push((d.addr(), d.len()));
-        data_len += u64::from(d.len());
+        data_len = data_len.saturating_add(u64::from(d.len()));
         if matches!(kind, RequestKind::In | RequestKind::Out) {
             let slice = mem
                 .get_slice(d.addr(), d.len() as usize)
@@ -160,14 +166,17 @@ pub fn parse(
             return Err(RequestError::BadAddress);
         }
     }
+    let mut offset = 0;
     match kind {
         RequestKind::In | RequestKind::Out => {
             if !data_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::BadLength);
             }
-            let end = sector
+            offset = sector
                 .checked_mul(SECTOR_SIZE)
-                .and_then(|o| o.checked_add(data_len))
+                .ok_or(RequestError::OutOfRange)?;
+            let end = offset
+                .checked_add(data_len)
                 .ok_or(RequestError::OutOfRange)?;
             if end > capacity {
                 return Err(RequestError::OutOfRange);
@@ -183,12 +192,17 @@ pub fn parse(
             if data_len == 0 || !data_len.is_multiple_of(u64::from(SEGMENT_LEN)) {
                 return Err(RequestError::BadLength);
             }
+            // max_discard_seg / max_write_zeroes_seg.
+            if data_len / u64::from(SEGMENT_LEN) > u64::from(MAX_TRIM_SEGMENTS) {
+                return Err(RequestError::TooManySegments);
+            }
         }
         RequestKind::Flush | RequestKind::GetId => {}
     }
     Ok(Request {
         kind,
         sector,
+        offset,
         data_len,
         status,
     })
@@ -216,7 +230,9 @@ pub fn read_segment(
 ) -> Result<Segment, RequestError> {
     // Segments may straddle descriptors: read 16 bytes at a logical offset.
     let mut raw = [0u8; SEGMENT_LEN as usize];
-    let mut want = index * u64::from(SEGMENT_LEN);
+    let mut want = index
+        .checked_mul(u64::from(SEGMENT_LEN))
+        .ok_or(RequestError::BadLength)?;
     let mut filled = 0usize;
     for &(addr, len) in data {
         let len = u64::from(len);
