@@ -46,6 +46,9 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// The status before a reset the device has not finished yet (0: none):
+    /// what STATUS reads until it has.
+    resetting: u32,
 }
 
 impl MmioTransport {
@@ -78,6 +81,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            resetting: 0,
         }
     }
 
@@ -91,11 +95,17 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated && !lock(&self.device).reset() {
-            // The device cannot be reset: tell the driver it needs a reset
-            // it will never get, rather than pretend.
-            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-            return;
+        if self.activated {
+            let mut dev = lock(&self.device);
+            if !dev.reset() {
+                // The device cannot be reset: tell the driver it needs a reset
+                // it will never get, rather than pretend.
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                return;
+            }
+            if dev.reset_pending() {
+                self.resetting = self.status.max(1);
+            }
         }
         self.activated = false;
         self.status = 0;
@@ -109,7 +119,20 @@ impl MmioTransport {
         }
     }
 
+    /// STATUS: the old status while the device still completes a reset.
+    fn read_status(&mut self) -> u32 {
+        if self.resetting != 0 {
+            if lock(&self.device).reset_pending() {
+                return self.resetting;
+            }
+            self.resetting = 0;
+        }
+        self.status
+    }
+
     fn set_status(&mut self, value: u32) {
+        // A driver that does not wait for the reset to finish goes on.
+        self.resetting = 0;
         if value == 0 {
             self.reset();
             return;
@@ -209,7 +232,7 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_STATUS => self.read_status(),
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             // Shared memory regions: none (length all ones means "absent").
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
@@ -336,6 +359,7 @@ mod tests {
         activated: usize,
         resets: usize,
         sizes: [u16; 2],
+        draining: bool,
     }
 
     impl VirtioDevice for Dummy {
@@ -364,6 +388,9 @@ mod tests {
         fn reset(&mut self) -> bool {
             self.resets += 1;
             true
+        }
+        fn reset_pending(&self) -> bool {
+            self.draining
         }
     }
 
@@ -451,8 +478,13 @@ mod tests {
         w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
         w(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
         assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        // A reset the device finishes later (I/O in flight): STATUS reads
+        // the old value until it has, then 0.
+        dev.lock().unwrap().draining = true;
         w(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(dev.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
+        dev.lock().unwrap().draining = false;
         assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
         assert_eq!(
             r(&mut t, VIRTIO_MMIO_QUEUE_READY),

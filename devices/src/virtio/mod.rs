@@ -243,7 +243,15 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the device and forgets its queues (driver reset). Returns
     /// false if the device cannot be reset (it then needs a VM restart).
+    /// It must not wait (it runs on a vCPU thread): what is still in flight
+    /// finishes on the device thread, see [`reset_pending`](Self::reset_pending).
     fn reset(&mut self) -> bool;
+    /// Whether a reset has not finished yet (I/O started before it still in
+    /// flight): the transport's STATUS reads non-zero until it has, and the
+    /// driver waits for a zero (virtio 1.x, 2.4.2).
+    fn reset_pending(&self) -> bool {
+        false
+    }
 }
 
 /// Hands activations and resets from the vCPU thread (where the transport
@@ -292,6 +300,11 @@ impl<A> Handoff<A> {
             self.retired.push(a);
             let _ = self.evt.write(1);
         }
+    }
+
+    /// Whether retired states wait for the device thread.
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
     }
 
     /// On the device thread, when the eventfd fires: the retired states

@@ -112,6 +112,10 @@ pub struct VirtioBlock {
     counters: Arc<BlockCounters>,
     handoff: Handoff<Active>,
     active: Option<Active>,
+    /// Reset queues whose I/O is still in flight: their rings stay in the
+    /// event loop until every operation has completed (into guest buffers
+    /// the driver must not reuse before STATUS reads 0).
+    draining: Vec<Active>,
 }
 
 impl VirtioBlock {
@@ -149,6 +153,7 @@ impl VirtioBlock {
             counters: Arc::new(BlockCounters::default()),
             handoff: Handoff::new()?,
             active: None,
+            draining: Vec::new(),
         })
     }
 
@@ -668,16 +673,16 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn reset(&mut self) -> bool {
-        let mut active = self.active.take();
-        if let Some(u) = active.as_mut().and_then(|a| a.uring.as_mut()) {
-            // In-flight I/O targets guest buffers: wait for it.
-            u.drain(|_| {});
-        }
         // The device thread unregisters the retired fds before closing them
-        // (a closed fd's number could be reused by the next activation).
-        self.handoff.reset(active);
+        // (a closed fd's number could be reused by the next activation), and
+        // waits there, not here, for I/O still in flight.
+        self.handoff.reset(self.active.take());
         self.acked_features = 0;
         true
+    }
+
+    fn reset_pending(&self) -> bool {
+        self.handoff.has_retired() || !self.draining.is_empty()
     }
 }
 
@@ -695,10 +700,9 @@ impl MutEventSubscriber for VirtioBlock {
                 // closing them.
                 for old in retired {
                     let _ = ops.remove(Events::with_data(&old.queue_evt, EV_QUEUE, EventSet::IN));
-                    if let Some(u) = &old.uring {
-                        let _ = ops.remove(Events::with_data(u, EV_URING, EventSet::IN));
-                    }
+                    self.draining.push(old);
                 }
+                self.reap_drained(ops);
                 if let Some(ctx) = pending {
                     if let Err(e) = self.start(ctx, ops) {
                         error!("virtio-blk: activation failed: {e}");
@@ -709,9 +713,30 @@ impl MutEventSubscriber for VirtioBlock {
                 }
             }
             EV_QUEUE => self.process_queue(),
-            EV_URING => self.process_completions(),
+            EV_URING => {
+                self.process_completions();
+                self.reap_drained(ops);
+            }
             _ => {}
         }
+    }
+}
+
+impl VirtioBlock {
+    /// Takes the completions of reset queues (their requests are never
+    /// answered) and drops those with nothing more in flight.
+    fn reap_drained(&mut self, ops: &mut EventOps) {
+        self.draining.retain_mut(|old| {
+            let Some(u) = old.uring.as_mut() else {
+                return false;
+            };
+            u.complete(|_| {});
+            if u.in_flight() > 0 {
+                return true;
+            }
+            let _ = ops.remove(Events::with_data(&*u, EV_URING, EventSet::IN));
+            false
+        });
     }
 }
 
@@ -903,6 +928,10 @@ mod tests {
     }
 
     /// Runs the device until `n` chains are used; returns (head, len) pairs.
+    fn used_idx(r: &Rig) -> u16 {
+        r.mem.read_obj(r.used_addr.unchecked_add(2)).unwrap()
+    }
+
     fn run_until_used(r: &mut Rig, n: u16) -> Vec<(u32, u32)> {
         let used_addr = r.used_addr;
         for _ in 0..200 {
@@ -1200,6 +1229,45 @@ mod tests {
         assert_eq!(bytes[36864], 0x11);
         let c = r.dev.lock().unwrap().counters().snapshot();
         assert_eq!((c.discard_ops, c.write_zeroes_ops), (1, 1));
+    }
+
+    #[test]
+    fn reset_leaves_in_flight_io_to_the_device_thread() {
+        let d = disk("resetflight", 64 << 10);
+        let m = mem();
+        let chains: Vec<RawDescriptor> = (0..8u16)
+            .flat_map(|i| {
+                let h = header(&m, u64::from(i), VIRTIO_BLK_T_IN, u64::from(i));
+                let data = DATA + u64::from(i) * 0x1000;
+                [
+                    desc(h, 16, N, 3 * i + 1),
+                    desc(data, 4096, N | W, 3 * i + 2),
+                    desc(STATUS + u64::from(i), 1, W, 0),
+                ]
+            })
+            .collect();
+        let mut r = rig(&d.0, false, EngineKind::IoUring, &chains, m);
+        // One round of the device thread: activation, the reads submitted
+        // (their completions not taken yet). Then a reset, as the vCPU
+        // does it: it returns without waiting for them.
+        r.em.run_with_timeout(10).unwrap();
+        let used_before = used_idx(&r);
+        assert!(r.dev.lock().unwrap().active.is_some());
+        let mut dev = r.dev.lock().unwrap();
+        assert!(dev.reset());
+        assert!(dev.reset_pending(), "the reads are still in flight");
+        drop(dev);
+        // The device thread takes their completions; the reset then ends.
+        for _ in 0..1000 {
+            if !r.dev.lock().unwrap().reset_pending() {
+                break;
+            }
+            r.em.run_with_timeout(5).unwrap();
+        }
+        let dev = r.dev.lock().unwrap();
+        assert!(!dev.reset_pending());
+        assert!(dev.draining.is_empty());
+        assert_eq!(used_idx(&r), used_before, "no request answered after reset");
     }
 
     #[test]

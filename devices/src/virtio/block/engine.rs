@@ -95,14 +95,9 @@ impl Uring {
         }
     }
 
-    /// Waits for every in-flight operation (before buffers go away).
-    pub fn drain(&mut self, mut f: impl FnMut(Completion)) {
-        while self.pending > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
-            }
-            self.complete(&mut f);
-        }
+    /// Operations queued and not completed yet.
+    pub fn in_flight(&self) -> usize {
+        self.pending
     }
 }
 
