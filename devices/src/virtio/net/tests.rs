@@ -193,13 +193,7 @@ impl Ring {
                 .unwrap();
             self.next_desc = (idx + 1) % RING_SIZE;
         }
-        let slot = self.avail + 4 + u64::from(self.avail_idx % RING_SIZE) * 2;
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-        head
+        self.publish(mem, head)
     }
 
     /// Makes available one indirect chain at `table` of `n` descriptors
@@ -229,6 +223,11 @@ impl Ring {
         mem.write_obj(4u16, GuestAddress(at + 12)).unwrap(); // INDIRECT
         mem.write_obj(0u16, GuestAddress(at + 14)).unwrap();
         self.next_desc = (head + 1) % RING_SIZE;
+        self.publish(mem, head)
+    }
+
+    /// Puts chain `head` in the avail ring; returns it.
+    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) -> u16 {
         let slot = self.avail + 4 + u64::from(self.avail_idx % RING_SIZE) * 2;
         mem.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);

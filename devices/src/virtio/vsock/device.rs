@@ -1178,20 +1178,21 @@ mod tests {
         /// Packets the device has put in the rx queue so far.
         fn received(&self) -> Vec<(Header, Vec<u8>)> {
             let n: u16 = self.mem.read_obj(self.rx_used.unchecked_add(2)).unwrap();
-            (0..u64::from(n))
-                .map(|k| {
-                    let e = self.rx_used.unchecked_add(4 + 8 * (k % 64));
-                    let id: u32 = self.mem.read_obj(e).unwrap();
-                    let len: u32 = self.mem.read_obj(e.unchecked_add(4)).unwrap();
-                    let at = RXBUF + u64::from(id) * 0x2000;
-                    let h: Header = self.mem.read_obj(GuestAddress(at)).unwrap();
-                    let mut data = vec![0u8; len as usize - HDR_LEN];
-                    self.mem
-                        .read_slice(&mut data, GuestAddress(at + HDR_LEN as u64))
-                        .unwrap();
-                    (h, data)
-                })
-                .collect()
+            (0..n).map(|k| self.used_packet(k)).collect()
+        }
+
+        /// The packet in used rx entry `k`.
+        fn used_packet(&self, k: u16) -> (Header, Vec<u8>) {
+            let e = self.rx_used.unchecked_add(4 + 8 * u64::from(k % 64));
+            let id: u32 = self.mem.read_obj(e).unwrap();
+            let len: u32 = self.mem.read_obj(e.unchecked_add(4)).unwrap();
+            let at = RXBUF + u64::from(id) * 0x2000;
+            let h: Header = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let mut data = vec![0u8; len as usize - HDR_LEN];
+            self.mem
+                .read_slice(&mut data, GuestAddress(at + HDR_LEN as u64))
+                .unwrap();
+            (h, data)
         }
 
         /// Guest sends header-only packets `hs`, many per notification.
@@ -1230,16 +1231,7 @@ mod tests {
                     return got;
                 }
                 while *seen != used {
-                    let e = self.rx_used.unchecked_add(4 + 8 * u64::from(*seen % 64));
-                    let id: u32 = self.mem.read_obj(e).unwrap();
-                    let len: u32 = self.mem.read_obj(e.unchecked_add(4)).unwrap();
-                    let at = RXBUF + u64::from(id) * 0x2000;
-                    let h: Header = self.mem.read_obj(GuestAddress(at)).unwrap();
-                    let mut data = vec![0u8; len as usize - HDR_LEN];
-                    self.mem
-                        .read_slice(&mut data, GuestAddress(at + HDR_LEN as u64))
-                        .unwrap();
-                    got.push((h, data));
+                    got.push(self.used_packet(*seen));
                     *seen = seen.wrapping_add(1);
                 }
             }
