@@ -213,6 +213,21 @@ impl DiskBackend {
         })
     }
 
+    /// The fallocate mode that discards (`zeroes` false) or zeroes a range
+    /// (deallocating it if `unmap`) on this disk, for an asynchronous
+    /// fallocate; `None` where only an ioctl does it (discard on a block
+    /// device).
+    pub fn trim_mode(&self, zeroes: bool, unmap: bool) -> Option<i32> {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        match (self.block_device, zeroes, unmap) {
+            // On a block device ZERO_RANGE is BLKZEROOUT.
+            (true, true, _) => Some(libc::FALLOC_FL_ZERO_RANGE | keep),
+            (true, false, _) => None,
+            (false, true, false) => Some(libc::FALLOC_FL_ZERO_RANGE | keep),
+            (false, _, _) => Some(libc::FALLOC_FL_PUNCH_HOLE | keep),
+        }
+    }
+
     fn range_ioctl(&self, req: libc::c_ulong, offset: u64, len: u64) -> std::io::Result<()> {
         let range: [u64; 2] = [offset, len];
         // SAFETY: BLKDISCARD/BLKZEROOUT read two u64s from the pointer,

@@ -79,6 +79,8 @@ struct Slot {
     descs: Vec<Descriptor>,
     data: Vec<(GuestAddress, u32)>,
     iovecs: Vec<libc::iovec>,
+    /// The range of a discard / write-zeroes in flight.
+    trim: request::Segment,
 }
 
 // SAFETY: the raw pointers in `iovecs` point into guest memory, which is
@@ -196,6 +198,11 @@ impl VirtioBlock {
                 descs: Vec::with_capacity(size),
                 data: Vec::with_capacity(size),
                 iovecs: Vec::with_capacity(size),
+                trim: request::Segment {
+                    offset: 0,
+                    len: 0,
+                    unmap: false,
+                },
             })
             .collect();
         ops.add(Events::with_data(&queue_evt, EV_QUEUE, EventSet::IN))
@@ -289,10 +296,20 @@ impl VirtioBlock {
         let mut any = false;
         let (slots, free, queue, mem) = (&mut a.slots, &mut a.free, &mut a.queue, &a.mem);
         let counters = &self.counters;
-        u.complete(|(tag, res): Completion| {
+        let disk = &self.disk;
+        u.complete(|(tag, mut res): Completion| {
             let Some(slot) = slots.get_mut(tag as usize) else {
                 return;
             };
+            if res == -libc::EOPNOTSUPP && slot.kind == RequestKind::WriteZeroes {
+                // A file system without ZERO_RANGE: a punched hole reads as
+                // zeros (quick, metadata only).
+                let t = slot.trim;
+                res = match disk.write_zeroes(t.offset, t.len, true) {
+                    Ok(()) => 0,
+                    Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                };
+            }
             complete_io(counters, slot, res);
             finish(mem, queue, counters, slot);
             free.push(tag as u16);
@@ -428,6 +445,31 @@ fn start_request(
             slot.used_len = pack(VIRTIO_BLK_S_OK, written as u64);
             true
         }
+        (RequestKind::Discard | RequestKind::WriteZeroes, Some(u)) if cow.is_none() => {
+            // One segment (parse enforced max_discard_seg): fallocate it
+            // through the ring, off the device thread.
+            let zeroes = req.kind == RequestKind::WriteZeroes;
+            let seg = match request::read_segment(mem, &slot.data, 0, disk.capacity()) {
+                Ok(s) if s.len <= u64::from(MAX_DISCARD_SECTORS) * SECTOR_SIZE => s,
+                _ => {
+                    bump(&counters.invalid_requests, 1);
+                    slot.used_len = pack(VIRTIO_BLK_S_IOERR, 0);
+                    return true;
+                }
+            };
+            slot.trim = seg;
+            match disk.trim_mode(zeroes, seg.unmap) {
+                Some(mode) => {
+                    let r = u.fallocate(disk.fd(), mode, seg.offset, seg.len, u64::from(tag));
+                    submit_or_fail(counters, slot, r)
+                }
+                None => {
+                    let status = trim(disk, None, mem, counters, &req, &slot.data);
+                    slot.used_len = pack(status, 0);
+                    true
+                }
+            }
+        }
         (RequestKind::Discard | RequestKind::WriteZeroes, _) => {
             let status = trim(disk, cow, mem, counters, &req, &slot.data);
             slot.used_len = pack(status, 0);
@@ -452,7 +494,7 @@ fn submit_or_fail(counters: &BlockCounters, slot: &mut Slot, r: std::io::Result<
 /// `slot`.
 fn complete_io(counters: &BlockCounters, slot: &mut Slot, res: i32) {
     let ok = match slot.kind {
-        RequestKind::Flush => res >= 0,
+        RequestKind::Flush | RequestKind::Discard | RequestKind::WriteZeroes => res >= 0,
         _ => res >= 0 && res as u64 == slot.bytes,
     };
     if !ok {
@@ -481,6 +523,14 @@ fn complete_io(counters: &BlockCounters, slot: &mut Slot, res: i32) {
         RequestKind::Out => {
             bump(&counters.write_ops, 1);
             bump(&counters.write_bytes, slot.bytes);
+            slot.used_len = pack(VIRTIO_BLK_S_OK, 0);
+        }
+        RequestKind::Discard => {
+            bump(&counters.discard_ops, 1);
+            slot.used_len = pack(VIRTIO_BLK_S_OK, 0);
+        }
+        RequestKind::WriteZeroes => {
+            bump(&counters.write_zeroes_ops, 1);
             slot.used_len = pack(VIRTIO_BLK_S_OK, 0);
         }
         _ => {
@@ -1188,8 +1238,17 @@ mod tests {
     }
 
     #[test]
-    fn discard_and_write_zeroes_reach_the_file() {
-        let d = disk("trim", 1 << 20);
+    fn discard_and_write_zeroes_reach_the_file_sync() {
+        discard_and_write_zeroes_reach_the_file(EngineKind::Sync);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_reach_the_file_io_uring() {
+        discard_and_write_zeroes_reach_the_file(EngineKind::IoUring);
+    }
+
+    fn discard_and_write_zeroes_reach_the_file(engine: EngineKind) {
+        let d = disk(&format!("trim{engine:?}"), 1 << 20);
         let m = mem();
         let dis = header(&m, 0, VIRTIO_BLK_T_DISCARD, 0);
         let wz = header(&m, 1, VIRTIO_BLK_T_WRITE_ZEROES, 0);
@@ -1214,7 +1273,7 @@ mod tests {
             desc(DATA + 32, 16, N, 8),
             desc(STATUS + 2, 1, W, 0),
         ];
-        let mut r = rig(&d.0, false, EngineKind::Sync, &chains, m);
+        let mut r = rig(&d.0, false, engine, &chains, m);
         run_until_used(&mut r, 3);
         let m = &r.mem;
         assert_eq!((status(m, 0), status(m, 1)), (0, 0));

@@ -78,6 +78,25 @@ impl Uring {
         self.push(e)
     }
 
+    /// Queues an fallocate of `[offset, offset + len)` with `mode` (a
+    /// discard or write-zeroes, which may take long: it must not run on the
+    /// device thread).
+    pub fn fallocate(
+        &mut self,
+        fd: RawFd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+        tag: u64,
+    ) -> std::io::Result<()> {
+        let e = opcode::Fallocate::new(types::Fd(fd), len)
+            .offset(offset)
+            .mode(mode)
+            .build()
+            .user_data(tag);
+        self.push(e)
+    }
+
     /// Submits everything queued, in one system call (none when nothing
     /// is queued).
     pub fn submit(&mut self) -> std::io::Result<()> {
