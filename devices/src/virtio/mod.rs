@@ -354,12 +354,12 @@ mod tests {
         // queue: virtio-queue pops nothing, and says "more" forever.
         mem.write_obj(2u16, m.avail_addr().unchecked_add(2))
             .unwrap();
-        assert_eq!(enable_notification(&mut q, &mem).unwrap(), true);
+        assert!(enable_notification(&mut q, &mem).unwrap());
         mem.write_obj(100u16, m.avail_addr().unchecked_add(2))
             .unwrap();
         assert!(q.pop_descriptor_chain(&mem).is_none());
-        assert_eq!(q.enable_notification(&mem).unwrap(), true);
-        assert_eq!(enable_notification(&mut q, &mem).unwrap(), false);
+        assert!(q.enable_notification(&mem).unwrap());
+        assert!(!enable_notification(&mut q, &mem).unwrap());
     }
 
     /// How many times the irqfd was written since the last call.
