@@ -7,23 +7,9 @@
 //! the queue (see `keel_fuzz::Ring::from_input`), then the bytes at DATA.
 #![no_main]
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
 use devices::virtio::block::{BlockConfig, CowRange, DiskBackend, EngineKind, VirtioBlock};
-use keel_fuzz::{fill_data, guest_memory, Input, Rig, Ring};
+use keel_fuzz::{fill_data, guest_memory, temp_disk, Input, Rig, Ring};
 use libfuzzer_sys::fuzz_target;
-
-/// The disk: one temp file per fuzzing process (removed at exit by
-/// nobody: it lives in the temp dir, named by pid, 64 KiB).
-fn disk() -> &'static PathBuf {
-    static DISK: OnceLock<PathBuf> = OnceLock::new();
-    DISK.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("keel-fuzz-blk-{}", std::process::id()));
-        std::fs::write(&p, vec![0x5au8; 64 << 10]).expect("temp disk");
-        p
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
@@ -32,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = guest_memory();
     let ring = Ring::from_input(&mem, 0, &mut input);
     fill_data(&mem, input.rest());
-    let Ok(backend) = DiskBackend::open(disk(), flags & 1 != 0, false) else {
+    let Ok(backend) = DiskBackend::open(temp_disk("blk"), flags & 1 != 0, false) else {
         return;
     };
     let cow = (flags & 2 != 0).then_some(CowRange {

@@ -9,27 +9,16 @@
 //! the bytes at DATA.
 #![no_main]
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
 use devices::virtio::block::{BlockConfig, DiskBackend, EngineKind, VirtioBlock};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::{Interrupt, VirtioDevice};
 use event_manager::SubscriberOps;
-use keel_fuzz::{fill_data, guest_memory, Em, Input};
+use keel_fuzz::{fill_data, guest_memory, temp_disk, Em, Input};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
-
-/// The disk: one 64 KiB temp file per fuzzing process.
-fn disk() -> &'static PathBuf {
-    static DISK: OnceLock<PathBuf> = OnceLock::new();
-    DISK.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("keel-fuzz-mmio-{}", std::process::id()));
-        std::fs::write(&p, vec![0xa5u8; 64 << 10]).expect("temp disk");
-        p
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
@@ -39,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let mem = guest_memory();
     fill_data(&mem, input.rest());
-    let Ok(backend) = DiskBackend::open(disk(), false, false) else {
+    let Ok(backend) = DiskBackend::open(temp_disk("mmio"), false, false) else {
         return;
     };
     let Ok(blk) = VirtioBlock::new(

@@ -6,7 +6,8 @@
 //! files) is dropped at the end of its iteration: nothing leaks across
 //! iterations and no thread is started.
 
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::virtio::{ActivateContext, Interrupt, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -191,4 +192,15 @@ impl<D: VirtioDevice + MutEventSubscriber + Send + 'static> Rig<D> {
             }
         }
     }
+}
+
+/// This process's disk: a 64 KiB temp file named by `tag` and the pid,
+/// created on the first call (later calls return it whatever their tag).
+pub fn temp_disk(tag: &str) -> &'static Path {
+    static DISK: OnceLock<PathBuf> = OnceLock::new();
+    DISK.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("keel-fuzz-{tag}-{}", std::process::id()));
+        std::fs::write(&p, vec![0x5au8; 64 << 10]).expect("temp disk");
+        p
+    })
 }
