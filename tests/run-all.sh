@@ -92,7 +92,7 @@ if cargo +nightly --version >/dev/null 2>&1; then
             flog="$scratch/$t.log"
             if (cd fuzz && cargo +nightly fuzz run -O "$t" "$scratch/$t" -- \
                 -max_total_time="${FUZZ_SECONDS:-30}" -timeout=20 -print_final_stats=1) >"$flog" 2>&1; then
-                grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units)' "$flog" | sed 's/^/   /' || true
+                grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units)' "$flog" | sed 's/^/   /' || true
             else
                 tail -n 80 "$flog"
                 fuzz_failed+=("$t")
