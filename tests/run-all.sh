@@ -69,6 +69,50 @@ test_rc=${PIPESTATUS[0]}
 set -e
 end_tier "unit + integration tests"
 
+# Fuzzing (fuzz/, see the README's "Fuzzing"): every cargo-fuzz target for
+# FUZZ_SECONDS (30) from a scratch copy of its seed corpus (the committed
+# seeds stay as they are). Needs the nightly toolchain; without it, says
+# loudly that it did not run. A crash fails the run; its input is kept in
+# fuzz/artifacts/<target>/.
+fuzz_rc=0
+fuzz_failed=()
+if cargo +nightly --version >/dev/null 2>&1; then
+    cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install --locked cargo-fuzz ||
+        fuzz_failed+=("(cargo install cargo-fuzz)")
+    echo "== fuzzing: cargo +nightly fuzz build -O, then each target ${FUZZ_SECONDS:-30}s"
+    scratch=$(mktemp -d /tmp/keel-fuzz.XXXXXX)
+    trap 'rm -f "$log"; rm -rf "$scratch"' EXIT
+    if ((${#fuzz_failed[@]})); then
+        :
+    elif (cd fuzz && cargo +nightly fuzz build -O); then
+        for t in $(cd fuzz && cargo +nightly fuzz list); do
+            mkdir -p "$scratch/$t"
+            cp fuzz/corpus/"$t"/* "$scratch/$t/"
+            echo "-- fuzz target $t"
+            flog="$scratch/$t.log"
+            if (cd fuzz && cargo +nightly fuzz run -O "$t" "$scratch/$t" -- \
+                -max_total_time="${FUZZ_SECONDS:-30}" -timeout=20 -print_final_stats=1) >"$flog" 2>&1; then
+                grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units)' "$flog" | sed 's/^/   /' || true
+            else
+                tail -n 80 "$flog"
+                fuzz_failed+=("$t")
+            fi
+        done
+    else
+        fuzz_failed+=("(build)")
+    fi
+    if ((${#fuzz_failed[@]})); then
+        fuzz_rc=1
+        echo "fuzzing FAILED: ${fuzz_failed[*]} (inputs in fuzz/artifacts/<target>/)" >&2
+    fi
+    end_tier "fuzzing"
+else
+    echo "=================================================================="
+    echo "Fuzzing: NOT RUN (no nightly toolchain: cargo +nightly is missing;"
+    echo "install one with 'rustup toolchain install nightly' to run it)"
+    echo "=================================================================="
+fi
+
 # The Linux guest tier: real Linux guests under Keel, inside an emulated
 # machine with hardware virtualization (or directly where the host has
 # vmx/svm). See tests/linux_guest.rs and the README's "Linux guests". It is
@@ -120,7 +164,7 @@ echo "== time per tier"
 for t in "${tiers[@]}"; do echo "  $t"; done
 printf '  %-28s %5ds\n' "total" "$SECONDS"
 
-if [ "$test_rc" -ne 0 ] || [ "$linux_rc" -ne 0 ]; then
-    echo "FAILED: some tests failed (see the summary above)" >&2
+if [ "$test_rc" -ne 0 ] || [ "$linux_rc" -ne 0 ] || [ "$fuzz_rc" -ne 0 ]; then
+    echo "FAILED: some tests failed or a fuzz target crashed (see above)" >&2
     exit 1
 fi

@@ -44,8 +44,9 @@ impl ReadError {
     }
 }
 
-/// Whether `buf` holds a complete JSON value (or can never become one).
-fn complete_json(buf: &[u8]) -> bool {
+/// Whether `buf` holds a complete JSON value (or can never become one):
+/// [`read_request`] stops reading there.
+pub fn complete_json(buf: &[u8]) -> bool {
     let mut it = serde_json::Deserializer::from_slice(buf).into_iter::<serde::de::IgnoredAny>();
     match it.next() {
         Some(Ok(_)) => true,

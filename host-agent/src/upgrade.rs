@@ -504,11 +504,38 @@ fn scan_archive(
     archive: &Path,
     boot_cap: Option<u64>,
     root_cap: Option<u64>,
+    targets: Option<&mut Targets<'_>>,
+) -> Result<ImageInfo, UpgradeError> {
+    let f = File::open(archive)
+        .map_err(|e| UpgradeError::Archive(format!("cannot open the download: {e}")))?;
+    scan_stream(
+        BufReader::with_capacity(CHUNK, f),
+        boot_cap,
+        root_cap,
+        targets,
+    )
+}
+
+/// Checks an `update-img.tar.zst` read from `archive` without writing
+/// anything: what [`run`] does before it touches a volume (the fuzz
+/// target's entry point).
+pub fn check_archive<R: std::io::BufRead>(
+    archive: R,
+    boot_cap: Option<u64>,
+    root_cap: Option<u64>,
+) -> Result<ImageInfo, UpgradeError> {
+    scan_stream(archive, boot_cap, root_cap, None)
+}
+
+/// [`scan_archive`] on an open stream.
+fn scan_stream<R: std::io::BufRead>(
+    archive: R,
+    boot_cap: Option<u64>,
+    root_cap: Option<u64>,
     mut targets: Option<&mut Targets<'_>>,
 ) -> Result<ImageInfo, UpgradeError> {
     let aerr = |e: String| UpgradeError::Archive(e);
-    let f = File::open(archive).map_err(|e| aerr(format!("cannot open the download: {e}")))?;
-    let mut dec = zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(CHUNK, f))
+    let mut dec = zstd::stream::read::Decoder::with_buffer(archive)
         .map_err(|e| aerr(format!("not a zstd stream: {e}")))?;
     // Accept long-distance windows (zstd --long); memory is used only if the stream needs it.
     dec.window_log_max(31)
@@ -714,5 +741,36 @@ mod tests {
         assert_eq!(which(Path::new("root.img")), Some(Which::Root));
         assert_eq!(which(Path::new("x/root.img")), None);
         assert_eq!(which(Path::new("version.txt")), None);
+    }
+
+    /// A tar.zst of `members` (name, bytes), in memory.
+    fn tar_zst(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in members {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
+    }
+
+    #[test]
+    fn check_archive_reads_a_stream() {
+        let a = tar_zst(&[
+            ("boot.img", b"boot"),
+            ("VERSION", b"1\n"),
+            ("./root.img", b"root!"),
+        ]);
+        let info = check_archive(&a[..], Some(16), Some(16)).unwrap();
+        assert_eq!(info.boot.size, 4);
+        assert_eq!(info.root.size, 5);
+        assert_eq!(info.boot.sha256, hex(&Sha256::digest(b"boot")));
+        // Too large for its volume, missing, or not an archive at all.
+        assert!(check_archive(&a[..], Some(16), Some(4)).is_err());
+        let no_root = tar_zst(&[("boot.img", b"boot")]);
+        assert!(check_archive(&no_root[..], None, None).is_err());
+        assert!(check_archive(&b"not zstd"[..], None, None).is_err());
     }
 }

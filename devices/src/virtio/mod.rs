@@ -341,9 +341,52 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// Re-enables `queue`'s notifications and says whether chains arrived
+/// meanwhile, as `Queue::enable_notification` does, except that a ring
+/// whose available index runs more than the queue's size ahead (nothing can
+/// be popped from it: virtio-queue refuses to iterate it) says no. Device
+/// loops "pop until empty, re-enable, go again if more" would otherwise spin
+/// on such a ring forever (found by the virtio_mmio fuzz target).
+pub fn enable_notification(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    if !queue.enable_notification(mem)? {
+        return Ok(false);
+    }
+    match queue.iter(mem) {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            log::error!("virtio: broken available ring: {e}");
+            Ok(false)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runaway_avail_index_is_no_more_work() {
+        use virtio_queue::mock::MockSplitQueue;
+        use virtio_queue::QueueT;
+        use vm_memory::{Address, Bytes, GuestAddress};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let m = MockSplitQueue::new(&mem, 16);
+        let mut q: Queue = m.create_queue().unwrap();
+        // Two chains: more work. Then an index 100 ahead of a 16-entry
+        // queue: virtio-queue pops nothing, and says "more" forever.
+        mem.write_obj(2u16, m.avail_addr().unchecked_add(2))
+            .unwrap();
+        assert!(enable_notification(&mut q, &mem).unwrap());
+        mem.write_obj(100u16, m.avail_addr().unchecked_add(2))
+            .unwrap();
+        assert!(q.pop_descriptor_chain(&mem).is_none());
+        assert!(q.enable_notification(&mem).unwrap());
+        assert!(!enable_notification(&mut q, &mem).unwrap());
+    }
 
     /// How many times the irqfd was written since the last call.
     fn fired(i: &Interrupt) -> u64 {

@@ -268,7 +268,7 @@ impl VirtioBlock {
                 break;
             }
             // Re-enable notifications; if more arrived meanwhile, go again.
-            match a.queue.enable_notification(&a.mem) {
+            match crate::virtio::enable_notification(&mut a.queue, &a.mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {

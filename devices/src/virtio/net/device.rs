@@ -454,7 +454,7 @@ impl VirtioNet {
                 }
                 used = true;
             }
-            match pair.txq.enable_notification(&a.mem) {
+            match crate::virtio::enable_notification(&mut pair.txq, &a.mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -534,7 +534,7 @@ impl VirtioNet {
                 Delivery::NoBuffers => {
                     // Ask for a notification when buffers arrive; if some
                     // arrived meanwhile, go on.
-                    match pair.rxq.enable_notification(&a.mem) {
+                    match crate::virtio::enable_notification(&mut pair.rxq, &a.mem) {
                         Ok(true) => continue,
                         Ok(false) => {}
                         Err(e) => error!("virtio-net: rx queue error: {e}"),
@@ -673,7 +673,7 @@ impl VirtioNet {
                 }
                 used = true;
             }
-            match ctrl.queue.enable_notification(&a.mem) {
+            match crate::virtio::enable_notification(&mut ctrl.queue, &a.mem) {
                 Ok(true) => continue,
                 _ => break,
             }

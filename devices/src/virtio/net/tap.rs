@@ -114,6 +114,18 @@ impl Tap {
         Ok(taps)
     }
 
+    /// A "tap" on any frame-preserving, non-blocking fd (e.g. one end of a
+    /// `SOCK_SEQPACKET` socketpair), for the fuzz targets: frames carry the
+    /// 12-byte virtio-net header as on a real tap; the tun ioctls fail and
+    /// the device only warns. Only with the `fuzzing` feature.
+    #[cfg(feature = "fuzzing")]
+    pub fn from_file(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name

@@ -336,7 +336,7 @@ impl VirtioVsock {
                 let _ = a.txq.add_used(&a.mem, head, 0);
                 used_any = true;
             }
-            match a.txq.enable_notification(&a.mem) {
+            match crate::virtio::enable_notification(&mut a.txq, &a.mem) {
                 Ok(true) => continue,
                 _ => break,
             }
