@@ -69,6 +69,27 @@ test_rc=${PIPESTATUS[0]}
 set -e
 end_tier "unit + integration tests"
 
+# Checked tier: the same suites built with overflow checks and debug
+# assertions ([profile.checked] in Cargo.toml), so that arithmetic on guest
+# values that overflows fails a test instead of wrapping. The tests find
+# this profile's keel, keelctl and probe guest next to their own binaries
+# (tests/support: target/checked/), not the release ones.
+echo "== cargo test --profile checked --workspace --no-fail-fast (overflow checks on)"
+set +e
+cargo build --profile checked --workspace 2>&1 | tee -a "$log" &&
+    cargo test --profile checked --workspace --no-fail-fast -- --skip linux_lab_ 2>&1 | tee -a "$log"
+checked_rc=${PIPESTATUS[0]}
+set -e
+end_tier "checked tests"
+
+# Lints: clippy on every target, warnings are errors.
+echo "== cargo clippy --release --workspace --all-targets -- -D warnings"
+set +e
+cargo clippy --release --workspace --all-targets -- -D warnings
+clippy_rc=$?
+set -e
+end_tier "clippy"
+
 # The Linux guest tier: real Linux guests under Keel, inside an emulated
 # machine with hardware virtualization (or directly where the host has
 # vmx/svm). See tests/linux_guest.rs and the README's "Linux guests". It is
@@ -120,7 +141,10 @@ echo "== time per tier"
 for t in "${tiers[@]}"; do echo "  $t"; done
 printf '  %-28s %5ds\n' "total" "$SECONDS"
 
-if [ "$test_rc" -ne 0 ] || [ "$linux_rc" -ne 0 ]; then
+if [ "$clippy_rc" -ne 0 ]; then
+    echo "FAILED: cargo clippy found problems (see its output above)" >&2
+fi
+if [ "$test_rc" -ne 0 ] || [ "$linux_rc" -ne 0 ] || [ "$checked_rc" -ne 0 ] || [ "$clippy_rc" -ne 0 ]; then
     echo "FAILED: some tests failed (see the summary above)" >&2
     exit 1
 fi
