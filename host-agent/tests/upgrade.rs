@@ -138,7 +138,7 @@ fn full_upgrade_confirm_and_back() {
 
 /// One failure: the guest gets `Err` with `reason`, nothing active changes,
 /// no shutdown, no reboot.
-fn expect_failure(e: &Env, url: &str, hash: &str, reason: &str) {
+fn expect_failure(e: &Env, url: &str, hash: &str, reason: &str) -> String {
     let r = e.request(&e.upgrade_request(url, hash));
     assert!(r.starts_with(r#"{"Err":"upgrade failed: "#), "{r}");
     assert!(r.contains(reason), "expected {reason:?} in {r}");
@@ -146,15 +146,16 @@ fn expect_failure(e: &Env, url: &str, hash: &str, reason: &str) {
     assert!(!e.marker.exists(), "rebooted after a failure");
     assert!(e.keel.state.lock().unwrap().shutdown_bodies.is_empty());
     assert!(!e.dir.join("state").join("upgrade.download").exists());
+    r
 }
 
 /// A failure whose detail (from the download) is for the host's log only:
 /// the guest gets the fixed `category` message, the log has `detail`.
-fn expect_failure_logged(e: &Env, url: &str, hash: &str, category: &str, detail: &str) {
-    expect_failure(e, url, hash, category);
-    let r = e.request(&e.upgrade_request(url, hash));
+fn expect_failure_logged(e: &Env, url: &str, hash: &str, category: &str, detail: &str) -> String {
+    let r = expect_failure(e, url, hash, category);
     assert!(!r.contains(detail), "{detail:?} reached the guest: {r}");
     assert!(e.log_text().contains(detail), "{detail:?} not logged");
+    r
 }
 
 #[test]
@@ -187,12 +188,11 @@ fn failures_leave_the_active_slot_and_grubenv_untouched() {
     // HTTP error and unreachable server.
     let missing = e.https.route("/gone", Route::Status(404));
     // Exactly the fixed message: nothing of the server's answer.
-    let r = e.request(&e.upgrade_request(&missing, &img.hash));
+    let r = expect_failure_logged(&e, &missing, &img.hash, "download failed", "404");
     assert_eq!(
         r,
         r#"{"Err":"upgrade failed: download failed (details in the host's log)"}"#
     );
-    expect_failure_logged(&e, &missing, &img.hash, "download failed", "404");
     let closed = format!("https://127.0.0.1:{}/x", free_port());
     expect_failure(&e, &closed, &img.hash, "download failed");
 
