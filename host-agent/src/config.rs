@@ -72,6 +72,10 @@ pub struct Config {
     pub notify_interval_s: f64,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Hosts upgrade URLs may name (exact, case-insensitive; checked again
+    /// after redirects). Empty: any host (the guest chooses the URL).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrade_url_hosts: Vec<String>,
     /// Largest upgrade image accepted (bytes).
     #[serde(default = "d_max_download_bytes")]
     pub max_download_bytes: u64,
@@ -361,6 +365,17 @@ impl Config {
             return Err(invalid(
                 "notify_interval_s",
                 "must be within (0, 3600] seconds",
+            ));
+        }
+        if let Some(h) = self.upgrade_url_hosts.iter().find(|h| {
+            h.is_empty()
+                || !h
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c))
+        }) {
+            return Err(invalid(
+                "upgrade_url_hosts",
+                format!("{h:?} is not a host name or address"),
             ));
         }
         if self.max_download_bytes == 0 {

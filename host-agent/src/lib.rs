@@ -7,6 +7,7 @@ pub mod config;
 pub mod fault;
 pub mod grub_model;
 pub mod grubenv;
+pub mod json_frame;
 pub mod keel_api;
 pub mod logger;
 pub mod metrics;

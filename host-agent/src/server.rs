@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::VsockTuning;
+use crate::json_frame::JsonFrame;
 use crate::protocol::{encode_response, Command, Payload, Request, Response, PROTOCOL_VERSION};
 use crate::Agent;
 
@@ -44,21 +45,11 @@ impl ReadError {
     }
 }
 
-/// Whether `buf` holds a complete JSON value (or can never become one):
-/// [`read_request`] stops reading there.
-pub fn complete_json(buf: &[u8]) -> bool {
-    let mut it = serde_json::Deserializer::from_slice(buf).into_iter::<serde::de::IgnoredAny>();
-    match it.next() {
-        Some(Ok(_)) => true,
-        Some(Err(e)) => !e.is_eof(),
-        None => false,
-    }
-}
-
 /// Read one request: until EOF or a complete JSON value, within the limits.
 pub fn read_request(stream: &UnixStream, t: &VsockTuning) -> Result<Vec<u8>, ReadError> {
     let deadline = Instant::now() + t.total_timeout();
     let mut buf = Vec::new();
+    let mut frame = JsonFrame::default();
     let mut chunk = [0u8; 4096];
     loop {
         let now = Instant::now();
@@ -77,7 +68,7 @@ pub fn read_request(stream: &UnixStream, t: &VsockTuning) -> Result<Vec<u8>, Rea
                 if buf.len() > t.max_request_bytes {
                     return Err(ReadError::TooLarge(t.max_request_bytes));
                 }
-                if complete_json(&buf) {
+                if frame.feed(&chunk[..n]) {
                     return Ok(buf);
                 }
             }
@@ -253,7 +244,7 @@ pub fn dispatch(agent: &Agent, cmd: &Command) -> (Response, bool) {
             Ok(()) => (Ok(Payload::NoPayload), true),
             Err(e) => {
                 log::error!("upgrade failed: {e}");
-                (Err(format!("upgrade failed: {e}")), false)
+                (Err(format!("upgrade failed: {}", e.guest_message())), false)
             }
         },
         Command::StartUpgradeGuestVm => (start_upgrade_vm(agent), false),
@@ -291,16 +282,6 @@ fn start_upgrade_vm(agent: &Agent) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn completeness() {
-        assert!(!complete_json(b""));
-        assert!(!complete_json(b"  "));
-        assert!(!complete_json(b"{\"sender_cid\":3,"));
-        assert!(complete_json(b"{\"sender_cid\":3}"));
-        assert!(complete_json(b"{]"));
-        assert!(complete_json(b"\"GetVsockProtocol\""));
-    }
 
     #[test]
     fn parse_takes_the_first_value() {

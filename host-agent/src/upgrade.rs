@@ -40,9 +40,14 @@ const MAX_ARCHIVE_ENTRIES: usize = 64;
 /// Largest entry other than boot.img/root.img, and most data after the tar end.
 const MAX_OTHER_ENTRY: u64 = 64 << 20;
 pub const DOWNLOAD_FILE: &str = "upgrade.download";
+/// Largest zstd window accepted (log2): 2^27 = 128 MiB, what `zstd --long`
+/// and `zstd --ultra -22` use; the format allows up to 2^31.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
+    #[error("the upgrade URL's host {0:?} is not in upgrade_url_hosts")]
+    HostNotAllowed(String),
     #[error("invalid upgrade request: {0}")]
     Invalid(String),
     #[error("an upgrade is already in progress")]
@@ -70,6 +75,7 @@ impl UpgradeError {
     pub fn reason(&self) -> &'static str {
         match self {
             UpgradeError::Invalid(_) => "invalid_request",
+            UpgradeError::HostNotAllowed(_) => "host_not_allowed",
             UpgradeError::Busy => "busy",
             UpgradeError::NotStable(_) => "not_stable",
             UpgradeError::BootState(_) => "boot_state",
@@ -80,6 +86,52 @@ impl UpgradeError {
             UpgradeError::Volume(_) => "volume",
             UpgradeError::Commit(_) => "commit",
         }
+    }
+
+    /// What the guest is told: a fixed message per category. Nothing that
+    /// came from the download server (bodies, statuses, TLS or archive
+    /// details, the download's hash) is passed on, so that the guest cannot
+    /// use the agent to read other HTTPS hosts; the host's log has the
+    /// detail ([`Display`](std::fmt::Display)).
+    pub fn guest_message(&self) -> String {
+        const SEE_LOG: &str = "(details in the host's log)";
+        match self {
+            // The agent's own messages about the guest's request, and the
+            // host's own volumes: nothing from the download server.
+            UpgradeError::Invalid(_)
+            | UpgradeError::Busy
+            | UpgradeError::NotStable(_)
+            | UpgradeError::Volume(_) => self.to_string(),
+            UpgradeError::HostNotAllowed(_) => {
+                "the upgrade URL's host is not in this host's upgrade_url_hosts".into()
+            }
+            UpgradeError::BootState(_) => format!("cannot read the boot state {SEE_LOG}"),
+            UpgradeError::Download(_) => format!("download failed {SEE_LOG}"),
+            UpgradeError::TooLarge(_) => {
+                format!("download refused: the image is more than max_download_bytes {SEE_LOG}")
+            }
+            UpgradeError::HashMismatch { expected, .. } => {
+                format!("SHA-256 mismatch: the download is not target-hash {expected}")
+            }
+            UpgradeError::Archive(_) => format!("invalid upgrade image {SEE_LOG}"),
+            UpgradeError::Commit(_) => format!("cannot commit the upgrade to grubenv {SEE_LOG}"),
+        }
+    }
+}
+
+/// Checks that `url`'s host is one of `allowed` (any host when empty).
+fn check_host(url: &str, allowed: &[String]) -> Result<(), UpgradeError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|_| UpgradeError::Invalid("malformed URL".into()))?;
+    let host = uri.host().unwrap_or_default();
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        Ok(())
+    } else {
+        Err(UpgradeError::HostNotAllowed(host.to_string()))
     }
 }
 
@@ -133,6 +185,7 @@ fn run_locked(agent: &Agent, url: &str, target_hash: &str) -> Result<(), Upgrade
     if url.len() > 8192 || url.chars().any(|c| c.is_control() || c == ' ') {
         return Err(UpgradeError::Invalid("malformed URL".into()));
     }
+    check_host(url, &cfg.upgrade_url_hosts)?;
 
     // 1. Boot state and the volumes of the inactive slot.
     m.set_phase("checking");
@@ -321,6 +374,11 @@ fn download_to(agent: &Agent, url: &str, dest: &Path) -> Result<String, UpgradeE
     let started = Instant::now();
     let deadline = started + Duration::from_secs(cfg.download_timeout_s);
     let resp = http.get(url).call().map_err(|e| dl(e.to_string()))?;
+    // A redirect may not lead off the allowed hosts.
+    check_host(
+        &ureq::ResponseExt::get_uri(&resp).to_string(),
+        &cfg.upgrade_url_hosts,
+    )?;
     let expected_len = resp.body().content_length();
     if let Some(n) = expected_len {
         if n > max {
@@ -537,8 +595,10 @@ fn scan_stream<R: std::io::BufRead>(
     let aerr = |e: String| UpgradeError::Archive(e);
     let mut dec = zstd::stream::read::Decoder::with_buffer(archive)
         .map_err(|e| aerr(format!("not a zstd stream: {e}")))?;
-    // Accept long-distance windows (zstd --long); memory is used only if the stream needs it.
-    dec.window_log_max(31)
+    // Accept long-distance windows up to zstd --long's default (and
+    // --ultra -22's): 128 MiB. A frame asking for more is refused rather
+    // than allowed to take up to 2 GiB of the agent's memory.
+    dec.window_log_max(ZSTD_WINDOW_LOG_MAX)
         .map_err(|e| aerr(format!("zstd: {e}")))?;
     let mut tar = tar::Archive::new(dec);
     let mut boot: Option<ImageEntry> = None;
@@ -731,6 +791,78 @@ pub fn after_commit(agent: &Agent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_never_sees_remote_content() {
+        let secret = "<html>internal admin page: SECRET</html>";
+        for e in [
+            UpgradeError::Download(format!("http status 500: {secret}")),
+            UpgradeError::TooLarge(format!("{secret} 123 bytes")),
+            UpgradeError::Archive(format!("unexpected entry {secret}")),
+            UpgradeError::BootState(secret.into()),
+            UpgradeError::Commit(secret.into()),
+            UpgradeError::HostNotAllowed(secret.into()),
+            UpgradeError::HashMismatch {
+                expected: "ab".repeat(32),
+                actual: "SECRET".into(),
+            },
+        ] {
+            let m = e.guest_message();
+            assert!(!m.contains("SECRET"), "{m}");
+            assert!(e.to_string().contains("SECRET"), "the log has the detail");
+        }
+    }
+
+    #[test]
+    fn only_allowed_hosts_are_fetched_from() {
+        let allowed = vec!["updates.example.org".to_string()];
+        assert!(check_host("https://10.0.0.1/x", &[]).is_ok());
+        assert!(check_host("https://UPDATES.example.org:8443/a.tar.zst", &allowed).is_ok());
+        for bad in [
+            "https://10.0.0.1/x",
+            "https://updates.example.org.evil.net/x",
+            "https://user@internal/x",
+        ] {
+            assert!(
+                matches!(
+                    check_host(bad, &allowed),
+                    Err(UpgradeError::HostNotAllowed(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_zstd_window_over_the_cap_is_refused() {
+        use std::io::Write as _;
+        let dir = std::env::temp_dir().join(format!("keel-agent-zstd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let frame = |log: u32| {
+            let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+            enc.window_log(log).unwrap();
+            enc.long_distance_matching(true).unwrap();
+            enc.write_all(&[0u8; 4096]).unwrap();
+            enc.finish().unwrap()
+        };
+        // The frame header asks for 2^28 bytes: refused before any
+        // window is allocated.
+        let big = dir.join("big.tar.zst");
+        std::fs::write(&big, frame(ZSTD_WINDOW_LOG_MAX + 1)).unwrap();
+        let e = scan_archive(&big, None, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.to_lowercase().contains("memory") || e.contains("window"),
+            "{e}"
+        );
+        // At the cap it decodes (and fails later, as an empty tar).
+        let ok = dir.join("ok.tar.zst");
+        std::fs::write(&ok, frame(ZSTD_WINDOW_LOG_MAX)).unwrap();
+        let e = scan_archive(&ok, None, None, None).unwrap_err().to_string();
+        assert!(!e.to_lowercase().contains("memory"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn hashes_and_names() {

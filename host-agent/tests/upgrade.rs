@@ -138,7 +138,7 @@ fn full_upgrade_confirm_and_back() {
 
 /// One failure: the guest gets `Err` with `reason`, nothing active changes,
 /// no shutdown, no reboot.
-fn expect_failure(e: &Env, url: &str, hash: &str, reason: &str) {
+fn expect_failure(e: &Env, url: &str, hash: &str, reason: &str) -> String {
     let r = e.request(&e.upgrade_request(url, hash));
     assert!(r.starts_with(r#"{"Err":"upgrade failed: "#), "{r}");
     assert!(r.contains(reason), "expected {reason:?} in {r}");
@@ -146,6 +146,16 @@ fn expect_failure(e: &Env, url: &str, hash: &str, reason: &str) {
     assert!(!e.marker.exists(), "rebooted after a failure");
     assert!(e.keel.state.lock().unwrap().shutdown_bodies.is_empty());
     assert!(!e.dir.join("state").join("upgrade.download").exists());
+    r
+}
+
+/// A failure whose detail (from the download) is for the host's log only:
+/// the guest gets the fixed `category` message, the log has `detail`.
+fn expect_failure_logged(e: &Env, url: &str, hash: &str, category: &str, detail: &str) -> String {
+    let r = expect_failure(e, url, hash, category);
+    assert!(!r.contains(detail), "{detail:?} reached the guest: {r}");
+    assert!(e.log_text().contains(detail), "{detail:?} not logged");
+    r
 }
 
 #[test]
@@ -177,7 +187,12 @@ fn failures_leave_the_active_slot_and_grubenv_untouched() {
     expect_failure(&e, &plain, &img.hash, "only https:// URLs");
     // HTTP error and unreachable server.
     let missing = e.https.route("/gone", Route::Status(404));
-    expect_failure(&e, &missing, &img.hash, "download failed");
+    // Exactly the fixed message: nothing of the server's answer.
+    let r = expect_failure_logged(&e, &missing, &img.hash, "download failed", "404");
+    assert_eq!(
+        r,
+        r#"{"Err":"upgrade failed: download failed (details in the host's log)"}"#
+    );
     let closed = format!("https://127.0.0.1:{}/x", free_port());
     expect_failure(&e, &closed, &img.hash, "download failed");
 
@@ -193,7 +208,13 @@ fn failures_leave_the_active_slot_and_grubenv_untouched() {
     let announced = e.https.route("/big", Route::Ok(big.clone()));
     expect_failure(&e, &announced, &big_hash, "more than max_download_bytes");
     let streamed = e.https.route("/big-stream", Route::NoLength(big.clone()));
-    expect_failure(&e, &streamed, &big_hash, "passed max_download_bytes");
+    expect_failure_logged(
+        &e,
+        &streamed,
+        &big_hash,
+        "more than max_download_bytes",
+        "passed max_download_bytes",
+    );
 
     // Corrupt archives whose hash matches (the guest vouched for bad bytes).
     let mut cut = img.archive.clone();
@@ -221,25 +242,49 @@ fn failures_leave_the_active_slot_and_grubenv_untouched() {
     let url = e
         .https
         .route("/noroot", Route::Ok(Arc::new(only_boot.clone())));
-    expect_failure(&e, &url, &sha256_hex(&only_boot), "root.img is missing");
+    expect_failure_logged(
+        &e,
+        &url,
+        &sha256_hex(&only_boot),
+        "invalid upgrade image",
+        "root.img is missing",
+    );
     let only_root = make_image(&[("root.img", &img.root)]);
     let url = e
         .https
         .route("/noboot", Route::Ok(Arc::new(only_root.clone())));
-    expect_failure(&e, &url, &sha256_hex(&only_root), "boot.img is missing");
+    expect_failure_logged(
+        &e,
+        &url,
+        &sha256_hex(&only_root),
+        "invalid upgrade image",
+        "boot.img is missing",
+    );
     let dup = make_image(&[
         ("boot.img", &img.boot),
         ("boot.img", &img.boot),
         ("root.img", &img.root),
     ]);
     let url = e.https.route("/dup", Route::Ok(Arc::new(dup.clone())));
-    expect_failure(&e, &url, &sha256_hex(&dup), "boot.img appears twice");
+    expect_failure_logged(
+        &e,
+        &url,
+        &sha256_hex(&dup),
+        "invalid upgrade image",
+        "boot.img appears twice",
+    );
     let huge_boot = pattern(5, BOOT_SIZE + 1);
     let too_big = make_image(&[("boot.img", &huge_boot), ("root.img", &img.root)]);
     let url = e
         .https
         .route("/toobig", Route::Ok(Arc::new(too_big.clone())));
-    expect_failure(&e, &url, &sha256_hex(&too_big), "larger than its volume");
+    expect_failure_logged(
+        &e,
+        &url,
+        &sha256_hex(&too_big),
+        "invalid upgrade image",
+        "larger than its volume",
+    );
     e.assert_inactive_untouched();
 
     // boot_cycle not stable: refused before downloading.
@@ -336,6 +381,41 @@ fn unwritable_volume_is_refused_before_any_write() {
         .route("/u", Route::Ok(Arc::new(img.archive.clone())));
     expect_failure(&e, &url, &img.hash, "volume error");
     e.assert_inactive_untouched();
+}
+
+#[test]
+fn only_allowed_url_hosts_are_fetched_from() {
+    let mut e = Env::new(
+        "allowhosts",
+        Options {
+            upgrade_url_hosts: vec!["localhost"],
+            ..Options::default()
+        },
+    );
+    e.start(None);
+    let img = standard_image(6);
+    let url = e
+        .https
+        .route("/u", Route::Ok(Arc::new(img.archive.clone())));
+    // The same server by another name: refused before any connection.
+    let by_ip = url.replace("://localhost:", "://127.0.0.1:");
+    let hits = e.https.hits.load(std::sync::atomic::Ordering::SeqCst);
+    expect_failure(
+        &e,
+        &by_ip,
+        &img.hash,
+        "not in this host's upgrade_url_hosts",
+    );
+    assert_eq!(hits, e.https.hits.load(std::sync::atomic::Ordering::SeqCst));
+    e.assert_inactive_untouched();
+    // The allowed name: installed.
+    assert_eq!(
+        e.request(&e.upgrade_request(&url, &img.hash)),
+        OK,
+        "{}",
+        e.log_text()
+    );
+    e.assert_slot_has("B", &img);
 }
 
 #[test]

@@ -104,7 +104,7 @@ fn device_list(
     let mut v = vec![DeviceInfo {
         kind: "serial",
         path: match &config.serial {
-            crate::config::SerialConfig::File { path } => Some(path.display().to_string()),
+            crate::config::SerialConfig::File { path, .. } => Some(path.display().to_string()),
             _ => None,
         },
         readonly: None,

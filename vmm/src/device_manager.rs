@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
-    BootTimer, ConsoleHub, EventFdTrigger, Milestone, PowerButton, Serial, SerialSink,
-    BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042, I8042_PORT_DATA, I8042_PORT_LEN, POWER_PORT,
-    SERIAL_PORT_LEN,
+    BootTimer, ConsoleHub, EventFdTrigger, Milestone, PowerButton, Serial, SerialCounters,
+    SerialSink, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042, I8042_PORT_DATA, I8042_PORT_LEN,
+    POWER_PORT, SERIAL_PORT_LEN,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -426,6 +426,8 @@ pub struct LegacyDevices {
     pub serial: Arc<Mutex<Serial>>,
     /// Watchers of COM1's output (API console clients).
     pub console_hub: Arc<ConsoleHub>,
+    /// COM1's counters.
+    pub serial_counters: Arc<SerialCounters>,
     /// The keyboard controller (Ctrl-Alt-Del).
     pub i8042: Arc<Mutex<I8042>>,
     /// Boot milestones recorded so far.
@@ -455,20 +457,22 @@ pub fn setup_legacy_devices(
     let sink = match serial {
         SerialConfig::Stdout => SerialSink::Stdout(std::io::stdout()),
         SerialConfig::Off => SerialSink::Off,
-        SerialConfig::File { path } => {
-            SerialSink::file(path).map_err(|source| DeviceError::SerialLog {
+        SerialConfig::File {
+            path,
+            max_size,
+            max_backups,
+        } => SerialSink::file(path, max_size.bytes(), *max_backups).map_err(|source| {
+            DeviceError::SerialLog {
                 path: path.display().to_string(),
                 source,
-            })?
-        }
+            }
+        })?,
     };
     let com1_irq = vm.irq_line(COM1_IRQ)?;
     let console_hub = Arc::new(ConsoleHub::default());
-    let serial = Arc::new(Mutex::new(Serial::with_hub(
-        EventFdTrigger(com1_irq),
-        sink,
-        console_hub.clone(),
-    )));
+    let com1 = Serial::with_hub(EventFdTrigger(com1_irq), sink, console_hub.clone());
+    let serial_counters = com1.counters();
+    let serial = Arc::new(Mutex::new(com1));
     pio.insert(serial.clone(), COM1_PORT, SERIAL_PORT_LEN)?;
 
     let reset_evt = eventfd()?;
@@ -490,6 +494,7 @@ pub fn setup_legacy_devices(
     Ok(LegacyDevices {
         serial,
         console_hub,
+        serial_counters,
         i8042,
         milestones,
         reset_evt,

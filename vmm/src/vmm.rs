@@ -8,6 +8,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::legacy::SerialCounters;
 use devices::virtio::block::BlockCounters;
 use devices::virtio::vsock::VsockCounters;
 use log::{error, info, warn};
@@ -55,6 +56,8 @@ pub struct VmView {
     pub disk_counters: Vec<Arc<BlockCounters>>,
     /// vsock counters.
     pub vsock_counters: Option<Arc<VsockCounters>>,
+    /// COM1's counters.
+    pub serial_counters: Arc<SerialCounters>,
     /// NICs (with their counters), in configuration order.
     pub nets: Vec<NetDeviceInfo>,
     /// The boot monitor, when enabled.
@@ -127,6 +130,7 @@ impl Vmm {
                 vcpu_counters: Vec::new(),
                 disk_counters: Vec::new(),
                 vsock_counters: None,
+                serial_counters: legacy.serial_counters.clone(),
                 nets: Vec::new(),
                 boot_monitor: None,
             },

@@ -4,13 +4,16 @@ mod boot_timer;
 mod i8042;
 mod power;
 mod serial;
+mod serial_log;
 
 pub use boot_timer::{BootTimer, Milestone, BOOT_TIMER_PORT};
 pub use i8042::{I8042Error, I8042, I8042_PORT_DATA, I8042_PORT_LEN};
 pub use power::{PowerButton, POWER_PORT, S5_WRITE};
 pub use serial::{
-    ConsoleHub, OutputWatcher, Serial, SerialSink, TeeSink, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN,
+    ConsoleHub, OutputWatcher, Serial, SerialCounters, SerialSink, TeeSink, COM1_IRQ, COM1_PORT,
+    SERIAL_PORT_LEN,
 };
+pub use serial_log::RotatingLog;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -1,6 +1,5 @@
 //! The 16550A UART on COM1, from vm-superio, with Keel's output sinks.
 
-use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
 
@@ -11,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use log::warn;
 use vm_superio::serial::NoEvents;
 
+use super::serial_log::RotatingLog;
 use super::EventFdTrigger;
 use crate::bus::BusDevice;
 
@@ -24,8 +24,8 @@ pub const SERIAL_PORT_LEN: u64 = 8;
 /// Where the guest's serial output goes.
 pub enum SerialSink {
     /// A log file, truncated when the VM starts (like HostOS's
-    /// `guestos-serial.log`).
-    File(File),
+    /// `guestos-serial.log`), rotated at its size cap.
+    File(RotatingLog),
     /// The VMM's standard output.
     Stdout(io::Stdout),
     /// Discarded.
@@ -33,9 +33,10 @@ pub enum SerialSink {
 }
 
 impl SerialSink {
-    /// Creates (or truncates) the log file at `path`.
-    pub fn file(path: &Path) -> io::Result<Self> {
-        File::create(path).map(SerialSink::File)
+    /// Creates (or truncates) the log file at `path`, rotated when it
+    /// would grow past `max_size` bytes, keeping `max_backups` old ones.
+    pub fn file(path: &Path, max_size: u64, max_backups: u32) -> io::Result<Self> {
+        RotatingLog::create(path, max_size, max_backups).map(SerialSink::File)
     }
 }
 
@@ -138,9 +139,20 @@ impl Write for TeeSink {
     }
 }
 
+/// What the serial port counts (shown by `GET /v1/counters`).
+#[derive(Debug, Default)]
+pub struct SerialCounters {
+    /// Guest bytes the sink failed to take (full disk, closed stdout, a
+    /// failed log rotation).
+    pub lost_bytes: AtomicU64,
+}
+
 /// COM1: a vm-superio 16550A whose interrupt is an eventfd (a KVM irqfd).
 pub struct Serial {
     uart: vm_superio::Serial<EventFdTrigger, NoEvents, TeeSink>,
+    counters: Arc<SerialCounters>,
+    /// A sink error was logged: later ones are only counted.
+    error_logged: bool,
 }
 
 impl Serial {
@@ -160,7 +172,14 @@ impl Serial {
                     watchers: Vec::new(),
                 },
             ),
+            counters: Arc::new(SerialCounters::default()),
+            error_logged: false,
         }
+    }
+
+    /// The port's counters.
+    pub fn counters(&self) -> Arc<SerialCounters> {
+        self.counters.clone()
     }
 
     /// Adds a watcher of the guest's output (see [`OutputWatcher`]).
@@ -187,9 +206,14 @@ impl BusDevice for Serial {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), [byte]) = (u8::try_from(offset), data) {
-            // A lost byte (full disk, closed stdout) must not stop the guest.
+            // A lost byte (full disk, closed stdout) must not stop the
+            // guest, nor flood the host's log: the first is logged, every
+            // one is counted.
             if let Err(e) = self.uart.write(off, *byte) {
-                warn!("serial: {e:?}");
+                self.counters.lost_bytes.fetch_add(1, Ordering::Relaxed);
+                if !std::mem::replace(&mut self.error_logged, true) {
+                    warn!("serial: guest output lost: {e:?} (further losses are only counted: lost_bytes in GET /v1/counters)");
+                }
             }
         }
     }
@@ -210,14 +234,17 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut s = Serial::new(
             EventFdTrigger::try_clone_from(&irq).unwrap(),
-            SerialSink::file(&path).unwrap(),
+            SerialSink::file(&path, 1 << 20, 3).unwrap(),
         );
         s.write(1, &[0x02]); // IER: THR empty interrupt
         for b in b"hi\n" {
             s.write(0, &[*b]);
         }
         let mut out = String::new();
-        File::open(&path).unwrap().read_to_string(&mut out).unwrap();
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         assert_eq!(
             out, "hi\n",
             "log is truncated at start, then holds the output"
@@ -267,6 +294,47 @@ mod tests {
             s.write(0, &[*b]);
         }
         assert_eq!(*seen.0.lock().unwrap(), b"GUESTOS BOOT");
+    }
+
+    /// Counts the log records about lost serial output.
+    struct LossLog(AtomicUsize);
+    impl log::Log for LossLog {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record) {
+            if r.args()
+                .to_string()
+                .starts_with("serial: guest output lost")
+            {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOSS_LOG: LossLog = LossLog(AtomicUsize::new(0));
+
+    #[test]
+    fn a_failing_sink_is_logged_once_and_every_lost_byte_counted() {
+        log::set_logger(&LOSS_LOG).expect("no other test sets a logger");
+        log::set_max_level(log::LevelFilter::Warn);
+        let dir = std::env::temp_dir().join(format!("keel-serial-loss-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(EventFdTrigger(irq), SerialSink::file(&path, 4, 1).unwrap());
+        for b in b"abcd" {
+            s.write(0, &[*b]);
+        }
+        // PATH.1 is a non-empty directory: every rotation, so every
+        // further byte, fails.
+        std::fs::create_dir_all(dir.join("console.log.1").join("x")).unwrap();
+        for _ in 0..100 {
+            s.write(0, b"x");
+        }
+        assert_eq!(s.counters().lost_bytes.load(Ordering::Relaxed), 100);
+        assert_eq!(LOSS_LOG.0.load(Ordering::Relaxed), 1, "logged once");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -372,6 +372,8 @@ pub struct Options {
     pub notify_interval_s: Option<f64>,
     /// Replace a volume path (slot, kind) -> path.
     pub volume_override: Vec<(&'static str, &'static str, PathBuf)>,
+    /// `upgrade_url_hosts` (empty: not set).
+    pub upgrade_url_hosts: Vec<&'static str>,
 }
 
 impl Default for Options {
@@ -386,6 +388,7 @@ impl Default for Options {
             download_timeout_s: 20,
             notify_interval_s: None,
             volume_override: vec![],
+            upgrade_url_hosts: vec![],
         }
     }
 }
@@ -550,6 +553,12 @@ shutdown_timeout_s = 120
         );
         if let Some(n) = opts.notify_interval_s {
             toml.push_str(&format!("notify_interval_s = {n:?}\n"));
+        }
+        if !opts.upgrade_url_hosts.is_empty() {
+            toml.push_str(&format!(
+                "upgrade_url_hosts = {:?}\n",
+                opts.upgrade_url_hosts
+            ));
         }
         if let Some(u) = &opts.upgrade_vm_unit {
             toml.push_str(&format!("upgrade_vm_unit = \"{u}\"\n"));

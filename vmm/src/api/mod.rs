@@ -10,8 +10,8 @@ pub mod auth;
 pub mod http;
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
@@ -59,6 +59,9 @@ pub enum ApiError {
     /// The server thread could not start.
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
+    /// systemd passed a socket that cannot serve the API.
+    #[error(transparent)]
+    ListenFd(#[from] crate::systemd::ListenFdError),
 }
 
 /// What does not change while the VM runs (served by `GET /v1/vm`).
@@ -167,15 +170,14 @@ impl ApiContext {
     }
 }
 
-/// The listening socket: the one systemd passed (LISTEN_FDS), else a new
-/// one at `path` (mode 0660, a stale socket file replaced), owned by
-/// `group` so its members can connect (SO_PEERCRED then decides what each
-/// caller may do).
+/// The listening socket: the one systemd passed (LISTEN_FDS, checked to be
+/// a listening Unix stream socket), else a new one at `path` (mode 0660,
+/// a stale socket replaced; anything else at `path` is an error and left
+/// alone), owned by `group` so its members can connect (SO_PEERCRED then
+/// decides what each caller may do).
 pub fn listener(path: Option<&Path>, group: Option<u32>) -> Result<Option<UnixListener>, ApiError> {
-    if let Some(fd) = systemd_socket() {
-        // SAFETY: systemd passed this descriptor to us (LISTEN_PID is our
-        // pid) and nothing else in the process owns it.
-        return Ok(Some(unsafe { UnixListener::from_raw_fd(fd) }));
+    if let Some(l) = crate::systemd::listen_socket()? {
+        return Ok(Some(l));
     }
     let Some(path) = path else { return Ok(None) };
     let shown = path.display().to_string();
@@ -183,14 +185,23 @@ pub fn listener(path: Option<&Path>, group: Option<u32>) -> Result<Option<UnixLi
         path: shown.clone(),
         source,
     };
-    if path.exists() {
-        // Only replace a socket nobody answers on.
-        if UnixStream::connect(path).is_ok() {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
             return Err(err(std::io::Error::other(
-                "another process is serving this socket",
+                "something other than a socket is there: not removing it",
             )));
         }
-        std::fs::remove_file(path).map_err(err)?;
+        Ok(_) => {
+            // Only replace a socket nobody answers on.
+            if UnixStream::connect(path).is_ok() {
+                return Err(err(std::io::Error::other(
+                    "another process is serving this socket",
+                )));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
     }
     let l = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
@@ -198,12 +209,6 @@ pub fn listener(path: Option<&Path>, group: Option<u32>) -> Result<Option<UnixLi
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
     }
     Ok(Some(l))
-}
-
-fn systemd_socket() -> Option<RawFd> {
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    (pid == std::process::id() && fds >= 1).then_some(3)
 }
 
 /// Serves the API on its own thread.
@@ -322,6 +327,18 @@ fn wants_console_write(req: &Request) -> bool {
 /// Checks the route exists and the role suffices (typing into the console
 /// needs an admin); logs a denial, once.
 fn check(peer: &Peer, role: Role, req: &Request) -> Result<(), Refusal> {
+    // A caller with no role learns nothing, not even which routes exist,
+    // and its connection ends with the 403.
+    if role == Role::None {
+        warn!(
+            "api: denied {} {} to uid {} (pid {}): no role",
+            req.method, req.path, peer.uid, peer.pid
+        );
+        return Err(Refusal {
+            status: 403,
+            message: "permission denied".into(),
+        });
+    }
     let same_path: Vec<_> = ROUTES.iter().filter(|(_, p, _)| *p == req.path).collect();
     let Some((_, _, need)) = same_path.iter().find(|(m, _, _)| *m == req.method) else {
         let (status, message) = if same_path.is_empty() {
@@ -475,7 +492,10 @@ pub fn counters_json(view: &VmView) -> Value {
             Value::Object(m)
         })
         .collect();
-    json!({ "vcpus": vcpus, "disks": disks, "net": net, "vsock": vsock })
+    let serial = json!({
+        "lost_bytes": view.serial_counters.lost_bytes.load(R),
+    });
+    json!({ "vcpus": vcpus, "disks": disks, "net": net, "vsock": vsock, "serial": serial })
 }
 
 /// Streams the serial console; a writer (an admin who asked with
@@ -675,6 +695,12 @@ mod tests {
             status(Role::Admin, &req("GET", "/v1/nope", None)),
             Some(404)
         );
+        // No role: a 403 (which ends the connection) whatever it asks.
+        assert_eq!(status(Role::None, &req("GET", "/v1/nope", None)), Some(403));
+        assert_eq!(
+            status(Role::None, &req("PUT", "/v1/console", None)),
+            Some(403)
+        );
         assert_eq!(
             status(Role::Admin, &req("PUT", "/v1/console", None)),
             Some(405)
@@ -683,6 +709,28 @@ mod tests {
             status(Role::ReadOnly, &req("PUT", "/v1/vm/stop", None)),
             Some(403)
         );
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("keel-api-listener-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A regular file where the socket goes: an error, and kept.
+        let file = dir.join("file.sock");
+        std::fs::write(&file, b"precious").unwrap();
+        let e = listener(Some(&file), None).unwrap_err().to_string();
+        assert!(e.contains("not removing"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        // A socket nobody serves: replaced.
+        let stale = dir.join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        let serving = listener(Some(&stale), None).unwrap();
+        assert!(serving.is_some());
+        // A socket someone serves: kept.
+        let e = listener(Some(&stale), None).unwrap_err().to_string();
+        assert!(e.contains("another process"), "{e}");
+        drop(serving);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

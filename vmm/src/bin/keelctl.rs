@@ -43,7 +43,7 @@ struct Args {
 enum Cmd {
     /// VM state, uptime, topology, memory, boot source, devices.
     Info,
-    /// vCPU exit and device (disk, net, vsock) counters.
+    /// vCPU exit and device (disk, net, vsock, serial) counters.
     Counters,
     /// Pause every vCPU.
     Pause,
@@ -196,7 +196,7 @@ fn print_table(v: &Value, prefix: &str) {
 }
 
 /// One table row per device and counter: `DEVICE INDEX COUNTER VALUE`,
-/// vCPUs, disks, NICs and vsock in that order; a device kind the VM has
+/// vCPUs, disks, NICs, vsock and serial in that order; a device kind the VM has
 /// none of gets one `(none)` row, so every kind is always listed.
 fn counter_rows(v: &Value) -> Vec<String> {
     fn flatten(v: &Value, prefix: &str, out: &mut Vec<(String, String)>) {
@@ -225,6 +225,7 @@ fn counter_rows(v: &Value) -> Vec<String> {
         ("disks", "disk"),
         ("net", "net"),
         ("vsock", "vsock"),
+        ("serial", "serial"),
     ] {
         // A list of devices, each with its index; or one device (vsock).
         let devices: Vec<(String, &Value)> = match v.get(section) {
@@ -593,6 +594,7 @@ mod tests {
             "disks": [{"index": 0, "read_ops": 7}],
             "net": [],
             "vsock": null,
+            "serial": {"lost_bytes": 3},
         });
         let rows = counter_rows(&doc);
         let words: Vec<Vec<&str>> = rows
@@ -611,6 +613,10 @@ mod tests {
         assert!(words.contains(&vec!["net", "-", "(none)", "-"]), "{rows:?}");
         assert!(
             words.contains(&vec!["vsock", "-", "(none)", "-"]),
+            "{rows:?}"
+        );
+        assert!(
+            words.contains(&vec!["serial", "-", "lost_bytes", "3"]),
             "{rows:?}"
         );
         assert!(!rows.iter().any(|r| r.contains(" index ")), "{rows:?}");

@@ -276,11 +276,37 @@ pub enum SerialConfig {
     Stdout,
     /// Nowhere.
     Off,
-    /// A log file, truncated at each launch.
+    /// A log file, truncated at each launch and rotated when it reaches
+    /// `max_size` (like virtlogd's `max_size`/`max_backups`).
     File {
         /// The log file.
         path: PathBuf,
+        /// Size at which the log is rotated: `PATH` becomes `PATH.1`,
+        /// `PATH.1` becomes `PATH.2`, and so on, and a new `PATH` is begun.
+        #[serde(default = "default_serial_max_size")]
+        max_size: ByteSize,
+        /// Rotated logs kept (`PATH.1` .. `PATH.N`); 0 truncates `PATH`
+        /// instead.
+        #[serde(default = "default_serial_max_backups")]
+        max_backups: u32,
     },
+}
+
+/// Default `serial.max_size`: virtlogd's 2 MiB.
+pub const DEFAULT_SERIAL_MAX_SIZE: u64 = 2 << 20;
+/// Default `serial.max_backups`: virtlogd's 3.
+pub const DEFAULT_SERIAL_MAX_BACKUPS: u32 = 3;
+/// Most `serial.max_backups` accepted.
+pub const MAX_SERIAL_BACKUPS: u32 = 100;
+/// Least `serial.max_size` accepted (smaller would rotate on every line).
+pub const MIN_SERIAL_MAX_SIZE: u64 = 4 << 10;
+
+fn default_serial_max_size() -> ByteSize {
+    ByteSize::from_bytes(DEFAULT_SERIAL_MAX_SIZE)
+}
+
+fn default_serial_max_backups() -> u32 {
+    DEFAULT_SERIAL_MAX_BACKUPS
 }
 
 /// I/O engine of a disk.
@@ -767,7 +793,26 @@ impl VmConfig {
                 ));
             }
         }
-        if let SerialConfig::File { path } = &self.serial {
+        if let SerialConfig::File {
+            path,
+            max_size,
+            max_backups,
+        } = &self.serial
+        {
+            if max_size.bytes() < MIN_SERIAL_MAX_SIZE {
+                return Err(ConfigError::invalid(
+                    "serial.max_size",
+                    &max_size.to_string(),
+                    format!("at least {MIN_SERIAL_MAX_SIZE} bytes"),
+                ));
+            }
+            if *max_backups > MAX_SERIAL_BACKUPS {
+                return Err(ConfigError::invalid(
+                    "serial.max_backups",
+                    &max_backups.to_string(),
+                    format!("at most {MAX_SERIAL_BACKUPS}"),
+                ));
+            }
             let parent = path
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -1456,19 +1501,30 @@ pub fn parse_config_disk_flag(input: &str) -> Result<ConfigDiskConfig, ConfigErr
     })
 }
 
-/// Parses `--serial stdout|off|file=PATH`.
+/// Parses `--serial stdout|off|file=PATH[,max_size=SIZE][,max_backups=N]`.
 pub fn parse_serial_flag(input: &str) -> Result<SerialConfig, ConfigError> {
     match input {
         "stdout" => Ok(SerialConfig::Stdout),
         "off" => Ok(SerialConfig::Off),
-        _ => match input.split_once('=') {
-            Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File { path: p.into() }),
-            _ => Err(ConfigError::invalid(
-                "serial",
-                input,
-                "expected stdout, off or file=PATH".into(),
-            )),
-        },
+        _ if input.starts_with("file=") => {
+            let o = OptionList::parse("serial", input, &["file", "max_size", "max_backups"], None)?;
+            Ok(SerialConfig::File {
+                path: o
+                    .get("file")
+                    .filter(|p| !p.is_empty())
+                    .ok_or(ConfigError::Missing("serial.path"))?
+                    .into(),
+                max_size: o.size("max_size")?.unwrap_or_else(default_serial_max_size),
+                max_backups: o
+                    .number("max_backups")?
+                    .unwrap_or(DEFAULT_SERIAL_MAX_BACKUPS),
+            })
+        }
+        _ => Err(ConfigError::invalid(
+            "serial",
+            input,
+            "expected stdout, off or file=PATH[,max_size=SIZE][,max_backups=N]".into(),
+        )),
     }
 }
 
@@ -1511,7 +1567,9 @@ mod tests {
         assert_eq!(
             cfg.serial,
             SerialConfig::File {
-                path: "/var/log/guest.log".into()
+                path: "/var/log/guest.log".into(),
+                max_size: ByteSize::from_bytes(DEFAULT_SERIAL_MAX_SIZE),
+                max_backups: DEFAULT_SERIAL_MAX_BACKUPS,
             }
         );
         cfg.apply_flags(&FlagOverrides {
@@ -1930,9 +1988,21 @@ mod tests {
         assert_eq!(
             parse_serial_flag("file=/tmp/x").unwrap(),
             SerialConfig::File {
-                path: "/tmp/x".into()
+                path: "/tmp/x".into(),
+                max_size: ByteSize::from_bytes(2 << 20),
+                max_backups: 3,
             }
         );
+        assert_eq!(
+            parse_serial_flag("file=/tmp/x,max_size=64K,max_backups=0").unwrap(),
+            SerialConfig::File {
+                path: "/tmp/x".into(),
+                max_size: ByteSize::from_bytes(64 << 10),
+                max_backups: 0,
+            }
+        );
+        assert!(parse_serial_flag("file=/tmp/x,max_backups=-1").is_err());
+        assert!(parse_serial_flag("file=/tmp/x,rotate=on").is_err());
         assert!(parse_serial_flag("file=").is_err());
         assert!(parse_serial_flag("tty").is_err());
     }
@@ -2013,9 +2083,31 @@ mod tests {
             &|c| {
                 c.serial = SerialConfig::File {
                     path: "/nonexistent/dir/log".into(),
+                    max_size: ByteSize::from_bytes(DEFAULT_SERIAL_MAX_SIZE),
+                    max_backups: 3,
                 }
             },
             "serial.path",
+        );
+        check(
+            &|c| {
+                c.serial = SerialConfig::File {
+                    path: "/tmp/log".into(),
+                    max_size: ByteSize::from_bytes(100),
+                    max_backups: 3,
+                }
+            },
+            "serial.max_size",
+        );
+        check(
+            &|c| {
+                c.serial = SerialConfig::File {
+                    path: "/tmp/log".into(),
+                    max_size: ByteSize::from_bytes(DEFAULT_SERIAL_MAX_SIZE),
+                    max_backups: 1000,
+                }
+            },
+            "serial.max_backups",
         );
         let nic = |tap: &str| NetConfig {
             tap: tap.into(),
