@@ -18,6 +18,8 @@ pub mod device_manager;
 pub mod exit;
 pub mod logger;
 pub mod payload;
+pub mod privileges;
+pub mod seccomp;
 pub mod systemd;
 pub mod vmm;
 pub mod vstate;

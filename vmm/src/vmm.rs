@@ -67,8 +67,8 @@ pub struct BootWatch {
     pub monitor: Arc<BootMonitor>,
     /// From the vCPUs' start to `timeout`.
     pub timeout: Duration,
-    /// Consoles that get a line with the outcome.
-    pub consoles: Vec<std::path::PathBuf>,
+    /// Consoles that get a line with the outcome (opened at set-up).
+    pub consoles: Vec<boot_monitor::Console>,
 }
 
 /// A running VM.

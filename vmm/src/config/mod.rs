@@ -506,6 +506,45 @@ pub struct VmConfig {
     /// config media), attached read-only after the disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_disk: Option<ConfigDiskConfig>,
+    /// Seccomp and the privilege drop.
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// Confinement after set-up (see the README's "Security").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Per-thread seccomp filters (on by default; off only for debugging,
+    /// with a loud warning).
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+    /// `UID:GID` to switch to once everything is open (numbers). Without
+    /// it Keel keeps its user but still drops every capability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            seccomp: true,
+            user: None,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// The user to switch to, parsed.
+    pub fn run_as(&self) -> Result<Option<crate::privileges::RunAs>, ConfigError> {
+        self.user
+            .as_deref()
+            .map(|u| {
+                crate::privileges::RunAs::parse(u)
+                    .map_err(|why| ConfigError::invalid("security.user", u, why))
+            })
+            .transpose()
+    }
 }
 
 /// The config disk: a read-only FAT image labelled `CONFIG`, built at start
@@ -610,6 +649,10 @@ pub struct FlagOverrides {
     /// `hostos:<node>:<deployment>:<management MAC>`, a HostOS-derived one),
     /// repeated; when any is given they replace the file's NICs.
     pub nets: Vec<String>,
+    /// `--seccomp on|off`
+    pub seccomp: Option<String>,
+    /// `--user UID:GID`
+    pub user: Option<String>,
 }
 
 /// Most disks a VM can have (virtio-mmio slots with a free interrupt line).
@@ -697,6 +740,13 @@ impl VmConfig {
                 .map(|(i, d)| parse_disk_flag(i, d))
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(v) = &flags.seccomp {
+            self.security.seccomp =
+                parse_switch(v).map_err(|why| ConfigError::invalid("security.seccomp", v, why))?;
+        }
+        if let Some(u) = &flags.user {
+            self.security.user = Some(u.clone());
+        }
         if !flags.nets.is_empty() {
             self.nets = flags
                 .nets
@@ -710,6 +760,7 @@ impl VmConfig {
 
     /// Checks everything that can be checked before creating the VM.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.security.run_as()?;
         self.validate_boot_source()?;
         if let Some(kernel) = &self.payload.kernel {
             check_readable_file("payload.kernel", kernel)?;
