@@ -2188,4 +2188,36 @@ mod tests {
         }];
         assert!(ok.validate().is_ok());
     }
+
+    #[test]
+    fn security_section_and_flags() {
+        let c = VmConfig::from_toml("[security]\nuser = \"65534:65534\"\nseccomp = false").unwrap();
+        assert!(!c.security.seccomp);
+        assert_eq!(
+            c.security.run_as().unwrap(),
+            Some(crate::privileges::RunAs {
+                uid: 65534,
+                gid: 65534
+            })
+        );
+        assert!(VmConfig::default().security.seccomp, "on by default");
+        let mut c = VmConfig::default();
+        c.apply_flags(&FlagOverrides {
+            seccomp: Some("off".into()),
+            user: Some("nobody".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!c.security.seccomp);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("security.user") && e.contains("nobody"), "{e}");
+        let e = c
+            .apply_flags(&FlagOverrides {
+                seccomp: Some("maybe".into()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("security.seccomp"), "{e}");
+    }
 }

@@ -94,6 +94,7 @@ impl Filters {
             });
         }
         install_sigsys_handler()?;
+        fix_malloc_arenas();
         let arch = TargetArch::x86_64;
         let mut programs = Vec::new();
         for kind in ThreadKind::ALL {
@@ -139,6 +140,19 @@ impl Filters {
     /// Whether filters are installed.
     pub fn enabled(&self) -> bool {
         self.programs.is_some()
+    }
+}
+
+/// glibc's malloc reads `/sys/devices/system/cpu/online` the first time a
+/// new thread makes it consider another arena, unless the arena limit is
+/// set; under the filters that `openat` would kill Keel (an API connection
+/// thread met it). The limit is glibc's own default, 8 per CPU.
+fn fix_malloc_arenas() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets a malloc tunable.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, max) } != 1 {
+        warn!("cannot set malloc's arena limit; a new thread may trip the seccomp filter");
     }
 }
 
@@ -229,13 +243,15 @@ fn put(buf: &mut [u8], at: usize, s: &[u8]) -> usize {
 
 /// The report line: `keel: ERROR seccomp: the <kind> thread made forbidden
 /// system call <n>; killing keel`.
-fn report_line(buf: &mut [u8], kind: u8, syscall: i64) -> usize {
+/// A thread that did not confine itself (it inherited its creator's
+/// filter) is named by its thread name (`comm`).
+fn report_line(buf: &mut [u8], kind: u8, comm: &[u8], syscall: i64) -> usize {
     let name = ThreadKind::ALL
         .iter()
         .find(|k| **k as u8 == kind)
-        .map_or("unconfined", |k| k.name());
+        .map_or(comm, |k| k.name().as_bytes());
     let mut at = put(buf, 0, b"keel: ERROR seccomp: the ");
-    at = put(buf, at, name.as_bytes());
+    at = put(buf, at, name);
     at = put(buf, at, b" thread made forbidden system call ");
     at = put_decimal(buf, at, syscall as u64);
     put(buf, at, b"; killing keel\n")
@@ -246,8 +262,13 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     // `SigsysInfo` on x86-64 (si_call_addr, si_syscall, si_arch).
     let nr = unsafe { (*(info as *const SigsysInfo)).syscall };
     let kind = THREAD_KIND.try_with(Cell::get).unwrap_or(u8::MAX);
+    let mut comm = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `comm`;
+    // prctl is a plain system call (every list allows PR_GET_NAME).
+    unsafe { libc::prctl(libc::PR_GET_NAME, comm.as_mut_ptr()) };
+    let comm_len = comm.iter().position(|b| *b == 0).unwrap_or(16);
     let mut buf = [0u8; 128];
-    let len = report_line(&mut buf, kind, i64::from(nr));
+    let len = report_line(&mut buf, kind, &comm[..comm_len], i64::from(nr));
     // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf` is ours.
     unsafe {
         libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len);
@@ -314,7 +335,7 @@ mod tests {
     #[test]
     fn the_report_names_the_thread_and_the_call() {
         let mut buf = [0u8; 128];
-        let n = report_line(&mut buf, ThreadKind::Vcpu as u8, 135);
+        let n = report_line(&mut buf, ThreadKind::Vcpu as u8, b"vcpu0", 135);
         assert_eq!(
             std::str::from_utf8(&buf[..n]).unwrap(),
             "keel: ERROR seccomp: the vcpu thread made forbidden system call 135; killing keel\n"
