@@ -25,6 +25,7 @@ use crate::device_manager::LegacyDevices;
 use crate::device_manager::{self, DeviceError};
 use crate::privileges;
 use crate::seccomp::{self, ThreadKind};
+use crate::teardown_helper;
 use crate::vmm::{BootWatch, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuControl, VcpuError, VcpuShared};
@@ -85,6 +86,9 @@ pub enum BuildError {
     /// Building or installing a seccomp filter.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Forking the tap teardown helper.
+    #[error("cannot start the tap teardown helper: {0}")]
+    TeardownHelper(std::io::Error),
     /// Dropping privileges.
     #[error(transparent)]
     Privileges(#[from] crate::privileges::PrivilegeError),
@@ -338,6 +342,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     // make a call outside its kind's allow-list. No other thread exists
     // yet; each one confines itself first thing.
     seccomp::set_global(seccomp::Filters::new(config.security.seccomp)?);
+    let net_teardown =
+        teardown_helper::spawn(net_teardown, &guest_memory).map_err(BuildError::TeardownHelper)?;
     privileges::drop_privileges(config.security.run_as()?)?;
     device_manager::start_device_thread(
         virtio.event_manager,

@@ -21,5 +21,6 @@ pub mod payload;
 pub mod privileges;
 pub mod seccomp;
 pub mod systemd;
+pub mod teardown_helper;
 pub mod vmm;
 pub mod vstate;

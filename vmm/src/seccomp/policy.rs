@@ -139,8 +139,8 @@ fn common() -> Result<Rules, SeccompError> {
 
 /// The control loop: epoll on eventfds and a signalfd, vCPU kicks and
 /// joins at the end, systemd notifications (a Unix datagram socket), the
-/// boot monitor's consoles (opened at set-up, written here), tap teardown
-/// at exit (rtnetlink; refused without CAP_NET_ADMIN, see the README).
+/// boot monitor's consoles (opened at set-up, written here), telling the
+/// tap teardown helper to go and reaping it.
 fn main(r: &mut Rules) -> Result<(), SeccompError> {
     allow(
         r,
@@ -161,15 +161,12 @@ fn main(r: &mut Rules) -> Result<(), SeccompError> {
             libc::SYS_setsockopt,
             libc::SYS_poll,
             libc::SYS_ppoll,
+            // Reaping the tap teardown helper.
+            libc::SYS_wait4,
         ],
     );
-    // sd-notify's datagram socket, the netlink socket of tap teardown.
-    when_arg_in(
-        r,
-        libc::SYS_socket,
-        0,
-        &[libc::AF_UNIX as u64, libc::AF_NETLINK as u64],
-    )?;
+    // sd-notify's datagram socket.
+    when_arg_in(r, libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
     Ok(())
 }
 
@@ -197,7 +194,8 @@ fn vcpu(r: &mut Rules) -> Result<(), SeccompError> {
 /// The device thread (event-manager loop): virtio queues, disk I/O (sync
 /// or io_uring, set up when the guest's driver starts a disk), discard and
 /// write-zeroes, tap reads/writes, vsock's Unix sockets (accepting host
-/// connections, connecting to host listeners for the guest).
+/// connections, connecting to host listeners for the guest) and its close
+/// timer.
 fn device(r: &mut Rules) -> Result<(), SeccompError> {
     allow(
         r,
@@ -217,6 +215,9 @@ fn device(r: &mut Rules) -> Result<(), SeccompError> {
             libc::SYS_fsync,
             libc::SYS_fdatasync,
             libc::SYS_fallocate,
+            // vsock's close timer (created at set-up).
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
             libc::SYS_io_uring_setup,
             libc::SYS_io_uring_enter,
             libc::SYS_io_uring_register,
