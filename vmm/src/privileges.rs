@@ -86,23 +86,12 @@ pub fn drop_privileges(run_as: Option<RunAs>) -> Result<(), PrivilegeError> {
     }
     match run_as {
         Some(r) => {
-            setgroups(&[]).map_err(|source| PrivilegeError::Switch {
-                what: "groups",
-                id: r.gid,
-                source,
-            })?;
+            let switch = |what, id| move |source| PrivilegeError::Switch { what, id, source };
+            setgroups(&[]).map_err(switch("groups", r.gid))?;
             let gid = Gid::from_raw(r.gid);
-            setresgid(gid, gid, gid).map_err(|source| PrivilegeError::Switch {
-                what: "gid",
-                id: r.gid,
-                source,
-            })?;
+            setresgid(gid, gid, gid).map_err(switch("gid", r.gid))?;
             let uid = Uid::from_raw(r.uid);
-            setresuid(uid, uid, uid).map_err(|source| PrivilegeError::Switch {
-                what: "uid",
-                id: r.uid,
-                source,
-            })?;
+            setresuid(uid, uid, uid).map_err(switch("uid", r.uid))?;
         }
         None if getuid().is_root() => warn!(
             "running as root without --user (or [security] user): every capability is dropped, \

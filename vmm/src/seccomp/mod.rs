@@ -340,9 +340,9 @@ mod tests {
             std::str::from_utf8(&buf[..n]).unwrap(),
             "keel: ERROR seccomp: the vcpu thread made forbidden system call 135; killing keel\n"
         );
-        let n = report_line(&mut buf, u8::MAX, 0);
+        let n = report_line(&mut buf, u8::MAX, b"keel-api-conn", 0);
         assert!(std::str::from_utf8(&buf[..n])
             .unwrap()
-            .contains("unconfined thread made forbidden system call 0;"));
+            .contains("the keel-api-conn thread made forbidden system call 0;"));
     }
 }

@@ -69,6 +69,20 @@ fn when_arg_in(r: &mut Rules, call: i64, arg: u8, values: &[u64]) -> Result<(), 
     Ok(())
 }
 
+/// Serving Unix stream sockets (the API's connections, vsock's host side).
+const STREAM_SOCKET_IO: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
 fn allow(r: &mut Rules, calls: &[i64]) {
     for c in calls {
         r.insert(*c, Vec::new());
@@ -221,19 +235,10 @@ fn device(r: &mut Rules) -> Result<(), SeccompError> {
             libc::SYS_io_uring_setup,
             libc::SYS_io_uring_enter,
             libc::SYS_io_uring_register,
-            libc::SYS_accept4,
             libc::SYS_connect,
-            libc::SYS_sendto,
-            libc::SYS_sendmsg,
-            libc::SYS_recvfrom,
-            libc::SYS_recvmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
-            libc::SYS_setsockopt,
-            libc::SYS_poll,
-            libc::SYS_ppoll,
         ],
     );
+    allow(r, STREAM_SOCKET_IO);
     when_arg_in(r, libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
     when_arg_in(
         r,
@@ -256,22 +261,8 @@ fn device(r: &mut Rules) -> Result<(), SeccompError> {
 /// with ENOSYS and the C library falls back to `clone`), reading requests
 /// and writing answers and console streams.
 fn api(r: &mut Rules) -> Result<(), SeccompError> {
-    allow(
-        r,
-        &[
-            libc::SYS_accept4,
-            libc::SYS_sendto,
-            libc::SYS_sendmsg,
-            libc::SYS_recvfrom,
-            libc::SYS_recvmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
-            libc::SYS_setsockopt,
-            libc::SYS_poll,
-            libc::SYS_ppoll,
-            libc::SYS_setpriority,
-        ],
-    );
+    allow(r, &[libc::SYS_setpriority]);
+    allow(r, STREAM_SOCKET_IO);
     // Allowed here, answered ENOSYS by the second filter (see
     // [`super::clone3_fallback`]).
     allow(r, &[libc::SYS_clone3]);
