@@ -283,14 +283,23 @@ fn a_created_tap_joins_the_bridge_and_is_gone_after_exit() {
 
 #[test]
 fn a_pre_existing_tap_is_left_in_place_but_taken_off_the_bridge() {
-    let ns = Netns::new("p");
+    pre_existing_tap("p", &[]);
+}
+
+/// Without CAP_NET_ADMIN after set-up, the teardown helper does it.
+#[test]
+fn a_pre_existing_tap_is_taken_off_the_bridge_after_the_privilege_drop() {
+    pre_existing_tap("u", &["--user", "65534:65534"]);
+}
+
+fn pre_existing_tap(tag: &str, extra: &[&str]) {
+    let ns = Netns::new(tag);
     ns.ip_ok(&["tuntap", "add", "dev", "vnet1", "mode", "tap", "vnet_hdr"]);
-    let d = dir("net-existing");
+    let d = dir(&format!("net-existing-{tag}"));
     let sock = d.join("api.sock");
-    let mut k = ns.keel(
-        &guest_args(&d, true, &[&format!("tap=vnet1,bridge={BRIDGE}")]),
-        false,
-    );
+    let mut args = guest_args(&d, true, &[&format!("tap=vnet1,bridge={BRIDGE}")]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut k = ns.keel(&args, false);
     wait_api(&mut k, &sock);
     assert_eq!(ns.bridge_ports(), ["vnet1"]);
     let (code, log) = stop(k);
@@ -422,13 +431,24 @@ impl Console {
 
 #[test]
 fn the_probe_answers_arp_ping_nd_and_udp_echo_through_the_tap() {
+    probe_net_responder("r", &[]);
+}
+
+/// The same with privileges dropped: the guest's traffic still flows and
+/// the tap Keel created is gone after exit (deleted by the teardown helper).
+#[test]
+fn the_probe_net_checks_pass_with_privileges_dropped() {
+    probe_net_responder("q", &["--user", "65534:65534"]);
+}
+
+fn probe_net_responder(tag: &str, extra: &[&str]) {
     assert!(
         Command::new("ping").arg("-V").output().is_ok(),
         "this test needs `ping` (iputils-ping)"
     );
-    let ns = Netns::new("r");
+    let ns = Netns::new(tag);
     ns.ip_ok(&["addr", "add", BRIDGE_ADDR6, "dev", BRIDGE, "nodad"]);
-    let d = dir("net-responder");
+    let d = dir(&format!("net-responder-{tag}"));
     // The receiver of net.udp_send, bound before the guest starts.
     let rx = in_netns(&ns, || {
         let s = std::net::UdpSocket::bind("10.66.0.1:9000").expect("bind 10.66.0.1:9000");
@@ -442,6 +462,7 @@ fn the_probe_answers_arp_ping_nd_and_udp_echo_through_the_tap() {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
+    args.extend(extra.iter().map(|a| a.to_string()));
     let mut k = ns.keel(&args, false);
     let console = Console::follow(&mut k);
     let id = console.wait_line(&mut k, "probe: net mac=", T);

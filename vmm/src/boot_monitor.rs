@@ -169,18 +169,49 @@ impl OutputWatcher for BootMonitor {
     }
 }
 
-/// Writes `line` to each console (HostOS: `/dev/tty1`, `/dev/ttyS0`),
-/// without blocking and without becoming their controlling process; a
-/// console that cannot be written is logged and skipped.
-pub fn write_consoles(consoles: &[PathBuf], line: &str) {
-    for path in consoles {
-        let result = std::fs::OpenOptions::new()
-            .append(true)
-            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
-            .open(path)
-            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+/// A console of the boot monitor, opened at set-up (before privileges
+/// and seccomp forbid opening anything).
+#[derive(Debug)]
+pub struct Console {
+    path: PathBuf,
+    file: Result<std::fs::File, String>,
+}
+
+/// Opens each console (HostOS: `/dev/tty1`, `/dev/ttyS0`) for appending,
+/// without blocking and without becoming its controlling process; one that
+/// cannot be opened is logged now and skipped when the outcome is written.
+pub fn open_consoles(paths: &[PathBuf]) -> Vec<Console> {
+    paths
+        .iter()
+        .map(|path| {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| e.to_string());
+            if let Err(e) = &file {
+                log::warn!("boot monitor: cannot open {}: {e}", path.display());
+            }
+            Console {
+                path: path.clone(),
+                file,
+            }
+        })
+        .collect()
+}
+
+/// Writes `line` to each console; one that cannot be written is logged and
+/// skipped.
+pub fn write_consoles(consoles: &[Console], line: &str) {
+    for c in consoles {
+        let result = match &c.file {
+            Ok(f) => (&*f)
+                .write_all(format!("{line}\n").as_bytes())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
         if let Err(e) = result {
-            log::warn!("boot monitor: cannot write to {}: {e}", path.display());
+            log::warn!("boot monitor: cannot write to {}: {e}", c.path.display());
         }
     }
 }
@@ -243,7 +274,7 @@ mod tests {
         let a = dir.join("tty-a");
         std::fs::write(&a, "earlier\n").unwrap();
         let consoles = vec![dir.join("missing/tty"), a.clone()];
-        write_consoles(&consoles, GuestBoot::Timeout.console_line());
+        write_consoles(&open_consoles(&consoles), GuestBoot::Timeout.console_line());
         assert_eq!(
             std::fs::read_to_string(&a).unwrap(),
             "earlier\nGuestOS boot timed out\n"

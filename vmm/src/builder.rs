@@ -23,6 +23,9 @@ use crate::config::{resolve_group, ConfigError, ControlConfig, VmConfig};
 use crate::control::{self, VmStatus};
 use crate::device_manager::LegacyDevices;
 use crate::device_manager::{self, DeviceError};
+use crate::privileges;
+use crate::seccomp::{self, ThreadKind};
+use crate::teardown_helper;
 use crate::vmm::{BootWatch, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuControl, VcpuError, VcpuShared};
@@ -80,6 +83,15 @@ pub enum BuildError {
     /// The config disk.
     #[error(transparent)]
     ConfigDisk(#[from] crate::config_disk::ConfigDiskError),
+    /// Building or installing a seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Forking the tap teardown helper.
+    #[error("cannot start the tap teardown helper: {0}")]
+    TeardownHelper(std::io::Error),
+    /// Dropping privileges.
+    #[error(transparent)]
+    Privileges(#[from] crate::privileges::PrivilegeError),
 }
 
 /// The API's group-to-role mapping.
@@ -160,7 +172,7 @@ fn boot_watch(config: &VmConfig, legacy: &LegacyDevices) -> Result<Option<BootWa
     Ok(Some(BootWatch {
         monitor,
         timeout: Duration::from_secs(c.timeout_s),
-        consoles: c.consoles.clone(),
+        consoles: crate::boot_monitor::open_consoles(&c.consoles),
     }))
 }
 
@@ -326,6 +338,13 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let vsock_counters = virtio.vsock_counters;
     let nets = virtio.nets;
     let net_teardown = virtio.net_teardown;
+    // Everything is open: from here on no thread gets privileges or may
+    // make a call outside its kind's allow-list. No other thread exists
+    // yet; each one confines itself first thing.
+    seccomp::set_global(seccomp::Filters::new(config.security.seccomp)?);
+    let net_teardown =
+        teardown_helper::spawn(net_teardown, &guest_memory).map_err(BuildError::TeardownHelper)?;
+    privileges::drop_privileges(config.security.run_as()?)?;
     device_manager::start_device_thread(
         virtio.event_manager,
         Duration::from_micros(u64::from(config.devices.poll_us)),
@@ -412,5 +431,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         let handle = v.start(shared.clone())?;
         vmm.add_vcpu(handle);
     }
+    // The main thread creates no thread after this.
+    seccomp::apply_current(ThreadKind::Main)?;
     Ok(vmm)
 }

@@ -402,22 +402,29 @@ fn lock<D: ?Sized>(m: &Mutex<D>) -> std::sync::MutexGuard<'_, D> {
 pub fn start_device_thread(mut em: DeviceEventManager, poll: Duration) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("keel-devices".into())
-        .spawn(move || loop {
-            if let Err(e) = em.run() {
-                log::error!("device event loop: {e:?}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-            let mut last = Instant::now();
-            while last.elapsed() < poll {
-                match em.run_with_timeout(0) {
-                    Ok(0) => std::hint::spin_loop(),
-                    Ok(_) => last = Instant::now(),
-                    Err(_) => break,
-                }
-            }
+        .spawn(move || {
+            crate::seccomp::confine(crate::seccomp::ThreadKind::Device);
+            device_loop(&mut em, poll)
         })
         .map(|_| ())
+}
+
+fn device_loop(em: &mut DeviceEventManager, poll: Duration) -> ! {
+    loop {
+        if let Err(e) = em.run() {
+            log::error!("device event loop: {e:?}");
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let mut last = Instant::now();
+        while last.elapsed() < poll {
+            match em.run_with_timeout(0) {
+                Ok(0) => std::hint::spin_loop(),
+                Ok(_) => last = Instant::now(),
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 /// The legacy devices and the VMM's handles on them.

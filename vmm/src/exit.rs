@@ -39,6 +39,11 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
         6,
         "fatal VMM or KVM error while running (internal or emulation error, unhandled exit)",
     ),
+    (
+        7,
+        "a Keel thread made a system call its seccomp filter forbids (the thread kind and \
+         the call's number are logged), or a filter could not be installed",
+    ),
 ];
 
 /// The exit-code table as text, for `keel --help`.

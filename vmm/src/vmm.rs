@@ -23,9 +23,9 @@ use crate::control::{ControlInbox, ControlRequest, VmState, VmStatus};
 use crate::device_manager::{LegacyDevices, NetDeviceInfo};
 use crate::exit::VmOutcome;
 use crate::systemd;
+use crate::teardown_helper::TeardownHelper;
 use crate::vstate::vcpu::{self, ExitCounters, VcpuControl, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::Vm;
-use devices::virtio::net::TapTeardown;
 
 /// Signals that stop the VM; blocked in every thread and read from a
 /// signalfd by the control loop.
@@ -70,8 +70,8 @@ pub struct BootWatch {
     pub monitor: Arc<BootMonitor>,
     /// From the vCPUs' start to `timeout`.
     pub timeout: Duration,
-    /// Consoles that get a line with the outcome.
-    pub consoles: Vec<std::path::PathBuf>,
+    /// Consoles that get a line with the outcome (opened at set-up).
+    pub consoles: Vec<boot_monitor::Console>,
 }
 
 /// A running VM.
@@ -89,7 +89,7 @@ pub struct Vmm {
     legacy: LegacyDevices,
     /// Undoes the NICs' host set-up (taps, bridge membership) once the
     /// vCPUs are gone.
-    net_teardown: Vec<TapTeardown>,
+    net_teardown: Option<TeardownHelper>,
     _vm: Vm,
     _memory: GuestMemoryMmap,
 }
@@ -141,7 +141,7 @@ impl Vmm {
             boot_watch: None,
             shutdown_timeout,
             legacy,
-            net_teardown: Vec::new(),
+            net_teardown: None,
             _vm: vm,
             _memory: memory,
         }
@@ -159,7 +159,7 @@ impl Vmm {
 
     /// Keeps the NICs (for the API) and what undoes their host set-up
     /// (run when the VMM is dropped).
-    pub fn set_nets(&mut self, nets: Vec<NetDeviceInfo>, teardown: Vec<TapTeardown>) {
+    pub fn set_nets(&mut self, nets: Vec<NetDeviceInfo>, teardown: Option<TeardownHelper>) {
         self.view.nets = nets;
         self.net_teardown = teardown;
     }
@@ -229,7 +229,9 @@ impl Vmm {
         }
         systemd::stopping(&outcome.describe());
         // Taps Keel created go away, bridge membership it added is undone.
-        self.net_teardown.clear();
+        if let Some(helper) = self.net_teardown.take() {
+            helper.finish();
+        }
         outcome
     }
 

@@ -217,6 +217,7 @@ pub fn start(listener: UnixListener, ctx: Arc<ApiContext>) -> Result<(), ApiErro
         .name("keel-api".into())
         .spawn(move || {
             lower_priority();
+            crate::seccomp::confine(crate::seccomp::ThreadKind::Api);
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => accept(stream, &ctx),

@@ -72,6 +72,14 @@ struct Args {
     /// Serial console: stdout | off | file=PATH.
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
+    /// Seccomp filters per thread: on (default) | off (debugging only:
+    /// logs a loud warning).
+    #[arg(long, value_name = "on|off")]
+    seccomp: Option<String>,
+    /// After set-up, run as this user and group (numbers), with no
+    /// capabilities and no supplementary groups.
+    #[arg(long, value_name = "UID:GID")]
+    user: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_name = "LEVEL", value_parser = parse_level)]
     log_level: LevelFilter,
@@ -107,6 +115,8 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         boot_monitor: args.boot_monitor.clone(),
         config_disk: args.config_disk.clone(),
         nets: args.nets.clone(),
+        seccomp: args.seccomp.clone(),
+        user: args.user.clone(),
     })?;
     Ok(config)
 }

@@ -532,6 +532,45 @@ pub struct VmConfig {
     /// config media), attached read-only after the disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_disk: Option<ConfigDiskConfig>,
+    /// Seccomp and the privilege drop.
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// Confinement after set-up (see the README's "Security").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Per-thread seccomp filters (on by default; off only for debugging,
+    /// with a loud warning).
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+    /// `UID:GID` to switch to once everything is open (numbers). Without
+    /// it Keel keeps its user but still drops every capability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            seccomp: true,
+            user: None,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// The user to switch to, parsed.
+    pub fn run_as(&self) -> Result<Option<crate::privileges::RunAs>, ConfigError> {
+        self.user
+            .as_deref()
+            .map(|u| {
+                crate::privileges::RunAs::parse(u)
+                    .map_err(|why| ConfigError::invalid("security.user", u, why))
+            })
+            .transpose()
+    }
 }
 
 /// The config disk: a read-only FAT image labelled `CONFIG`, built at start
@@ -636,6 +675,10 @@ pub struct FlagOverrides {
     /// `hostos:<node>:<deployment>:<management MAC>`, a HostOS-derived one),
     /// repeated; when any is given they replace the file's NICs.
     pub nets: Vec<String>,
+    /// `--seccomp on|off`
+    pub seccomp: Option<String>,
+    /// `--user UID:GID`
+    pub user: Option<String>,
 }
 
 /// Most disks a VM can have (virtio-mmio slots with a free interrupt line).
@@ -723,6 +766,13 @@ impl VmConfig {
                 .map(|(i, d)| parse_disk_flag(i, d))
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(v) = &flags.seccomp {
+            self.security.seccomp =
+                parse_switch(v).map_err(|why| ConfigError::invalid("security.seccomp", v, why))?;
+        }
+        if let Some(u) = &flags.user {
+            self.security.user = Some(u.clone());
+        }
         if !flags.nets.is_empty() {
             self.nets = flags
                 .nets
@@ -736,6 +786,7 @@ impl VmConfig {
 
     /// Checks everything that can be checked before creating the VM.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.security.run_as()?;
         self.validate_boot_source()?;
         if let Some(kernel) = &self.payload.kernel {
             check_readable_file("payload.kernel", kernel)?;
@@ -2228,5 +2279,37 @@ mod tests {
             ..nic("vnet1")
         }];
         assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn security_section_and_flags() {
+        let c = VmConfig::from_toml("[security]\nuser = \"65534:65534\"\nseccomp = false").unwrap();
+        assert!(!c.security.seccomp);
+        assert_eq!(
+            c.security.run_as().unwrap(),
+            Some(crate::privileges::RunAs {
+                uid: 65534,
+                gid: 65534
+            })
+        );
+        assert!(VmConfig::default().security.seccomp, "on by default");
+        let mut c = VmConfig::default();
+        c.apply_flags(&FlagOverrides {
+            seccomp: Some("off".into()),
+            user: Some("nobody".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!c.security.seccomp);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("security.user") && e.contains("nobody"), "{e}");
+        let e = c
+            .apply_flags(&FlagOverrides {
+                seccomp: Some("maybe".into()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("security.seccomp"), "{e}");
     }
 }

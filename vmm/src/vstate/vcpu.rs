@@ -222,6 +222,8 @@ impl Vcpu {
     }
 
     fn run(mut self, shared: VcpuShared) {
+        // Before the first KVM_RUN.
+        crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu);
         while !shared.control.stopping() {
             shared.control.park_if_paused();
             if shared.control.stopping() {

@@ -247,6 +247,13 @@ impl Drop for TapTeardown {
             match nl.delete(self.index) {
                 Ok(()) => info!("net: tap {} deleted", self.name),
                 Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+                // Privileges dropped: the tap is not persistent, so the
+                // kernel deletes it when Keel's last queue descriptor
+                // closes, at exit.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => info!(
+                    "net: tap {} goes away with Keel's descriptors (no CAP_NET_ADMIN to delete it now)",
+                    self.name
+                ),
                 Err(e) => warn!("net: cannot delete tap {}: {e}", self.name),
             }
         } else if let Some(br) = self.attached_to {

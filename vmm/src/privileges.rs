@@ -1,0 +1,140 @@
+//! Dropping privileges once set-up has opened everything: switch to the
+//! configured user and group (`--user UID:GID`, `[security] user`), clear
+//! supplementary groups, drop every capability (effective, permitted,
+//! inheritable, ambient and the bounding set) and set `PR_SET_NO_NEW_PRIVS`.
+//!
+//! Capabilities belong to threads, and the credentials change is applied
+//! by the C library to every thread: this runs on the main thread before
+//! any other thread exists, so every thread starts without privileges.
+
+use caps::CapSet;
+use log::{info, warn};
+use nix::unistd::{getuid, setgroups, setresgid, setresuid, Gid, Uid};
+
+/// The user and group Keel runs as after set-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Parses `UID:GID` (numbers).
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let (u, g) = input
+            .split_once(':')
+            .ok_or_else(|| "expected UID:GID (numbers, e.g. 65534:65534)".to_string())?;
+        let num = |what: &str, v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n != u32::MAX)
+                .ok_or_else(|| format!("{what} {v:?} is not a number below 4294967295"))
+        };
+        Ok(RunAs {
+            uid: num("UID", u)?,
+            gid: num("GID", g)?,
+        })
+    }
+}
+
+/// Errors of dropping privileges; any one stops Keel before the guest runs.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    /// A capability set could not be read or changed.
+    #[error("cannot drop the {0} capabilities: {1}")]
+    Caps(&'static str, caps::errors::CapsError),
+    /// setgroups/setresgid/setresuid failed.
+    #[error("cannot switch to {what} {id}: {source}")]
+    Switch {
+        /// uid, gid or groups.
+        what: &'static str,
+        /// The id.
+        id: u32,
+        /// Why.
+        source: nix::Error,
+    },
+    /// PR_SET_NO_NEW_PRIVS failed.
+    #[error("cannot set no_new_privs: {0}")]
+    NoNewPrivs(std::io::Error),
+    /// A capability survived the drop.
+    #[error("capabilities remain after the drop ({0})")]
+    Remaining(&'static str),
+}
+
+const SETS: [(CapSet, &str); 4] = [
+    (CapSet::Ambient, "ambient"),
+    (CapSet::Inheritable, "inheritable"),
+    (CapSet::Effective, "effective"),
+    (CapSet::Permitted, "permitted"),
+];
+
+/// Drops every privilege; switches to `run_as` when given. Started as root
+/// without it, Keel stays uid 0 (without any capability) and warns.
+pub fn drop_privileges(run_as: Option<RunAs>) -> Result<(), PrivilegeError> {
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(PrivilegeError::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    // The bounding set needs CAP_SETPCAP, so it goes first.
+    let can_setpcap = caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP)
+        .map_err(|e| PrivilegeError::Caps("effective", e))?;
+    if can_setpcap {
+        caps::clear(None, CapSet::Bounding).map_err(|e| PrivilegeError::Caps("bounding", e))?;
+    }
+    match run_as {
+        Some(r) => {
+            let switch = |what, id| move |source| PrivilegeError::Switch { what, id, source };
+            setgroups(&[]).map_err(switch("groups", r.gid))?;
+            let gid = Gid::from_raw(r.gid);
+            setresgid(gid, gid, gid).map_err(switch("gid", r.gid))?;
+            let uid = Uid::from_raw(r.uid);
+            setresuid(uid, uid, uid).map_err(switch("uid", r.uid))?;
+        }
+        None if getuid().is_root() => warn!(
+            "running as root without --user (or [security] user): every capability is dropped, \
+             but files owned by root stay writable; run as an unprivileged user"
+        ),
+        None => {}
+    }
+    for (set, name) in SETS {
+        caps::clear(None, set).map_err(|e| PrivilegeError::Caps(name, e))?;
+    }
+    for (set, name) in SETS.into_iter().chain([(CapSet::Bounding, "bounding")]) {
+        let left = caps::read(None, set).map_err(|e| PrivilegeError::Caps(name, e))?;
+        if !left.is_empty() && (name != "bounding" || can_setpcap) {
+            return Err(PrivilegeError::Remaining(name));
+        }
+    }
+    if !can_setpcap {
+        warn!("no CAP_SETPCAP: the capability bounding set is left as it was");
+    }
+    info!(
+        "privileges dropped: uid {} gid {}, no capabilities, no_new_privs",
+        getuid(),
+        nix::unistd::getgid()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_is_uid_colon_gid() {
+        assert_eq!(
+            RunAs::parse("65534:100"),
+            Ok(RunAs {
+                uid: 65534,
+                gid: 100
+            })
+        );
+        assert!(RunAs::parse("65534").is_err());
+        assert!(RunAs::parse("nobody:nogroup").is_err());
+        assert!(RunAs::parse("1:-1").is_err());
+        assert!(RunAs::parse("4294967295:1").is_err());
+    }
+}
