@@ -3,11 +3,13 @@
 mod boot_timer;
 mod i8042;
 mod power;
+mod rtc;
 mod serial;
 
 pub use boot_timer::{BootTimer, Milestone, BOOT_TIMER_PORT};
 pub use i8042::{I8042Error, I8042, I8042_PORT_DATA, I8042_PORT_LEN};
 pub use power::{PowerButton, POWER_PORT, S5_WRITE};
+pub use rtc::{Clock, Cmos, RTC_CENTURY_REG, RTC_IRQ, RTC_PORT, RTC_PORT_LEN};
 pub use serial::{
     ConsoleHub, OutputWatcher, Serial, SerialSink, TeeSink, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN,
 };
