@@ -168,7 +168,8 @@ fn graceful_shutdown_round_trip() {
     assert!(console.contains("probe: power-button"), "{console}");
     assert!(!console.contains("probe: ctrl-alt-del"), "{console}");
     assert!(
-        k.log().contains("graceful shutdown (API request): ACPI power button"),
+        k.log()
+            .contains("graceful shutdown (API request): ACPI power button"),
         "{}",
         k.log()
     );
@@ -190,7 +191,8 @@ fn graceful_shutdown_by_ctrl_alt_del_when_configured() {
     assert!(console.contains("probe: ctrl-alt-del"), "{console}");
     assert!(!console.contains("probe: power-button"), "{console}");
     assert!(
-        k.log().contains("graceful shutdown (API request): Ctrl-Alt-Del"),
+        k.log()
+            .contains("graceful shutdown (API request): Ctrl-Alt-Del"),
         "{}",
         k.log()
     );

@@ -310,7 +310,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     );
 
     let mut pio = Bus::new();
-    let legacy = device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start, mem_size)?;
+    let legacy =
+        device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start, mem_size)?;
     let boot_watch = boot_watch(config, &legacy)?;
 
     let supported = vm

@@ -197,7 +197,11 @@ impl Cmos {
             self.decode(self.ram[SECONDS]),
         )
         .ok()?;
-        Some(PrimitiveDateTime::new(date, time).assume_utc().unix_timestamp())
+        Some(
+            PrimitiveDateTime::new(date, time)
+                .assume_utc()
+                .unix_timestamp(),
+        )
     }
 
     /// Starts the clock from the time registers (after the guest wrote

@@ -309,7 +309,8 @@ impl<'a> Options<'a> {
                     opts.cow = match v.split_once(',') {
                         Some((a, b)) => opts.number(token, a).zip(opts.number(token, b)),
                         None => {
-                            opts.errors.push(format!("{token:?}: want <sector>,<sector>"));
+                            opts.errors
+                                .push(format!("{token:?}: want <sector>,<sector>"));
                             None
                         }
                     }

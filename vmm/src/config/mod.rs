@@ -1692,8 +1692,7 @@ mod tests {
             ShutdownMethod::Acpi,
             "the power button by default"
         );
-        let mut cfg =
-            VmConfig::from_toml("[control]\nshutdown_method = \"ctrl-alt-del\"").unwrap();
+        let mut cfg = VmConfig::from_toml("[control]\nshutdown_method = \"ctrl-alt-del\"").unwrap();
         assert_eq!(cfg.control.shutdown_method, ShutdownMethod::CtrlAltDel);
         cfg.apply_flags(&FlagOverrides {
             shutdown_method: Some("acpi".into()),
@@ -1708,7 +1707,10 @@ mod tests {
             })
             .unwrap_err()
             .to_string();
-        assert!(e.contains("control.shutdown_method") && e.contains("reset"), "{e}");
+        assert!(
+            e.contains("control.shutdown_method") && e.contains("reset"),
+            "{e}"
+        );
         assert!(VmConfig::from_toml("[control]\nshutdown_method = \"halt\"").is_err());
         let text = toml::to_string(&cfg).unwrap();
         assert!(text.contains("shutdown_method = \"acpi\""), "{text}");

@@ -478,7 +478,10 @@ mod tests {
         assert!(contains(&dsdt, &aml_bytes(&aml::EISAName::new("PNP0B00"))));
         assert!(contains(&dsdt, b"RTC_"));
         // The RTC's ports: an IO descriptor (0x47) for 0x70, length 2.
-        assert!(contains(&dsdt, &[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]));
+        assert!(contains(
+            &dsdt,
+            &[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]
+        ));
         assert!(contains(&dsdt, b"ACPI0013\0"));
         assert!(contains(&dsdt, &aml_bytes(&aml::EISAName::new("PNP0C0C"))));
         assert!(contains(&dsdt, b"_EVT"));
