@@ -69,7 +69,9 @@ if [ -n "${LAB_STOCK_KERNEL:-}" ]; then
     # Keel's CMOS RTC, found through the DSDT (PNP0B00): rtc_cmos binds,
     # and the guest's clock reads L1's time (UTC) within 5 minutes (the
     # emulation is slow; the guest read it a while ago).
-    expect stock.rtc-cmos "$(guest "$c" rtc0-name)" "rtc_cmos"
+    # (rtc0's name is the driver and its PNP device: "rtc_cmos 00:02".)
+    rtc_name=$(guest "$c" rtc0-name)
+    expect stock.rtc-cmos "${rtc_name%% *}" "rtc_cmos"
     rtc=$(guest "$c" rtc0-epoch)
     now=$(date +%s)
     if [ -n "$rtc" ] && [ $((now - rtc)) -le 300 ] && [ $((rtc - now)) -le 300 ]; then
