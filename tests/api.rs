@@ -22,6 +22,17 @@ fn start(
     timeout_s: u64,
     envs: &[(&str, String)],
 ) -> (ScratchDir, RunningKeel) {
+    start_with(name, cmdline, timeout_s, envs, "")
+}
+
+/// As [`start`], with more lines for the `[control]` table.
+fn start_with(
+    name: &str,
+    cmdline: &str,
+    timeout_s: u64,
+    envs: &[(&str, String)],
+    control: &str,
+) -> (ScratchDir, RunningKeel) {
     let dir = scratch_dir(name);
     // The socket's directory must be reachable by the unprivileged caller.
     let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755));
@@ -30,7 +41,7 @@ fn start(
     std::fs::write(
         &cfg,
         format!(
-            "[payload]\nkernel = \"{}\"\ncmdline = \"console=ttyS0 probe.check=boot.cpl3 {cmdline}\"\n[memory]\nsize = \"128M\"\n[cpus]\nboot = 2\n[control]\napi_socket = \"{}\"\nadmin_group = \"{ADMIN_GID}\"\nreadonly_group = \"{RO_GID}\"\nshutdown_timeout_s = {timeout_s}\n",
+            "[payload]\nkernel = \"{}\"\ncmdline = \"console=ttyS0 probe.check=boot.cpl3 {cmdline}\"\n[memory]\nsize = \"128M\"\n[cpus]\nboot = 2\n[control]\napi_socket = \"{}\"\nadmin_group = \"{ADMIN_GID}\"\nreadonly_group = \"{RO_GID}\"\nshutdown_timeout_s = {timeout_s}\n{control}",
             probe_guest().display(),
             sock.display()
         ),
@@ -146,18 +157,45 @@ fn pause_stops_the_guest_and_resume_continues_it() {
 
 #[test]
 fn graceful_shutdown_round_trip() {
+    // The default: the ACPI power button (a GED event the probe polls).
     let (_dir, mut k) = start("api-shutdown", "probe.interactive", 30, &[]);
     k.wait_console("probe: interactive", T);
     let (code, out, _) = keelctl(&k.socket, &["shutdown", "--timeout", "20"]);
     assert_eq!(code, 0);
     assert!(out.contains("shutting-down"), "{out}");
     assert_eq!(k.wait_exit(T), 0);
+    let console = k.console();
+    assert!(console.contains("probe: power-button"), "{console}");
+    assert!(!console.contains("probe: ctrl-alt-del"), "{console}");
     assert!(
-        k.console().contains("probe: ctrl-alt-del"),
+        k.log()
+            .contains("graceful shutdown (API request): ACPI power button"),
         "{}",
-        k.console()
+        k.log()
     );
-    assert!(k.log().contains("graceful shutdown"), "{}", k.log());
+}
+
+#[test]
+fn graceful_shutdown_by_ctrl_alt_del_when_configured() {
+    let (_dir, mut k) = start_with(
+        "api-shutdown-cad",
+        "probe.interactive",
+        30,
+        &[],
+        "shutdown_method = \"ctrl-alt-del\"\n",
+    );
+    k.wait_console("probe: interactive", T);
+    assert_eq!(keelctl(&k.socket, &["shutdown", "--timeout", "20"]).0, 0);
+    assert_eq!(k.wait_exit(T), 0);
+    let console = k.console();
+    assert!(console.contains("probe: ctrl-alt-del"), "{console}");
+    assert!(!console.contains("probe: power-button"), "{console}");
+    assert!(
+        k.log()
+            .contains("graceful shutdown (API request): Ctrl-Alt-Del"),
+        "{}",
+        k.log()
+    );
 }
 
 #[test]
@@ -193,7 +231,7 @@ fn sigterm_is_a_graceful_shutdown_and_systemd_hears_about_it() {
     assert_eq!(unsafe { libc::kill(k.child.id() as i32, libc::SIGTERM) }, 0);
     assert_eq!(k.wait_exit(T), 0);
     assert!(
-        k.console().contains("probe: ctrl-alt-del"),
+        k.console().contains("probe: power-button"),
         "{}",
         k.console()
     );

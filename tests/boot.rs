@@ -163,6 +163,19 @@ fn guest_reset_exits_3() {
 }
 
 #[test]
+fn acpi_reset_register_exits_3() {
+    // The probe writes the FADT's reset register (port 0x602) and nothing
+    // else; without the register it would triple-fault (exit 4).
+    let r = run(&probe_args(
+        "128M",
+        "boot=1",
+        "probe.check=boot.cpl3 probe.end=acpi-reset",
+    ));
+    assert_eq!(r.code(), 3, "{}", r.stderr);
+    assert!(r.stderr.contains("reset"), "{}", r.stderr);
+}
+
+#[test]
 fn guest_triple_fault_exits_4_with_registers() {
     let r = run(&probe_args(
         "128M",
@@ -179,7 +192,8 @@ fn guest_triple_fault_exits_4_with_registers() {
 
 #[test]
 fn sigterm_shuts_a_running_guest_down_gracefully() {
-    // SIGTERM types Ctrl-Alt-Del; the interactive probe powers off on it.
+    // SIGTERM presses the ACPI power button; the interactive probe powers
+    // off on it.
     let args = probe_args("128M", "boot=2", "probe.check=boot.cpl3 probe.interactive");
     let mut child = Command::new(keel_tests::keel())
         .args(&args)

@@ -522,8 +522,9 @@ fn stop_and_shutdown_wait_report_the_end_state() {
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v, serde_json::json!({ "state": "stopped" }));
+    // The default graceful shutdown: the ACPI power button.
     assert!(
-        k.console().contains("probe: ctrl-alt-del"),
+        k.console().contains("probe: power-button"),
         "{}",
         k.console()
     );

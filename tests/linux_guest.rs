@@ -302,6 +302,8 @@ fn linux_lab_boot_stock_kernel_and_lifecycle() {
             "stock.console",
             "stock.exit-reset",
             "stock.virtio-blk-from-acpi",
+            "stock.rtc-cmos",
+            "stock.rtc-time",
             "lifecycle.up",
             "lifecycle.info-running",
             "lifecycle.pause",

@@ -26,6 +26,8 @@ command -v blkid >/dev/null || need_apt+=(util-linux)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
 command -v grub-script-check >/dev/null || need_apt+=(grub-common)
+# iasl: a unit test disassembles the DSDT (vmm acpi::tests).
+command -v iasl >/dev/null || need_apt+=(acpica-tools)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v script >/dev/null || need_apt+=(bsdutils)
 command -v chattr >/dev/null || need_apt+=(e2fsprogs)

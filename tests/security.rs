@@ -152,3 +152,35 @@ fn without_user_root_keeps_its_uid_but_no_capability() {
     );
     k.stop_with_keelctl(Duration::from_secs(30));
 }
+
+#[test]
+fn the_serial_log_rotates_under_the_vcpu_filter() {
+    // Rotation renames and creates files on the vCPU that writes the byte:
+    // the one place after start where Keel opens a path.
+    let dir = scratch_dir("seccomp-serial-rotation");
+    let log = dir.join("console.log");
+    let mut cmd = Command::new(keel());
+    let word = "w".repeat(1500);
+    cmd.args(probe_args(&dir, &format!("probe.cpus=2 probe.echo={word}")))
+        .arg("--serial")
+        .arg(format!("file={},max_size=4K,max_backups=2", log.display()));
+    let r = run_with_deadline(cmd, Duration::from_secs(60));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("seccomp:"), "{}", r.stderr);
+    let backup = Path::new(&format!("{}.1", log.display())).to_path_buf();
+    let sizes: Vec<u64> = [&log, &backup]
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .collect();
+    assert!(
+        sizes[1] > 0 && sizes.iter().all(|s| *s <= 4096),
+        "no rotation within 4 KiB: {sizes:?}\n{}",
+        r.stderr
+    );
+    let all = format!(
+        "{}{}",
+        std::fs::read_to_string(&backup).unwrap_or_default(),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(all.contains("PROBE"), "the console lost the guest's output");
+}

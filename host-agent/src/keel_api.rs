@@ -4,7 +4,8 @@
 //! - `GET /v1/vm`: `{"state": "running"|"paused"|"shutting-down"|"stopped", ...}`
 //! - `GET /v1/counters`: the VMM's counters (vCPU exits, disks, net, vsock)
 //! - `PUT /v1/vm/shutdown` `{"timeout_s": N}` -> 202: graceful shutdown
-//!   (Ctrl-Alt-Del, then forced stop after the timeout)
+//!   (the ACPI power button or Ctrl-Alt-Del, per Keel's
+//!   control.shutdown_method; then forced stop after the timeout)
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -21,6 +21,9 @@ lab_boot() {
     g memtotal-kib "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
     # shellcheck disable=SC2046 # word splitting joins the names with spaces
     g disks "$(echo $(ls /sys/block | grep '^vd'))"
+    # The CMOS RTC (a kernel with an RTC driver: Debian's binds rtc_cmos).
+    g rtc0-name "$(cat /sys/class/rtc/rtc0/name 2>/dev/null)"
+    g rtc0-epoch "$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null)"
     g boot done
 }
 

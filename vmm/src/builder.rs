@@ -19,7 +19,7 @@ use crate::api::auth::RolePolicy;
 use crate::api::{self, ApiContext, BootInfo, DeviceInfo, MemoryInfo, VmInfo};
 use crate::arch::x86_64::regs::EntryMode;
 use crate::boot_monitor::BootMonitor;
-use crate::config::{resolve_group, ConfigError, ControlConfig, VmConfig};
+use crate::config::{resolve_group, ConfigError, ControlConfig, ShutdownMethod, VmConfig};
 use crate::control::{self, VmStatus};
 use crate::device_manager::LegacyDevices;
 use crate::device_manager::{self, DeviceError};
@@ -95,6 +95,18 @@ pub enum BuildError {
 }
 
 /// The API's group-to-role mapping.
+/// The graceful-shutdown method in force: the ACPI power button needs
+/// the ACPI tables (the GED lives in the DSDT).
+fn shutdown_method(config: &VmConfig) -> ShutdownMethod {
+    match config.control.shutdown_method {
+        ShutdownMethod::Acpi if !config.machine.acpi => {
+            info!("no ACPI tables (machine.acpi = false): graceful shutdown types Ctrl-Alt-Del");
+            ShutdownMethod::CtrlAltDel
+        }
+        m => m,
+    }
+}
+
 fn role_policy(c: &ControlConfig) -> Result<RolePolicy, ConfigError> {
     let gid = |field: &str, g: &Option<String>| {
         g.as_deref()
@@ -288,6 +300,12 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
                 virtio_mmio: &virtio_mmio,
                 com1: (devices::legacy::COM1_PORT as u16, devices::legacy::COM1_IRQ),
                 i8042_irq: device_manager::KBD_IRQ,
+                rtc: (devices::legacy::RTC_PORT as u16, devices::legacy::RTC_IRQ),
+                ged: (devices::legacy::GED_PORT as u16, devices::legacy::GED_IRQ),
+                reset: (
+                    devices::legacy::RESET_PORT as u16,
+                    devices::legacy::RESET_VALUE,
+                ),
             },
         )?;
     }
@@ -304,7 +322,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     );
 
     let mut pio = Bus::new();
-    let legacy = device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start)?;
+    let legacy =
+        device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start, mem_size)?;
     let boot_watch = boot_watch(config, &legacy)?;
 
     let supported = vm
@@ -375,6 +394,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         status,
         shutdown_timeout,
     );
+    vmm.set_shutdown_method(shutdown_method(config));
     vmm.set_disk_counters(disk_counters);
     vmm.set_vsock_counters(vsock_counters);
     vmm.set_nets(nets.clone(), net_teardown);

@@ -19,7 +19,8 @@ pub enum VmState {
     Running,
     /// vCPUs parked by a pause request.
     Paused,
-    /// Ctrl-Alt-Del sent; waiting for the guest to go down.
+    /// The guest was asked to shut down (power button or Ctrl-Alt-Del);
+    /// waiting for it to go down.
     ShuttingDown,
     /// Ended.
     Stopped,
@@ -87,7 +88,8 @@ pub enum ControlRequest {
     Pause,
     /// Let them run again.
     Resume,
-    /// Ctrl-Alt-Del, then a forced stop after `timeout`.
+    /// Ask the guest (`control.shutdown_method`), then a forced stop after
+    /// `timeout`.
     Shutdown {
         /// How long the guest gets.
         timeout: Duration,

@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
-    BootTimer, ConsoleHub, EventFdTrigger, Milestone, PowerButton, Serial, SerialCounters,
-    SerialSink, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042, I8042_PORT_DATA, I8042_PORT_LEN,
-    POWER_PORT, SERIAL_PORT_LEN,
+    BootTimer, Cmos, ConsoleHub, EventFdTrigger, Ged, Milestone, PowerRegisters, Serial,
+    SerialCounters, SerialSink, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, GED_IRQ, GED_PORT, I8042,
+    I8042_PORT_DATA, I8042_PORT_LEN, POWER_PORT, POWER_PORT_LEN, RTC_PORT, RTC_PORT_LEN,
+    SERIAL_PORT_LEN,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,7 +28,7 @@ use devices::virtio::{Interrupt, InterruptResampler, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::x86_64::layout::MMIO_DEVICES_START;
+use crate::arch::x86_64::layout::{MMIO_DEVICES_START, MMIO_HOLE_START};
 use crate::config::{
     CowTarget, DiskConfig, DiskEngine, NetConfig, SerialConfig, DEFAULT_COW_LIMIT,
 };
@@ -439,7 +440,9 @@ pub struct LegacyDevices {
     pub i8042: Arc<Mutex<I8042>>,
     /// Boot milestones recorded so far.
     pub milestones: Arc<Mutex<Vec<Milestone>>>,
-    /// Signalled when the guest resets through the i8042.
+    /// The ACPI Generic Event Device (the power button).
+    pub ged: Arc<Mutex<Ged>>,
+    /// Signalled when the guest resets (i8042 or the ACPI reset register).
     pub reset_evt: EventFd,
     /// Signalled when the guest enters S5.
     pub power_off_evt: EventFd,
@@ -453,13 +456,15 @@ fn trigger(evt: &EventFd) -> Result<EventFdTrigger, DeviceError> {
     EventFdTrigger::try_clone_from(evt).map_err(DeviceError::EventFd)
 }
 
-/// Builds the serial port, i8042, boot timer and power register, and puts
-/// them on `pio`.
+/// Builds the serial port, i8042, CMOS RTC, boot timer, ACPI power
+/// registers and GED, and puts them on `pio`. `mem_size` is the guest's
+/// RAM (the CMOS memory-size bytes).
 pub fn setup_legacy_devices(
     vm: &Vm,
     pio: &mut Bus,
     serial: &SerialConfig,
     start: Instant,
+    mem_size: u64,
 ) -> Result<LegacyDevices, DeviceError> {
     let sink = match serial {
         SerialConfig::Stdout => SerialSink::Stdout(std::io::stdout()),
@@ -494,9 +499,16 @@ pub fn setup_legacy_devices(
     let milestones = timer.milestones();
     pio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, 1)?;
 
+    let below_4g = mem_size.min(MMIO_HOLE_START);
+    let rtc = Cmos::new(below_4g, mem_size - below_4g);
+    pio.insert(Arc::new(Mutex::new(rtc)), RTC_PORT, RTC_PORT_LEN)?;
+
     let power_off_evt = eventfd()?;
-    let power = PowerButton::new(trigger(&power_off_evt)?);
-    pio.insert(Arc::new(Mutex::new(power)), POWER_PORT, 1)?;
+    let power = PowerRegisters::new(trigger(&power_off_evt)?, trigger(&reset_evt)?);
+    pio.insert(Arc::new(Mutex::new(power)), POWER_PORT, POWER_PORT_LEN)?;
+
+    let ged = Arc::new(Mutex::new(Ged::new(EventFdTrigger(vm.irq_line(GED_IRQ)?))));
+    pio.insert(ged.clone(), GED_PORT, 1)?;
 
     Ok(LegacyDevices {
         serial,
@@ -504,6 +516,7 @@ pub fn setup_legacy_devices(
         serial_counters,
         i8042,
         milestones,
+        ged,
         reset_evt,
         power_off_evt,
     })

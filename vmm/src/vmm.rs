@@ -8,7 +8,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::legacy::SerialCounters;
+use devices::legacy::{SerialCounters, GED_POWER_BUTTON};
 use devices::virtio::block::BlockCounters;
 use devices::virtio::vsock::VsockCounters;
 use log::{error, info, warn};
@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot_monitor::{self, BootMonitor, GuestBoot};
+use crate::config::ShutdownMethod;
 use crate::control::{ControlInbox, ControlRequest, VmState, VmStatus};
 use crate::device_manager::{LegacyDevices, NetDeviceInfo};
 use crate::exit::VmOutcome;
@@ -86,6 +87,7 @@ pub struct Vmm {
     inbox: Option<ControlInbox>,
     boot_watch: Option<BootWatch>,
     shutdown_timeout: Duration,
+    shutdown_method: ShutdownMethod,
     legacy: LegacyDevices,
     /// Undoes the NICs' host set-up (taps, bridge membership) once the
     /// vCPUs are gone.
@@ -140,6 +142,7 @@ impl Vmm {
             inbox: None,
             boot_watch: None,
             shutdown_timeout,
+            shutdown_method: ShutdownMethod::default(),
             legacy,
             net_teardown: None,
             _vm: vm,
@@ -162,6 +165,12 @@ impl Vmm {
     pub fn set_nets(&mut self, nets: Vec<NetDeviceInfo>, teardown: Option<TeardownHelper>) {
         self.view.nets = nets;
         self.net_teardown = teardown;
+    }
+
+    /// How a graceful shutdown asks the guest (the ACPI power button
+    /// by default).
+    pub fn set_shutdown_method(&mut self, method: ShutdownMethod) {
+        self.shutdown_method = method;
     }
 
     /// Adds a started vCPU thread.
@@ -302,6 +311,17 @@ impl Vmm {
         kbd.trigger_ctrl_alt_del().map_err(|e| e.to_string())
     }
 
+    /// Presses the ACPI power button (a GED event), resuming a paused
+    /// guest first.
+    fn press_power_button(&mut self) -> Result<(), String> {
+        if self.view.status.state() == VmState::Paused {
+            self.resume()?;
+        }
+        let mut ged = self.legacy.ged.lock().unwrap_or_else(|p| p.into_inner());
+        ged.notify(GED_POWER_BUTTON)
+            .map_err(|e| format!("cannot press the power button: {e}"))
+    }
+
     fn begin_shutdown(
         &mut self,
         timeout: Duration,
@@ -311,11 +331,15 @@ impl Vmm {
         if pending.is_some() {
             return Ok(());
         }
+        let (how, asked) = match self.shutdown_method {
+            ShutdownMethod::Acpi => ("ACPI power button", self.press_power_button()),
+            ShutdownMethod::CtrlAltDel => ("Ctrl-Alt-Del", self.ctrl_alt_del()),
+        };
         info!(
-            "graceful shutdown ({why}): Ctrl-Alt-Del, forced stop in {} s",
+            "graceful shutdown ({why}): {how}, forced stop in {} s",
             timeout.as_secs()
         );
-        if let Err(e) = self.ctrl_alt_del() {
+        if let Err(e) = asked {
             warn!("graceful shutdown: {e}; waiting for the timeout");
         }
         self.set_state(VmState::ShuttingDown);

@@ -1,14 +1,19 @@
-//! Legacy PC devices on port I/O: 16550 serial, i8042, boot timer, power-off.
+//! Legacy PC devices on port I/O: 16550 serial, i8042, CMOS RTC, boot timer,
+//! ACPI sleep-control and reset registers, ACPI Generic Event Device.
 
 mod boot_timer;
+mod ged;
 mod i8042;
 mod power;
+mod rtc;
 mod serial;
 mod serial_log;
 
 pub use boot_timer::{BootTimer, Milestone, BOOT_TIMER_PORT};
+pub use ged::{Ged, GED_IRQ, GED_PORT, GED_POWER_BUTTON};
 pub use i8042::{I8042Error, I8042, I8042_PORT_DATA, I8042_PORT_LEN};
-pub use power::{PowerButton, POWER_PORT, S5_WRITE};
+pub use power::{PowerRegisters, POWER_PORT, POWER_PORT_LEN, RESET_PORT, RESET_VALUE, S5_WRITE};
+pub use rtc::{Clock, Cmos, RTC_CENTURY_REG, RTC_IRQ, RTC_PORT, RTC_PORT_LEN};
 pub use serial::{
     ConsoleHub, OutputWatcher, Serial, SerialCounters, SerialSink, TeeSink, COM1_IRQ, COM1_PORT,
     SERIAL_PORT_LEN,

@@ -65,7 +65,7 @@ hash=$(sha "$LAB_UPGRADE_IMG")
 start_keel upgrade --kernel "$LAB_L2_KERNEL" --initrd "$LAB_L2_INITRD" \
     --cmdline "$(l2_cmdline upgrade) lab.url=https://127.0.0.1:8443/update-img.tar.zst lab.hash=$hash" \
     --memory size=256M --cpus boot=1 --api-socket "$LAB_DIR/api.sock" \
-    --vsock "cid=3,socket=$LAB_DIR/vsock.sock"
+    --vsock "cid=3,socket=$LAB_DIR/vsock.sock" --shutdown-method ctrl-alt-del
 c=$LAB_DIR/upgrade.console
 wait_file "$c" '^LAB-GUEST upgrade-answer' 300
 answer=$(guest "$c" upgrade-answer)

@@ -88,6 +88,8 @@ pub enum End {
     Reset,
     /// `triple-fault`: a triple fault, as a crashing kernel does.
     TripleFault,
+    /// `acpi-reset`: a write to the FADT's reset register (port 0x602).
+    AcpiReset,
 }
 
 /// A GuestOS boot marker the probe prints (`probe.boot=`), as HostOS's
@@ -298,6 +300,7 @@ impl<'a> Options<'a> {
                 ("probe.end", Some("poweroff")) => opts.end = End::PowerOff,
                 ("probe.end", Some("reset")) => opts.end = End::Reset,
                 ("probe.end", Some("triple-fault")) => opts.end = End::TripleFault,
+                ("probe.end", Some("acpi-reset")) => opts.end = End::AcpiReset,
                 ("probe.blk", Some(v)) => {
                     opts.blk = opts.number(token, v).and_then(|n| opts.u32(token, n))
                 }
@@ -306,7 +309,8 @@ impl<'a> Options<'a> {
                     opts.cow = match v.split_once(',') {
                         Some((a, b)) => opts.number(token, a).zip(opts.number(token, b)),
                         None => {
-                            opts.errors.push(format!("{token:?}: want <sector>,<sector>"));
+                            opts.errors
+                                .push(format!("{token:?}: want <sector>,<sector>"));
                             None
                         }
                     }

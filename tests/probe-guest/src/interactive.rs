@@ -15,6 +15,11 @@
 //!   (a `\n` right after `\r` ends nothing) and it is printed as
 //!   `probe: console got <line>`: at most [`LINE_MAX`] characters, anything
 //!   but printable ASCII as `?`.
+//! - ACPI power button: Keel's Generic Event Device keeps its pending
+//!   events in a register at port 0x608 (reading clears it; the DSDT's
+//!   `_EVT` reads it the same way). Bit 0 set is a power button press: the
+//!   probe prints `probe: power-button` and powers off, as a guest's
+//!   systemd does. An all-ones byte is no device (QEMU, Firecracker).
 //! - Ctrl-Alt-Del: scan codes from the i8042 go through two decoders, one
 //!   for set 2 (what a keyboard sends untranslated, Keel's default) and one
 //!   for set 1 (what a controller with translation on delivers); the probe
@@ -40,6 +45,13 @@ const SERIAL_DRAIN: usize = 64;
 /// Bytes taken from the i8042 per poll at most (Keel's buffer holds 16).
 const I8042_DRAIN: usize = 16;
 
+/// Keel's GED event register (read clears).
+const GED_EVENTS: u16 = 0x608;
+/// GED event: the power button was pressed.
+const GED_POWER_BUTTON: u8 = 1 << 0;
+/// What a port without a device reads.
+const NO_DEVICE: u8 = 0xff;
+
 /// i8042 data port.
 const I8042_DATA: u16 = 0x60;
 /// i8042 status port.
@@ -50,7 +62,7 @@ const I8042_OBF: u8 = 1 << 0;
 const I8042_AUX: u8 = 1 << 5;
 
 /// Prints `probe: interactive` and runs the loop; ends the VM only on
-/// Ctrl-Alt-Del.
+/// Ctrl-Alt-Del or an ACPI power button press.
 pub fn run(heartbeat_ms: Option<u64>) -> ! {
     println!("probe: interactive");
     let khz = match tsc::khz() {
@@ -91,6 +103,11 @@ pub fn run(heartbeat_ms: Option<u64>) -> ! {
                 println!("probe: ctrl-alt-del");
                 power::off();
             }
+        }
+        let events = inb(GED_EVENTS);
+        if events != NO_DEVICE && events & GED_POWER_BUTTON != 0 {
+            println!("probe: power-button");
+            power::off();
         }
         if let (Some(period), Some(due)) = (period, next_tick.as_mut()) {
             let now = tsc::rdtsc();

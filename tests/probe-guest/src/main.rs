@@ -127,6 +127,7 @@ extern "C" fn probe_main(start_info_paddr: u64) -> ! {
         cmdline::End::PowerOff => power::off(),
         cmdline::End::Reset => power::reset(),
         cmdline::End::TripleFault => syscall::triple_fault(),
+        cmdline::End::AcpiReset => power::acpi_reset(),
     }
 }
 

@@ -10,6 +10,9 @@ const POWER_OFF_S5: u8 = (5 << 2) | (1 << 5);
 const I8042_COMMAND: u16 = 0x64;
 /// i8042 command: pulse the CPU reset line.
 const I8042_RESET: u8 = 0xfe;
+/// Keel's ACPI reset register (the FADT's RESET_REG) and its value.
+const ACPI_RESET_PORT: u16 = 0x602;
+const ACPI_RESET_VALUE: u8 = 1;
 /// Time given to a VMM to act on a request before trying the next.
 const GRACE_US: u64 = 20_000;
 
@@ -27,6 +30,14 @@ pub fn off() -> ! {
 /// `reboot=k`); if still running, a triple fault.
 pub fn reset() -> ! {
     outb(I8042_COMMAND, I8042_RESET);
+    grace();
+    syscall::triple_fault()
+}
+
+/// Resets the machine through Keel's ACPI reset register (how Linux
+/// reboots by default, `reboot=acpi`); if still running, a triple fault.
+pub fn acpi_reset() -> ! {
+    outb(ACPI_RESET_PORT, ACPI_RESET_VALUE);
     grace();
     syscall::triple_fault()
 }

@@ -65,6 +65,10 @@ struct Args {
     /// Seconds a graceful shutdown waits before a forced stop (default 120).
     #[arg(long, value_name = "SECONDS")]
     shutdown_timeout: Option<u64>,
+    /// How a graceful shutdown asks the guest: acpi (power button, the
+    /// default) or ctrl-alt-del.
+    #[arg(long, value_name = "METHOD")]
+    shutdown_method: Option<String>,
     /// After device work, poll for more for up to this many µs before
     /// sleeping (default 0: sleep at once; at most 1000).
     #[arg(long, value_name = "MICROSECONDS")]
@@ -109,6 +113,7 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         disks: args.disks.clone(),
         api_socket: args.api_socket.clone(),
         shutdown_timeout_s: args.shutdown_timeout,
+        shutdown_method: args.shutdown_method.clone(),
         device_poll_us: args.device_poll_us,
         vsock: args.vsock.clone(),
         machine: args.machine.clone(),

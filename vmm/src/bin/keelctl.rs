@@ -49,7 +49,8 @@ enum Cmd {
     Pause,
     /// Resume a paused VM.
     Resume,
-    /// Graceful shutdown (Ctrl-Alt-Del), forced stop after the timeout.
+    /// Graceful shutdown (ACPI power button, or Ctrl-Alt-Del per
+    /// control.shutdown_method), forced stop after the timeout.
     Shutdown {
         /// Seconds before the forced stop (Keel's default: 120).
         #[arg(long)]

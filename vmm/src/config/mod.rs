@@ -460,6 +460,38 @@ pub struct ControlConfig {
     /// before stopping it by force.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_s: u64,
+    /// How a graceful shutdown asks the guest to go down.
+    #[serde(default)]
+    pub shutdown_method: ShutdownMethod,
+}
+
+/// How a graceful shutdown (SIGTERM, `keelctl shutdown`) asks the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownMethod {
+    /// Press the ACPI power button (a GED event notifying `PNP0C0C`), as
+    /// libvirt does; systemd, acpid or the kernel's button driver act on
+    /// it. Without ACPI tables (`machine.acpi = false`) Ctrl-Alt-Del is
+    /// used instead.
+    #[default]
+    Acpi,
+    /// Type Ctrl-Alt-Del through the i8042.
+    CtrlAltDel,
+}
+
+impl ShutdownMethod {
+    /// Parses the value as the file spells it (`acpi`, `ctrl-alt-del`).
+    pub fn parse(field: &str, value: &str) -> Result<Self, ConfigError> {
+        match value {
+            "acpi" => Ok(ShutdownMethod::Acpi),
+            "ctrl-alt-del" => Ok(ShutdownMethod::CtrlAltDel),
+            _ => Err(ConfigError::invalid(
+                field,
+                value,
+                "expected acpi or ctrl-alt-del".into(),
+            )),
+        }
+    }
 }
 
 fn default_shutdown_timeout() -> u64 {
@@ -473,6 +505,7 @@ impl Default for ControlConfig {
             admin_group: None,
             readonly_group: None,
             shutdown_timeout_s: default_shutdown_timeout(),
+            shutdown_method: ShutdownMethod::default(),
         }
     }
 }
@@ -661,6 +694,8 @@ pub struct FlagOverrides {
     pub api_socket: Option<PathBuf>,
     /// `--shutdown-timeout SECONDS`
     pub shutdown_timeout_s: Option<u64>,
+    /// `--shutdown-method acpi|ctrl-alt-del`
+    pub shutdown_method: Option<String>,
     /// `--device-poll-us MICROSECONDS`
     pub device_poll_us: Option<u32>,
     /// `--vsock cid=N,socket=PATH[,allow_host_connect=on]`
@@ -745,6 +780,9 @@ impl VmConfig {
         }
         if let Some(t) = flags.shutdown_timeout_s {
             self.control.shutdown_timeout_s = t;
+        }
+        if let Some(m) = &flags.shutdown_method {
+            self.control.shutdown_method = ShutdownMethod::parse("control.shutdown_method", m)?;
         }
         if let Some(m) = &flags.machine {
             self.machine = parse_machine_flag(m)?;
@@ -1754,6 +1792,37 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.devices.poll_us, 200);
         assert!(VmConfig::from_toml("[devices]\npoll = 5").is_err());
+    }
+
+    #[test]
+    fn shutdown_method_from_the_file_and_the_flag() {
+        assert_eq!(
+            VmConfig::default().control.shutdown_method,
+            ShutdownMethod::Acpi,
+            "the power button by default"
+        );
+        let mut cfg = VmConfig::from_toml("[control]\nshutdown_method = \"ctrl-alt-del\"").unwrap();
+        assert_eq!(cfg.control.shutdown_method, ShutdownMethod::CtrlAltDel);
+        cfg.apply_flags(&FlagOverrides {
+            shutdown_method: Some("acpi".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.control.shutdown_method, ShutdownMethod::Acpi);
+        let e = cfg
+            .apply_flags(&FlagOverrides {
+                shutdown_method: Some("reset".into()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("control.shutdown_method") && e.contains("reset"),
+            "{e}"
+        );
+        assert!(VmConfig::from_toml("[control]\nshutdown_method = \"halt\"").is_err());
+        let text = toml::to_string(&cfg).unwrap();
+        assert!(text.contains("shutdown_method = \"acpi\""), "{text}");
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub const FIONBIO: u64 = 0x5421;
 /// `FIOCLEX` (close-on-exec set on a descriptor).
 pub const FIOCLEX: u64 = 0x5451;
 
+/// The flags of the serial log's `File::create` on rotation.
+pub const SERIAL_LOG_OPEN_FLAGS: u64 =
+    (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64;
+
 /// The allow-list of `kind`.
 pub fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
     let mut r = common()?;
@@ -187,7 +191,11 @@ fn main(r: &mut Rules) -> Result<(), SeccompError> {
 /// A vCPU: KVM_RUN and the register reads of a fatal exit's report; the
 /// buses it serves write eventfds (interrupts, queue notifications, the
 /// device thread's hand-offs), the serial output (file or stdout) and the
-/// boot timer's log line; a virtio-net activation sets tap offloads.
+/// boot timer's log line; a virtio-net activation sets tap offloads. The
+/// serial log's rotation (`--serial file=PATH,max_size=..`) runs on the vCPU
+/// that writes the byte: it renames the backups and creates `PATH` afresh,
+/// so `rename` and one `openat` (write-only, create, truncate, close-on-exec:
+/// `File::create`, nothing that could read a file) are allowed here only.
 fn vcpu(r: &mut Rules) -> Result<(), SeccompError> {
     when_arg_in(
         r,
@@ -202,6 +210,11 @@ fn vcpu(r: &mut Rules) -> Result<(), SeccompError> {
         ],
     )?;
     allow(r, &[libc::SYS_epoll_ctl]);
+    allow(
+        r,
+        &[libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2],
+    );
+    when_arg_in(r, libc::SYS_openat, 2, &[SERIAL_LOG_OPEN_FLAGS])?;
     Ok(())
 }
 

@@ -94,7 +94,20 @@ pub struct AcpiMachine<'a> {
     pub com1: (u16, u32),
     /// The i8042's interrupt.
     pub i8042_irq: u32,
+    /// The CMOS RTC's first port and interrupt.
+    pub rtc: (u16, u32),
+    /// The Generic Event Device's event register (port) and interrupt.
+    pub ged: (u16, u32),
+    /// The reset register's port and the value that resets.
+    pub reset: (u16, u8),
 }
+
+/// The CMOS register the FADT names as the century.
+pub const CENTURY_REG: u8 = devices::legacy::RTC_CENTURY_REG;
+/// The GED's event bit for the power button (its `_EVT` tests it).
+const GED_POWER_BUTTON: u8 = devices::legacy::GED_POWER_BUTTON;
+/// `Notify` value of a power button: pressed.
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
 
 /// The tables as bytes, each at its guest address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,6 +167,22 @@ fn dsdt(m: &AcpiMachine) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    // The CMOS RTC, for Linux's rtc_cmos (which binds to PNP0B00).
+    aml::Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(m.rtc.0, m.rtc.0, 1, 2),
+                    &aml::Interrupt::new(true, true, false, false, m.rtc.1),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    ged(m, &mut body);
     for (i, &(base, len, gsi)) in m.virtio_mmio.iter().enumerate() {
         // Linux's virtio_mmio driver matches LNRO0005 (as QEMU's microvm and
         // Firecracker describe their devices).
@@ -185,13 +214,90 @@ fn dsdt(m: &AcpiMachine) -> Vec<u8> {
     table.as_slice().to_vec()
 }
 
+/// The Generic Event Device and the power button it notifies:
+///
+/// ```text
+/// Device (\_SB.GED) {
+///     Name (_HID, "ACPI0013")
+///     Name (_CRS, ResourceTemplate () { Interrupt (, Edge, ActiveHigh) { ged irq } })
+///     OperationRegion (GDST, SystemIO, ged port, 1)
+///     Field (GDST, ByteAcc, NoLock, WriteAsZeros) { GDAT, 8 }
+///     Method (_EVT, 1, Serialized) {
+///         Local0 = GDAT        // reading clears the pending events
+///         If (Local0 & 1) { Notify (\_SB.PWRB, 0x80) }
+///     }
+/// }
+/// Device (\_SB.PWRB) { Name (_HID, EisaId ("PNP0C0C")) }
+/// ```
+fn ged(m: &AcpiMachine, body: &mut Vec<u8>) {
+    let local0 = aml::Local(0);
+    let gdat = aml::Path::new("GDAT");
+    let bit = aml::And::new(&aml::ZERO, &local0, &GED_POWER_BUTTON);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &NOTIFY_BUTTON_PRESSED);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, m.ged.1,
+                )]),
+            ),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                aml::OpRegionSpace::SystemIO,
+                &u64::from(m.ged.0),
+                &1u8,
+            ),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&local0, &gdat),
+                    &aml::If::new(&bit, vec![&notify]),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
 /// The hardware-reduced FADT pointing at the DSDT.
-fn fadt(dsdt_addr: u64) -> Vec<u8> {
+fn fadt(dsdt_addr: u64, reset: (u16, u8)) -> Vec<u8> {
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
-        .flag(Flags::PwrButton);
+        .flag(Flags::PwrButton)
+        .flag(Flags::ResetRegSup);
     f.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
+    f.century = CENTURY_REG;
+    f.reset_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(reset.0),
+    );
+    f.reset_value = reset.1;
     f.sleep_control_reg = GAS::new(
         AddressSpace::SystemIo,
         8,
@@ -285,7 +391,7 @@ pub fn build(m: &AcpiMachine) -> Result<AcpiTables, AcpiError> {
         blobs: vec![
             (RSDP_START, bytes_of(&Rsdp::new(OEM_ID, xsdt_addr))),
             (xsdt_addr, bytes_of(&xsdt)),
-            (fadt_addr, fadt(dsdt_addr)),
+            (fadt_addr, fadt(dsdt_addr, m.reset)),
             (dsdt_addr, dsdt),
             (madt_addr, madt),
         ],
@@ -324,6 +430,113 @@ mod tests {
             virtio_mmio: &[(0xd000_0000, 0x1000, 5), (0xd000_1000, 0x1000, 17)],
             com1: (0x3f8, 4),
             i8042_irq: 1,
+            rtc: (0x70, 8),
+            ged: (0x608, 3),
+            reset: (0x602, 1),
+        }
+    }
+
+    fn dsdt_of(t: &AcpiTables) -> Vec<u8> {
+        let fadt = &walk(t)[0].1;
+        t.at(u64_at(fadt, 140)).expect("X_DSDT").to_vec()
+    }
+
+    fn aml_bytes(a: &dyn Aml) -> Vec<u8> {
+        bytes_of(a)
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn fadt_names_the_century_and_the_reset_register() {
+        let topo = CpuTopology {
+            sockets: 1,
+            cores: 1,
+            threads: 1,
+        };
+        let t = build(&machine(&topo)).unwrap();
+        let fadt = &walk(&t)[0].1;
+        assert_eq!(fadt[108], 0x32, "century register");
+        // RESET_REG_SUP (bit 10), RESET_REG in system I/O at 0x602, value 1.
+        assert_ne!(u32_at(fadt, 112) & (1 << 10), 0);
+        assert_eq!(fadt[116], 1, "reset register in system I/O space");
+        assert_eq!(fadt[117], 8, "one byte wide");
+        assert_eq!(u64_at(fadt, 120), 0x602);
+        assert_eq!(fadt[128], 1, "reset value");
+    }
+
+    #[test]
+    fn dsdt_has_the_rtc_ged_and_power_button() {
+        let topo = CpuTopology {
+            sockets: 1,
+            cores: 1,
+            threads: 1,
+        };
+        let dsdt = dsdt_of(&build(&machine(&topo)).unwrap());
+        assert!(contains(&dsdt, &aml_bytes(&aml::EISAName::new("PNP0B00"))));
+        assert!(contains(&dsdt, b"RTC_"));
+        // The RTC's ports: an IO descriptor (0x47) for 0x70, length 2.
+        assert!(contains(
+            &dsdt,
+            &[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]
+        ));
+        assert!(contains(&dsdt, b"ACPI0013\0"));
+        assert!(contains(&dsdt, &aml_bytes(&aml::EISAName::new("PNP0C0C"))));
+        assert!(contains(&dsdt, b"_EVT"));
+        assert!(contains(&dsdt, b"GDAT"));
+        // The GED's interrupt: consumer, edge, active high, IRQ 3.
+        assert!(contains(&dsdt, &[0x89, 6, 0, 0x03, 1, 3, 0, 0, 0]));
+        // Notify (\_SB.PWRB, 0x80): NotifyOp, the root path, 0x80.
+        let mut notify = vec![0x86, b'\\', 0x2e];
+        notify.extend_from_slice(b"_SB_PWRB");
+        notify.extend_from_slice(&[0x0a, 0x80]);
+        assert!(contains(&dsdt, &notify), "Notify of the power button");
+    }
+
+    /// ACPICA's disassembler (Debian's acpica-tools) reads the DSDT back:
+    /// an independent check of the AML, not of Keel's own byte patterns.
+    #[test]
+    fn iasl_disassembles_the_dsdt() {
+        let topo = CpuTopology {
+            sockets: 1,
+            cores: 2,
+            threads: 1,
+        };
+        let dsdt = dsdt_of(&build(&machine(&topo)).unwrap());
+        let dir = std::env::temp_dir().join(format!("keel-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dat = dir.join("dsdt.dat");
+        std::fs::write(&dat, &dsdt).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&dat)
+            .output()
+            .expect("iasl (Debian's acpica-tools) must be installed");
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let dsl = dsl.unwrap_or_else(|e| {
+            panic!(
+                "iasl wrote no disassembly ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        for want in [
+            "Device (_SB.RTC)",
+            "EisaId (\"PNP0B00\")",
+            "Device (_SB.GED)",
+            "\"ACPI0013\"",
+            "OperationRegion (GDST, SystemIO, 0x0608, One)",
+            "Method (_EVT, 1, Serialized)",
+            "Local0 = GDAT",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "Device (_SB.PWRB)",
+            "EisaId (\"PNP0C0C\")",
+            "Device (_SB.COM1)",
+            "Name (_S5, Package",
+        ] {
+            assert!(dsl.contains(want), "{want:?} missing from\n{dsl}");
         }
     }
 
