@@ -99,7 +99,11 @@ mod tests {
             VmOutcome::Fatal(String::new()),
         ];
         let mut codes: Vec<u8> = all.iter().map(VmOutcome::exit_code).collect();
-        codes.extend([EXIT_CONFIG_ERROR, EXIT_USAGE_ERROR]);
+        codes.extend([
+            EXIT_CONFIG_ERROR,
+            EXIT_USAGE_ERROR,
+            crate::seccomp::EXIT_SECCOMP,
+        ]);
         let n = codes.len();
         codes.sort();
         codes.dedup();
