@@ -142,9 +142,11 @@ fi
 # The Linux guest tier: real Linux guests under Keel, inside an emulated
 # machine with hardware virtualization (or directly where the host has
 # vmx/svm). See tests/linux_guest.rs and the README's "Linux guests".
-# KEEL_LAB=0 skips it (for a quick local run), and says so loudly.
+# Not yet on by default: L2 guests still now and then hang or die early in
+# boot (README, "Linux guests"). KEEL_LAB=1 runs it; otherwise it says
+# loudly that it did not run.
 linux_rc=0
-if [ "${KEEL_LAB:-1}" = 1 ]; then
+if [ "${KEEL_LAB:-0}" = 1 ]; then
     echo "== Linux guest tier (cargo test --release -p keel-tests --test linux_guest)"
     set +e
     cargo test --release -p keel-tests --test linux_guest --no-fail-fast 2>&1 | tee -a "$log"
@@ -153,8 +155,8 @@ if [ "${KEEL_LAB:-1}" = 1 ]; then
     end_tier "Linux guest tier"
 else
     echo "=================================================================="
-    echo "Linux guest tier: NOT RUN (KEEL_LAB=0; it runs by default:"
-    echo "about 15 min on a 2-core machine)"
+    echo "Linux guest tier: NOT RUN (set KEEL_LAB=1 to run it: about 7 min;"
+    echo "see the README's \"Linux guests\" for why it is not on by default)"
     echo "=================================================================="
 fi
 
