@@ -7,6 +7,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+/// Answers a read of a byte-wide register: `value` in the access's first
+/// byte, zeros in the rest (a wider access than the register).
+pub fn read_byte_register(data: &mut [u8], value: u8) {
+    data.fill(0);
+    if let Some(b) = data.first_mut() {
+        *b = value;
+    }
+}
+
 /// A device reachable through register reads and writes.
 pub trait BusDevice: Send {
     /// Reads `data.len()` bytes at `offset` into the device's range.

@@ -11,7 +11,7 @@
 use vm_superio::Trigger;
 
 use super::EventFdTrigger;
-use crate::bus::BusDevice;
+use crate::bus::{read_byte_register, BusDevice};
 
 /// The GED's event register (one byte).
 pub const GED_PORT: u64 = 0x608;
@@ -41,12 +41,13 @@ impl Ged {
 
 impl BusDevice for Ged {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if offset == 0 {
-            if let Some(b) = data.first_mut() {
-                *b = std::mem::take(&mut self.pending);
-            }
-        }
+        // The event register clears when read (an empty access reads nothing).
+        let value = if offset == 0 && !data.is_empty() {
+            std::mem::take(&mut self.pending)
+        } else {
+            0
+        };
+        read_byte_register(data, value);
     }
 
     fn write(&mut self, _offset: u64, _data: &[u8]) {}

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use vm_superio::Trigger;
 
 use super::EventFdTrigger;
-use crate::bus::BusDevice;
+use crate::bus::{read_byte_register, BusDevice};
 
 /// Data port; the command/status port is 4 above it.
 pub const I8042_PORT_DATA: u64 = 0x60;
@@ -221,10 +221,7 @@ impl BusDevice for I8042 {
             OFF_CMD => self.status,
             _ => 0,
         };
-        data.fill(0);
-        if let Some(b) = data.first_mut() {
-            *b = value;
-        }
+        read_byte_register(data, value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
-use crate::bus::BusDevice;
+use crate::bus::{read_byte_register, BusDevice};
 
 /// First port of the RTC (index); the data port follows.
 pub const RTC_PORT: u64 = 0x70;
@@ -275,10 +275,7 @@ impl BusDevice for Cmos {
             1 => self.read_reg(usize::from(self.index)),
             _ => 0xff,
         };
-        data.fill(0);
-        if let Some(b) = data.first_mut() {
-            *b = v;
-        }
+        read_byte_register(data, v);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
