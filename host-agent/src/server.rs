@@ -98,11 +98,15 @@ pub fn parse_request(buf: &[u8]) -> Result<Request, String> {
 
 /// Bind the listening socket: replace a stale socket (never another kind of
 /// file), create the parent directory if needed, mode 0660.
+///
+/// The socket is bound and listening under a temporary name in the same
+/// directory and then renamed into place, so a client that finds `path`
+/// never meets a socket that is bound but not yet listening (which answers
+/// `ECONNREFUSED`). Only when the temporary name would not fit in a socket
+/// address is `path` bound directly.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
+        if !meta.file_type().is_socket() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 format!("{} exists and is not a socket", path.display()),
@@ -110,14 +114,38 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         }
     }
     if let Some(dir) = path.parent() {
-        if !dir.exists() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
             std::fs::create_dir_all(dir)?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
         }
     }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let staged = staging_path(path);
+    if staged.as_os_str().len() > SUN_PATH_MAX {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        let l = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        return Ok(l);
+    }
+    let _ = std::fs::remove_file(&staged);
+    let l = UnixListener::bind(&staged)?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+        .and_then(|()| std::fs::rename(&staged, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
     Ok(l)
+}
+
+/// The longest path a Unix socket address holds, its NUL excluded.
+const SUN_PATH_MAX: usize = 107;
+
+/// Where [`bind`] binds before renaming: `.<name>.<pid>.new` beside `path`.
+fn staging_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{}.new", std::process::id()))
 }
 
 /// Accept connections forever, one thread each (bounded).
@@ -290,5 +318,72 @@ mod tests {
         assert_eq!(r.message, Command::GetVsockProtocol);
         assert!(parse_request(b"").unwrap_err().contains("malformed"));
         assert!(parse_request(b"{").unwrap_err().contains("malformed"));
+    }
+
+    /// A client that sees the socket path can always connect: the path
+    /// appears only once the socket listens. A watcher connects whenever
+    /// the path exists while the socket is bound again and again; binding
+    /// the path directly (bind, then listen) lets it meet ECONNREFUSED.
+    #[test]
+    fn the_socket_path_appears_only_once_it_listens() {
+        let dir = std::env::temp_dir().join(format!("agent-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock_19090");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut refused = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = UnixStream::connect(&path) {
+                        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                            refused += 1;
+                        }
+                    }
+                }
+                refused
+            })
+        };
+        // Keep every listener alive (a closed one would refuse too) and
+        // drain their backlogs, so that the watcher's connects never block.
+        let mut listeners: Vec<UnixListener> = Vec::new();
+        let drain = |listeners: &[UnixListener]| {
+            for l in listeners {
+                while l.accept().is_ok() {}
+            }
+        };
+        for _ in 0..300 {
+            let l = bind(&path).unwrap();
+            l.set_nonblocking(true).unwrap();
+            listeners.push(l);
+            drain(&listeners);
+        }
+        stop.store(true, Ordering::Relaxed);
+        while !watcher.is_finished() {
+            drain(&listeners);
+            std::thread::yield_now();
+        }
+        assert_eq!(watcher.join().unwrap(), 0, "a connection was refused");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "staging sockets left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn another_kind_of_file_is_never_replaced() {
+        let dir = std::env::temp_dir().join(format!("agent-bind-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock_19090");
+        std::fs::write(&path, b"keep").unwrap();
+        assert_eq!(
+            bind(&path).unwrap_err().kind(),
+            std::io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
