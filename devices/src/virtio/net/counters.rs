@@ -18,6 +18,11 @@ pub struct NetCounters {
     /// frame waits, the tap is no longer polled until the guest adds
     /// buffers: nothing is dropped).
     pub rx_stalls: AtomicU64,
+    /// Of the delivered frames, those copied through the host's bounce
+    /// buffer because they did not fit in the receive buffers the device
+    /// held when the frame was read (the rest went straight from the tap
+    /// into guest memory).
+    pub rx_copied: AtomicU64,
     /// Frames the guest sent that reached the tap.
     pub tx_frames: AtomicU64,
     /// Their bytes.
@@ -47,6 +52,7 @@ impl NetCounters {
             ("rx_bytes", self.rx_bytes.load(Relaxed)),
             ("rx_dropped", self.rx_dropped.load(Relaxed)),
             ("rx_stalls", self.rx_stalls.load(Relaxed)),
+            ("rx_copied", self.rx_copied.load(Relaxed)),
             ("tx_frames", self.tx_frames.load(Relaxed)),
             ("tx_bytes", self.tx_bytes.load(Relaxed)),
             ("tx_dropped", self.tx_dropped.load(Relaxed)),

@@ -4,13 +4,18 @@
 //! TX: every available chain becomes one `writev` to the tap, header
 //! included (the tap takes the 12-byte `virtio_net_hdr_v1`).
 //!
-//! RX: a frame is read from the tap (header included) into the queue
-//! pair's bounce buffer, then copied into as many guest buffers as it needs
-//! (several with MRG_RXBUF, `num_buffers` set accordingly). When the guest
-//! has no buffer for it, the frame stays in the bounce buffer, the tap is
-//! no longer polled (its EPOLLIN interest is removed) and the stall is
-//! counted; the guest's next rx-queue notification resumes delivery.
-//! Nothing read from the tap is dropped except frames that can never fit.
+//! RX: a frame is read from the tap (header included) with one `readv`
+//! straight into the guest's receive buffers (zero-copy, as Firecracker and
+//! Cloud Hypervisor do): the buffers the device holds (with MRG_RXBUF as
+//! many as the largest frame needs, or all the guest offered; without it,
+//! one chain), then the queue pair's bounce buffer for what does not fit in
+//! them. A frame that fits is completed in place (`num_buffers` set in its
+//! header). One that spilled into the bounce buffer is gathered there
+//! whole and delivered by copy as before: when the guest has no buffer for
+//! it, the frame stays in the bounce buffer, the tap is no longer polled
+//! (its EPOLLIN interest is removed) and the stall is counted; the guest's
+//! next rx-queue notification resumes delivery. Nothing read from the tap
+//! is dropped except frames that can never fit.
 
 use std::collections::VecDeque;
 use std::io::ErrorKind;
@@ -79,8 +84,23 @@ pub struct NetConfig {
 /// A guest receive buffer (one chain), checked and ready to fill.
 struct RxChain {
     head: u16,
+    /// Its descriptors' buffers, in order.
     segs: Vec<(GuestAddress, usize)>,
+    /// The same bytes as host iovecs (one per guest memory region a
+    /// buffer touches), for `readv`.
+    iov: IoVecs,
     cap: usize,
+}
+
+impl RxChain {
+    fn empty() -> Self {
+        RxChain {
+            head: 0,
+            segs: Vec::new(),
+            iov: IoVecs(Vec::new()),
+            cap: 0,
+        }
+    }
 }
 
 /// Frames from the tap on their way to the guest.
@@ -90,14 +110,15 @@ struct RxState {
     pending: usize,
     /// Buffers taken from the avail ring, not yet used.
     chains: VecDeque<RxChain>,
-    /// Segment vectors to reuse.
-    spare: Vec<Vec<(GuestAddress, usize)>>,
+    /// Used chains, kept for their vectors' allocations.
+    spare: Vec<RxChain>,
 }
 
-/// Host addresses of a chain being transmitted.
+/// Host addresses of a chain being transmitted or received into.
 struct IoVecs(Vec<libc::iovec>);
-// SAFETY: the pointers point into guest memory, mapped for the VM's life;
-// only the device thread uses them, and only within one transmit.
+// SAFETY: the pointers point into guest memory, mapped for the VM's life
+// (or, while a `readv` is set up, into the pair's bounce buffer); only the
+// device thread uses them, and only while it holds the chain.
 unsafe impl Send for IoVecs {}
 
 struct Pair {
@@ -503,17 +524,27 @@ impl VirtioNet {
                     watch_tap(&self.taps, pair, p, ops, true);
                     break;
                 }
-                match tap.read(&mut pair.rx.buf) {
-                    Ok(n) if n > MAX_FRAME => {
+                match read_frame(&a.mem, tap, pair, a.mrg_rxbuf, c, &mut used, &mut a.iov.0) {
+                    Ok((n, _)) if n > MAX_FRAME => {
                         bump(&c.oversize, 1);
                         bump(&c.rx_dropped, 1);
                         continue;
                     }
-                    Ok(n) if n < VNET_HDR_LEN => {
+                    Ok((n, _)) if n < VNET_HDR_LEN => {
                         bump(&c.rx_dropped, 1);
                         continue;
                     }
-                    Ok(n) => {
+                    Ok((n, in_guest)) if n <= in_guest => {
+                        // Zero-copy: the frame is in the guest's buffers.
+                        budget -= 1;
+                        let needed = buffers_for(pair, n, a.mrg_rxbuf);
+                        complete(&a.mem, pair, n, needed, false, a.guest_csum, c);
+                        used = true;
+                        continue;
+                    }
+                    Ok((n, in_guest)) => {
+                        // Spilled: gather the frame in the bounce buffer.
+                        gather(&a.mem, pair, in_guest, a.mrg_rxbuf);
                         pair.rx.pending = n;
                         budget -= 1;
                     }
@@ -761,32 +792,231 @@ fn next_rx_chain(
     loop {
         let chain = pair.rxq.pop_descriptor_chain(mem)?;
         let head = chain.head_index();
-        let mut segs = pair.rx.spare.pop().unwrap_or_default();
-        segs.clear();
-        let mut cap = 0usize;
+        let mut ch = pair.rx.spare.pop().unwrap_or_else(RxChain::empty);
+        ch.segs.clear();
+        ch.iov.0.clear();
+        ch.head = head;
+        ch.cap = 0;
         let mut bad = !chain_within(&chain, MAX_CHAIN);
         let chain = chain.take(if bad { 0 } else { MAX_CHAIN });
-        for d in chain {
-            if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
+        'descs: for d in chain {
+            if !d.is_write_only() {
                 bad = true;
                 break;
             }
-            if d.len() > 0 {
-                segs.push((d.addr(), d.len() as usize));
-                cap += d.len() as usize;
+            let len = d.len() as usize;
+            if len == 0 {
+                continue;
             }
+            // One slice per guest memory region the buffer touches; an
+            // address outside guest memory fails here.
+            for s in mem.get_slices(d.addr(), len) {
+                match s {
+                    Ok(s) => ch.iov.0.push(libc::iovec {
+                        iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                        iov_len: s.len(),
+                    }),
+                    Err(_) => {
+                        bad = true;
+                        break 'descs;
+                    }
+                }
+            }
+            ch.segs.push((d.addr(), len));
+            ch.cap += len;
         }
-        if bad || cap < VNET_HDR_LEN {
+        if bad || ch.cap < VNET_HDR_LEN {
             bump(&c.invalid_chains, 1);
-            pair.rx.spare.push(segs);
+            pair.rx.spare.push(ch);
             if let Err(e) = pair.rxq.add_used(mem, head, 0) {
                 error!("virtio-net: cannot return rx descriptor {head}: {e}");
             }
             *used = true;
             continue;
         }
-        return Some(RxChain { head, segs, cap });
+        return Some(ch);
     }
+}
+
+/// Most iovecs one `readv` takes (the kernel's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// Reads the next frame from the tap straight into the guest's receive
+/// buffers, and into the bounce buffer whatever does not fit in them.
+///
+/// Takes buffers off the avail ring first: with MRG_RXBUF until the held
+/// ones can take the largest frame (or the guest has no more), without it
+/// one chain. Returns the frame's length and how many of its first bytes
+/// the guest's buffers can hold (the frame is entirely in guest memory
+/// when its length is at most that).
+fn read_frame(
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    pair: &mut Pair,
+    mrg_rxbuf: bool,
+    c: &NetCounters,
+    used: &mut bool,
+    iov: &mut Vec<libc::iovec>,
+) -> std::io::Result<(usize, usize)> {
+    let max_chains = usize::from(pair.rxq.size());
+    let mut held: usize = pair.rx.chains.iter().map(|ch| ch.cap).sum();
+    while (if mrg_rxbuf {
+        held < MAX_FRAME
+    } else {
+        pair.rx.chains.is_empty()
+    }) && pair.rx.chains.len() < max_chains
+    {
+        match next_rx_chain(mem, pair, c, used) {
+            Some(ch) => {
+                held += ch.cap;
+                pair.rx.chains.push_back(ch);
+            }
+            None => break,
+        }
+    }
+    let limit = pair.rx.buf.len();
+    let mut in_guest = 0usize;
+    iov.clear();
+    let usable = if mrg_rxbuf { pair.rx.chains.len() } else { 1 };
+    'chains: for ch in pair.rx.chains.iter().take(usable) {
+        for v in &ch.iov.0 {
+            if in_guest >= limit || iov.len() >= IOV_MAX - 1 {
+                break 'chains;
+            }
+            let take = v.iov_len.min(limit - in_guest);
+            iov.push(libc::iovec {
+                iov_base: v.iov_base,
+                iov_len: take,
+            });
+            in_guest += take;
+        }
+    }
+    if in_guest < limit {
+        let rest = &mut pair.rx.buf[in_guest..];
+        iov.push(libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        });
+    }
+    // SAFETY: the iovecs cover the held chains' buffers, resolved through
+    // vm-memory when the chains were taken (guest memory stays mapped and
+    // the device owns those buffers until it returns them), and the rest
+    // of the bounce buffer, which nothing else borrows meanwhile.
+    let r = unsafe { tap.readv(iov) };
+    iov.clear();
+    Ok((r?, in_guest))
+}
+
+/// How many of the held buffers a frame of `len` bytes (known to fit in
+/// them) takes.
+fn buffers_for(pair: &Pair, len: usize, mrg_rxbuf: bool) -> usize {
+    if !mrg_rxbuf {
+        return 1;
+    }
+    let mut have = 0usize;
+    for (i, ch) in pair.rx.chains.iter().enumerate() {
+        have += ch.cap;
+        if have >= len {
+            return i + 1;
+        }
+    }
+    pair.rx.chains.len()
+}
+
+/// Copies between `data` and the guest buffers `segs`, from their start;
+/// returns how many bytes were copied (at most `data.len()`), or `None`
+/// when guest memory refused.
+fn copy_segs(
+    mem: &GuestMemoryMmap,
+    segs: &[(GuestAddress, usize)],
+    data: &mut [u8],
+    to_guest: bool,
+) -> Option<usize> {
+    let mut off = 0usize;
+    for &(addr, seg_len) in segs {
+        if off >= data.len() {
+            break;
+        }
+        let n = seg_len.min(data.len() - off);
+        let part = &mut data[off..off + n];
+        let r = if to_guest {
+            mem.write_slice(part, addr)
+        } else {
+            mem.read_slice(part, addr)
+        };
+        r.ok()?;
+        off += n;
+    }
+    Some(off)
+}
+
+/// Copies the first `in_guest` bytes of a frame that spilled past the
+/// guest's buffers from those buffers into the bounce buffer, so that the
+/// whole frame is there.
+fn gather(mem: &GuestMemoryMmap, pair: &mut Pair, in_guest: usize, mrg_rxbuf: bool) {
+    let usable = if mrg_rxbuf { pair.rx.chains.len() } else { 1 };
+    let mut off = 0usize;
+    for ch in pair.rx.chains.iter().take(usable) {
+        if off >= in_guest {
+            break;
+        }
+        let end = (off + ch.cap).min(in_guest);
+        off += copy_segs(mem, &ch.segs, &mut pair.rx.buf[off..end], false).unwrap_or(end - off);
+    }
+}
+
+/// Sets a frame header's `num_buffers`, and clears DATA_VALID without
+/// GUEST_CSUM (frames are then fully checksummed by the host and the flags
+/// must be zero).
+fn fix_header(hdr: &mut [u8], needed: usize, guest_csum: bool) {
+    hdr[10..12].copy_from_slice(&(needed as u16).to_le_bytes());
+    if !guest_csum {
+        hdr[0] &= !HDR_F_DATA_VALID;
+    }
+}
+
+/// Returns the first `needed` held buffers to the guest with a `len`-byte
+/// frame in them: copied from the bounce buffer when `copy`, already in
+/// place otherwise (then only its header is rewritten).
+fn complete(
+    mem: &GuestMemoryMmap,
+    pair: &mut Pair,
+    len: usize,
+    needed: usize,
+    copy: bool,
+    guest_csum: bool,
+    c: &NetCounters,
+) {
+    if copy {
+        fix_header(&mut pair.rx.buf[..VNET_HDR_LEN], needed, guest_csum);
+    } else if let Some(first) = pair.rx.chains.front() {
+        // The first buffer holds the whole header (next_rx_chain).
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let ok = copy_segs(mem, &first.segs, &mut hdr, false).is_some() && {
+            fix_header(&mut hdr, needed, guest_csum);
+            copy_segs(mem, &first.segs, &mut hdr, true).is_some()
+        };
+        if !ok {
+            bump(&c.invalid_chains, 1);
+        }
+    }
+    let mut off = 0usize;
+    for _ in 0..needed {
+        let Some(ch) = pair.rx.chains.pop_front() else {
+            break;
+        };
+        let n = ch.cap.min(len - off);
+        if copy && copy_segs(mem, &ch.segs, &mut pair.rx.buf[off..off + n], true).is_none() {
+            bump(&c.invalid_chains, 1);
+        }
+        off += n;
+        if let Err(e) = pair.rxq.add_used(mem, ch.head, n as u32) {
+            error!("virtio-net: cannot return rx descriptor {}: {e}", ch.head);
+        }
+        pair.rx.spare.push(ch);
+    }
+    bump(&c.rx_frames, 1);
+    bump(&c.rx_bytes, (len - VNET_HDR_LEN) as u64);
 }
 
 /// Places the pending frame in guest buffers.
@@ -830,37 +1060,9 @@ fn deliver(
             None => return Delivery::NoBuffers,
         }
     };
-    let frame = &mut pair.rx.buf[..len];
-    frame[10..12].copy_from_slice(&(needed as u16).to_le_bytes());
-    if !guest_csum {
-        // Without GUEST_CSUM the flags must be zero (frames are fully
-        // checksummed by the host).
-        frame[0] &= !HDR_F_DATA_VALID;
-    }
-    let mut off = 0usize;
-    for _ in 0..needed {
-        let Some(ch) = pair.rx.chains.pop_front() else {
-            break;
-        };
-        let start = off;
-        for &(addr, seg_len) in &ch.segs {
-            if off >= len {
-                break;
-            }
-            let n = seg_len.min(len - off);
-            if mem.write_slice(&frame[off..off + n], addr).is_err() {
-                bump(&c.invalid_chains, 1);
-            }
-            off += n;
-        }
-        if let Err(e) = pair.rxq.add_used(mem, ch.head, (off - start) as u32) {
-            error!("virtio-net: cannot return rx descriptor {}: {e}", ch.head);
-        }
-        pair.rx.spare.push(ch.segs);
-    }
+    complete(mem, pair, len, needed, true, guest_csum, c);
+    bump(&c.rx_copied, 1);
     *used = true;
-    bump(&c.rx_frames, 1);
-    bump(&c.rx_bytes, (len - VNET_HDR_LEN) as u64);
     Delivery::Delivered
 }
 

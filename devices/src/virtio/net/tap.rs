@@ -178,6 +178,23 @@ impl Tap {
         Ok(n as usize)
     }
 
+    /// Reads one frame (with its header), scattered over `iov`.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for writes of its length
+    /// that nothing else accesses during the call.
+    pub unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let n = libc::readv(
+            self.file.as_raw_fd(),
+            iov.as_ptr(),
+            iov.len().min(libc::c_int::MAX as usize) as libc::c_int,
+        );
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
     /// Writes one frame, header included, gathered from `iov`.
     ///
     /// # Safety

@@ -263,7 +263,17 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str, pairs: usize, features: u64) -> Rig {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        Rig::with_memory(tag, pairs, features, &[(GuestAddress(0), 0x100_0000)])
+    }
+
+    /// A rig whose guest memory is made of `regions`.
+    fn with_memory(
+        tag: &str,
+        pairs: usize,
+        features: u64,
+        regions: &[(GuestAddress, usize)],
+    ) -> Rig {
+        let mem = GuestMemoryMmap::from_ranges(regions).unwrap();
         let (taps, tap) = make_tap(tag, pairs);
         let mut net = VirtioNet::new(
             taps,
@@ -435,6 +445,80 @@ fn rx_frames_fill_mergeable_buffers_with_num_buffers() {
     let c = r.counters();
     assert_eq!((c.get("rx_frames"), c.get("rx_bytes")), (2, 2600));
     assert_eq!((c.get("invalid_chains"), c.get("rx_dropped")), (2, 0));
+    assert_eq!(
+        c.get("rx_copied"),
+        0,
+        "both frames read straight into the guest"
+    );
+}
+
+#[test]
+fn rx_frame_longer_than_the_held_buffers_waits_for_more_and_arrives_whole() {
+    let mut r = Rig::new("sp", 1, BASE | f(VIRTIO_NET_F_MRG_RXBUF));
+    let sock = PacketSock::bind(r.tap.index);
+    let heads: Vec<u16> = (0..2)
+        .map(|i| r.rings[0].add(&r.mem, &[(BUF + 0x1000 * i, 1000, true)]))
+        .collect();
+    r.kick(0);
+    // 2512 bytes with the header: 2000 land in the two buffers, the rest
+    // in the bounce buffer; the frame waits for a third buffer.
+    let big = frame(2500, 11);
+    sock.send(&big);
+    r.spin(Duration::from_millis(100));
+    let c = r.counters();
+    assert_eq!(r.rings[0].used_idx(&r.mem), 0, "nothing delivered yet");
+    assert_eq!((c.get("rx_stalls"), c.get("rx_dropped")), (1, 0));
+    let third = r.rings[0].add(&r.mem, &[(BUF + 0x8000, 1000, true)]);
+    r.kick(0);
+    r.run_until_used(0, 3);
+    assert_eq!(
+        (0..3)
+            .map(|i| r.rings[0].used(&r.mem, i))
+            .collect::<Vec<_>>(),
+        [
+            (u32::from(heads[0]), 1000),
+            (u32::from(heads[1]), 1000),
+            (u32::from(third), 512)
+        ]
+    );
+    let mut got = r.read(BUF, 1000);
+    got.extend(r.read(BUF + 0x1000, 1000));
+    got.extend(r.read(BUF + 0x8000, 512));
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+    assert!(got[12..] == big[..], "the spilled frame arrives whole");
+    assert_eq!((c.get("rx_frames"), c.get("rx_copied")), (1, 1));
+}
+
+#[test]
+fn rx_buffers_across_memory_regions_are_filled_in_place_and_bad_ones_refused() {
+    // Two adjacent regions: a buffer may straddle them (two iovecs).
+    let regions = [
+        (GuestAddress(0), 0x80_0000),
+        (GuestAddress(0x80_0000), 0x80_0000),
+    ];
+    let mut r = Rig::with_memory("rg", 1, BASE, &regions);
+    let sock = PacketSock::bind(r.tap.index);
+    // Runs past the end of guest memory: refused, counted.
+    r.rings[0].add(&r.mem, &[(0xff_fc00, 0x800, true)]);
+    // Straddles the boundary, and a second descriptor after it.
+    let head = r.rings[0].add(&r.mem, &[(0x7f_fe00, 0x400, true), (BUF, 0x400, true)]);
+    r.kick(0);
+    let fr = frame(1400, 13);
+    sock.send(&fr);
+    r.run_until_used(0, 2);
+    assert_eq!(
+        r.rings[0].used(&r.mem, 0),
+        (0, 0),
+        "bad buffer returned unused"
+    );
+    assert_eq!(r.rings[0].used(&r.mem, 1), (u32::from(head), 1412));
+    let mut got = r.read(0x7f_fe00, 0x400);
+    got.extend(r.read(BUF, 1412 - 0x400));
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+    assert!(got[12..] == fr[..]);
+    let c = r.counters();
+    assert_eq!((c.get("invalid_chains"), c.get("rx_frames")), (1, 1));
+    assert_eq!(c.get("rx_copied"), 0);
 }
 
 #[test]
@@ -466,6 +550,7 @@ fn rx_without_mergeable_buffers_uses_one_chain_per_frame() {
     let c = r.counters();
     assert_eq!((c.get("rx_dropped"), c.get("oversize")), (1, 1));
     assert_eq!(c.get("rx_frames"), 2);
+    assert_eq!(c.get("rx_copied"), 0);
 }
 
 #[test]
@@ -507,6 +592,9 @@ fn rx_without_guest_buffers_stalls_then_resumes_without_dropping() {
     r.run_until_used(0, 4);
     assert_eq!(c.get("rx_frames"), 4);
     assert_eq!(c.get("rx_dropped"), 0);
+    // The two frames read while the guest had no buffers went by copy;
+    // the two read after it added some went straight into them.
+    assert_eq!(c.get("rx_copied"), 2);
 }
 
 #[test]
