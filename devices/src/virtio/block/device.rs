@@ -6,6 +6,10 @@
 //! batch -> completion eventfd -> status byte, used ring, one interrupt
 //! (subject to EVENT_IDX suppression). Slots, descriptor and iovec buffers
 //! are allocated once at activation: the request path does not allocate.
+//!
+//! A FLUSH is not a ring-wide barrier: its fdatasync is queued once the
+//! writes submitted before it have completed ([`FlushBarrier`]); reads and
+//! later writes go on meanwhile.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +29,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::DiskBackend;
+use super::barrier::FlushBarrier;
 use super::counters::{bump, BlockCounters};
 use super::cow::{CowError, CowOverlay, CowRange};
 use super::engine::{sync_rw, Completion, EngineKind, Uring};
@@ -81,6 +86,9 @@ struct Slot {
     iovecs: Vec<libc::iovec>,
     /// The range of a discard / write-zeroes in flight.
     trim: request::Segment,
+    /// The flush epoch of a write (or discard, write-zeroes) in flight
+    /// through the ring.
+    write_epoch: Option<u64>,
 }
 
 // SAFETY: the raw pointers in `iovecs` point into guest memory, which is
@@ -94,6 +102,8 @@ struct Active {
     queue_evt: EventFd,
     interrupt: Arc<Interrupt>,
     uring: Option<Uring>,
+    /// Orders flushes after the writes submitted before them.
+    barrier: FlushBarrier,
     slots: Vec<Slot>,
     free: Vec<u16>,
     /// Every slot was taken while the guest had more requests: the next
@@ -203,6 +213,7 @@ impl VirtioBlock {
                     len: 0,
                     unmap: false,
                 },
+                write_epoch: None,
             })
             .collect();
         ops.add(Events::with_data(&queue_evt, EV_QUEUE, EventSet::IN))
@@ -217,6 +228,7 @@ impl VirtioBlock {
             queue_evt,
             interrupt: ctx.interrupt,
             uring,
+            barrier: FlushBarrier::new(size),
             slots,
             free: (0..size as u16).rev().collect(),
             starved: false,
@@ -252,7 +264,7 @@ impl VirtioBlock {
                     &self.id,
                     &self.counters,
                     &a.mem,
-                    a.uring.as_mut(),
+                    a.uring.as_mut().map(|u| (u, &mut a.barrier)),
                     slot,
                     slot_idx,
                 );
@@ -295,12 +307,16 @@ impl VirtioBlock {
         let Some(u) = a.uring.as_mut() else { return };
         let mut any = false;
         let (slots, free, queue, mem) = (&mut a.slots, &mut a.free, &mut a.queue, &a.mem);
+        let barrier = &mut a.barrier;
         let counters = &self.counters;
         let disk = &self.disk;
         u.complete(|(tag, mut res): Completion| {
             let Some(slot) = slots.get_mut(tag as usize) else {
                 return;
             };
+            if let Some(e) = slot.write_epoch.take() {
+                barrier.write_done(e);
+            }
             if res == -libc::EOPNOTSUPP && slot.kind == RequestKind::WriteZeroes {
                 // A file system without ZERO_RANGE: a punched hole reads as
                 // zeros (quick, metadata only).
@@ -315,6 +331,24 @@ impl VirtioBlock {
             free.push(tag as u16);
             any = true;
         });
+        // Flushes whose writes have now all completed.
+        let mut queued = false;
+        while let Some(tag) = barrier.take_ready() {
+            if let Some(slot) = slots.get_mut(usize::from(tag)) {
+                if submit_or_fail(counters, slot, u.fsync(disk.fd(), u64::from(tag))) {
+                    finish(mem, queue, counters, slot);
+                    free.push(tag);
+                    any = true;
+                } else {
+                    queued = true;
+                }
+            }
+        }
+        if queued {
+            if let Err(e) = u.submit() {
+                error!("virtio-blk: io_uring submit: {e}");
+            }
+        }
         if any {
             notify(a);
         }
@@ -367,7 +401,7 @@ fn start_request(
     id: &[u8; ID_LEN],
     counters: &BlockCounters,
     mem: &GuestMemoryMmap,
-    uring: Option<&mut Uring>,
+    uring: Option<(&mut Uring, &mut FlushBarrier)>,
     slot: &mut Slot,
     tag: u16,
 ) -> bool {
@@ -412,15 +446,24 @@ fn start_request(
         }
     }
     match (req.kind, uring) {
-        (RequestKind::In | RequestKind::Out, Some(u)) => {
+        (RequestKind::In | RequestKind::Out, Some((u, barrier))) => {
             let write = req.kind == RequestKind::Out;
             // SAFETY: the iovecs point into guest memory (mapped for the
             // VM's life) and the slot is not reused before completion.
             let r = unsafe { u.rw(write, disk.fd(), &slot.iovecs, offset, u64::from(tag)) };
-            submit_or_fail(counters, slot, r)
+            let done = submit_or_fail(counters, slot, r);
+            if write && !done {
+                slot.write_epoch = Some(barrier.write_started());
+            }
+            done
         }
-        (RequestKind::Flush, Some(u)) => {
-            submit_or_fail(counters, slot, u.fsync(disk.fd(), u64::from(tag)))
+        (RequestKind::Flush, Some((u, barrier))) => {
+            if barrier.flush_arrived(tag) {
+                submit_or_fail(counters, slot, u.fsync(disk.fd(), u64::from(tag)))
+            } else {
+                // Queued once the earlier writes complete.
+                false
+            }
         }
         (RequestKind::In | RequestKind::Out, None) => {
             let res = sync_rw(
@@ -445,7 +488,7 @@ fn start_request(
             slot.used_len = pack(VIRTIO_BLK_S_OK, written as u64);
             true
         }
-        (RequestKind::Discard | RequestKind::WriteZeroes, Some(u)) if cow.is_none() => {
+        (RequestKind::Discard | RequestKind::WriteZeroes, Some((u, barrier))) if cow.is_none() => {
             // One segment (parse enforced max_discard_seg): fallocate it
             // through the ring, off the device thread.
             let zeroes = req.kind == RequestKind::WriteZeroes;
@@ -461,7 +504,11 @@ fn start_request(
             match disk.trim_mode(zeroes, seg.unmap) {
                 Some(mode) => {
                     let r = u.fallocate(disk.fd(), mode, seg.offset, seg.len, u64::from(tag));
-                    submit_or_fail(counters, slot, r)
+                    let done = submit_or_fail(counters, slot, r);
+                    if !done {
+                        slot.write_epoch = Some(barrier.write_started());
+                    }
+                    done
                 }
                 None => {
                     let status = trim(disk, None, mem, counters, &req, &slot.data);
@@ -1081,6 +1128,62 @@ mod tests {
     #[test]
     fn write_then_read_sync() {
         write_then_read(EngineKind::Sync);
+    }
+
+    #[test]
+    fn a_flush_waits_for_earlier_writes_but_does_not_hold_later_reads() {
+        let d = disk("flush-order", 1 << 20);
+        let m = mem();
+        m.write_slice(&[0x5au8; 4096], GuestAddress(DATA)).unwrap();
+        let h0 = header(&m, 0, VIRTIO_BLK_T_OUT, 8);
+        let h1 = header(&m, 1, VIRTIO_BLK_T_FLUSH, 0);
+        let h2 = header(&m, 2, VIRTIO_BLK_T_IN, 64);
+        let chains = [
+            desc(h0, 16, N, 1),
+            desc(DATA, 4096, N, 2),
+            desc(STATUS, 1, W, 0),
+            desc(h1, 16, N, 4),
+            desc(STATUS + 1, 1, W, 0),
+            desc(h2, 16, N, 6),
+            desc(DATA + 0x10000, 4096, N | W, 7),
+            desc(STATUS + 2, 1, W, 0),
+        ];
+        for i in 0..3 {
+            m.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+        }
+        let mut r = rig(&d.0, false, EngineKind::IoUring, &chains, m);
+        // The first round activates the queue and takes all three requests
+        // (completions are handled on a later round): the write and the
+        // read are in the ring, the flush waits for the write only.
+        r.em.run_with_timeout(1000).unwrap();
+        {
+            let dev = r.dev.lock().unwrap();
+            let a = dev.active.as_ref().expect("active");
+            let u = a.uring.as_ref().expect("io_uring on this host");
+            assert_eq!(u.in_flight(), 2, "the read went in beside the write");
+            assert_eq!(a.barrier.waiting(), 1, "the flush waits");
+        }
+        let used = run_until_used(&mut r, 3);
+        let pos = |head: u32| used.iter().position(|&(h, _)| h == head).unwrap();
+        assert!(
+            pos(0) < pos(3),
+            "the flush completed after the write it covers: {used:?}"
+        );
+        let m = &r.mem;
+        assert_eq!((status(m, 0), status(m, 1), status(m, 2)), (0, 0, 0));
+        let c = r.dev.lock().unwrap().counters().snapshot();
+        assert_eq!((c.read_ops, c.write_ops, c.flush_ops), (1, 1, 1));
+        assert_eq!(
+            r.dev
+                .lock()
+                .unwrap()
+                .active
+                .as_ref()
+                .unwrap()
+                .barrier
+                .waiting(),
+            0
+        );
     }
 
     #[test]

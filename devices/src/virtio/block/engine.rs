@@ -66,14 +66,13 @@ impl Uring {
         self.push(e.user_data(tag))
     }
 
-    /// Queues an fdatasync that starts only after every operation queued
-    /// before it has completed (IO_DRAIN), so a FLUSH covers the writes the
-    /// guest issued before it.
+    /// Queues an fdatasync. It is not ordered against the other operations
+    /// in the ring: the caller queues it once the writes it must cover have
+    /// completed (see `FlushBarrier`).
     pub fn fsync(&mut self, fd: RawFd, tag: u64) -> std::io::Result<()> {
         let e = opcode::Fsync::new(types::Fd(fd))
             .flags(types::FsyncFlags::DATASYNC)
             .build()
-            .flags(io_uring::squeue::Flags::IO_DRAIN)
             .user_data(tag);
         self.push(e)
     }

@@ -3,6 +3,7 @@
 //! submission) or synchronous I/O.
 
 mod backend;
+mod barrier;
 mod counters;
 mod cow;
 mod device;
