@@ -64,6 +64,12 @@ pub struct Connection {
     pub line: Vec<u8>,
     /// Control packets owed while the control queue was full.
     pub owed: Owed,
+    /// Its event-loop token (0 until registered).
+    pub token: u32,
+    /// In the device's ready queue (it may have data for the guest).
+    pub queued: bool,
+    /// In the device's list of connections touched by the current event.
+    pub dirty: bool,
 }
 
 impl Connection {
@@ -87,7 +93,19 @@ impl Connection {
             guest_send_shut: false,
             line: Vec::new(),
             owed: Owed::default(),
+            token: 0,
+            queued: false,
+            dirty: false,
         }
+    }
+
+    /// Whether it has data for the guest: established, the host socket
+    /// readable and not ended, and the guest has credit left.
+    pub fn wants_rx(&self) -> bool {
+        self.state == ConnState::Established
+            && self.host_readable
+            && !self.host_eof
+            && self.peer_credit() > 0
     }
 
     /// Bytes the guest can still take (its credit to us).
@@ -102,11 +120,30 @@ impl Connection {
         self.tx_buf.len() + len <= CONN_TX_BUF as usize
     }
 
-    /// Writes `data` (and anything buffered before it) to the host socket,
-    /// buffering what does not fit. Err means the host side is gone.
+    /// Writes `data` (after anything buffered before it) to the host
+    /// socket, buffering what does not fit. With nothing buffered, `data`
+    /// goes straight to the socket and only what the socket does not take
+    /// is copied into the buffer. Err means the host side is gone.
     pub fn send_to_host(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.tx_buf.extend(data);
-        self.flush_to_host()
+        if !self.tx_buf.is_empty() {
+            self.tx_buf.extend(data);
+            return self.flush_to_host();
+        }
+        let mut sent = 0usize;
+        while sent < data.len() {
+            match self.stream.write(&data[sent..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    sent += n;
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.tx_buf.extend(&data[sent..]);
+        Ok(())
     }
 
     /// Writes buffered guest data to the host socket.
@@ -197,6 +234,21 @@ mod tests {
         assert_eq!(c.peer_credit(), 980);
         assert!(c.guest_may_send(CONN_TX_BUF as usize));
         assert!(!c.guest_may_send(CONN_TX_BUF as usize + 1));
+    }
+
+    #[test]
+    fn data_the_socket_takes_is_never_buffered() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut c = Connection::new(a, ConnState::Established, 1, 2);
+        let mut got = vec![0u8; 4096];
+        for i in 0..100u8 {
+            c.send_to_host(&[i; 4096]).unwrap();
+            b.read_exact(&mut got).unwrap();
+            assert!(got.iter().all(|x| *x == i));
+        }
+        assert_eq!(c.fwd_cnt, 100 * 4096);
+        assert_eq!(c.tx_buf.capacity(), 0, "no copy into the buffer");
     }
 
     #[test]

@@ -1,7 +1,15 @@
 //! The vsock device: queues, the connection multiplexer and the device
 //! thread's event handling.
+//!
+//! Work per event is proportional to the connections that have work: the
+//! handlers note the connections they touch (`touch`), those that may have
+//! data for the guest wait in a ready queue served round-robin, and only
+//! touched connections have their epoll interest and close deadline
+//! revisited (all of them only when receive buffers run out or return).
+//! Guest data goes from the packet straight to the host socket; only what
+//! the socket does not take is buffered. No packet allocates.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -177,6 +185,16 @@ struct Active {
     tokens: HashMap<u32, Key>,
     /// Registered interest per token.
     interest: HashMap<u32, EventSet>,
+    /// Connections that may have data for the guest (`Connection::queued`),
+    /// in the order they are served; one that turns out to have none is
+    /// dropped from it until it is touched again.
+    ready: VecDeque<Key>,
+    /// Connections touched by the current event (`Connection::dirty`).
+    dirty: Vec<Key>,
+    /// `rx_blocked` when interests were last brought up to date.
+    interest_rx_blocked: bool,
+    /// Connections with a close deadline (`Connection::close_by`).
+    closing: Vec<Key>,
     next_token: u32,
     control: ControlQueue,
     next_host_port: u32,
@@ -298,6 +316,10 @@ impl VirtioVsock {
             conns: HashMap::new(),
             tokens: HashMap::new(),
             interest: HashMap::new(),
+            ready: VecDeque::with_capacity(MAX_CONNECTIONS),
+            dirty: Vec::with_capacity(MAX_CONNECTIONS),
+            interest_rx_blocked: false,
+            closing: Vec::new(),
             next_token: EV_CONN_BASE,
             control: ControlQueue::new(),
             next_host_port: HOST_PORT_BASE,
@@ -389,8 +411,10 @@ impl VirtioVsock {
         let key = (dst_port, src_port);
         if op == OP_REQUEST {
             self.guest_connect(a, key, &h, ops);
+            touch(a, key);
             return;
         }
+        touch(a, key);
         let Some(conn) = a.conns.get_mut(&key) else {
             if op != OP_RST {
                 self.send_rst(a, (dst_port, src_port));
@@ -416,13 +440,14 @@ impl VirtioVsock {
                     self.close(a, key, true, ops);
                     return;
                 }
-                let mut data = vec![0u8; len];
-                if reader.read_exact(&mut data).is_err() {
+                // len <= MAX_PKT, the scratch buffer's size (checked above).
+                let data = &mut a.buf[..len];
+                if reader.read_exact(data).is_err() {
                     bump(&c.packets_dropped, 1);
                     return;
                 }
                 bump(&c.bytes_from_guest, len as u64);
-                if conn.send_to_host(&data).is_err() {
+                if conn.send_to_host(data).is_err() {
                     self.close(a, key, true, ops);
                 } else if conn.credit_update_due() {
                     let h = self.header(conn, OP_CREDIT_UPDATE, 0, 0);
@@ -508,15 +533,19 @@ impl VirtioVsock {
         }
         a.tokens.insert(token, key);
         a.interest.insert(token, set);
+        let mut conn = conn;
+        conn.token = token;
         a.conns.insert(key, conn);
+        touch(a, key);
         true
     }
 
     /// Removes a connection; with `rst`, tells the guest.
     fn close(&self, a: &mut Active, key: Key, rst: bool, ops: &mut EventOps) {
         if let Some(conn) = a.conns.remove(&key) {
-            if let Some(token) = a.tokens.iter().find(|(_, k)| **k == key).map(|(t, _)| *t) {
-                a.tokens.remove(&token);
+            // Its keys left in `ready`, `dirty` or `closing` find nothing.
+            let token = conn.token;
+            if a.tokens.remove(&token).is_some() {
                 if let Some(set) = a.interest.remove(&token) {
                     let _ = ops.remove(Events::with_data_raw(conn.stream.as_raw_fd(), token, set));
                 }
@@ -553,13 +582,8 @@ impl VirtioVsock {
                     header_for(cid, c, op, 0, flags)
                 });
             }
-            let pending_data = a.conns.values().any(|c| {
-                c.state == ConnState::Established
-                    && c.host_readable
-                    && !c.host_eof
-                    && c.peer_credit() > 0
-            });
-            if a.control.is_empty() && !pending_data {
+            queue_ready(&mut a);
+            if a.control.is_empty() && a.ready.is_empty() {
                 a.rx_blocked = false;
                 break;
             }
@@ -605,21 +629,19 @@ impl VirtioVsock {
                 let _ = a.rxq.enable_notification(&a.mem);
                 break;
             }
-            let keys: Vec<Key> = a
-                .conns
-                .iter()
-                .filter(|(_, c)| {
-                    c.state == ConnState::Established
-                        && c.host_readable
-                        && !c.host_eof
-                        && c.peer_credit() > 0
-                })
-                .map(|(k, _)| *k)
-                .collect();
-            for key in keys {
+            while let Some(key) = a.ready.pop_front() {
                 let Some(conn) = a.conns.get_mut(&key) else {
                     continue;
                 };
+                conn.queued = false;
+                if !conn.wants_rx() {
+                    continue;
+                }
+                // Its credit, EOF or readability changes here.
+                if !conn.dirty {
+                    conn.dirty = true;
+                    a.dirty.push(key);
+                }
                 let want = room.min(conn.peer_credit() as usize);
                 match conn.stream.read(&mut a.buf[..want]) {
                     Ok(0) => {
@@ -642,6 +664,11 @@ impl VirtioVsock {
                         let _ = a.rxq.add_used(&a.mem, head, (HDR_LEN + n) as u32);
                         bump(&self.counters.bytes_to_guest, n as u64);
                         used_any = true;
+                        // Round-robin: back of the queue while it has more.
+                        if conn.wants_rx() {
+                            conn.queued = true;
+                            a.ready.push_back(key);
+                        }
                         continue 'fill;
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => conn.host_readable = false,
@@ -726,15 +753,19 @@ impl VirtioVsock {
         let Some(mut conn) = a.conns.remove(&key) else {
             return;
         };
-        let token = a.tokens.iter().find(|(_, k)| **k == key).map(|(t, _)| *t);
+        let token = conn.token;
         conn.peer_port = port;
         conn.state = ConnState::Connecting;
+        // Listed under its old key, it would be missed under the new one.
+        conn.queued = false;
+        conn.dirty = false;
         let new_key = (conn.local_port, port);
         let req = self.header(&conn, OP_REQUEST, 0, 0);
         a.conns.insert(new_key, conn);
-        if let Some(t) = token {
-            a.tokens.insert(t, new_key);
+        if a.tokens.contains_key(&token) {
+            a.tokens.insert(token, new_key);
         }
+        touch(a, new_key);
         a.control.push(req, a.conns.get_mut(&new_key));
     }
 
@@ -747,22 +778,35 @@ impl VirtioVsock {
             return;
         };
         let now = self.clock.now();
-        let mut expired = Vec::new();
-        let mut next: Option<Instant> = None;
-        for (key, c) in a.conns.iter_mut() {
-            if c.close_by.is_none() && c.finished() {
-                c.close_by = Some(now + self.close_timeout);
-            }
-            match c.close_by {
-                Some(t) if t <= now => expired.push(*key),
-                Some(t) => next = Some(next.map_or(t, |n| n.min(t))),
-                None => {}
+        // Only a touched connection can have just finished.
+        for i in 0..a.dirty.len() {
+            let key = a.dirty[i];
+            if let Some(c) = a.conns.get_mut(&key) {
+                if c.close_by.is_none() && c.finished() {
+                    c.close_by = Some(now + self.close_timeout);
+                    a.closing.push(key);
+                }
             }
         }
-        for key in expired {
-            debug!("vsock: guest port {} did not close in time: reset", key.1);
-            bump(&self.counters.close_timeouts, 1);
-            self.close(&mut a, key, true, ops);
+        let mut next: Option<Instant> = None;
+        let mut i = 0;
+        while i < a.closing.len() {
+            let key = a.closing[i];
+            match a.conns.get(&key).and_then(|c| c.close_by) {
+                Some(t) if t <= now => {
+                    a.closing.swap_remove(i);
+                    debug!("vsock: guest port {} did not close in time: reset", key.1);
+                    bump(&self.counters.close_timeouts, 1);
+                    self.close(&mut a, key, true, ops);
+                }
+                Some(t) => {
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                    i += 1;
+                }
+                None => {
+                    a.closing.swap_remove(i);
+                }
+            }
         }
         if next != a.timer_armed_for {
             let r = match next {
@@ -791,8 +835,24 @@ impl VirtioVsock {
             return;
         };
         let rx_blocked = a.rx_blocked;
-        for (token, key) in &a.tokens {
+        // Receive buffers ran out or came back: every connection's read
+        // interest changes; otherwise only touched connections'.
+        let all = rx_blocked != a.interest_rx_blocked;
+        a.interest_rx_blocked = rx_blocked;
+        let mut dirty = std::mem::take(&mut a.dirty);
+        for key in &dirty {
+            if let Some(c) = a.conns.get_mut(key) {
+                c.dirty = false;
+            }
+        }
+        let keys: &mut dyn Iterator<Item = &Key> = if all {
+            &mut a.conns.keys()
+        } else {
+            &mut dirty.iter()
+        };
+        for key in keys {
             let Some(c) = a.conns.get(key) else { continue };
+            let token = &c.token;
             let mut want = EventSet::READ_HANG_UP;
             let wants_read = match c.state {
                 ConnState::AwaitConnectLine => true,
@@ -813,6 +873,8 @@ impl VirtioVsock {
                 a.interest.insert(*token, want);
             }
         }
+        dirty.clear();
+        a.dirty = dirty;
     }
 
     fn conn_event(&mut self, token: u32, set: EventSet, ops: &mut EventOps) {
@@ -823,6 +885,7 @@ impl VirtioVsock {
             self.active = Some(a);
             return;
         };
+        touch(&mut a, key);
         let state = a.conns.get(&key).map(|c| c.state);
         if state == Some(ConnState::AwaitConnectLine) {
             self.read_connect_line(&mut a, key, ops);
@@ -850,6 +913,33 @@ impl VirtioVsock {
             }
         }
         self.active = Some(a);
+    }
+}
+
+/// Notes that the current event touched connection `key`: its epoll
+/// interest and close deadline are revisited after the event, and it joins
+/// the ready queue if it has data for the guest.
+fn touch(a: &mut Active, key: Key) {
+    if let Some(c) = a.conns.get_mut(&key) {
+        if !c.dirty {
+            c.dirty = true;
+            a.dirty.push(key);
+        }
+    }
+}
+
+/// Queues the touched connections that have data for the guest (and are
+/// not queued yet). A connection becomes ready only through something that
+/// touches it: host readability (its event), the guest's credit or its
+/// RESPONSE (its packets), its registration.
+fn queue_ready(a: &mut Active) {
+    for key in &a.dirty {
+        if let Some(c) = a.conns.get_mut(key) {
+            if !c.queued && c.wants_rx() {
+                c.queued = true;
+                a.ready.push_back(*key);
+            }
+        }
     }
 }
 
@@ -1172,6 +1262,24 @@ mod tests {
         fn spin(&mut self) {
             for _ in 0..5 {
                 self.em.run_with_timeout(5).unwrap();
+                self.check_ready_set();
+            }
+        }
+
+        /// After every event: each connection with data for the guest is
+        /// in the ready queue (never missed), once, and nothing is left
+        /// marked as touched.
+        fn check_ready_set(&self) {
+            let dev = self.dev.lock().unwrap();
+            let Some(a) = dev.active.as_ref() else { return };
+            assert!(a.dirty.is_empty(), "touched list cleared after the event");
+            for (key, c) in &a.conns {
+                assert!(!c.dirty, "{key:?} still marked touched");
+                let times = a.ready.iter().filter(|k| *k == key).count();
+                assert_eq!(times, usize::from(c.queued), "{key:?} queued once");
+                if c.wants_rx() {
+                    assert!(c.queued, "{key:?} has data for the guest but is not queued");
+                }
             }
         }
 
