@@ -170,12 +170,12 @@ impl Tap {
 
     /// Reads one frame (with its header) into `buf`.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: reads at most buf.len() bytes into buf.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec describes `buf`, borrowed mutably for the call.
+        unsafe { self.readv(&iov) }
     }
 
     /// Reads one frame (with its header), scattered over `iov`.
@@ -184,15 +184,11 @@ impl Tap {
     /// Every iovec must describe memory valid for writes of its length
     /// that nothing else accesses during the call.
     pub unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        let n = libc::readv(
+        syscall_len(libc::readv(
             self.file.as_raw_fd(),
             iov.as_ptr(),
-            iov.len().min(libc::c_int::MAX as usize) as libc::c_int,
-        );
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+            iov_count(iov),
+        ))
     }
 
     /// Writes one frame, header included, gathered from `iov`.
@@ -200,15 +196,11 @@ impl Tap {
     /// # Safety
     /// Every iovec must describe memory valid for reads of its length.
     pub unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        let n = libc::writev(
+        syscall_len(libc::writev(
             self.file.as_raw_fd(),
             iov.as_ptr(),
-            iov.len().min(libc::c_int::MAX as usize) as libc::c_int,
-        );
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+            iov_count(iov),
+        ))
     }
 
     /// Writes one frame, header included, from a host buffer.
@@ -226,4 +218,17 @@ impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+}
+
+/// An iovec array's length as readv/writev take it.
+fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
+    iov.len().min(libc::c_int::MAX as usize) as libc::c_int
+}
+
+/// A byte count returned by a system call, or its errno.
+fn syscall_len(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
