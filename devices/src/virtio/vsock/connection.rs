@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use super::control::Owed;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use vm_memory::{VolatileMemoryError, VolatileSlice, WriteVolatile};
 
 /// Bytes of guest data Keel buffers per connection when the host side is
 /// slow (also the credit it grants the guest).
@@ -144,6 +145,30 @@ impl Connection {
         }
         self.tx_buf.extend(&data[sent..]);
         Ok(())
+    }
+
+    /// Writes `data`, guest memory, straight to the host socket (nothing
+    /// may be buffered before it); returns how much the socket took
+    /// (less than all of it when the socket is full). Err means the host
+    /// side is gone.
+    pub fn send_guest_slice(&mut self, data: &VolatileSlice<'_>) -> std::io::Result<usize> {
+        let mut sent = 0usize;
+        while sent < data.len() {
+            let rest = data
+                .offset(sent)
+                .map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
+            match self.stream.write_volatile(&rest) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    sent += n;
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(VolatileMemoryError::IOError(e)) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(VolatileMemoryError::IOError(e)) => return Err(e),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        }
+        Ok(sent)
     }
 
     /// Writes buffered guest data to the host socket.

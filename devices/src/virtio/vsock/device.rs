@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -199,6 +199,8 @@ struct Active {
     control: ControlQueue,
     next_host_port: u32,
     buf: Vec<u8>,
+    /// The device-readable buffers of the tx chain being handled.
+    tx_segs: Vec<(GuestAddress, usize)>,
     rx_blocked: bool,
     /// The earliest `close_by` the close timer is armed for.
     timer_armed_for: Option<Instant>,
@@ -324,6 +326,7 @@ impl VirtioVsock {
             control: ControlQueue::new(),
             next_host_port: HOST_PORT_BASE,
             buf: vec![0u8; MAX_PKT],
+            tx_segs: Vec::with_capacity(MAX_CHAIN),
             rx_blocked: false,
             timer_armed_for: None,
         });
@@ -341,6 +344,15 @@ impl VirtioVsock {
             while let Some(chain) = a.txq.pop_descriptor_chain(&mem) {
                 let head = chain.head_index();
                 let reader = if chain_within(&chain, MAX_CHAIN) {
+                    // Where the payload lies, to send it from guest memory.
+                    a.tx_segs.clear();
+                    a.tx_segs.extend(
+                        chain
+                            .clone()
+                            .take(MAX_CHAIN)
+                            .filter(|d| !d.is_write_only())
+                            .map(|d| (d.addr(), d.len() as usize)),
+                    );
                     chain.reader(&mem).ok()
                 } else {
                     None
@@ -440,14 +452,30 @@ impl VirtioVsock {
                     self.close(a, key, true, ops);
                     return;
                 }
+                // Straight from guest memory to the socket; what it does not
+                // take is buffered (copied once, through the scratch buffer).
+                let sent = if conn.tx_buf.is_empty() {
+                    match send_from_guest(&a.mem, &a.tx_segs, HDR_LEN, len, conn) {
+                        Ok(n) => n,
+                        Err(_) => {
+                            bump(&c.bytes_from_guest, len as u64);
+                            self.close(a, key, true, ops);
+                            return;
+                        }
+                    }
+                } else {
+                    0
+                };
                 // len <= MAX_PKT, the scratch buffer's size (checked above).
-                let data = &mut a.buf[..len];
-                if reader.read_exact(data).is_err() {
+                let rest = &mut a.buf[..len - sent];
+                let skipped =
+                    std::io::copy(&mut (&mut *reader).take(sent as u64), &mut std::io::sink());
+                if skipped.ok() != Some(sent as u64) || reader.read_exact(rest).is_err() {
                     bump(&c.packets_dropped, 1);
                     return;
                 }
                 bump(&c.bytes_from_guest, len as u64);
-                if conn.send_to_host(data).is_err() {
+                if !rest.is_empty() && conn.send_to_host(rest).is_err() {
                     self.close(a, key, true, ops);
                 } else if conn.credit_update_due() {
                     let h = self.header(conn, OP_CREDIT_UPDATE, 0, 0);
@@ -914,6 +942,42 @@ impl VirtioVsock {
         }
         self.active = Some(a);
     }
+}
+
+/// Writes `len` bytes that start `skip` bytes into the guest buffers `segs`
+/// straight from guest memory to `conn`'s host socket; returns how many
+/// the socket took.
+fn send_from_guest(
+    mem: &GuestMemoryMmap,
+    segs: &[(GuestAddress, usize)],
+    mut skip: usize,
+    len: usize,
+    conn: &mut Connection,
+) -> std::io::Result<usize> {
+    let mut sent = 0usize;
+    for &(addr, seg_len) in segs {
+        if sent == len {
+            break;
+        }
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(len - sent);
+        let start = addr
+            .checked_add(skip as u64)
+            .ok_or_else(|| std::io::Error::from(ErrorKind::InvalidInput))?;
+        skip = 0;
+        for slice in mem.get_slices(start, n) {
+            let slice = slice.map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
+            let took = conn.send_guest_slice(&slice)?;
+            sent += took;
+            if took < slice.len() {
+                return Ok(sent);
+            }
+        }
+    }
+    Ok(sent)
 }
 
 /// Notes that the current event touched connection `key`: its epoll
@@ -1531,6 +1595,61 @@ mod tests {
             std::str::from_utf8(&line[..n]).unwrap(),
             format!("OK {host_port}\n")
         );
+    }
+
+    #[test]
+    fn guest_data_goes_straight_to_the_socket_and_a_full_socket_loses_nothing() {
+        let mut r = rig("direct", false);
+        let listener = UnixListener::bind(r.dir.join("v.sock_8")).unwrap();
+        r.offer_rx(16);
+        r.send(pkt(OP_REQUEST, 2, 8, 0), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        let tx_buf_cap = |r: &Rig| {
+            let dev = r.dev.lock().unwrap();
+            dev.active.as_ref().unwrap().conns[&(8, 2)]
+                .tx_buf
+                .capacity()
+        };
+        // A host that keeps up: nothing is ever copied into the buffer.
+        let mut got = [0u8; 1000];
+        for i in 0..20u8 {
+            r.send(pkt(OP_RW, 2, 8, 1000), &[i; 1000]);
+            host.read_exact(&mut got).unwrap();
+            assert!(got.iter().all(|x| *x == i), "packet {i}");
+        }
+        assert_eq!(tx_buf_cap(&r), 0, "no packet went through the buffer");
+        // A host that stops reading: the socket fills part-way through a
+        // packet, the rest is buffered, and every byte arrives in order.
+        let chunks = 12usize;
+        for i in 0..chunks {
+            let data: Vec<u8> = (0..64 << 10).map(|j| (i * 7 + j / 4096) as u8).collect();
+            r.send(pkt(OP_RW, 2, 8, data.len() as u32), &data);
+        }
+        assert!(tx_buf_cap(&r) > 0, "the socket filled up");
+        let mut all = vec![0u8; chunks << 16];
+        host.set_nonblocking(true).unwrap();
+        let (mut read, mut idle_rounds) = (0, 0);
+        while read < all.len() {
+            match host.read(&mut all[read..]) {
+                Ok(n) => read += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    idle_rounds += 1;
+                    assert!(idle_rounds < 500, "{read} of {} bytes arrived", all.len());
+                    r.spin();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        for (k, b) in all.iter().enumerate() {
+            let (i, j) = (k >> 16, k & 0xffff);
+            assert_eq!(*b, (i * 7 + j / 4096) as u8, "byte {k}");
+        }
+        let c = r.counters();
+        assert_eq!(
+            c.bytes_from_guest.load(Relaxed),
+            20_000 + (chunks << 16) as u64
+        );
+        assert_eq!(c.flow_control_violations.load(Relaxed), 0);
     }
 
     #[test]
