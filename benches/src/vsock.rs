@@ -270,7 +270,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     }
     println!("vsock throughput, {} MiB per run, median of {runs} (MiB/s); guest figures measured in the guest; the write size is the sender's (the guest's for guest -> host, the host's for host -> guest); raw: the same stream and host side with a host thread in the guest's place, timed the same way", TOTAL >> 20);
     println!();
-    println!("| direction | write size | raw Unix socket pair | Keel | Keel / raw | Firecracker | Keel / Firecracker |");
+    println!("| direction | write size | raw Unix socket | Keel | Keel / raw | Firecracker | Keel / Firecracker |");
     println!("|---|---|---|---|---|---|---|");
     for dir in ["tx", "rx"] {
         for size in [4096usize, 64 << 10] {
