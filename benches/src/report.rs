@@ -219,6 +219,7 @@ const PALETTE: [RGBColor; 6] = [
 /// (`runs` in all; the last run is full colour).
 pub fn bar_colour(series: usize, run: usize, runs: usize) -> RGBColor {
     let RGBColor(r, g, b) = PALETTE[series % PALETTE.len()];
+    let runs = runs.max(1);
     let pale = (runs - 1 - run.min(runs - 1)) as f64 * 0.5 / runs as f64;
     let mix = |c: u8| (f64::from(c) + (255.0 - f64::from(c)) * pale).round() as u8;
     RGBColor(mix(r), mix(g), mix(b))
