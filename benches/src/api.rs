@@ -132,7 +132,8 @@ fn guest_iops(dir: &Path, sock: &Path, disk: &str, hammer: Option<Duration>) -> 
     (rate, count.load(Ordering::Relaxed))
 }
 
-pub fn main(args: &[String]) {
+/// The `api` subcommand; records into `run`.
+pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut n = 10_000usize;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -142,6 +143,7 @@ pub fn main(args: &[String]) {
         }
     }
     let dir = super::bin_dir();
+    run.found("Keel", Some(&dir.join("keel")));
     let work = PathBuf::from("/var/tmp").join(format!("keel-bench-api-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
     let sock = work.join("api.sock");
@@ -158,6 +160,11 @@ pub fn main(args: &[String]) {
         println!("|---|---|---|---|---|");
         for (path, keep) in [("/v1/vm", true), ("/v1/counters", true), ("/v1/vm", false)] {
             let l = latencies(&sock, path, n, keep);
+            let row = format!(
+                "GET {path}, {}",
+                if keep { "kept alive" } else { "new connection" }
+            );
+            run.push("control API latency", &row, "Keel", "µs", &l);
             println!(
                 "| GET {path} | {} | {:.0} | {:.0} | {:.0} |",
                 if keep {
@@ -174,11 +181,12 @@ pub fn main(args: &[String]) {
     let img = work.join("disk.img");
     super::blk::make_backing(&img);
     let disk = img.display().to_string();
-    let idle = super::median(
-        (0..3)
-            .map(|_| guest_iops(&dir, &sock, &disk, None).0)
-            .collect(),
-    );
+    let idle_runs: Vec<f64> = (0..3)
+        .map(|_| guest_iops(&dir, &sock, &disk, None).0)
+        .collect();
+    let effect = "guest 4K randread QD16 under API load";
+    run.push(effect, "idle", "Keel", "IOPS", &idle_runs);
+    let idle = super::median(idle_runs);
     println!();
     println!("effect on a running guest: probe 4K randread QD16 (guest-measured), median of 3");
     println!();
@@ -195,7 +203,9 @@ pub fn main(args: &[String]) {
         let runs: Vec<(f64, u64)> = (0..3)
             .map(|_| guest_iops(&dir, &sock, &disk, Some(gap)))
             .collect();
-        let b = super::median(runs.iter().map(|x| x.0).collect());
+        let rates: Vec<f64> = runs.iter().map(|x| x.0).collect();
+        run.push(effect, label, "Keel", "IOPS", &rates);
+        let b = super::median(rates);
         let reqs = runs.iter().map(|x| x.1).sum::<u64>() / runs.len() as u64;
         println!("| {label} | {reqs} | {b:.0} | {:.2}x |", b / idle);
     }

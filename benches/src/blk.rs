@@ -347,7 +347,8 @@ pub fn make_backing(path: &Path) {
     f.sync_all().expect("sync");
 }
 
-pub fn main(args: &[String]) {
+/// The `blk` subcommand; records into `run`.
+pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut secs = 2.0f64;
     let mut dir = PathBuf::from("/var/tmp");
     let mut it = args.iter();
@@ -396,6 +397,15 @@ pub fn main(args: &[String]) {
                         format!("{:.0} IOPS", x.iops)
                     }
                 };
+                let (unit, fig): (&str, fn(Rate) -> f64) = if w.bs >= 1 << 20 {
+                    ("MiB/s", |x| x.mib_s)
+                } else {
+                    ("IOPS", |x| x.iops)
+                };
+                let table = format!("virtio-blk in process, {label}");
+                let row = format!("{} QD{qd}", w.name);
+                run.push(&table, &row, "raw io_uring", unit, &[fig(r)]);
+                run.push(&table, &row, "Keel device path", unit, &[fig(k)]);
                 println!(
                     "| {label} | {} | {qd} | {} | {} | {:.0}% |",
                     w.name,

@@ -38,7 +38,7 @@ const CASES: [Case; 4] = [
 
 /// Runs one VMM command line and returns the guest-measured rate
 /// (operations per second) from the probe's bench line.
-fn run(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
+fn run_once(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -58,7 +58,8 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
     super::probe_rate(&text, "probe: bench blk")
 }
 
-pub fn main(args: &[String]) {
+/// The `blk-guest` subcommand; records into `run`.
+pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut runs = 3usize;
     let mut qemu = super::which("qemu-system-x86_64");
     let mut poll_us = 0u32;
@@ -73,6 +74,8 @@ pub fn main(args: &[String]) {
     }
     let dir = super::bin_dir();
     let keel = dir.join("keel");
+    run.found("Keel", Some(&keel));
+    run.found("QEMU", qemu.as_deref());
     let probe = dir.join("probe-guest");
     let work = PathBuf::from("/var/tmp").join(format!("keel-bench-blkg-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
@@ -145,20 +148,30 @@ pub fn main(args: &[String]) {
             let mut ks = Vec::new();
             let mut qs = Vec::new();
             for _ in 0..runs {
-                match run(keel_cmd(), Duration::from_secs(120)) {
+                match run_once(keel_cmd(), Duration::from_secs(120)) {
                     Ok(r) => ks.push(r),
                     Err(e) => eprintln!("Keel {} qd {qd}: {e}", c.kind),
                 }
                 if let Some(q) = &qemu {
-                    match run(qemu_cmd(q), Duration::from_secs(120)) {
+                    match run_once(qemu_cmd(q), Duration::from_secs(120)) {
                         Ok(r) => qs.push(r),
                         Err(e) => eprintln!("QEMU {} qd {qd}: {e}", c.kind),
                     }
                 }
             }
+            let name = format!("{} {}", if c.bs >= 1 << 20 { "1M" } else { "4K" }, c.kind);
+            let (unit, scale) = if c.bs >= 1 << 20 {
+                ("MiB/s", c.bs as f64 / (1 << 20) as f64)
+            } else {
+                ("IOPS", 1.0)
+            };
+            let row = format!("{name} QD{qd}");
+            for (series, v) in [("Keel", &ks), ("QEMU microvm", &qs)] {
+                let v: Vec<f64> = v.iter().map(|r| r * scale).collect();
+                run.push("virtio-blk full path", &row, series, unit, &v);
+            }
             let k = (!ks.is_empty()).then(|| super::median(ks));
             let q = (!qs.is_empty()).then(|| super::median(qs));
-            let name = format!("{} {}", if c.bs >= 1 << 20 { "1M" } else { "4K" }, c.kind);
             println!(
                 "| {name} | {qd} | {} | {} | {} |",
                 k.map_or("failed".into(), show),

@@ -149,7 +149,8 @@ fn memory_of(pid: u32, guest_mib: u64) -> Result<(u64, u64), String> {
     Ok((peak, guest))
 }
 
-pub fn main(args: &[String]) {
+/// The `boot` subcommand; records into `run`.
+pub fn main(args: &[String], run: &mut super::record::Run) {
     let o = parse(args);
     let dir = target_release();
     let keel = dir.join("keel");
@@ -163,6 +164,12 @@ pub fn main(args: &[String]) {
     let workdir = std::env::temp_dir().join(format!("keel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&workdir).expect("scratch dir");
     let (mem, cpus) = (o.memory_mib, o.cpus);
+    run.found("Keel", Some(&keel));
+    run.found("QEMU", o.qemu.as_deref());
+    run.found(
+        "Firecracker",
+        o.firecracker.as_deref().filter(|f| f.is_file()),
+    );
 
     let mut vmms: Vec<(Vmm, Option<String>)> = Vec::new();
     {
@@ -259,6 +266,40 @@ pub fn main(args: &[String]) {
                 "failed".into(),
             ));
             continue;
+        }
+        let figures: [(&str, &str, Vec<f64>); 4] = [
+            (
+                "exec to first console byte",
+                "ms",
+                samples
+                    .iter()
+                    .map(|s| s.first_output.as_secs_f64() * 1e3)
+                    .collect(),
+            ),
+            (
+                "exec to last probe line",
+                "ms",
+                samples
+                    .iter()
+                    .map(|s| s.last_line.as_secs_f64() * 1e3)
+                    .collect(),
+            ),
+            (
+                "VMM RSS overhead",
+                "MiB",
+                samples
+                    .iter()
+                    .map(|s| s.overhead_kib as f64 / 1024.0)
+                    .collect(),
+            ),
+            (
+                "peak RSS incl. guest",
+                "MiB",
+                samples.iter().map(|s| s.peak_kib as f64 / 1024.0).collect(),
+            ),
+        ];
+        for (name, unit, v) in &figures {
+            run.push("boot", name, vmm.name, unit, v);
         }
         let first = super::median(
             samples

@@ -16,12 +16,19 @@
 //! `keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame B]` moves 64 B and 1500 B UDP
 //! frames both ways between the probe guest and a bridge in a namespace of
 //! its own, under Keel and QEMU `-M microvm`, beside a raw tap loop.
+//!
+//! Every measuring subcommand also takes `--json PATH` (this file) or
+//! `--json-dir DIR` (a new file per run there) and writes its results in
+//! the [`record`] format; `keel-bench report DIR [DIR...] --out OUT_DIR`
+//! turns such runs into SVG bar charts ([`report`]).
 
 mod api;
 mod blk;
 mod blk_guest;
 mod boot;
 mod net;
+mod record;
+mod report;
 mod vsock;
 
 /// The directory of this binary (target/<profile>), where `keel` and the
@@ -105,20 +112,44 @@ pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH] [--keel-poll-us N]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--firecracker PATH]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N]"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR]\n       keel-bench blk-guest [--runs N] [--qemu PATH] [--keel-poll-us N]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--firecracker PATH]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
     );
     std::process::exit(2)
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("boot") => boot::main(&args[1..]),
-        Some("blk") => blk::main(&args[1..]),
-        Some("blk-guest") => blk_guest::main(&args[1..]),
-        Some("api") => api::main(&args[1..]),
-        Some("net") => net::main(&args[1..]),
-        Some("vsock") => vsock::main(&args[1..]),
+    let Some(cmd) = args.first().map(String::as_str) else {
+        usage()
+    };
+    let bench: fn(&[String], &mut record::Run) = match cmd {
+        "boot" => boot::main,
+        "blk" => blk::main,
+        "blk-guest" => blk_guest::main,
+        "api" => api::main,
+        "net" => net::main,
+        "vsock" => vsock::main,
+        "report" => {
+            if let Err(e) = report::main(&args[1..]) {
+                eprintln!("keel-bench report: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
         _ => usage(),
+    };
+    let (rest, out) = record::split_args(&args[1..]).unwrap_or_else(|e| {
+        eprintln!("keel-bench: {e}");
+        usage()
+    });
+    let mut run = record::Run::new(cmd, record::Meta::here(&rest));
+    bench(&rest, &mut run);
+    match run.write(&out) {
+        Ok(Some(path)) => eprintln!("results: {}", path.display()),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("keel-bench: writing the results: {e}");
+            std::process::exit(1);
+        }
     }
 }

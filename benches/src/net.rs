@@ -476,7 +476,8 @@ fn median_rate(v: Vec<Rate>) -> Option<Rate> {
     })
 }
 
-pub fn main(args: &[String]) {
+/// The `net` subcommand; records into `run`.
+pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut runs = 3usize;
     let mut qemu = super::which("qemu-system-x86_64");
     let mut dirs = vec!["tx", "rx"];
@@ -503,6 +504,8 @@ pub fn main(args: &[String]) {
     }
     let bin = super::bin_dir();
     let probe = bin.join("probe-guest");
+    run.found("Keel", Some(&bin.join("keel")));
+    run.found("QEMU", qemu.as_deref());
     let ns = match Netns::enter() {
         Ok(ns) => ns,
         Err(e) => {
@@ -554,14 +557,22 @@ pub fn main(args: &[String]) {
                     }
                 }
             }
+            let direction = if dir == "tx" {
+                "guest -> host"
+            } else {
+                "host -> guest"
+            };
+            let row = format!("{direction} {frame} B");
+            for (series, v) in [("raw tap loop", &rs), ("Keel", &ks), ("QEMU microvm", &qs)] {
+                let kpps: Vec<f64> = v.iter().map(|r| r.pps / 1e3).collect();
+                run.push("virtio-net throughput", &row, series, "kpps", &kpps);
+                let cpu: Vec<f64> = v.iter().filter_map(|r| r.vmm_ns_per_frame).collect();
+                let cpu: Vec<f64> = cpu.iter().map(|ns| ns / 1e3).collect();
+                run.push("VMM CPU outside vCPUs per frame", &row, series, "µs", &cpu);
+            }
             let (r, k, q) = (median_rate(rs), median_rate(ks), median_rate(qs));
             println!(
-                "| {} | {frame} B | {} | {} | {} | {} | {} |",
-                if dir == "tx" {
-                    "guest -> host"
-                } else {
-                    "host -> guest"
-                },
+                "| {direction} | {frame} B | {} | {} | {} | {} | {} |",
                 show(r, frame),
                 show(k, frame),
                 match (&qemu, q) {

@@ -12,42 +12,84 @@ use std::time::{Duration, Instant};
 const PORT: u32 = 5000;
 const TOTAL: u64 = 32 << 20;
 
-/// Raw Unix socket pair: MiB/s moving TOTAL bytes in `size` writes.
-fn raw(size: usize) -> f64 {
-    let (mut a, mut b) = UnixStream::pair().expect("socketpair");
-    let t = Instant::now();
-    let w = std::thread::spawn(move || {
-        let buf = vec![0x5au8; size];
-        let mut left = TOTAL as usize;
-        while left > 0 {
-            let n = left.min(size);
-            a.write_all(&buf[..n]).expect("write");
-            left -= n;
+/// The guest's read buffer in the host -> guest direction: the probe reads
+/// with the largest vsock packet payload (`VSOCK_MAX_WRITE` in the probe).
+const GUEST_READ: usize = 64 << 10;
+/// The host side's read buffer in the guest -> host direction.
+const HOST_READ: usize = 64 << 10;
+
+/// The raw baseline: the same stream over the same kind of host Unix
+/// socket, served by the same [`host_side`] as the VMM paths, with a host
+/// thread in the guest's place doing what the probe does at its end, timed
+/// at the probe's boundaries: guest -> host, `size`-byte writes from the
+/// first until every byte is in the host socket (the probe stops when the
+/// device reports all bytes forwarded); host -> guest, [`GUEST_READ`]-byte
+/// reads from connect until end of stream. A VMM path does all of this and
+/// moves every byte through the virtqueues too, so its rate cannot exceed
+/// this one but by noise. MiB/s.
+fn raw(work: &Path, size: usize, dir: &'static str) -> Result<f64, String> {
+    let path = work.join(format!("raw_{PORT}"));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| e.to_string())?;
+    let host = host_side(listener, dir, size);
+    let mut s = UnixStream::connect(&path).map_err(|e| e.to_string())?;
+    let elapsed = if dir == "tx" {
+        let data = vec![0x5au8; size];
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while sent < TOTAL {
+            let n = (TOTAL - sent).min(size as u64) as usize;
+            s.write_all(&data[..n]).map_err(|e| e.to_string())?;
+            sent += n as u64;
         }
-    });
-    let mut buf = vec![0u8; 64 << 10];
-    let mut got = 0u64;
-    while got < TOTAL {
-        got += b.read(&mut buf).expect("read") as u64;
-    }
-    w.join().expect("writer");
-    TOTAL as f64 / t.elapsed().as_secs_f64() / (1 << 20) as f64
+        let elapsed = t.elapsed();
+        // The close, outside the timed part as in the probe.
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        let _ = s.read_to_end(&mut Vec::new());
+        elapsed
+    } else {
+        let mut buf = vec![0u8; GUEST_READ];
+        let t = Instant::now();
+        let mut got = 0u64;
+        loop {
+            match s.read(&mut buf).map_err(|e| e.to_string())? {
+                0 => break,
+                n => got += n as u64,
+            }
+        }
+        let elapsed = t.elapsed();
+        if got != TOTAL {
+            return Err(format!("raw: received {got} of {TOTAL} bytes"));
+        }
+        elapsed
+    };
+    drop(s);
+    host.join().map_err(|_| "raw: host side panicked")?;
+    Ok(TOTAL as f64 / elapsed.as_secs_f64() / (1 << 20) as f64)
 }
 
-/// Host side of one guest run: sinks (tx) or sources (rx) the stream.
-fn host_side(listener: UnixListener, dir: &'static str) -> std::thread::JoinHandle<()> {
+/// Host side of one run, a VMM's or the raw baseline's: sinks (tx) with
+/// [`HOST_READ`]-byte reads, or sources (rx) TOTAL bytes in `size`-byte
+/// writes, then half-closes and waits for the other end to close.
+fn host_side(
+    listener: UnixListener,
+    dir: &'static str,
+    size: usize,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let Ok((mut s, _)) = listener.accept() else {
             return;
         };
-        let mut buf = vec![0u8; 64 << 10];
+        let mut buf = vec![0u8; HOST_READ];
         if dir == "tx" {
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
         } else {
+            let data = vec![0x5au8; size];
             let mut left = TOTAL as usize;
             while left > 0 {
-                let n = left.min(buf.len());
-                if s.write_all(&buf[..n]).is_err() {
+                let n = left.min(size);
+                if s.write_all(&data[..n]).is_err() {
                     return;
                 }
                 left -= n;
@@ -59,11 +101,16 @@ fn host_side(listener: UnixListener, dir: &'static str) -> std::thread::JoinHand
 }
 
 /// MiB/s from the probe's `probe: bench vsock ... bytes=B ns=T` line.
-fn guest_rate(mut cmd: Command, sock: &Path, dir: &'static str) -> Result<f64, String> {
+fn guest_rate(
+    mut cmd: Command,
+    sock: &Path,
+    dir: &'static str,
+    size: usize,
+) -> Result<f64, String> {
     let _ = std::fs::remove_file(format!("{}_{PORT}", sock.display()));
     let listener =
         UnixListener::bind(format!("{}_{PORT}", sock.display())).map_err(|e| e.to_string())?;
-    let host = host_side(listener, dir);
+    let host = host_side(listener, dir, size);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -113,8 +160,8 @@ fn agent(listener: UnixListener, n: usize) -> std::thread::JoinHandle<()> {
     })
 }
 
-/// Connect-request-reply round trip over a raw host Unix socket, µs.
-fn raw_round_trip(dir: &Path, samples: usize) -> f64 {
+/// Connect-request-reply round trips over a raw host Unix socket, µs.
+fn raw_round_trip(dir: &Path, samples: usize) -> Vec<f64> {
     let path = dir.join("raw.sock");
     let _ = std::fs::remove_file(&path);
     let l = UnixListener::bind(&path).expect("bind");
@@ -131,22 +178,25 @@ fn raw_round_trip(dir: &Path, samples: usize) -> f64 {
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let _ = server.join();
-    super::median(times)
+    times
 }
 
 /// Boot arguments of the round-trip measurement.
 const ROUND_TRIP_CMDLINE: &str = "console=ttyS0 probe.check=vsock.identify,vsock.request_reply";
 
 /// The same round trip from the probe guest through a VMM's vsock, µs
-/// (guest-measured; one VM boot per sample). `vmm` makes the command line
+/// (guest-measured; one VM boot per sample; failed boots are left out). `vmm` makes the command line
 /// of one boot whose vsock socket is `sock`.
-fn guest_round_trip(vmm: &dyn Fn() -> Option<Command>, sock: &Path, runs: usize) -> Option<f64> {
+fn guest_round_trip(vmm: &dyn Fn() -> Option<Command>, sock: &Path, runs: usize) -> Vec<f64> {
     let mut times = Vec::new();
     for _ in 0..runs {
         let port = format!("{}_19090", sock.display());
         let _ = std::fs::remove_file(&port);
         let _ = std::fs::remove_file(sock);
-        let server = agent(UnixListener::bind(&port).ok()?, 1);
+        let Ok(listener) = UnixListener::bind(&port) else {
+            break;
+        };
+        let server = agent(listener, 1);
         let Some(mut cmd) = vmm() else { continue };
         let Ok(mut child) = cmd
             .stdin(Stdio::null())
@@ -180,7 +230,7 @@ fn guest_round_trip(vmm: &dyn Fn() -> Option<Command>, sock: &Path, runs: usize)
             None => eprintln!("round trip: no measurement:\n{text}"),
         }
     }
-    (!times.is_empty()).then(|| super::median(times))
+    times
 }
 
 /// Firecracker booting the probe with `cmdline`, its vsock on `sock`.
@@ -188,7 +238,8 @@ fn fc_cmd(fc: &Path, work: &Path, probe: &Path, cmdline: &str, sock: &Path) -> O
     super::firecracker(fc, work, probe, cmdline, (1, 256), Some(sock)).ok()
 }
 
-pub fn main(args: &[String]) {
+/// The `vsock` subcommand; records into `run`.
+pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut fc: Option<PathBuf> = std::env::var_os("FIRECRACKER").map(PathBuf::from);
     let mut runs = 3usize;
     let mut it = args.iter();
@@ -204,16 +255,35 @@ pub fn main(args: &[String]) {
     let work = PathBuf::from("/var/tmp").join(format!("keel-bench-vsock-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
     let sock = work.join("v.sock");
-    println!("vsock throughput, {} MiB per run, median of {runs} (MiB/s); guest figures measured in the guest", TOTAL >> 20);
+    run.found("Keel", Some(&bin.join("keel")));
+    let fc = fc.filter(|f| {
+        f.is_file() || {
+            eprintln!("Firecracker: {} is not a file: not measured", f.display());
+            false
+        }
+    });
+    run.found("Firecracker", fc.as_deref());
+    if fc.is_none() {
+        eprintln!(
+            "Firecracker: not measured (no binary: pass --firecracker PATH or FIRECRACKER=PATH)"
+        );
+    }
+    println!("vsock throughput, {} MiB per run, median of {runs} (MiB/s); guest figures measured in the guest; the write size is the sender's (the guest's for guest -> host, the host's for host -> guest); raw: the same stream and host side with a host thread in the guest's place, timed the same way", TOTAL >> 20);
     println!();
-    println!("| direction | write size | raw Unix socket pair | Keel | Keel / raw | Firecracker | Keel / Firecracker |");
+    println!("| direction | write size | raw Unix socket | Keel | Keel / raw | Firecracker | Keel / Firecracker |");
     println!("|---|---|---|---|---|---|---|");
     for dir in ["tx", "rx"] {
         for size in [4096usize, 64 << 10] {
             let cmdline = format!(
                 "console=ttyS0 probe.check=vsock.identify,bench probe.bench.vsock={PORT},{size},{TOTAL},{dir}"
             );
-            let r = super::median((0..runs).map(|_| raw(size)).collect());
+            let rs: Vec<f64> = (0..runs)
+                .filter_map(|_| {
+                    raw(&work, size, dir)
+                        .map_err(|e| eprintln!("raw: {e}"))
+                        .ok()
+                })
+                .collect();
             let k: Vec<f64> = (0..runs)
                 .filter_map(|_| {
                     let mut c = Command::new(bin.join("keel"));
@@ -225,34 +295,42 @@ pub fn main(args: &[String]) {
                     ])
                     .args(["--cmdline", &cmdline, "--log-level", "error"])
                     .args(["--vsock", &format!("cid=3,socket={}", sock.display())]);
-                    guest_rate(c, &sock, dir)
+                    guest_rate(c, &sock, dir, size)
                         .map_err(|e| eprintln!("Keel: {e}"))
                         .ok()
                 })
                 .collect();
             let f: Vec<f64> = match &fc {
-                Some(fc) if fc.is_file() => (0..runs)
+                Some(fc) => (0..runs)
                     .filter_map(|_| {
                         let cmd = fc_cmd(fc, &work, &probe, &cmdline, &sock)?;
-                        guest_rate(cmd, &sock, dir)
+                        guest_rate(cmd, &sock, dir, size)
                             .map_err(|e| eprintln!("Firecracker: {e}"))
                             .ok()
                     })
                     .collect(),
                 _ => Vec::new(),
             };
-            let k = (!k.is_empty()).then(|| super::median(k));
-            let f = (!f.is_empty()).then(|| super::median(f));
+            let direction = if dir == "tx" {
+                "guest -> host"
+            } else {
+                "host -> guest"
+            };
+            let row = format!("{direction} {} KiB", size >> 10);
+            for (series, v) in [("raw Unix socket", &rs), ("Keel", &k), ("Firecracker", &f)] {
+                run.push("vsock throughput", &row, series, "MiB/s", v);
+            }
+            let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
+            let (r, k, f) = (med(rs), med(k), med(f));
             println!(
-                "| {} | {} KiB | {r:.0} | {} | {} | {} | {} |",
-                if dir == "tx" {
-                    "guest -> host"
-                } else {
-                    "host -> guest"
-                },
+                "| {direction} | {} KiB | {} | {} | {} | {} | {} |",
                 size >> 10,
+                r.map_or("failed".into(), |r| format!("{r:.0}")),
                 k.map_or("failed".into(), |k| format!("{k:.0}")),
-                k.map_or("-".into(), |k| format!("{:.0}%", 100.0 * k / r)),
+                match (k, r) {
+                    (Some(k), Some(r)) => format!("{:.0}%", 100.0 * k / r),
+                    _ => "-".into(),
+                },
                 match (&fc, f) {
                     (_, Some(f)) => format!("{f:.0}"),
                     (Some(_), None) => "failed".into(),
@@ -265,7 +343,7 @@ pub fn main(args: &[String]) {
             );
         }
     }
-    let raw_rt = raw_round_trip(&work, 200);
+    let raw_rts = raw_round_trip(&work, 200);
     let boots = runs.max(5);
     let keel_rt = guest_round_trip(
         &|| {
@@ -280,13 +358,26 @@ pub fn main(args: &[String]) {
         boots,
     );
     let fc_rt = match &fc {
-        Some(fc) if fc.is_file() => guest_round_trip(
+        Some(fc) => guest_round_trip(
             &|| fc_cmd(fc, &work, &probe, ROUND_TRIP_CMDLINE, &sock),
             &sock,
             boots,
         ),
-        _ => None,
+        None => Vec::new(),
     };
+    let rt_row = "connect-request-reply";
+    run.push(
+        "vsock round trip",
+        rt_row,
+        "raw Unix socket",
+        "µs",
+        &raw_rts,
+    );
+    run.push("vsock round trip", rt_row, "Keel", "µs", &keel_rt);
+    run.push("vsock round trip", rt_row, "Firecracker", "µs", &fc_rt);
+    let raw_rt = super::median(raw_rts);
+    let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
+    let (keel_rt, fc_rt) = (med(keel_rt), med(fc_rt));
     let show = |t: Option<f64>| {
         t.map_or("failed".into(), |t| {
             format!("{t:.0} ({:.1}x raw)", t / raw_rt)
@@ -305,8 +396,8 @@ pub fn main(args: &[String]) {
     println!(
         "| probe guest -> Firecracker vsock -> host socket ({boots} boots) | {} |",
         match &fc {
-            Some(f) if f.is_file() => show(fc_rt),
-            _ => "not measured (no binary)".into(),
+            Some(_) => show(fc_rt),
+            None => "not measured (no binary)".into(),
         }
     );
     let _ = std::fs::remove_dir_all(&work);
