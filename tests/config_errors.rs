@@ -40,6 +40,16 @@ fn bad_flags_name_the_field() {
     );
     expect_error(&["--kernel", k, "--cpus", "boot=0"], 1, "cpus.boot");
     expect_error(
+        &["--kernel", k, "--user", "no-such-user-keel"],
+        1,
+        "security.user",
+    );
+    expect_error(
+        &["--kernel", k, "--user", "nobody:no-such-group-keel"],
+        1,
+        "no-such-group-keel",
+    );
+    expect_error(
         &["--kernel", k, "--cpus", "boot=4,sockets=3"],
         1,
         "cpus.cores",

@@ -91,7 +91,8 @@ fn with_user_every_thread_is_confined_unprivileged_and_the_guest_works() {
         "probe.check=boot,smp,blk.0.identify,blk.0.host_pattern,blk.0.write_read,blk.0.flush,vsock.identify probe.idle",
     );
     args.extend(["--disk".into(), format!("path={}", disk.display())]);
-    args.extend(["--user".into(), "65534:65534".into()]);
+    // By name: Debian's `nobody` is 65534 with primary group 65534 (nogroup).
+    args.extend(["--user".into(), "nobody".into()]);
     let mut k = RunningKeel::start(&args, &dir.join("api.sock"), &[]);
     k.wait_console("probe: idle", Duration::from_secs(60));
     let pid = k.child.id();

@@ -1,5 +1,5 @@
 //! Dropping privileges once set-up has opened everything: switch to the
-//! configured user and group (`--user UID:GID`, `[security] user`), clear
+//! configured user and group (`--user USER[:GROUP]`, names or numbers, `[security] user`), clear
 //! supplementary groups, drop every capability (effective, permitted,
 //! inheritable, ambient and the bounding set) and set `PR_SET_NO_NEW_PRIVS`.
 //!
@@ -21,22 +21,50 @@ pub struct RunAs {
 }
 
 impl RunAs {
-    /// Parses `UID:GID` (numbers).
+    /// Parses `USER[:GROUP]`: each part a number or a name from the host's
+    /// user and group databases; a user name alone takes its primary group.
     pub fn parse(input: &str) -> Result<Self, String> {
-        let (u, g) = input
-            .split_once(':')
-            .ok_or_else(|| "expected UID:GID (numbers, e.g. 65534:65534)".to_string())?;
-        let num = |what: &str, v: &str| {
-            v.trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|n| *n != u32::MAX)
-                .ok_or_else(|| format!("{what} {v:?} is not a number below 4294967295"))
+        let (u, g) = match input.split_once(':') {
+            Some((u, g)) => (u.trim(), Some(g.trim())),
+            None => (input.trim(), None),
         };
-        Ok(RunAs {
-            uid: num("UID", u)?,
-            gid: num("GID", g)?,
-        })
+        let user = lookup_user(u)?;
+        let gid = match g {
+            Some(g) => lookup_group(g)?,
+            None => user
+                .1
+                .ok_or_else(|| format!("user {u:?} is a number: give its group as UID:GID"))?,
+        };
+        Ok(RunAs { uid: user.0, gid })
+    }
+}
+
+/// A number below `u32::MAX` (which means "no id" to the kernel).
+fn number(v: &str) -> Option<u32> {
+    v.parse::<u32>().ok().filter(|n| *n != u32::MAX)
+}
+
+/// Resolves a user: its uid, and its primary gid when given by name.
+fn lookup_user(v: &str) -> Result<(u32, Option<u32>), String> {
+    if let Some(n) = number(v) {
+        return Ok((n, None));
+    }
+    match nix::unistd::User::from_name(v) {
+        Ok(Some(u)) => Ok((u.uid.as_raw(), Some(u.gid.as_raw()))),
+        Ok(None) => Err(format!("unknown user {v:?}")),
+        Err(e) => Err(format!("cannot look up user {v:?}: {e}")),
+    }
+}
+
+/// Resolves a group given by number or name.
+fn lookup_group(v: &str) -> Result<u32, String> {
+    if let Some(n) = number(v) {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(v) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("unknown group {v:?}")),
+        Err(e) => Err(format!("cannot look up group {v:?}: {e}")),
     }
 }
 

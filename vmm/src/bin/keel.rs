@@ -80,9 +80,10 @@ struct Args {
     /// logs a loud warning).
     #[arg(long, value_name = "on|off")]
     seccomp: Option<String>,
-    /// After set-up, run as this user and group (numbers), with no
+    /// After set-up, run as this user and group (names or numbers,
+    /// `USER[:GROUP]`; a user name alone takes its primary group), with no
     /// capabilities and no supplementary groups.
-    #[arg(long, value_name = "UID:GID")]
+    #[arg(long, value_name = "USER[:GROUP]")]
     user: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_name = "LEVEL", value_parser = parse_level)]

@@ -578,7 +578,7 @@ pub struct SecurityConfig {
     /// with a loud warning).
     #[serde(default = "default_true")]
     pub seccomp: bool,
-    /// `UID:GID` to switch to once everything is open (numbers). Without
+    /// `USER[:GROUP]` (names or numbers) to switch to once everything is open. Without
     /// it Keel keeps its user but still drops every capability.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -712,7 +712,7 @@ pub struct FlagOverrides {
     pub nets: Vec<String>,
     /// `--seccomp on|off`
     pub seccomp: Option<String>,
-    /// `--user UID:GID`
+    /// `--user USER[:GROUP]`
     pub user: Option<String>,
 }
 
@@ -2365,13 +2365,25 @@ mod tests {
         let mut c = VmConfig::default();
         c.apply_flags(&FlagOverrides {
             seccomp: Some("off".into()),
-            user: Some("nobody".into()),
+            user: Some("no-such-user-keel".into()),
             ..Default::default()
         })
         .unwrap();
         assert!(!c.security.seccomp);
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("security.user") && e.contains("nobody"), "{e}");
+        assert!(
+            e.contains("security.user") && e.contains("no-such-user-keel"),
+            "{e}"
+        );
+        let nobody = crate::privileges::RunAs::parse("nobody").unwrap();
+        assert_eq!(nobody.uid, 65534, "names resolve through the user database");
+        assert!(crate::privileges::RunAs::parse("nobody:no-such-group-keel")
+            .unwrap_err()
+            .contains("no-such-group-keel"));
+        assert!(
+            crate::privileges::RunAs::parse("7").is_err(),
+            "a bare uid needs its group"
+        );
         let e = c
             .apply_flags(&FlagOverrides {
                 seccomp: Some("maybe".into()),
