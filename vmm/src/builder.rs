@@ -306,6 +306,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
                     devices::legacy::RESET_PORT as u16,
                     devices::legacy::RESET_VALUE,
                 ),
+                pci: None,
             },
         )?;
     }

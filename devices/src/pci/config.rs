@@ -419,7 +419,9 @@ mod tests {
     fn capabilities_chain() {
         let mut c = PciConfiguration::new(ids(), 0);
         let a = c.add_capability(&[0x09, 0xff, 1, 2, 3], &[]).unwrap();
-        let b = c.add_capability(&[0x11, 0xff, 0, 0], &[0, 0, 0xff, 0]).unwrap();
+        let b = c
+            .add_capability(&[0x11, 0xff, 0, 0], &[0, 0, 0xff, 0])
+            .unwrap();
         assert_eq!(a, 0x40);
         assert_eq!(b, 0x48, "dword aligned");
         let mut s = [0u8; 2];
