@@ -9,6 +9,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod transport;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
