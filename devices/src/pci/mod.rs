@@ -13,6 +13,7 @@
 pub mod access;
 pub mod bars;
 pub mod config;
+pub mod msix;
 pub mod root;
 
 pub use config::{Bar, BarKind, BarMove, PciConfiguration, PciIds};
