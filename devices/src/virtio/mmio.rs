@@ -147,65 +147,15 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::{ActivateContext, ActivateError};
+    use crate::virtio::test_device::{dummy_parts, Dummy};
     use virtio_bindings::virtio_config::{
         VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
         VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
     };
-    use vm_memory::GuestAddress;
-
-    #[derive(Default)]
-    struct Dummy {
-        acked: u64,
-        activated: usize,
-        resets: usize,
-        sizes: [u16; 2],
-        draining: bool,
-    }
-
-    impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            2
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &self.sizes
-        }
-        fn avail_features(&self) -> u64 {
-            super::super::VIRTIO_F_VERSION_1 | 1
-        }
-        fn set_acked_features(&mut self, f: u64) {
-            self.acked = f;
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            crate::virtio::read_config_bytes(&[1, 2, 3, 4], offset, data);
-        }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-            assert_eq!(ctx.queues.len(), 2);
-            assert_eq!(ctx.queues[0].size(), 16);
-            self.activated += 1;
-            Ok(())
-        }
-        fn reset(&mut self) -> bool {
-            self.resets += 1;
-            true
-        }
-        fn reset_pending(&self) -> bool {
-            self.draining
-        }
-    }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let dev = Arc::new(Mutex::new(Dummy {
-            sizes: [16, 16],
-            ..Default::default()
-        }));
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let evts = (0..2)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-            .collect();
-        let t = MmioTransport::new(mem, dev.clone(), Arc::new(Interrupt::new(irq)), evts);
+        let (mem, dev, irq, evts) = dummy_parts();
+        let t = MmioTransport::new(mem, dev.clone(), irq, evts);
         (t, dev)
     }
 
