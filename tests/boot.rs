@@ -162,6 +162,26 @@ fn guest_reset_exits_3() {
     assert!(r.stderr.contains("reset"), "{}", r.stderr);
 }
 
+/// A PCI machine (host bridge, ECAM, MCFG, `\_SB.PCI0` in the DSDT)
+/// boots the probe as the mmio machine does.
+#[test]
+fn pci_machine_boots_the_probe() {
+    let mut args = probe_args(
+        "512M",
+        "boot=1",
+        &format!("probe.mem={} probe.cpus=1 probe.topo=1,1,1", 512u64 << 20),
+    );
+    args.extend([
+        "--transport".into(),
+        "pci".into(),
+        "--log-level".into(),
+        "debug".into(),
+    ]);
+    let r = run(&args);
+    ProbeReport::parse(&r.stdout).assert_all_passed(BASE_CHECKS, &r.stdout);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+}
+
 #[test]
 fn acpi_reset_register_exits_3() {
     // The probe writes the FADT's reset register (port 0x602) and nothing

@@ -123,6 +123,34 @@ fn bad_flags_name_the_field() {
 }
 
 #[test]
+fn impossible_pci_machines_are_refused() {
+    let probe = probe_guest().display().to_string();
+    let k = probe.as_str();
+    expect_error(
+        &["--kernel", k, "--transport", "isa"],
+        1,
+        "machine.transport",
+    );
+    expect_error(
+        &["--kernel", k, "--transport", "pci", "--machine", "acpi=off"],
+        1,
+        "needs machine.acpi = true",
+    );
+    expect_error(
+        &[
+            "--kernel",
+            k,
+            "--machine",
+            "acpi=on,transport=pci",
+            "--vsock",
+            "cid=3,socket=/tmp/keel-pci-v.sock",
+        ],
+        1,
+        "places virtio devices on virtio-mmio only",
+    );
+}
+
+#[test]
 fn bad_payloads_are_refused() {
     let dir = scratch_dir("bad-payload");
     let junk = dir.join("junk");

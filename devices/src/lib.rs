@@ -8,4 +8,5 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;

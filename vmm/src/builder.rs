@@ -17,9 +17,12 @@ use std::time::Duration;
 
 use crate::api::auth::RolePolicy;
 use crate::api::{self, ApiContext, BootInfo, DeviceInfo, MemoryInfo, VmInfo};
+use crate::arch::x86_64::pci_acpi::PciHost;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::boot_monitor::BootMonitor;
-use crate::config::{resolve_group, ConfigError, ControlConfig, ShutdownMethod, VmConfig};
+use crate::config::{
+    resolve_group, ConfigError, ControlConfig, ShutdownMethod, Transport, VmConfig,
+};
 use crate::control::{self, VmStatus};
 use crate::device_manager::LegacyDevices;
 use crate::device_manager::{self, DeviceError};
@@ -306,6 +309,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
                     devices::legacy::RESET_PORT as u16,
                     devices::legacy::RESET_VALUE,
                 ),
+                pci: (config.machine.transport == Transport::Pci)
+                    .then(|| PciHost::for_memory(mem_size)),
             },
         )?;
     }
@@ -324,6 +329,9 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let mut pio = Bus::new();
     let legacy =
         device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start, mem_size)?;
+    if config.machine.transport == Transport::Pci {
+        device_manager::setup_pci_root(&mut mmio, &mut pio)?;
+    }
     let boot_watch = boot_watch(config, &legacy)?;
 
     let supported = vm

@@ -13,6 +13,8 @@ use devices::legacy::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use devices::pci::access::{BarMoveHandler, PciConfigIo, PciConfigMmio, CONFIG_IO_LEN};
+use devices::pci::PciRoot;
 use devices::virtio::block::{
     BlockConfig, BlockCounters, CowRange, DiskBackend, DiskError, EngineKind, VirtioBlock,
 };
@@ -395,6 +397,31 @@ fn lock<D: ?Sized>(m: &Mutex<D>) -> std::sync::MutexGuard<'_, D> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The PCI machine's bus 0 (the host bridge, at 00:00.0), reachable
+/// through the legacy ports 0xCF8-0xCFF on `pio` and the ECAM window on
+/// `mmio`. Devices on it get no BARs yet, so a BAR move can only be the
+/// guest probing an empty register: it is logged.
+pub fn setup_pci_root(mmio: &mut Bus, pio: &mut Bus) -> Result<Arc<PciRoot>, DeviceError> {
+    use crate::arch::x86_64::layout::{PCI_CONFIG_IO_PORT, PCI_ECAM_SIZE, PCI_ECAM_START};
+    let root = Arc::new(PciRoot::new());
+    let on_move: BarMoveHandler = Arc::new(|device, m| {
+        log::warn!(
+            "pci: guest moved BAR {} of device {device} to {:#x}",
+            m.index,
+            m.new
+        )
+    });
+    let io = PciConfigIo::new(root.clone(), on_move.clone());
+    pio.insert(
+        Arc::new(Mutex::new(io)),
+        u64::from(PCI_CONFIG_IO_PORT),
+        CONFIG_IO_LEN,
+    )?;
+    let ecam = PciConfigMmio::new(root.clone(), on_move);
+    mmio.insert(Arc::new(Mutex::new(ecam)), PCI_ECAM_START, PCI_ECAM_SIZE)?;
+    Ok(root)
+}
+
 /// Runs the device thread: all virtio queue work happens here, never on a
 /// vCPU thread. With a `poll` window, after handling events the thread
 /// keeps checking for more (a non-blocking epoll_wait) until `poll` passes
@@ -520,4 +547,30 @@ pub fn setup_legacy_devices(
         reset_evt,
         power_off_evt,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::layout::{PCI_CONFIG_IO_PORT, PCI_ECAM_START};
+
+    #[test]
+    fn pci_root_answers_on_the_ports_and_in_ecam() {
+        let (mut mmio, mut pio) = (Bus::new(), Bus::new());
+        setup_pci_root(&mut mmio, &mut pio).unwrap();
+        let port = u64::from(PCI_CONFIG_IO_PORT);
+        assert!(pio.write(port, &0x8000_0000u32.to_le_bytes()));
+        let mut id = [0u8; 4];
+        assert!(pio.read(port + 4, &mut id));
+        assert_eq!(
+            u32::from_le_bytes(id),
+            0x0d57_8086,
+            "host bridge at 00:00.0"
+        );
+        let mut id = [0u8; 4];
+        assert!(mmio.read(PCI_ECAM_START, &mut id));
+        assert_eq!(u32::from_le_bytes(id), 0x0d57_8086);
+        assert!(mmio.read(PCI_ECAM_START + (1 << 15), &mut id));
+        assert_eq!(id, [0xff; 4], "slot 1 is empty");
+    }
 }

@@ -1,4 +1,5 @@
-//! Virtio devices over the virtio-mmio transport (virtio 1.x).
+//! Virtio devices (virtio 1.x) and their transports: virtio-mmio
+//! ([`mmio`]) and virtio-pci ([`pci`]), both over one [`transport::VirtioCore`].
 //!
 //! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] serves its
 //! registers to the guest and, once the driver sets DRIVER_OK, hands it the
@@ -9,6 +10,10 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
+#[cfg(test)]
+mod test_device;
+pub mod transport;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

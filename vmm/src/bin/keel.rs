@@ -48,9 +48,13 @@ struct Args {
     /// virtio-vsock: cid=N,socket=PATH[,allow_host_connect=on].
     #[arg(long, value_name = "OPTIONS")]
     vsock: Option<String>,
-    /// The machine: acpi=on|off (ACPI tables; on by default).
+    /// The machine: acpi=on|off (ACPI tables; on by default)[,transport=mmio|pci].
     #[arg(long, value_name = "OPTIONS")]
     machine: Option<String>,
+    /// Transport of the virtio devices: mmio (default) | pci (a PCI host
+    /// bridge; no virtio devices on it yet).
+    #[arg(long, value_name = "mmio|pci")]
+    transport: Option<String>,
     /// Boot monitor: on | off | timeout_s=N[,consoles=PATH:PATH] (watches
     /// the console for GUESTOS BOOT SUCCESS/FAILURE; on, 300 s by default).
     #[arg(long, value_name = "OPTIONS")]
@@ -118,6 +122,7 @@ fn config_from(args: &Args) -> Result<VmConfig, vmm::config::ConfigError> {
         device_poll_us: args.device_poll_us,
         vsock: args.vsock.clone(),
         machine: args.machine.clone(),
+        transport: args.transport.clone(),
         boot_monitor: args.boot_monitor.clone(),
         config_disk: args.config_disk.clone(),
         nets: args.nets.clone(),

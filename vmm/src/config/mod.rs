@@ -658,11 +658,45 @@ pub struct MachineConfig {
     /// table is there either way (for `acpi=off` guests).
     #[serde(default = "default_true")]
     pub acpi: bool,
+    /// Where the virtio devices sit: `mmio` (the default in this version)
+    /// or `pci`.
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 impl Default for MachineConfig {
     fn default() -> Self {
-        MachineConfig { acpi: true }
+        MachineConfig {
+            acpi: true,
+            transport: Transport::default(),
+        }
+    }
+}
+
+/// The transport of the virtio devices (`[machine] transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// virtio-mmio windows announced on the command line and in the DSDT.
+    #[default]
+    Mmio,
+    /// A PCI host bridge (ECAM and ports 0xCF8/0xCFC, MCFG, `\_SB.PCI0`);
+    /// no virtio-mmio devices.
+    Pci,
+}
+
+impl Transport {
+    /// Parses the value as the file spells it (`mmio`, `pci`).
+    pub fn parse(field: &str, value: &str) -> Result<Self, ConfigError> {
+        match value {
+            "mmio" => Ok(Transport::Mmio),
+            "pci" => Ok(Transport::Pci),
+            _ => Err(ConfigError::invalid(
+                field,
+                value,
+                "expected mmio or pci".into(),
+            )),
+        }
     }
 }
 
@@ -700,8 +734,10 @@ pub struct FlagOverrides {
     pub device_poll_us: Option<u32>,
     /// `--vsock cid=N,socket=PATH[,allow_host_connect=on]`
     pub vsock: Option<String>,
-    /// `--machine acpi=on|off`
+    /// `--machine acpi=on|off[,transport=mmio|pci]`
     pub machine: Option<String>,
+    /// `--transport mmio|pci`
+    pub transport: Option<String>,
     /// `--boot-monitor on|off|timeout_s=N[,consoles=PATH:PATH]`
     pub boot_monitor: Option<String>,
     /// `--config-disk dir=PATH`
@@ -787,6 +823,9 @@ impl VmConfig {
         if let Some(m) = &flags.machine {
             self.machine = parse_machine_flag(m)?;
         }
+        if let Some(t) = &flags.transport {
+            self.machine.transport = Transport::parse("machine.transport", t)?;
+        }
         if let Some(b) = &flags.boot_monitor {
             self.boot_monitor = parse_boot_monitor_flag(b)?;
         }
@@ -853,6 +892,7 @@ impl VmConfig {
         self.validate_disks()?;
         self.validate_nets()?;
         self.validate_control()?;
+        self.validate_machine()?;
         self.validate_boot_monitor()?;
         if self.devices.poll_us > MAX_POLL_US {
             return Err(ConfigError::invalid(
@@ -1061,6 +1101,40 @@ impl VmConfig {
                 "control.shutdown_timeout_s",
                 &c.shutdown_timeout_s.to_string(),
                 "between 1 and 3600 seconds".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the PCI machine cannot do (yet): without ACPI the guest would
+    /// not learn the host bridge's windows or INTx routing; and the VMM
+    /// does not put virtio devices behind the virtio-pci transport yet
+    /// (the transport model exists, `devices::virtio::pci`).
+    fn validate_machine(&self) -> Result<(), ConfigError> {
+        if self.machine.transport != Transport::Pci {
+            return Ok(());
+        }
+        if !self.machine.acpi {
+            return Err(ConfigError::invalid(
+                "machine.transport",
+                "pci",
+                "needs machine.acpi = true (the guest finds the PCI host bridge's windows and \
+                 interrupt routing in ACPI)"
+                    .into(),
+            ));
+        }
+        let devices = self.disks.len()
+            + usize::from(self.config_disk.is_some())
+            + self.nets.len()
+            + usize::from(self.vsock.is_some());
+        if devices > 0 {
+            return Err(ConfigError::invalid(
+                "machine.transport",
+                "pci",
+                format!(
+                    "{devices} virtio device(s) configured, but this version places virtio \
+                     devices on virtio-mmio only; use transport = \"mmio\""
+                ),
             ));
         }
         Ok(())
@@ -1545,11 +1619,16 @@ pub fn parse_net_flag(index: usize, input: &str) -> Result<NetConfig, ConfigErro
     })
 }
 
-/// Parses `--machine acpi=on|off`.
+/// Parses `--machine acpi=on|off[,transport=mmio|pci]`.
 pub fn parse_machine_flag(input: &str) -> Result<MachineConfig, ConfigError> {
-    let o = OptionList::parse("machine", input, &["acpi"], None)?;
+    let o = OptionList::parse("machine", input, &["acpi", "transport"], None)?;
+    let transport = match o.get("transport") {
+        Some(t) => Transport::parse("machine.transport", t)?,
+        None => Transport::default(),
+    };
     Ok(MachineConfig {
         acpi: o.switch("acpi")?.unwrap_or(true),
+        transport,
     })
 }
 
@@ -1620,6 +1699,26 @@ pub fn parse_serial_flag(input: &str) -> Result<SerialConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transport_from_file_flag_and_machine_flag() {
+        let cfg = VmConfig::from_toml("[machine]\ntransport = \"pci\"").unwrap();
+        assert_eq!(cfg.machine.transport, Transport::Pci);
+        assert!(cfg.machine.acpi, "acpi keeps its default");
+        assert!(VmConfig::from_toml("[machine]\ntransport = \"isa\"").is_err());
+        assert_eq!(VmConfig::default().machine.transport, Transport::Mmio);
+        let mut cfg = VmConfig::default();
+        cfg.apply_flags(&FlagOverrides {
+            transport: Some("pci".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.machine.transport, Transport::Pci);
+        let m = parse_machine_flag("acpi=off,transport=pci").unwrap();
+        assert_eq!((m.acpi, m.transport), (false, Transport::Pci));
+        let e = parse_machine_flag("transport=usb").unwrap_err().to_string();
+        assert!(e.contains("machine.transport"), "{e}");
+    }
 
     #[test]
     fn file_then_flags_override() {

@@ -36,6 +36,7 @@ use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{APIC_START, IOAPIC_START};
+use super::pci_acpi::{self, PciHost};
 use super::topology::CpuTopology;
 
 /// Where the RSDP goes (inside the BIOS area Linux scans).
@@ -100,6 +101,8 @@ pub struct AcpiMachine<'a> {
     pub ged: (u16, u32),
     /// The reset register's port and the value that resets.
     pub reset: (u16, u8),
+    /// The PCI host bridge (MCFG, `\_SB.PCI0`), when the machine has one.
+    pub pci: Option<PciHost>,
 }
 
 /// The CMOS register the FADT names as the century.
@@ -203,6 +206,9 @@ fn dsdt(m: &AcpiMachine) -> Vec<u8> {
             ],
         )
         .to_aml_bytes(&mut body);
+    }
+    if let Some(host) = &m.pci {
+        pci_acpi::dsdt(host, &mut body);
     }
     aml::Name::new(
         "_S5_".into(),
@@ -369,33 +375,46 @@ fn madt(m: &AcpiMachine) -> Vec<u8> {
 pub fn build(m: &AcpiMachine) -> Result<AcpiTables, AcpiError> {
     let align = |a: u64| (a + 15) & !15;
     let xsdt_addr = align(RSDP_START + Rsdp::len() as u64);
-    // Two entries: FADT and MADT.
-    let xsdt_len = 36 + 2 * 8;
+    let mcfg = m
+        .pci
+        .map(|host| pci_acpi::mcfg(&host, OEM_ID, OEM_TABLE_ID, OEM_REVISION));
+    // FADT, MADT and, with PCI, MCFG.
+    let xsdt_len = 36 + 8 * (2 + u64::from(mcfg.is_some()));
     let fadt_addr = align(xsdt_addr + xsdt_len);
     let fadt_len = acpi_tables::fadt::FADT::len() as u64;
     let dsdt_addr = align(fadt_addr + fadt_len);
     let dsdt = dsdt(m);
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
     let madt = madt(m);
-    let end = madt_addr + madt.len() as u64;
+    let mut end = madt_addr + madt.len() as u64;
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let mut blobs = vec![
+        (fadt_addr, fadt(dsdt_addr, m.reset)),
+        (dsdt_addr, dsdt),
+        (madt_addr, madt),
+    ];
+    if let Some(mcfg) = mcfg {
+        let mcfg_addr = align(end);
+        end = mcfg_addr + mcfg.len() as u64;
+        xsdt.add_entry(mcfg_addr);
+        blobs.push((mcfg_addr, mcfg));
+    }
     if end > ACPI_END {
         return Err(AcpiError::TooLarge {
             need: end - RSDP_START,
             room: ACPI_END - RSDP_START,
         });
     }
-    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    xsdt.add_entry(fadt_addr);
-    xsdt.add_entry(madt_addr);
-    Ok(AcpiTables {
-        blobs: vec![
+    blobs.splice(
+        0..0,
+        [
             (RSDP_START, bytes_of(&Rsdp::new(OEM_ID, xsdt_addr))),
             (xsdt_addr, bytes_of(&xsdt)),
-            (fadt_addr, fadt(dsdt_addr, m.reset)),
-            (dsdt_addr, dsdt),
-            (madt_addr, madt),
         ],
-    })
+    );
+    Ok(AcpiTables { blobs })
 }
 
 /// Writes the tables into guest memory; returns the RSDP's address.
@@ -433,6 +452,7 @@ mod tests {
             rtc: (0x70, 8),
             ged: (0x608, 3),
             reset: (0x602, 1),
+            pci: None,
         }
     }
 
@@ -505,23 +525,7 @@ mod tests {
             threads: 1,
         };
         let dsdt = dsdt_of(&build(&machine(&topo)).unwrap());
-        let dir = std::env::temp_dir().join(format!("keel-dsdt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let dat = dir.join("dsdt.dat");
-        std::fs::write(&dat, &dsdt).unwrap();
-        let out = std::process::Command::new("iasl")
-            .arg("-d")
-            .arg(&dat)
-            .output()
-            .expect("iasl (Debian's acpica-tools) must be installed");
-        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let dsl = dsl.unwrap_or_else(|e| {
-            panic!(
-                "iasl wrote no disassembly ({e}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+        let dsl = iasl_disassemble(&dsdt, "dsdt");
         for want in [
             "Device (_SB.RTC)",
             "EisaId (\"PNP0B00\")",
@@ -535,6 +539,106 @@ mod tests {
             "EisaId (\"PNP0C0C\")",
             "Device (_SB.COM1)",
             "Name (_S5, Package",
+        ] {
+            assert!(dsl.contains(want), "{want:?} missing from\n{dsl}");
+        }
+    }
+
+    fn pci_machine(t: &CpuTopology) -> AcpiMachine<'_> {
+        AcpiMachine {
+            virtio_mmio: &[],
+            pci: Some(PciHost::for_memory(8 << 30)),
+            ..machine(t)
+        }
+    }
+
+    fn iasl_disassemble(table: &[u8], name: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("keel-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dat = dir.join(format!("{name}.dat"));
+        std::fs::write(&dat, table).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&dat)
+            .output()
+            .expect("iasl (Debian's acpica-tools) must be installed");
+        let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl")));
+        let _ = std::fs::remove_dir_all(&dir);
+        dsl.unwrap_or_else(|e| {
+            panic!(
+                "iasl wrote no disassembly ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    #[test]
+    fn pci_machine_has_an_mcfg_for_bus_0() {
+        let topo = CpuTopology {
+            sockets: 1,
+            cores: 1,
+            threads: 1,
+        };
+        let t = build(&pci_machine(&topo)).unwrap();
+        let tables = walk(&t);
+        let sigs: Vec<[u8; 4]> = tables.iter().map(|(s, _)| *s).collect();
+        assert_eq!(sigs, [*b"FACP", *b"APIC", *b"MCFG"]);
+        let mcfg = &tables[2].1;
+        assert_eq!(mcfg.len(), 44 + 16, "one allocation entry");
+        assert_eq!(u64_at(mcfg, 44), super::super::layout::PCI_ECAM_START);
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0-0");
+        let dsl = iasl_disassemble(mcfg, "mcfg");
+        assert!(dsl.contains("Base Address : 00000000E0000000"), "{dsl}");
+        // Without PCI: no MCFG, no host bridge.
+        let t = build(&machine(&topo)).unwrap();
+        assert_eq!(walk(&t).len(), 2);
+        assert!(!contains(&dsdt_of(&t), b"PCI0"));
+    }
+
+    /// The host bridge, its windows and its interrupt routing, read back
+    /// by ACPICA's disassembler.
+    #[test]
+    fn iasl_disassembles_the_pci_host_bridge() {
+        let topo = CpuTopology {
+            sockets: 1,
+            cores: 1,
+            threads: 1,
+        };
+        let dsdt = dsdt_of(&build(&pci_machine(&topo)).unwrap());
+        assert_eq!(
+            dsdt.windows(8).filter(|w| w == b"LNRO0005").count(),
+            0,
+            "no virtio-mmio devices on a PCI machine"
+        );
+        let dsl = iasl_disassemble(&dsdt, "dsdt-pci");
+        for want in [
+            "Device (_SB.PCI0)",
+            "EisaId (\"PNP0A08\")",
+            "EisaId (\"PNP0A03\")",
+            "Name (_SEG, Zero)",
+            "Name (_BBN, Zero)",
+            "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode,",
+            // The config ports, the 32-bit window, the 64-bit window (RAM
+            // ends at 9 GiB, so it starts at 9 GiB).
+            "0x0CF8,             // Range Minimum",
+            "0xC0000000,         // Range Minimum",
+            "0xCFFFFFFF,         // Range Maximum",
+            "0x0000000240000000, // Range Minimum",
+            "0x000000123FFFFFFF, // Range Maximum",
+            "0x0000001000000000, // Length",
+            "Name (_PRT, Package (0x7C)",
+            "0x0001FFFF,",
+            "\\_SB.LNK1,",
+            "Device (_SB.LNK7)",
+            "EisaId (\"PNP0C0F\")",
+            "Interrupt (ResourceConsumer, Level, ActiveHigh, Shared, ,, )",
+            "0x00000017,",
+            "Method (_SRS, 1, NotSerialized)",
+            "Device (_SB.MRES)",
+            "EisaId (\"PNP0C02\")",
+            "Memory32Fixed (ReadWrite,",
+            "0xE0000000,         // Address Base",
+            "0x00100000,         // Address Length",
         ] {
             assert!(dsl.contains(want), "{want:?} missing from\n{dsl}");
         }

@@ -10,8 +10,13 @@
 //! 0x0009_fc00  EBDA: MP floating pointer and configuration table
 //! 0x0010_0000  kernel (ELF p_paddr / bzImage protected-mode code)
 //!   ...        RAM up to min(size, 3 GiB); initrd at the top of it
-//! 0xc000_0000  32-bit MMIO hole (virtio-mmio devices, IOAPIC, LAPIC)
+//! 0xc000_0000  32-bit MMIO hole: PCI 32-bit BAR window (256 MiB)
+//! 0xd000_0000  virtio-mmio devices (4 KiB each)
+//! 0xe000_0000  PCI ECAM, bus 0 (1 MiB)
+//! 0xfec0_0000  IOAPIC; 0xfee0_0000 local APICs
 //! 0x1_0000_0000 the rest of RAM
+//!   ...        PCI 64-bit BAR window (64 GiB), from the first 1 GiB
+//!              boundary at or above the end of RAM (and 4 GiB)
 //! ```
 
 /// Boot GDT.
@@ -50,6 +55,24 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// First address for virtio-mmio devices, inside the hole.
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// PCI: the window 32-bit BARs are allocated from.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+/// Its size (up to the virtio-mmio devices).
+pub const PCI_MMIO32_SIZE: u64 = MMIO_DEVICES_START - MMIO_HOLE_START;
+/// PCI ECAM (memory-mapped configuration space) of bus 0.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// One bus: 32 devices x 8 functions x 4 KiB.
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// The 64-bit BAR window starts at a multiple of this.
+pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+/// Size of the 64-bit BAR window.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// The legacy configuration ports (0xCF8-0xCFF).
+pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
+/// First GSI of the PCI INTx lines (IOAPIC pins above the ISA ones).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// Number of PCI INTx lines (GSIs 16-23).
+pub const PCI_INTX_LINES: u32 = 8;
 /// The I/O APIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APICs.
@@ -94,6 +117,29 @@ pub fn ram_ranges(size: u64) -> Vec<Range> {
         });
     }
     v
+}
+
+// ECAM lies between the virtio-mmio devices and the I/O APIC.
+const _: () =
+    assert!(PCI_ECAM_START > MMIO_DEVICES_START && PCI_ECAM_START + PCI_ECAM_SIZE < IOAPIC_START);
+
+/// The 64-bit PCI BAR window of a guest with `size` bytes of RAM: above
+/// RAM and 4 GiB, 1 GiB aligned.
+pub fn pci_mmio64_window(size: u64) -> Range {
+    let ram_end = ram_ranges(size).last().map_or(0, Range::end);
+    let start = ram_end
+        .max(MMIO_HOLE_END)
+        .next_multiple_of(PCI_MMIO64_ALIGN);
+    Range {
+        start,
+        len: PCI_MMIO64_SIZE,
+    }
+}
+
+/// The GSI of INTx `pin` (0-3 for INTA#-INTD#) of device `slot` on bus 0:
+/// the usual swizzle over the [`PCI_INTX_LINES`] lines.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (u32::from(slot) + u32::from(pin)) % PCI_INTX_LINES
 }
 
 /// One entry of the memory map given to the guest.
@@ -161,6 +207,20 @@ mod tests {
             .map(|e| e.size)
             .sum();
         assert_eq!(ram, (512 << 20) - (HIMEM_START - EBDA_START));
+    }
+
+    #[test]
+    fn pci_windows_stay_clear_of_ram_and_each_other() {
+        let w = pci_mmio64_window(512 << 20);
+        assert_eq!(w.start, MMIO_HOLE_END);
+        let w = pci_mmio64_window((8 << 30) + (1 << 20));
+        // RAM ends at 4 GiB + (8 GiB + 1 MiB - 3 GiB): the next GiB is 10 GiB.
+        assert_eq!(w.start, 10 << 30);
+        let w = pci_mmio64_window(MAX_MEMORY);
+        assert!(w.end() <= 1 << 46, "inside a 46-bit guest-physical space");
+        assert_eq!(pci_intx_gsi(1, 0), 17);
+        assert_eq!(pci_intx_gsi(7, 1), 16);
+        assert!((0..32).all(|s| (16..24).contains(&pci_intx_gsi(s, 3))));
     }
 
     #[test]

@@ -7,5 +7,6 @@ pub mod cpuid;
 pub mod cpuid_dump;
 pub mod layout;
 pub mod mptable;
+pub mod pci_acpi;
 pub mod regs;
 pub mod topology;
