@@ -161,7 +161,17 @@ mod tests {
             })
         );
         assert!(RunAs::parse("65534").is_err());
-        assert!(RunAs::parse("nobody:nogroup").is_err());
+        assert!(RunAs::parse("no-such-user-keel:1").is_err());
+        assert!(RunAs::parse("1:no-such-group-keel").is_err());
+        // Names resolve through the user and group databases.
+        let root = nix::unistd::User::from_name("root").unwrap().unwrap();
+        assert_eq!(
+            RunAs::parse("root:0"),
+            Ok(RunAs {
+                uid: root.uid.as_raw(),
+                gid: 0
+            })
+        );
         assert!(RunAs::parse("1:-1").is_err());
         assert!(RunAs::parse("4294967295:1").is_err());
     }
