@@ -36,8 +36,12 @@ fn probe_args(dir: &Path, cmdline: &str) -> Vec<String> {
 
 fn run_with_hook(kind: &str, extra: &[&str]) -> keel_tests::RunResult {
     let dir = scratch_dir(&format!("seccomp-{kind}{}", extra.len()));
+    // A writable disk, so that its trim worker thread exists.
+    let disk = dir.join("disk.img");
+    make_test_disk(&disk);
     let mut cmd = Command::new(keel());
     cmd.args(probe_args(&dir, "probe.check=boot,vsock.identify"))
+        .args(["--disk".into(), format!("path={}", disk.display())])
         .args(extra)
         .env("KEEL_TEST_SECCOMP_VIOLATION", kind);
     run_with_deadline(cmd, Duration::from_secs(60))
@@ -45,10 +49,10 @@ fn run_with_hook(kind: &str, extra: &[&str]) -> keel_tests::RunResult {
 
 #[test]
 fn a_forbidden_call_kills_keel_and_names_the_thread_and_the_call() {
-    // The device thread confines itself when started, the API's acceptor
-    // too, each vCPU before its first KVM_RUN, the main thread once every
-    // other thread runs.
-    for kind in ["vcpu", "device", "api", "main"] {
+    // The device thread confines itself when started, a disk's trim worker
+    // and the API's acceptor too, each vCPU before its first KVM_RUN, the
+    // main thread once every other thread runs.
+    for kind in ["vcpu", "device", "trim", "api", "main"] {
         let r = run_with_hook(kind, &[]);
         assert_eq!(r.code(), 7, "{kind}: exit code\n{}", r.stderr);
         let line = format!("seccomp: the {kind} thread made forbidden system call {HOOK_SYSCALL};");
@@ -100,8 +104,9 @@ fn with_user_every_thread_is_confined_unprivileged_and_the_guest_works() {
         .expect("task list")
         .map(|e| e.expect("task").path())
         .collect();
-    // main, keel-devices, keel-api, two vCPUs at least.
-    assert!(tasks.len() >= 5, "{tasks:?}");
+    // main, keel-devices, the disk's keel-trim0, keel-api, two vCPUs at
+    // least.
+    assert!(tasks.len() >= 6, "{tasks:?}");
     for t in &tasks {
         let status = std::fs::read_to_string(t.join("status")).expect("status");
         let name = field(&status, "Name");

@@ -365,6 +365,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let vsock_counters = virtio.vsock_counters;
     let nets = virtio.nets;
     let net_teardown = virtio.net_teardown;
+    let trim_workers = virtio.trim_workers;
     // Everything is open: from here on no thread gets privileges or may
     // make a call outside its kind's allow-list. No other thread exists
     // yet; each one confines itself first thing.
@@ -377,6 +378,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         Duration::from_micros(u64::from(config.devices.poll_us)),
     )
     .map_err(BuildError::EventFd)?;
+    device_manager::start_trim_workers(trim_workers).map_err(BuildError::EventFd)?;
     vcpu::install_kick_handler()?;
     let (tx, rx) = mpsc::channel();
     let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);

@@ -16,7 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 use devices::pci::access::{BarMoveHandler, PciConfigIo, PciConfigMmio, CONFIG_IO_LEN};
 use devices::pci::PciRoot;
 use devices::virtio::block::{
-    BlockConfig, BlockCounters, CowRange, DiskBackend, DiskError, EngineKind, VirtioBlock,
+    BlockConfig, BlockCounters, CowRange, DiskBackend, DiskError, EngineKind, TrimWorker,
+    VirtioBlock,
 };
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use devices::virtio::net::{
@@ -122,6 +123,9 @@ pub struct VirtioDevices {
     /// Undo the NICs' host set-up (tap, bridge) when dropped: keep them
     /// until the VM has ended.
     pub net_teardown: Vec<TapTeardown>,
+    /// The writable disks' trim workers, to start with
+    /// [`start_trim_workers`] (a disk's trims wait until its worker runs).
+    pub trim_workers: Vec<TrimWorker>,
 }
 
 /// What the VMM keeps of one NIC.
@@ -159,6 +163,7 @@ pub fn setup_virtio_devices(
         vsock_counters: None,
         nets: Vec::new(),
         net_teardown: Vec::new(),
+        trim_workers: Vec::new(),
     };
     let mut resampler = InterruptResampler::new();
     for (index, d) in disks.iter().enumerate() {
@@ -335,8 +340,9 @@ impl VirtioDevices {
         backend: DiskBackend,
         config: BlockConfig,
     ) -> Result<usize, DeviceError> {
-        let block = VirtioBlock::new(backend, config).map_err(DeviceError::EventFd)?;
+        let mut block = VirtioBlock::new(backend, config).map_err(DeviceError::EventFd)?;
         self.disk_counters.push(block.counters());
+        self.trim_workers.extend(block.take_trim_worker());
         let block = Arc::new(Mutex::new(block));
         self.event_manager.add_subscriber(block.clone());
         let slot = self.cmdline.len();
@@ -435,6 +441,20 @@ pub fn start_device_thread(mut em: DeviceEventManager, poll: Duration) -> std::i
             device_loop(&mut em, poll)
         })
         .map(|_| ())
+}
+
+/// Starts each disk's trim worker on a thread of its own (`keel-trimN`),
+/// confined as [`ThreadKind::Trim`](crate::seccomp::ThreadKind::Trim).
+pub fn start_trim_workers(workers: Vec<TrimWorker>) -> std::io::Result<()> {
+    for (i, w) in workers.into_iter().enumerate() {
+        std::thread::Builder::new()
+            .name(format!("keel-trim{i}"))
+            .spawn(move || {
+                crate::seccomp::confine(crate::seccomp::ThreadKind::Trim);
+                w.run()
+            })?;
+    }
+    Ok(())
 }
 
 fn device_loop(em: &mut DeviceEventManager, poll: Duration) -> ! {

@@ -55,11 +55,13 @@ pub enum ThreadKind {
     Device,
     /// The control API's threads (acceptor, connections, console input).
     Api,
+    /// A disk's trim worker (discards that only an ioctl can do).
+    Trim,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [Self::Main, Self::Vcpu, Self::Device, Self::Api];
+    pub const ALL: [ThreadKind; 5] = [Self::Main, Self::Vcpu, Self::Device, Self::Api, Self::Trim];
 
     /// The kind's name (logs, the test hook's values).
     pub fn name(self) -> &'static str {
@@ -68,6 +70,7 @@ impl ThreadKind {
             Self::Vcpu => "vcpu",
             Self::Device => "device",
             Self::Api => "api",
+            Self::Trim => "trim",
         }
     }
 }

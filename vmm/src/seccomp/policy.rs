@@ -51,6 +51,7 @@ pub fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
         ThreadKind::Vcpu => vcpu(&mut r)?,
         ThreadKind::Device => device(&mut r)?,
         ThreadKind::Api => api(&mut r)?,
+        ThreadKind::Trim => trim(&mut r)?,
     }
     Ok(r)
 }
@@ -266,6 +267,15 @@ fn device(r: &mut Rules) -> Result<(), SeccompError> {
             FIOCLEX,
         ],
     )?;
+    Ok(())
+}
+
+/// A disk's trim worker: discard and write-zeroes on the one disk it was
+/// given (BLKDISCARD/BLKZEROOUT on a block device, fallocate on a file);
+/// it answers through a channel and an eventfd (`write`, in [`common`]).
+fn trim(r: &mut Rules) -> Result<(), SeccompError> {
+    allow(r, &[libc::SYS_fallocate]);
+    when_arg_in(r, libc::SYS_ioctl, 1, &[BLKDISCARD, BLKZEROOUT])?;
     Ok(())
 }
 

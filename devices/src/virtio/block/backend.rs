@@ -161,6 +161,17 @@ impl DiskBackend {
         self.file.try_clone()
     }
 
+    /// A second handle on the same disk (a duplicated descriptor, sharing
+    /// the lock), for the trim worker.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(DiskBackend {
+            file: self.file.try_clone()?,
+            capacity: self.capacity,
+            block_device: self.block_device,
+            read_only: self.read_only,
+        })
+    }
+
     /// The open file.
     pub fn file(&self) -> &File {
         &self.file

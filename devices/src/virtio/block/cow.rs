@@ -163,17 +163,35 @@ impl CowOverlay {
     }
 
     /// WRITE_ZEROES of `[off, off + len)` inside the range: zeroed sectors
-    /// in the overlay (the limit applies).
+    /// in the overlay (the limit applies, to the whole request, before
+    /// anything is written; the zeroes are written from a small buffer, so a
+    /// large request costs no large allocation).
     pub fn zero_inside(&mut self, disk: &File, off: u64, len: u64) -> Result<(), CowError> {
         let r0 = self.range.start.max(off);
-        let r1 = (self.range.start + self.range.len).min(off + len);
+        let r1 = (self.range.start + self.range.len).min(off.saturating_add(len));
         if r0 >= r1 {
             return Ok(());
         }
-        let zeroes = vec![0u8; (r1 - r0) as usize];
-        self.write(disk, &zeroes, r0)
+        let held = self.slots.keys().filter(|&&at| at >= r0 && at < r1).count() as u64;
+        let fresh = (r1 - r0) / SECTOR_SIZE - held;
+        if self.used() + fresh * SECTOR_SIZE > self.range.limit {
+            return Err(CowError::Limit {
+                limit: self.range.limit,
+            });
+        }
+        let zeroes = vec![0u8; ZERO_CHUNK.min((r1 - r0) as usize)];
+        let mut at = r0;
+        while at < r1 {
+            let n = zeroes.len().min((r1 - at) as usize);
+            self.write(disk, &zeroes[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
     }
 }
+
+/// Bytes of zeroes written to the overlay at a time.
+const ZERO_CHUNK: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -232,6 +250,35 @@ mod tests {
             vec![(8 * 512, 8 * 512), (32 * 512, 8 * 512)]
         );
         assert!(!c.overlaps(32 * 512, 512) && c.overlaps(31 * 512, 1024));
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn zeroes_inside_a_large_range_are_checked_whole_then_written_in_chunks() {
+        let (p, f) = disk("zeroes");
+        let mib = 1u64 << 20;
+        // A range far larger than the disk file and the limit: the request
+        // is refused as a whole before anything (or any buffer its size)
+        // is made.
+        let range = CowRange {
+            start: 0,
+            len: 1 << 40,
+            limit: 3 * mib,
+        };
+        let mut c = CowOverlay::new(range, &std::env::temp_dir()).unwrap();
+        let err = c.zero_inside(&f, 0, 1 << 40).unwrap_err();
+        assert!(matches!(err, CowError::Limit { .. }), "{err}");
+        assert_eq!(c.used(), 0);
+        // Sectors already held count once: 1 MiB written, then 3 MiB of
+        // zeroes over it fit a 3 MiB limit, across several chunks.
+        c.write(&f, &vec![0x5au8; mib as usize], 0).unwrap();
+        c.zero_inside(&f, 0, 3 * mib).unwrap();
+        assert_eq!(c.used(), 3 * mib);
+        let mut back = vec![0xffu8; 3 * mib as usize];
+        c.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|b| *b == 0));
+        // One more sector is over the limit.
+        assert!(c.zero_inside(&f, 3 * mib, 512).is_err());
         std::fs::remove_file(&p).unwrap();
     }
 }

@@ -34,6 +34,7 @@ use super::counters::{bump, BlockCounters};
 use super::cow::{CowError, CowOverlay, CowRange};
 use super::engine::{sync_rw, Completion, EngineKind, Uring};
 use super::request::{self, Request, RequestError, RequestKind, ID_LEN};
+use super::trim_worker::{self, TrimDone, TrimJob, TrimOp, TrimQueue, TrimWorker};
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -72,6 +73,7 @@ pub struct BlockConfig {
 const EV_ACTIVATE: u32 = 0;
 const EV_QUEUE: u32 = 1;
 const EV_URING: u32 = 2;
+const EV_TRIM: u32 = 3;
 
 /// One request in flight (or being parsed).
 struct Slot {
@@ -109,6 +111,10 @@ struct Active {
     /// Every slot was taken while the guest had more requests: the next
     /// completion resumes taking them (no queue notification is armed).
     starved: bool,
+    /// Which activation this is (the trim worker's results name it).
+    generation: u64,
+    /// Requests with the trim worker.
+    trims: usize,
 }
 
 /// A virtio-blk device.
@@ -128,6 +134,15 @@ pub struct VirtioBlock {
     /// event loop until every operation has completed (into guest buffers
     /// the driver must not reuse before STATUS reads 0).
     draining: Vec<Active>,
+    /// The trim worker's queue (writable disks); used once the worker was
+    /// taken to run on a thread of its own.
+    trim_queue: Option<TrimQueue>,
+    /// The worker, until [`take_trim_worker`](Self::take_trim_worker).
+    trim_worker: Option<TrimWorker>,
+    /// Results taken from the worker (kept to reuse its allocation).
+    trim_results: Vec<TrimDone>,
+    /// Activations so far.
+    generation: u64,
 }
 
 impl VirtioBlock {
@@ -153,6 +168,12 @@ impl VirtioBlock {
             .cow
             .map(|range| CowOverlay::new(range, &std::env::temp_dir()))
             .transpose()?;
+        let (trim_queue, trim_worker) = if disk.read_only() {
+            (None, None)
+        } else {
+            let (q, w) = trim_worker::channel(disk.try_clone()?, usize::from(QUEUE_SIZE))?;
+            (Some(q), Some(w))
+        };
         Ok(VirtioBlock {
             config_space: config_space(disk.capacity()),
             disk,
@@ -166,7 +187,20 @@ impl VirtioBlock {
             handoff: Handoff::new()?,
             active: None,
             draining: Vec::new(),
+            trim_queue,
+            trim_worker,
+            trim_results: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            generation: 0,
         })
+    }
+
+    /// The disk's trim worker, to run ([`TrimWorker::run`]) on a thread of
+    /// its own: from then on discards that only an ioctl can do, and trims
+    /// around a copy-on-write range, leave the device thread (with the
+    /// io_uring engine; the synchronous engine does everything inline).
+    /// `None` for a read-only disk or once taken.
+    pub fn take_trim_worker(&mut self) -> Option<TrimWorker> {
+        self.trim_worker.take()
     }
 
     /// This disk's counters.
@@ -186,6 +220,7 @@ impl VirtioBlock {
             return Err("no queue".into());
         };
         queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        self.generation += 1;
         let uring = match self.config.engine {
             EngineKind::IoUring => match Uring::new(u32::from(QUEUE_SIZE)) {
                 Ok(u) => Some(u),
@@ -232,6 +267,8 @@ impl VirtioBlock {
             slots,
             free: (0..size as u16).rev().collect(),
             starved: false,
+            generation: self.generation,
+            trims: 0,
         });
         Ok(())
     }
@@ -256,6 +293,11 @@ impl VirtioBlock {
                 slot.start = Instant::now();
                 slot.descs.clear();
                 slot.descs.extend(chain.take(MAX_CHAIN));
+                // The worker serves only once someone runs it.
+                let trims = match (&self.trim_queue, &self.trim_worker) {
+                    (Some(q), None) => Some((q, a.generation, &mut a.trims)),
+                    _ => None,
+                };
                 let done = start_request(
                     Target {
                         disk: &self.disk,
@@ -264,7 +306,11 @@ impl VirtioBlock {
                     &self.id,
                     &self.counters,
                     &a.mem,
-                    a.uring.as_mut().map(|u| (u, &mut a.barrier)),
+                    a.uring.as_mut().map(|uring| Ring {
+                        uring,
+                        barrier: &mut a.barrier,
+                        trims,
+                    }),
                     slot,
                     slot_idx,
                 );
@@ -299,8 +345,35 @@ impl VirtioBlock {
         }
     }
 
-    /// Handles io_uring completions.
+    /// Handles io_uring completions and the trim worker's results.
     fn process_completions(&mut self) {
+        let mut results = std::mem::take(&mut self.trim_results);
+        if let Some(q) = &self.trim_queue {
+            q.take_done(|d| results.push(d));
+        }
+        // Results for reset queues only count down what they wait for.
+        let current = self.active.as_ref().map(|a| a.generation);
+        results.retain(|d| {
+            if Some(d.generation) == current {
+                return true;
+            }
+            if let Some(old) = self
+                .draining
+                .iter_mut()
+                .find(|o| o.generation == d.generation)
+            {
+                old.trims = old.trims.saturating_sub(1);
+            }
+            false
+        });
+        self.complete(&mut results);
+        results.clear();
+        self.trim_results = results;
+    }
+
+    /// Completes the active queue's finished requests: `trims` from the
+    /// worker, then the io_uring completions.
+    fn complete(&mut self, trims: &mut Vec<TrimDone>) {
         let Some(a) = self.active.as_mut() else {
             return;
         };
@@ -310,6 +383,19 @@ impl VirtioBlock {
         let barrier = &mut a.barrier;
         let counters = &self.counters;
         let disk = &self.disk;
+        for d in trims.drain(..) {
+            let Some(slot) = slots.get_mut(usize::from(d.tag)) else {
+                continue;
+            };
+            a.trims = a.trims.saturating_sub(1);
+            if let Some(e) = slot.write_epoch.take() {
+                barrier.write_done(e);
+            }
+            complete_io(counters, slot, d.res);
+            finish(mem, queue, counters, slot);
+            free.push(d.tag);
+            any = true;
+        }
         u.complete(|(tag, mut res): Completion| {
             let Some(slot) = slots.get_mut(tag as usize) else {
                 return;
@@ -396,12 +482,21 @@ struct Target<'a> {
     cow: Option<&'a mut CowOverlay>,
 }
 
+/// The asynchronous engine: the ring, the flush barrier, and the trim
+/// worker when it runs (its queue, the activation's generation and its
+/// count of requests there).
+struct Ring<'a> {
+    uring: &'a mut Uring,
+    barrier: &'a mut FlushBarrier,
+    trims: Option<(&'a TrimQueue, u64, &'a mut usize)>,
+}
+
 fn start_request(
     target: Target<'_>,
     id: &[u8; ID_LEN],
     counters: &BlockCounters,
     mem: &GuestMemoryMmap,
-    uring: Option<(&mut Uring, &mut FlushBarrier)>,
+    uring: Option<Ring<'_>>,
     slot: &mut Slot,
     tag: u16,
 ) -> bool {
@@ -446,7 +541,12 @@ fn start_request(
         }
     }
     match (req.kind, uring) {
-        (RequestKind::In | RequestKind::Out, Some((u, barrier))) => {
+        (
+            RequestKind::In | RequestKind::Out,
+            Some(Ring {
+                uring: u, barrier, ..
+            }),
+        ) => {
             let write = req.kind == RequestKind::Out;
             // SAFETY: the iovecs point into guest memory (mapped for the
             // VM's life) and the slot is not reused before completion.
@@ -457,7 +557,12 @@ fn start_request(
             }
             done
         }
-        (RequestKind::Flush, Some((u, barrier))) => {
+        (
+            RequestKind::Flush,
+            Some(Ring {
+                uring: u, barrier, ..
+            }),
+        ) => {
             if barrier.flush_arrived(tag) {
                 submit_or_fail(counters, slot, u.fsync(disk.fd(), u64::from(tag)))
             } else {
@@ -488,34 +593,8 @@ fn start_request(
             slot.used_len = pack(VIRTIO_BLK_S_OK, written as u64);
             true
         }
-        (RequestKind::Discard | RequestKind::WriteZeroes, Some((u, barrier))) if cow.is_none() => {
-            // One segment (parse enforced max_discard_seg): fallocate it
-            // through the ring, off the device thread.
-            let zeroes = req.kind == RequestKind::WriteZeroes;
-            let seg = match request::read_segment(mem, &slot.data, 0, disk.capacity()) {
-                Ok(s) if s.len <= u64::from(MAX_DISCARD_SECTORS) * SECTOR_SIZE => s,
-                _ => {
-                    bump(&counters.invalid_requests, 1);
-                    slot.used_len = pack(VIRTIO_BLK_S_IOERR, 0);
-                    return true;
-                }
-            };
-            slot.trim = seg;
-            match disk.trim_mode(zeroes, seg.unmap) {
-                Some(mode) => {
-                    let r = u.fallocate(disk.fd(), mode, seg.offset, seg.len, u64::from(tag));
-                    let done = submit_or_fail(counters, slot, r);
-                    if !done {
-                        slot.write_epoch = Some(barrier.write_started());
-                    }
-                    done
-                }
-                None => {
-                    let status = trim(disk, None, mem, counters, &req, &slot.data);
-                    slot.used_len = pack(status, 0);
-                    true
-                }
-            }
+        (RequestKind::Discard | RequestKind::WriteZeroes, Some(ring)) => {
+            trim_async(disk, cow, counters, mem, ring, &req, slot, tag)
         }
         (RequestKind::Discard | RequestKind::WriteZeroes, _) => {
             let status = trim(disk, cow, mem, counters, &req, &slot.data);
@@ -523,6 +602,92 @@ fn start_request(
             true
         }
     }
+}
+
+/// A discard or write-zeroes with the asynchronous engine: one segment
+/// (parse enforced `max_discard_seg`), validated here. On a file (or as
+/// write-zeroes on a block device) an io_uring fallocate; a discard on a
+/// block device (BLKDISCARD) and the disk's part of a trim touching the
+/// copy-on-write range go to the trim worker (the range's own part, bounded
+/// by the overlay's limit, is done here). Returns true when it completed.
+#[allow(clippy::too_many_arguments)]
+fn trim_async(
+    disk: &DiskBackend,
+    cow: Option<&mut CowOverlay>,
+    counters: &BlockCounters,
+    mem: &GuestMemoryMmap,
+    ring: Ring<'_>,
+    req: &Request,
+    slot: &mut Slot,
+    tag: u16,
+) -> bool {
+    let zeroes = req.kind == RequestKind::WriteZeroes;
+    let seg = match request::read_segment(mem, &slot.data, 0, disk.capacity()) {
+        Ok(s) if s.len <= u64::from(MAX_DISCARD_SECTORS) * SECTOR_SIZE => s,
+        _ => {
+            bump(&counters.invalid_requests, 1);
+            slot.used_len = pack(VIRTIO_BLK_S_IOERR, 0);
+            return true;
+        }
+    };
+    slot.trim = seg;
+    let Ring {
+        uring: u,
+        barrier,
+        trims,
+    } = ring;
+    let mut pieces = [(seg.offset, seg.len), (0, 0)];
+    let mut count = 1;
+    match cow {
+        Some(c) if c.overlaps(seg.offset, seg.len) => {
+            // The range's part: zeroes in the overlay, a discard nothing.
+            if zeroes {
+                if let Err(e) = c.zero_inside(disk.file(), seg.offset, seg.len) {
+                    slot.used_len = pack(cow_failed(counters, e), 0);
+                    return true;
+                }
+            }
+            let outside = c.outside(seg.offset, seg.len);
+            count = outside.len().min(pieces.len());
+            pieces[..count].copy_from_slice(&outside[..count]);
+        }
+        Some(_) => {}
+        None => {
+            if let Some(mode) = disk.trim_mode(zeroes, seg.unmap) {
+                let r = u.fallocate(disk.fd(), mode, seg.offset, seg.len, u64::from(tag));
+                let done = submit_or_fail(counters, slot, r);
+                if !done {
+                    slot.write_epoch = Some(barrier.write_started());
+                }
+                return done;
+            }
+        }
+    }
+    let op = if zeroes {
+        TrimOp::Zeroes { unmap: seg.unmap }
+    } else {
+        TrimOp::Discard
+    };
+    if let Some((queue, generation, in_flight)) = trims {
+        let job = TrimJob {
+            generation,
+            tag,
+            op,
+            pieces,
+            count,
+        };
+        match queue.submit(job) {
+            Ok(()) => {
+                *in_flight += 1;
+                slot.write_epoch = Some(barrier.write_started());
+                return false;
+            }
+            Err(_) => warn!("virtio-blk: trim worker unavailable; trimming inline"),
+        }
+    }
+    let res = trim_worker::run_job(disk, op, &pieces[..count]);
+    complete_io(counters, slot, res);
+    true
 }
 
 fn submit_or_fail(counters: &BlockCounters, slot: &mut Slot, r: std::io::Result<()>) -> bool {
@@ -786,6 +951,11 @@ impl VirtioDevice for VirtioBlock {
 impl MutEventSubscriber for VirtioBlock {
     fn init(&mut self, ops: &mut EventOps) {
         self.handoff.watch(ops, EV_ACTIVATE, "virtio-blk");
+        if let Some(q) = &self.trim_queue {
+            if let Err(e) = ops.add(Events::with_data(q.done_evt(), EV_TRIM, EventSet::IN)) {
+                error!("virtio-blk: cannot watch the trim worker: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -810,7 +980,7 @@ impl MutEventSubscriber for VirtioBlock {
                 }
             }
             EV_QUEUE => self.process_queue(),
-            EV_URING => {
+            EV_URING | EV_TRIM => {
                 self.process_completions();
                 self.reap_drained(ops);
             }
@@ -828,7 +998,7 @@ impl VirtioBlock {
                 return false;
             };
             u.complete(|_| {});
-            if u.in_flight() > 0 {
+            if u.in_flight() > 0 || old.trims > 0 {
                 return true;
             }
             let _ = ops.remove(Events::with_data(&*u, EV_URING, EventSet::IN));
@@ -1391,6 +1561,104 @@ mod tests {
         assert_eq!(bytes[36864], 0x11);
         let c = r.dev.lock().unwrap().counters().snapshot();
         assert_eq!((c.discard_ops, c.write_zeroes_ops), (1, 1));
+    }
+
+    /// A copy-on-write disk: every trim goes to the worker.
+    fn trim_rig(name: &str, m: GuestMemoryMmap, requests: &[(u64, u64, u32, bool)]) -> (Disk, Rig) {
+        let d = disk(name, 1 << 20);
+        let chains: Vec<RawDescriptor> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(h, data, len, write))| {
+                let i = i as u16;
+                [
+                    desc(h, 16, N, 3 * i + 1),
+                    desc(data, len, N | if write { W } else { 0 }, 3 * i + 2),
+                    desc(STATUS + u64::from(i), 1, W, 0),
+                ]
+            })
+            .collect();
+        for i in 0..requests.len() as u64 {
+            m.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+        }
+        let cow = CowRange {
+            start: 1024 * 512,
+            len: 64 * 512,
+            limit: 4096,
+        };
+        let r = rig_cow(&d.0, false, EngineKind::IoUring, &chains, m, Some(cow));
+        (d, r)
+    }
+
+    #[test]
+    fn a_trim_waits_for_the_worker_without_holding_the_device_thread() {
+        let m = mem();
+        let dis = header(&m, 0, VIRTIO_BLK_T_DISCARD, 0);
+        let rd = header(&m, 1, VIRTIO_BLK_T_IN, 100);
+        let fl = header(&m, 2, VIRTIO_BLK_T_FLUSH, 0);
+        segment(&m, DATA, 8, 16); // discard [4 KiB, 12 KiB)
+        let requests = [
+            (dis, DATA, 16, false),
+            (rd, DATA + 0x10000, 4096, true),
+            (fl, DATA + 0x20000, 0, false),
+        ];
+        let (d, mut r) = trim_rig("trimworker", m, &requests);
+        let worker = r.dev.lock().unwrap().take_trim_worker().unwrap();
+        // The worker does not run yet: the read completes, the discard and
+        // the flush behind it wait, and the device thread is free.
+        let used = run_until_used(&mut r, 1);
+        for _ in 0..20 {
+            r.em.run_with_timeout(5).unwrap();
+        }
+        assert_eq!(used_idx(&r), 1, "only the read completed");
+        assert_eq!(used[0].0, 3, "the read's head");
+        assert_eq!((status(&r.mem, 0), status(&r.mem, 2)), (0xff, 0xff));
+        assert_eq!(status(&r.mem, 1), 0);
+        assert_eq!(std::fs::read(&d.0).unwrap()[4096], 0x11, "not yet");
+        // The worker runs: the discard completes, then the flush.
+        let t = std::thread::spawn(move || worker.run());
+        run_until_used(&mut r, 3);
+        assert_eq!((status(&r.mem, 0), status(&r.mem, 2)), (0, 0));
+        let bytes = std::fs::read(&d.0).unwrap();
+        assert!(bytes[4096..12288].iter().all(|b| *b == 0), "discarded");
+        assert_eq!((bytes[4095], bytes[12288]), (0x11, 0x11));
+        let c = r.dev.lock().unwrap().counters().snapshot();
+        assert_eq!((c.discard_ops, c.flush_ops, c.io_errors), (1, 1, 0));
+        // Dropping the device ends the worker.
+        drop(r);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_reset_waits_for_the_trims_with_the_worker() {
+        let m = mem();
+        let wz = header(&m, 0, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segment(&m, DATA, 8, 8);
+        let (_d, mut r) = trim_rig("trimreset", m, &[(wz, DATA, 16, false)]);
+        let worker = r.dev.lock().unwrap().take_trim_worker().unwrap();
+        r.em.run_with_timeout(10).unwrap();
+        let mut dev = r.dev.lock().unwrap();
+        assert!(dev.reset());
+        drop(dev);
+        for _ in 0..20 {
+            r.em.run_with_timeout(5).unwrap();
+        }
+        assert!(
+            r.dev.lock().unwrap().reset_pending(),
+            "the write-zeroes is still with the worker"
+        );
+        let t = std::thread::spawn(move || worker.run());
+        for _ in 0..1000 {
+            if !r.dev.lock().unwrap().reset_pending() {
+                break;
+            }
+            r.em.run_with_timeout(5).unwrap();
+        }
+        assert!(!r.dev.lock().unwrap().reset_pending());
+        assert_eq!(used_idx(&r), 0, "no request answered after reset");
+        assert_eq!(status(&r.mem, 0), 0xff);
+        drop(r);
+        t.join().unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod cow;
 mod device;
 mod engine;
 mod request;
+mod trim_worker;
 
 pub use backend::{DiskBackend, DiskError};
 pub use counters::{BlockCounters, BlockCountersSnapshot};
@@ -16,3 +17,4 @@ pub use cow::{CowError, CowOverlay, CowRange};
 pub use device::{BlockConfig, VirtioBlock, SECTOR_SIZE};
 pub use engine::EngineKind;
 pub use request::{RequestError, RequestKind};
+pub use trim_worker::TrimWorker;
