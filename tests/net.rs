@@ -302,6 +302,21 @@ fn pre_existing_tap(tag: &str, extra: &[&str]) {
     let mut k = ns.keel(&args, false);
     wait_api(&mut k, &sock);
     assert_eq!(ns.bridge_ports(), ["vnet1"]);
+    // The teardown helper (a child process; `ip netns exec` execs keel)
+    // keeps CAP_NET_ADMIN but is confined by its own seccomp filter.
+    let pid = k.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let helper: Vec<String> = children
+        .split_whitespace()
+        .map(|c| std::fs::read_to_string(format!("/proc/{c}/status")).unwrap())
+        .filter(|st| st.lines().any(|l| l == "Name:\tkeel-teardown"))
+        .collect();
+    assert_eq!(helper.len(), 1, "one teardown helper among {children:?}");
+    assert!(
+        helper[0].lines().any(|l| l == "Seccomp:\t2"),
+        "{}",
+        helper[0]
+    );
     let (code, log) = stop(k);
     assert_eq!(code, 0, "{log}");
     assert!(ns.exists("vnet1"), "a tap Keel did not create stays");

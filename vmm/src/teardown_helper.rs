@@ -96,6 +96,14 @@ fn helper_main(teardown: Vec<TapTeardown>, go: OwnedFd, done: OwnedFd) -> ! {
         let _ = libc::prctl(libc::PR_SET_NAME, c"keel-teardown".as_ptr());
     }
     std::mem::forget((go, done));
+    // Confined like a thread of Keel (the filters and the SIGSYS handler
+    // were set up before the fork). Unconfined it would not go on: it
+    // holds CAP_NET_ADMIN.
+    if let Err(e) = crate::seccomp::apply_current(crate::seccomp::ThreadKind::Teardown) {
+        log::error!("net: the teardown helper cannot confine itself: {e}");
+        // SAFETY: _exit ends the child without running the parent's exit code.
+        unsafe { libc::_exit(i32::from(crate::seccomp::EXIT_SECCOMP)) }
+    }
     // SAFETY: 3 and 4 are the pipes just placed there.
     let (mut go, mut done) = unsafe { (File::from_raw_fd(3), File::from_raw_fd(4)) };
     let mut b = [0u8; 1];

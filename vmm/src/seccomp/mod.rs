@@ -57,11 +57,21 @@ pub enum ThreadKind {
     Api,
     /// A disk's trim worker (discards that only an ioctl can do).
     Trim,
+    /// The NICs' teardown helper (a forked process that keeps
+    /// CAP_NET_ADMIN to undo the host set-up at the end).
+    Teardown,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [Self::Main, Self::Vcpu, Self::Device, Self::Api, Self::Trim];
+    pub const ALL: [ThreadKind; 6] = [
+        Self::Main,
+        Self::Vcpu,
+        Self::Device,
+        Self::Api,
+        Self::Trim,
+        Self::Teardown,
+    ];
 
     /// The kind's name (logs, the test hook's values).
     pub fn name(self) -> &'static str {
@@ -71,6 +81,7 @@ impl ThreadKind {
             Self::Device => "device",
             Self::Api => "api",
             Self::Trim => "trim",
+            Self::Teardown => "teardown",
         }
     }
 }

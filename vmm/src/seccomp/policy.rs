@@ -52,6 +52,7 @@ pub fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
         ThreadKind::Device => device(&mut r)?,
         ThreadKind::Api => api(&mut r)?,
         ThreadKind::Trim => trim(&mut r)?,
+        ThreadKind::Teardown => teardown(&mut r)?,
     }
     Ok(r)
 }
@@ -276,6 +277,26 @@ fn device(r: &mut Rules) -> Result<(), SeccompError> {
 fn trim(r: &mut Rules) -> Result<(), SeccompError> {
     allow(r, &[libc::SYS_fallocate]);
     when_arg_in(r, libc::SYS_ioctl, 1, &[BLKDISCARD, BLKZEROOUT])?;
+    Ok(())
+}
+
+/// The NICs' teardown helper: waits on a pipe, then talks rtnetlink
+/// (a NETLINK_ROUTE socket: bound, connected to the kernel, one request and
+/// its answer at a time) to delete the taps Keel created or take the others
+/// off their bridge. It keeps CAP_NET_ADMIN, so its list is the shortest
+/// that does that.
+fn teardown(r: &mut Rules) -> Result<(), SeccompError> {
+    when_arg_in(r, libc::SYS_socket, 0, &[libc::AF_NETLINK as u64])?;
+    allow(
+        r,
+        &[
+            libc::SYS_bind,
+            libc::SYS_getsockname,
+            libc::SYS_connect,
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+        ],
+    );
     Ok(())
 }
 
