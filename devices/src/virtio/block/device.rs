@@ -1563,10 +1563,10 @@ mod tests {
         assert_eq!((c.discard_ops, c.write_zeroes_ops), (1, 1));
     }
 
-    /// A copy-on-write disk: every trim goes to the worker.
-    fn trim_rig(name: &str, m: GuestMemoryMmap, requests: &[(u64, u64, u32, bool)]) -> (Disk, Rig) {
-        let d = disk(name, 1 << 20);
-        let chains: Vec<RawDescriptor> = requests
+    /// One chain per (header, data, data length, device-writable)
+    /// request: header, data, status byte `STATUS + i`.
+    fn three_descriptor_chains(requests: &[(u64, u64, u32, bool)]) -> Vec<RawDescriptor> {
+        requests
             .iter()
             .enumerate()
             .flat_map(|(i, &(h, data, len, write))| {
@@ -1577,7 +1577,13 @@ mod tests {
                     desc(STATUS + u64::from(i), 1, W, 0),
                 ]
             })
-            .collect();
+            .collect()
+    }
+
+    /// A copy-on-write disk: every trim goes to the worker.
+    fn trim_rig(name: &str, m: GuestMemoryMmap, requests: &[(u64, u64, u32, bool)]) -> (Disk, Rig) {
+        let d = disk(name, 1 << 20);
+        let chains = three_descriptor_chains(requests);
         for i in 0..requests.len() as u64 {
             m.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
         }
@@ -1802,18 +1808,7 @@ mod tests {
             (z, DATA + 0x8000, 16, false),
             (dis, DATA + 0x8010, 16, false),
         ];
-        let chains: Vec<RawDescriptor> = requests
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &(h, data, len, write))| {
-                let i = i as u16;
-                [
-                    desc(h, 16, N, 3 * i + 1),
-                    desc(data, len, N | if write { W } else { 0 }, 3 * i + 2),
-                    desc(STATUS + u64::from(i), 1, W, 0),
-                ]
-            })
-            .collect();
+        let chains = three_descriptor_chains(&requests);
         let cow = CowRange {
             start: 256 * 512,
             len: 256 * 512,
