@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::layout;
+use crate::arch::x86_64::numa::NumaLayout;
 use crate::arch::x86_64::topology::CpuTopology;
 pub use options::{parse_size, parse_switch, ByteSize, OptionList};
 
@@ -137,6 +138,10 @@ pub struct MemoryConfig {
     /// Accept a size above the host's physical memory (MemTotal).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub overcommit: bool,
+    /// Describe each socket as a NUMA node (ACPI SRAT and SLIT), with
+    /// guest RAM split evenly among them (see `arch::x86_64::numa`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub numa: bool,
 }
 
 impl Default for MemoryConfig {
@@ -145,6 +150,7 @@ impl Default for MemoryConfig {
             size: ByteSize::from_bytes(512 << 20),
             hugepages: HugepagesMode::Off,
             overcommit: false,
+            numa: false,
         }
     }
 }
@@ -715,7 +721,7 @@ pub struct FlagOverrides {
     pub cmdline: Option<String>,
     /// `--boot-slot guestos|upgrade`
     pub boot_slot: Option<String>,
-    /// `--memory size=..[,hugepages=on|off|auto][,overcommit=on]`
+    /// `--memory size=..[,hugepages=on|off|auto][,overcommit=on][,numa=on]`
     pub memory: Option<String>,
     /// `--cpus boot=N[,sockets=S,cores=C,threads=T][,mask=a:b]`
     pub cpus: Option<String>,
@@ -889,6 +895,7 @@ impl VmConfig {
         }
         self.validate_memory()?;
         self.validate_cpus()?;
+        self.validate_numa()?;
         self.validate_disks()?;
         self.validate_nets()?;
         self.validate_control()?;
@@ -1110,6 +1117,27 @@ impl VmConfig {
     /// not learn the host bridge's windows or INTx routing; and the VMM
     /// does not put virtio devices behind the virtio-pci transport yet
     /// (the transport model exists, `devices::virtio::pci`).
+    /// `memory.numa`: needs the ACPI tables, two sockets or more, and RAM
+    /// that splits into equal parts of whole 2 MiB pages.
+    fn validate_numa(&self) -> Result<(), ConfigError> {
+        if !self.memory.numa {
+            return Ok(());
+        }
+        if !self.machine.acpi {
+            return Err(ConfigError::invalid(
+                "memory.numa",
+                "true",
+                "needs machine.acpi = true (NUMA nodes are described in the ACPI SRAT and SLIT; \
+                 the MP table cannot)"
+                    .into(),
+            ));
+        }
+        let topology = self.cpus.topology()?;
+        NumaLayout::new(&topology, self.memory.size.bytes())
+            .map_err(|e| ConfigError::invalid("memory.numa", "true", e.to_string()))?;
+        Ok(())
+    }
+
     fn validate_machine(&self) -> Result<(), ConfigError> {
         if self.machine.transport != Transport::Pci {
             return Ok(());
@@ -1469,9 +1497,14 @@ pub fn resolve_group(g: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses `--memory size=512M[,hugepages=on|off|auto][,overcommit=on]`.
+/// Parses `--memory size=512M[,hugepages=on|off|auto][,overcommit=on][,numa=on]`.
 pub fn parse_memory_flag(input: &str) -> Result<MemoryConfig, ConfigError> {
-    let o = OptionList::parse("memory", input, &["size", "hugepages", "overcommit"], None)?;
+    let o = OptionList::parse(
+        "memory",
+        input,
+        &["size", "hugepages", "overcommit", "numa"],
+        None,
+    )?;
     Ok(MemoryConfig {
         size: o.size("size")?.ok_or(ConfigError::Missing("memory.size"))?,
         hugepages: o
@@ -1483,6 +1516,7 @@ pub fn parse_memory_flag(input: &str) -> Result<MemoryConfig, ConfigError> {
             .transpose()?
             .unwrap_or_default(),
         overcommit: o.switch("overcommit")?.unwrap_or(false),
+        numa: o.switch("numa")?.unwrap_or(false),
     })
 }
 
