@@ -2272,6 +2272,81 @@ mod tests {
     }
 
     #[test]
+    fn numa_in_the_flag_and_the_file() {
+        assert!(!parse_memory_flag("size=1G").unwrap().numa);
+        assert!(parse_memory_flag("size=1G,numa=on").unwrap().numa);
+        assert!(!parse_memory_flag("size=1G,numa=off").unwrap().numa);
+        let e = parse_memory_flag("size=1G,numa=both")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory.numa") && e.contains("\"both\""), "{e}");
+        let cfg = VmConfig::from_toml("[memory]\nsize = \"1G\"\nnuma = true").unwrap();
+        assert!(cfg.memory.numa);
+        assert!(
+            !VmConfig::from_toml("[memory]\nsize = \"1G\"")
+                .unwrap()
+                .memory
+                .numa
+        );
+        // --print-config shows it only when on, and reads back.
+        let text = toml::to_string(&cfg.memory).unwrap();
+        assert!(text.contains("numa = true"), "{text}");
+        assert!(!toml::to_string(&MemoryConfig::default())
+            .unwrap()
+            .contains("numa"));
+    }
+
+    /// A valid 2-socket NUMA guest, for the refusals below to break.
+    fn numa_config() -> VmConfig {
+        let mut c = valid();
+        c.memory = parse_memory_flag("size=256M,numa=on").unwrap();
+        c.cpus = parse_cpus_flag("boot=4,sockets=2").unwrap();
+        c
+    }
+
+    #[test]
+    fn numa_refusals_name_memory_numa() {
+        assert!(numa_config().validate().is_ok());
+        let refused = |f: &dyn Fn(&mut VmConfig), why: &str| {
+            let mut c = numa_config();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.starts_with("invalid value for memory.numa: \"true\"") && e.contains(why),
+                "{e} should name memory.numa and say {why:?}"
+            );
+        };
+        refused(&|c| c.machine.acpi = false, "machine.acpi = true");
+        refused(
+            &|c| c.cpus = parse_cpus_flag("boot=4").unwrap(),
+            "at least 2 sockets",
+        );
+        // 3 sockets x 2 MiB pages do not divide 256 MiB.
+        refused(
+            &|c| c.cpus = parse_cpus_flag("boot=3,sockets=3").unwrap(),
+            "multiple of 6 MiB",
+        );
+        // Each node a multiple of 4 KiB but not of 2 MiB.
+        refused(
+            &|c| c.memory.size = ByteSize::from_bytes((256 << 20) + (8 << 10)),
+            "multiple of 4 MiB",
+        );
+        refused(
+            &|c| {
+                c.memory.size = ByteSize::from_bytes(32 << 20);
+                c.cpus = parse_cpus_flag("boot=4,sockets=4").unwrap();
+            },
+            "at least 16 MiB each",
+        );
+        // Off: none of this is checked.
+        let mut c = numa_config();
+        c.memory.numa = false;
+        c.machine.acpi = false;
+        c.cpus = parse_cpus_flag("boot=3,sockets=3").unwrap();
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
     fn validation_names_the_field() {
         assert!(valid().validate().is_ok());
         let check = |f: &dyn Fn(&mut VmConfig), field: &str| {
