@@ -15,6 +15,7 @@
 
 extern crate alloc;
 
+mod acpi;
 mod arch;
 mod blkdev;
 mod checks;
