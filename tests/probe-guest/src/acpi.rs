@@ -81,7 +81,10 @@ fn table(addr: u64) -> Result<Table, String> {
     }
     let bytes = read(addr, len)?;
     if !checksum_ok(&bytes) {
-        return Err(format!("table {:?} at {addr:#x}: bad checksum", &bytes[..4]));
+        return Err(format!(
+            "table {:?} at {addr:#x}: bad checksum",
+            &bytes[..4]
+        ));
     }
     Ok(Table { addr, bytes })
 }
@@ -97,14 +100,20 @@ pub fn tables(rsdp_hint: u64) -> Result<Vec<Table>, String> {
         return Err(format!("RSDP at {rsdp_addr:#x}: bad checksum"));
     }
     if rsdp[15] < 2 {
-        return Err(format!("RSDP at {rsdp_addr:#x}: revision {}, no XSDT", rsdp[15]));
+        return Err(format!(
+            "RSDP at {rsdp_addr:#x}: revision {}, no XSDT",
+            rsdp[15]
+        ));
     }
     if !checksum_ok(&rsdp) {
         return Err(format!("RSDP at {rsdp_addr:#x}: bad extended checksum"));
     }
     let xsdt = table(u64_at(&rsdp, 24))?;
     if &xsdt.bytes[..4] != b"XSDT" {
-        return Err(format!("RSDP points at {:?}, not an XSDT", &xsdt.bytes[..4]));
+        return Err(format!(
+            "RSDP points at {:?}, not an XSDT",
+            &xsdt.bytes[..4]
+        ));
     }
     (HEADER_LEN..xsdt.bytes.len())
         .step_by(8)
@@ -152,12 +161,11 @@ pub fn parse_srat(t: &[u8]) -> Result<Srat, String> {
                 srat.cpus.push((u32_at(s, 8), u32_at(s, 4)));
             }
             (SRAT_MEMORY, 40) if u32_at(s, 28) & 1 != 0 => {
-                srat.memory.push((u32_at(s, 2), u64_at(s, 8), u64_at(s, 16)));
+                srat.memory
+                    .push((u32_at(s, 2), u64_at(s, 8), u64_at(s, 16)));
             }
             (SRAT_LOCAL_APIC, 16) | (SRAT_LOCAL_X2APIC, 24) | (SRAT_MEMORY, 40) => {}
-            (kind, len) => {
-                return Err(format!("SRAT structure at {o}: type {kind}, length {len}"))
-            }
+            (kind, len) => return Err(format!("SRAT structure at {o}: type {kind}, length {len}")),
         }
         o += len;
     }

@@ -70,7 +70,10 @@ pub fn numa(ctx: &Context<'_>) -> CheckResult {
     }
     errors.extend(memory_problems(s.memory, mem, nodes));
     let (n, distances) = acpi::parse_slit(&slit.bytes)?;
-    println!("probe: slit at {:#x}: {n} localities {distances:?}", slit.addr);
+    println!(
+        "probe: slit at {:#x}: {n} localities {distances:?}",
+        slit.addr
+    );
     if n != nodes as usize {
         errors.push(format!("SLIT has {n} localities, want {nodes}"));
     } else {
@@ -111,7 +114,9 @@ fn memory_problems(mut memory: Vec<(u32, u64, u64)>, mem: u64, nodes: u32) -> Ve
             match entries.next() {
                 Some(&(_, base, len)) if base == at && len > 0 => at += len,
                 Some(e) => {
-                    errors.push(format!("memory entry {e:x?} where RAM continues at {at:#x}"));
+                    errors.push(format!(
+                        "memory entry {e:x?} where RAM continues at {at:#x}"
+                    ));
                     return errors;
                 }
                 None => {
@@ -121,7 +126,9 @@ fn memory_problems(mut memory: Vec<(u32, u64, u64)>, mem: u64, nodes: u32) -> Ve
             }
         }
         if at != end {
-            errors.push(format!("memory entry runs past RAM's end {end:#x} to {at:#x}"));
+            errors.push(format!(
+                "memory entry runs past RAM's end {end:#x} to {at:#x}"
+            ));
         }
     }
     if let Some(e) = entries.next() {

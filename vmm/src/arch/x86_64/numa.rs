@@ -71,7 +71,7 @@ pub enum NumaError {
     /// The parts would be too small.
     #[error(
         "each of the {nodes} NUMA nodes would get {} MiB; at least {} MiB each is needed",
-        size / u64::from(*nodes) >> 20,
+        (size / u64::from(*nodes)) >> 20,
         MIN_NODE_MEMORY >> 20
     )]
     TooSmall {
