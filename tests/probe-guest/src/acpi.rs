@@ -8,7 +8,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::arch::phys;
+use crate::table_bytes::{checksum_ok, read};
 
 /// Where the RSDP may be (16-byte aligned) without a pointer to it.
 const RSDP_AREA: (u64, u64) = (0xe_0000, 0x10_0000);
@@ -26,16 +26,6 @@ const SRAT_LOCAL_APIC: u8 = 0;
 const SRAT_MEMORY: u8 = 1;
 /// SRAT: processor local x2APIC affinity.
 const SRAT_LOCAL_X2APIC: u8 = 2;
-
-fn checksum_ok(bytes: &[u8]) -> bool {
-    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
-}
-
-fn read(addr: u64, len: usize) -> Result<Vec<u8>, String> {
-    let mut buf = alloc::vec![0; len];
-    phys::read_bytes(addr, &mut buf).map_err(|e| format!("{len} bytes at {addr:#x}: {e}"))?;
-    Ok(buf)
-}
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])

@@ -32,6 +32,7 @@ mod report;
 mod scratch;
 mod serial;
 mod start_info;
+mod table_bytes;
 mod virtio;
 mod vsockdev;
 
