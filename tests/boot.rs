@@ -210,6 +210,11 @@ fn numa_guest_sees_one_node_per_socket() {
     let r = run(&args);
     ProbeReport::parse(&r.stdout).assert_all_passed(&checks, &r.stdout);
     assert_eq!(r.code(), 0, "{}", r.stderr);
+    // The API says how many nodes the guest was told of.
+    let (memory, log) = memory_info_with("numa-api", "size=128M,numa=on", "boot=2,sockets=2");
+    assert_eq!(memory["numa_nodes"], 2, "{memory}\n{log}");
+    let (memory, log) = memory_info_with("numa-api-off", "size=128M", "boot=2,sockets=2");
+    assert_eq!(memory["numa_nodes"], 0, "{memory}\n{log}");
 }
 
 /// A PCI machine (host bridge, ECAM, MCFG, `\_SB.PCI0` in the DSDT)
@@ -339,9 +344,15 @@ fn hugepage_backed_memory_boots() {
 /// `GET /v1/vm`'s `memory` of a probe guest started with `--memory memory`,
 /// and Keel's log.
 fn memory_info(name: &str, memory: &str) -> (serde_json::Value, String) {
+    memory_info_with(name, memory, "boot=1")
+}
+
+/// `GET /v1/vm`'s `memory` of a probe guest with these `--memory` and
+/// `--cpus` values, and Keel's log.
+fn memory_info_with(name: &str, memory: &str, cpus: &str) -> (serde_json::Value, String) {
     let dir = scratch_dir(name);
     let sock = dir.join("api.sock");
-    let mut args = probe_args("128M", "boot=1", "probe.check=boot.cpl3 probe.idle");
+    let mut args = probe_args("128M", cpus, "probe.check=boot.cpl3 probe.idle");
     args[3] = memory.to_string();
     args.extend(["--api-socket".into(), sock.display().to_string()]);
     let mut k = RunningKeel::start(&args, &sock, &[]);

@@ -432,6 +432,11 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
                 backing: backing.name(),
                 hugepages: config.memory.hugepages.name(),
                 hugepages_fallback: backing.fallback.clone(),
+                numa_nodes: if config.memory.numa && config.machine.acpi {
+                    u32::from(topology.sockets)
+                } else {
+                    0
+                },
             },
             boot: BootInfo {
                 kernel: kernel_name.clone(),
