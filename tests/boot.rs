@@ -162,6 +162,61 @@ fn guest_reset_exits_3() {
     assert!(r.stderr.contains("reset"), "{}", r.stderr);
 }
 
+/// `memory.numa`: the probe reads the SRAT and SLIT back (`acpi.numa`)
+/// and checks them against the configured sockets and memory.
+#[test]
+fn numa_guest_sees_one_node_per_socket() {
+    let mut checks = BASE_CHECKS.to_vec();
+    checks.push("acpi.numa");
+    // 5 GiB on 2 sockets: node 0 is [0, 2.5G), node 1 [2.5G, 3G) and
+    // [4G, 6G), across the hole.
+    let mut args = probe_args(
+        "5G,numa=on",
+        "boot=8,sockets=2,cores=2,threads=2",
+        &format!(
+            "probe.mem={} probe.cpus=8 probe.topo=2,2,2 probe.numa=2",
+            5u64 << 30
+        ),
+    );
+    let r = run(&args);
+    ProbeReport::parse(&r.stdout).assert_all_passed(&checks, &r.stdout);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    // Four sockets below the hole.
+    let r = run(&probe_args(
+        "1G,numa=on",
+        "boot=4,sockets=4",
+        &format!(
+            "probe.mem={} probe.cpus=4 probe.topo=4,1,1 probe.numa=4",
+            1u64 << 30
+        ),
+    ));
+    ProbeReport::parse(&r.stdout).assert_all_passed(&checks, &r.stdout);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    // Without numa=on there are no such tables: probe.numa=0 passes and
+    // probe.numa=2 fails (the check can fail).
+    args[3] = "size=5G".into();
+    let r = run(&args);
+    let report = ProbeReport::parse(&r.stdout);
+    assert!(
+        report
+            .failed
+            .iter()
+            .any(|(name, why)| name == "acpi.numa" && why.contains("no SRAT and SLIT")),
+        "{}",
+        r.stdout
+    );
+    let last = args.len() - 1;
+    args[last] = args[last].replace("probe.numa=2", "probe.numa=0");
+    let r = run(&args);
+    ProbeReport::parse(&r.stdout).assert_all_passed(&checks, &r.stdout);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    // The API says how many nodes the guest was told of.
+    let (memory, log) = memory_info_with("numa-api", "size=128M,numa=on", "boot=2,sockets=2");
+    assert_eq!(memory["numa_nodes"], 2, "{memory}\n{log}");
+    let (memory, log) = memory_info_with("numa-api-off", "size=128M", "boot=2,sockets=2");
+    assert_eq!(memory["numa_nodes"], 0, "{memory}\n{log}");
+}
+
 /// A PCI machine (host bridge, ECAM, MCFG, `\_SB.PCI0` in the DSDT)
 /// boots the probe as the mmio machine does.
 #[test]
@@ -289,9 +344,15 @@ fn hugepage_backed_memory_boots() {
 /// `GET /v1/vm`'s `memory` of a probe guest started with `--memory memory`,
 /// and Keel's log.
 fn memory_info(name: &str, memory: &str) -> (serde_json::Value, String) {
+    memory_info_with(name, memory, "boot=1")
+}
+
+/// `GET /v1/vm`'s `memory` of a probe guest with these `--memory` and
+/// `--cpus` values, and Keel's log.
+fn memory_info_with(name: &str, memory: &str, cpus: &str) -> (serde_json::Value, String) {
     let dir = scratch_dir(name);
     let sock = dir.join("api.sock");
-    let mut args = probe_args("128M", "boot=1", "probe.check=boot.cpl3 probe.idle");
+    let mut args = probe_args("128M", cpus, "probe.check=boot.cpl3 probe.idle");
     args[3] = memory.to_string();
     args.extend(["--api-socket".into(), sock.display().to_string()]);
     let mut k = RunningKeel::start(&args, &sock, &[]);

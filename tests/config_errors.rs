@@ -123,6 +123,42 @@ fn bad_flags_name_the_field() {
 }
 
 #[test]
+fn impossible_numa_guests_are_refused() {
+    let probe = probe_guest().display().to_string();
+    let k = probe.as_str();
+    let numa = |memory: &str, cpus: &str, extra: &[&str], needle: &str| {
+        let mut args = vec!["--kernel", k, "--memory", memory, "--cpus", cpus];
+        args.extend_from_slice(extra);
+        expect_error(&args, 1, "invalid value for memory.numa");
+        expect_error(&args, 1, needle);
+    };
+    numa(
+        "size=1G,numa=on",
+        "boot=2,sockets=2",
+        &["--machine", "acpi=off"],
+        "needs machine.acpi = true",
+    );
+    numa("size=1G,numa=on", "boot=2", &[], "at least 2 sockets");
+    numa(
+        "size=1G,numa=on",
+        "boot=3,sockets=3",
+        &[],
+        "multiple of 6 MiB",
+    );
+    numa(
+        "size=32M,numa=on",
+        "boot=4,sockets=4",
+        &[],
+        "at least 16 MiB each",
+    );
+    expect_error(
+        &["--kernel", k, "--memory", "size=1G,numa=perhaps"],
+        1,
+        "memory.numa",
+    );
+}
+
+#[test]
 fn impossible_pci_machines_are_refused() {
     let probe = probe_guest().display().to_string();
     let k = probe.as_str();

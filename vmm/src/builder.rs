@@ -12,6 +12,7 @@ use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, CpuidError, CpuidOptions, NativeCpuid};
 use crate::arch::x86_64::mptable::{self, MpTableError};
+use crate::arch::x86_64::numa::{NumaError, NumaLayout};
 use crate::arch::x86_64::regs::{self, RegsError};
 use std::time::Duration;
 
@@ -59,6 +60,9 @@ pub enum BuildError {
     /// ACPI tables.
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+    /// The NUMA description (`memory.numa`).
+    #[error("memory.numa: {0}")]
+    Numa(#[from] NumaError),
     /// CPUID table.
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
@@ -296,6 +300,11 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
             .iter()
             .map(|s| (s.base, s.len, s.irq))
             .collect();
+        let numa = config
+            .memory
+            .numa
+            .then(|| NumaLayout::new(&topology, mem_size))
+            .transpose()?;
         acpi::setup_acpi(
             &guest_memory,
             &acpi::AcpiMachine {
@@ -311,6 +320,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
                 ),
                 pci: (config.machine.transport == Transport::Pci)
                     .then(|| PciHost::for_memory(mem_size)),
+                numa: numa.as_ref(),
             },
         )?;
     }
@@ -424,6 +434,11 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
                 backing: backing.name(),
                 hugepages: config.memory.hugepages.name(),
                 hugepages_fallback: backing.fallback.clone(),
+                numa_nodes: if config.memory.numa && config.machine.acpi {
+                    u32::from(topology.sockets)
+                } else {
+                    0
+                },
             },
             boot: BootInfo {
                 kernel: kernel_name.clone(),

@@ -11,6 +11,8 @@
 //! - `probe.mem=<bytes>`, `probe.cpus=<n>`, `probe.topo=<s>,<c>,<t>`,
 //!   `probe.echo=<word>`, `probe.blk=<n>`: what the VMM was configured
 //!   with, checked.
+//! - `probe.numa=<nodes>`: the NUMA nodes the ACPI SRAT and SLIT must
+//!   describe (0: none; check `acpi.numa`, needs `probe.topo` and `probe.mem`).
 //! - `probe.boot=<success|failure>`: after the summary, print HostOS's
 //!   `GUESTOS BOOT SUCCESS` or `GUESTOS BOOT FAILURE` marker.
 //! - `probe.bench.blk=<read|write|randread|randwrite>,<bs>,<qd>,<count>`:
@@ -224,6 +226,8 @@ pub struct Options<'a> {
     pub topo: Option<Topology>,
     /// `probe.echo`: a word that must appear on the command line.
     pub echo: Option<&'a str>,
+    /// `probe.numa`: NUMA nodes the SRAT and SLIT describe (0: no tables).
+    pub numa: Option<u32>,
     /// `probe.end`: how to end the VM after the checks.
     pub end: End,
     /// `probe.boot`: the HostOS boot marker to print after the summary.
@@ -295,6 +299,9 @@ impl<'a> Options<'a> {
                 }
                 ("probe.topo", Some(v)) => opts.topo = opts.topology(token, v),
                 ("probe.echo", Some(v)) => opts.echo = Some(v),
+                ("probe.numa", Some(v)) => {
+                    opts.numa = opts.number(token, v).and_then(|n| opts.u32(token, n))
+                }
                 ("probe.boot", Some("success")) => opts.boot_marker = Some(BootMarker::Success),
                 ("probe.boot", Some("failure")) => opts.boot_marker = Some(BootMarker::Failure),
                 ("probe.end", Some("poweroff")) => opts.end = End::PowerOff,

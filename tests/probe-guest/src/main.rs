@@ -15,6 +15,7 @@
 
 extern crate alloc;
 
+mod acpi;
 mod arch;
 mod blkdev;
 mod checks;
@@ -31,6 +32,7 @@ mod report;
 mod scratch;
 mod serial;
 mod start_info;
+mod table_bytes;
 mod virtio;
 mod vsockdev;
 

@@ -5,6 +5,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::arch::phys;
+use crate::table_bytes::{checksum_ok, read};
 
 /// Where the MP floating pointer may be (16-byte aligned): the first KiB of
 /// the EBDA, and the BIOS ROM area.
@@ -58,16 +59,6 @@ pub struct MpTable {
     pub header_entry_count: u16,
     /// Entries found in the table's length (which is what Linux walks).
     pub entries: usize,
-}
-
-fn checksum_ok(bytes: &[u8]) -> bool {
-    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
-}
-
-fn read(addr: u64, len: usize) -> Result<Vec<u8>, String> {
-    let mut buf = alloc::vec![0; len];
-    phys::read_bytes(addr, &mut buf).map_err(|e| format!("{len} bytes at {addr:#x}: {e}"))?;
-    Ok(buf)
 }
 
 /// Finds the floating pointer, checks both checksums, parses the entries

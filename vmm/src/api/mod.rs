@@ -91,6 +91,8 @@ pub struct MemoryInfo {
     /// With `auto`, why Keel fell back to normal pages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hugepages_fallback: Option<String>,
+    /// NUMA nodes the ACPI SRAT and SLIT describe (`memory.numa`; 0 without).
+    pub numa_nodes: u32,
 }
 
 /// Boot source description.

@@ -33,7 +33,7 @@ struct Args {
     /// Excludes --kernel, --initrd and --cmdline.
     #[arg(long, value_name = "ROLE", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
     boot_slot: Option<String>,
-    /// Guest memory: size=512M[,hugepages=on].
+    /// Guest memory: size=512M[,hugepages=on|off|auto][,overcommit=on][,numa=on].
     #[arg(long, value_name = "OPTIONS")]
     memory: Option<String>,
     /// vCPUs: boot=N[,sockets=S,cores=C,threads=T][,mask=feat1:feat2].

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::layout;
+use crate::arch::x86_64::numa::NumaLayout;
 use crate::arch::x86_64::topology::CpuTopology;
 pub use options::{parse_size, parse_switch, ByteSize, OptionList};
 
@@ -137,6 +138,10 @@ pub struct MemoryConfig {
     /// Accept a size above the host's physical memory (MemTotal).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub overcommit: bool,
+    /// Describe each socket as a NUMA node (ACPI SRAT and SLIT), with
+    /// guest RAM split evenly among them (see `arch::x86_64::numa`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub numa: bool,
 }
 
 impl Default for MemoryConfig {
@@ -145,6 +150,7 @@ impl Default for MemoryConfig {
             size: ByteSize::from_bytes(512 << 20),
             hugepages: HugepagesMode::Off,
             overcommit: false,
+            numa: false,
         }
     }
 }
@@ -715,7 +721,7 @@ pub struct FlagOverrides {
     pub cmdline: Option<String>,
     /// `--boot-slot guestos|upgrade`
     pub boot_slot: Option<String>,
-    /// `--memory size=..[,hugepages=on|off|auto][,overcommit=on]`
+    /// `--memory size=..[,hugepages=on|off|auto][,overcommit=on][,numa=on]`
     pub memory: Option<String>,
     /// `--cpus boot=N[,sockets=S,cores=C,threads=T][,mask=a:b]`
     pub cpus: Option<String>,
@@ -889,6 +895,7 @@ impl VmConfig {
         }
         self.validate_memory()?;
         self.validate_cpus()?;
+        self.validate_numa()?;
         self.validate_disks()?;
         self.validate_nets()?;
         self.validate_control()?;
@@ -1110,6 +1117,27 @@ impl VmConfig {
     /// not learn the host bridge's windows or INTx routing; and the VMM
     /// does not put virtio devices behind the virtio-pci transport yet
     /// (the transport model exists, `devices::virtio::pci`).
+    /// `memory.numa`: needs the ACPI tables, two sockets or more, and RAM
+    /// that splits into equal parts of whole 2 MiB pages.
+    fn validate_numa(&self) -> Result<(), ConfigError> {
+        if !self.memory.numa {
+            return Ok(());
+        }
+        if !self.machine.acpi {
+            return Err(ConfigError::invalid(
+                "memory.numa",
+                "true",
+                "needs machine.acpi = true (NUMA nodes are described in the ACPI SRAT and SLIT; \
+                 the MP table cannot)"
+                    .into(),
+            ));
+        }
+        let topology = self.cpus.topology()?;
+        NumaLayout::new(&topology, self.memory.size.bytes())
+            .map_err(|e| ConfigError::invalid("memory.numa", "true", e.to_string()))?;
+        Ok(())
+    }
+
     fn validate_machine(&self) -> Result<(), ConfigError> {
         if self.machine.transport != Transport::Pci {
             return Ok(());
@@ -1469,9 +1497,14 @@ pub fn resolve_group(g: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses `--memory size=512M[,hugepages=on|off|auto][,overcommit=on]`.
+/// Parses `--memory size=512M[,hugepages=on|off|auto][,overcommit=on][,numa=on]`.
 pub fn parse_memory_flag(input: &str) -> Result<MemoryConfig, ConfigError> {
-    let o = OptionList::parse("memory", input, &["size", "hugepages", "overcommit"], None)?;
+    let o = OptionList::parse(
+        "memory",
+        input,
+        &["size", "hugepages", "overcommit", "numa"],
+        None,
+    )?;
     Ok(MemoryConfig {
         size: o.size("size")?.ok_or(ConfigError::Missing("memory.size"))?,
         hugepages: o
@@ -1483,6 +1516,7 @@ pub fn parse_memory_flag(input: &str) -> Result<MemoryConfig, ConfigError> {
             .transpose()?
             .unwrap_or_default(),
         overcommit: o.switch("overcommit")?.unwrap_or(false),
+        numa: o.switch("numa")?.unwrap_or(false),
     })
 }
 
@@ -2235,6 +2269,81 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn numa_in_the_flag_and_the_file() {
+        assert!(!parse_memory_flag("size=1G").unwrap().numa);
+        assert!(parse_memory_flag("size=1G,numa=on").unwrap().numa);
+        assert!(!parse_memory_flag("size=1G,numa=off").unwrap().numa);
+        let e = parse_memory_flag("size=1G,numa=both")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory.numa") && e.contains("\"both\""), "{e}");
+        let cfg = VmConfig::from_toml("[memory]\nsize = \"1G\"\nnuma = true").unwrap();
+        assert!(cfg.memory.numa);
+        assert!(
+            !VmConfig::from_toml("[memory]\nsize = \"1G\"")
+                .unwrap()
+                .memory
+                .numa
+        );
+        // --print-config shows it only when on, and reads back.
+        let text = toml::to_string(&cfg.memory).unwrap();
+        assert!(text.contains("numa = true"), "{text}");
+        assert!(!toml::to_string(&MemoryConfig::default())
+            .unwrap()
+            .contains("numa"));
+    }
+
+    /// A valid 2-socket NUMA guest, for the refusals below to break.
+    fn numa_config() -> VmConfig {
+        let mut c = valid();
+        c.memory = parse_memory_flag("size=256M,numa=on").unwrap();
+        c.cpus = parse_cpus_flag("boot=4,sockets=2").unwrap();
+        c
+    }
+
+    #[test]
+    fn numa_refusals_name_memory_numa() {
+        assert!(numa_config().validate().is_ok());
+        let refused = |f: &dyn Fn(&mut VmConfig), why: &str| {
+            let mut c = numa_config();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.starts_with("invalid value for memory.numa: \"true\"") && e.contains(why),
+                "{e} should name memory.numa and say {why:?}"
+            );
+        };
+        refused(&|c| c.machine.acpi = false, "machine.acpi = true");
+        refused(
+            &|c| c.cpus = parse_cpus_flag("boot=4").unwrap(),
+            "at least 2 sockets",
+        );
+        // 3 sockets x 2 MiB pages do not divide 256 MiB.
+        refused(
+            &|c| c.cpus = parse_cpus_flag("boot=3,sockets=3").unwrap(),
+            "multiple of 6 MiB",
+        );
+        // Each node a multiple of 4 KiB but not of 2 MiB.
+        refused(
+            &|c| c.memory.size = ByteSize::from_bytes((256 << 20) + (8 << 10)),
+            "multiple of 4 MiB",
+        );
+        refused(
+            &|c| {
+                c.memory.size = ByteSize::from_bytes(32 << 20);
+                c.cpus = parse_cpus_flag("boot=4,sockets=4").unwrap();
+            },
+            "at least 16 MiB each",
+        );
+        // Off: none of this is checked.
+        let mut c = numa_config();
+        c.memory.numa = false;
+        c.machine.acpi = false;
+        c.cpus = parse_cpus_flag("boot=3,sockets=3").unwrap();
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -15,9 +15,9 @@ use crate::report::CheckResult;
 use crate::start_info::E820_RAM;
 
 /// Keel's 32-bit MMIO hole: RAM below 4 GiB ends here.
-const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub(super) const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// RAM resumes here, above the hole.
-const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+pub(super) const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// End of base memory (the EBDA follows).
 const EBDA_START: u64 = 0x9fc00;
 /// Start of high memory.

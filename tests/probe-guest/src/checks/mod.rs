@@ -1,6 +1,7 @@
 //! The checks, by area. Each returns `Ok(())` or the reason it failed; the
 //! order here is the order of the output lines.
 
+mod acpi;
 mod blk;
 mod boot;
 mod cpuid;
@@ -45,6 +46,9 @@ pub fn run_all(ctx: &Context<'_>, report: &mut Report<'_>) {
     report.check("cpuid.apic_id", cpuid::apic_id);
     report.check("cpuid.topology", || cpuid::topology(ctx));
     report.check("smp.mptable", || smp::mptable(ctx));
+    if ctx.options.numa.is_some() {
+        report.check("acpi.numa", || acpi::numa(ctx));
+    }
     report.check("serial.scratch", serial::scratch);
     let bench_done = report.selects_prefix("blk.") && blk::run(ctx, report);
     if !bench_done {

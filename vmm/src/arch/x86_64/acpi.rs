@@ -6,8 +6,10 @@
 //!
 //! ```text
 //! 0x000e_0000  RSDP (revision 2, points at the XSDT)
-//! 0x000e_0040  XSDT -> FADT, MADT
-//!   ...        FADT (hardware-reduced), DSDT, MADT
+//! 0x000e_0040  XSDT -> FADT, MADT[, MCFG][, SRAT, SLIT]
+//!   ...        FADT (hardware-reduced), DSDT, MADT, then the MCFG on a PCI
+//!              machine and the SRAT and SLIT with `memory.numa` (see
+//!              [`super::numa`])
 //! ```
 //!
 //! The FADT is **hardware-reduced** (ACPI 6, `HW_REDUCED_ACPI`): there is no
@@ -36,6 +38,7 @@ use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{APIC_START, IOAPIC_START};
+use super::numa::{self, NumaLayout};
 use super::pci_acpi::{self, PciHost};
 use super::topology::CpuTopology;
 
@@ -103,6 +106,8 @@ pub struct AcpiMachine<'a> {
     pub reset: (u16, u8),
     /// The PCI host bridge (MCFG, `\_SB.PCI0`), when the machine has one.
     pub pci: Option<PciHost>,
+    /// The NUMA domains (SRAT, SLIT), with `memory.numa`.
+    pub numa: Option<&'a NumaLayout>,
 }
 
 /// The CMOS register the FADT names as the century.
@@ -375,11 +380,16 @@ fn madt(m: &AcpiMachine) -> Vec<u8> {
 pub fn build(m: &AcpiMachine) -> Result<AcpiTables, AcpiError> {
     let align = |a: u64| (a + 15) & !15;
     let xsdt_addr = align(RSDP_START + Rsdp::len() as u64);
-    let mcfg = m
-        .pci
-        .map(|host| pci_acpi::mcfg(&host, OEM_ID, OEM_TABLE_ID, OEM_REVISION));
-    // FADT, MADT and, with PCI, MCFG.
-    let xsdt_len = 36 + 8 * (2 + u64::from(mcfg.is_some()));
+    // After the FADT and MADT: with PCI the MCFG, with NUMA the SRAT and SLIT.
+    let mut extra = Vec::new();
+    if let Some(host) = &m.pci {
+        extra.push(pci_acpi::mcfg(host, OEM_ID, OEM_TABLE_ID, OEM_REVISION));
+    }
+    if let Some(layout) = m.numa {
+        extra.push(numa::srat(layout, OEM_ID, OEM_TABLE_ID, OEM_REVISION));
+        extra.push(numa::slit(layout, OEM_ID, OEM_TABLE_ID, OEM_REVISION));
+    }
+    let xsdt_len = 36 + 8 * (2 + extra.len() as u64);
     let fadt_addr = align(xsdt_addr + xsdt_len);
     let fadt_len = acpi_tables::fadt::FADT::len() as u64;
     let dsdt_addr = align(fadt_addr + fadt_len);
@@ -395,11 +405,11 @@ pub fn build(m: &AcpiMachine) -> Result<AcpiTables, AcpiError> {
         (dsdt_addr, dsdt),
         (madt_addr, madt),
     ];
-    if let Some(mcfg) = mcfg {
-        let mcfg_addr = align(end);
-        end = mcfg_addr + mcfg.len() as u64;
-        xsdt.add_entry(mcfg_addr);
-        blobs.push((mcfg_addr, mcfg));
+    for table in extra {
+        let addr = align(end);
+        end = addr + table.len() as u64;
+        xsdt.add_entry(addr);
+        blobs.push((addr, table));
     }
     if end > ACPI_END {
         return Err(AcpiError::TooLarge {
@@ -453,6 +463,7 @@ mod tests {
             ged: (0x608, 3),
             reset: (0x602, 1),
             pci: None,
+            numa: None,
         }
     }
 
@@ -642,6 +653,265 @@ mod tests {
         ] {
             assert!(dsl.contains(want), "{want:?} missing from\n{dsl}");
         }
+    }
+
+    /// What an SRAT says, read back field by field: (APIC ID, domain) of
+    /// each processor entry and (domain, base, length) of each enabled
+    /// memory entry.
+    #[allow(clippy::type_complexity)]
+    fn parse_srat(srat: &[u8]) -> (Vec<(u32, u32)>, Vec<(u32, u64, u64)>) {
+        assert_eq!(&srat[..4], b"SRAT");
+        assert_eq!(u32_at(srat, 36), 1, "reserved dword must be 1");
+        let (mut cpus, mut mem) = (Vec::new(), Vec::new());
+        let mut o = 48;
+        while o < srat.len() {
+            let (kind, len) = (srat[o], srat[o + 1] as usize);
+            match (kind, len) {
+                (0, 16) => {
+                    assert_eq!(u32_at(srat, o + 4) & 1, 1, "enabled");
+                    let domain = u32::from(srat[o + 2])
+                        | (u32::from(srat[o + 9]) << 8)
+                        | (u32::from(srat[o + 10]) << 16)
+                        | (u32::from(srat[o + 11]) << 24);
+                    cpus.push((u32::from(srat[o + 3]), domain));
+                }
+                (2, 24) => {
+                    assert_eq!(u32_at(srat, o + 12) & 1, 1, "enabled");
+                    cpus.push((u32_at(srat, o + 8), u32_at(srat, o + 4)));
+                }
+                (1, 40) => {
+                    assert_eq!(u32_at(srat, o + 28) & 1, 1, "enabled");
+                    mem.push((
+                        u32_at(srat, o + 2),
+                        u64_at(srat, o + 8),
+                        u64_at(srat, o + 16),
+                    ));
+                }
+                other => panic!("unexpected SRAT structure {other:?}"),
+            }
+            o += len;
+        }
+        assert_eq!(o, srat.len(), "structures fill the table exactly");
+        (cpus, mem)
+    }
+
+    /// Builds the tables of a NUMA guest; checks that the SRAT gives every
+    /// vCPU its socket's domain and covers RAM exactly once, each domain
+    /// getting an equal share in address order, and the SLIT's matrix.
+    fn check_numa(topo: CpuTopology, size: u64) -> AcpiTables {
+        let layout = NumaLayout::new(&topo, size).unwrap();
+        let t = build(&AcpiMachine {
+            numa: Some(&layout),
+            ..machine(&topo)
+        })
+        .unwrap();
+        let tables = walk(&t);
+        let sigs: Vec<[u8; 4]> = tables.iter().map(|(s, _)| *s).collect();
+        assert_eq!(sigs, [*b"FACP", *b"APIC", *b"SRAT", *b"SLIT"]);
+        let (cpus, mem) = parse_srat(&tables[2].1);
+        let per_socket = u32::from(topo.cores) * u32::from(topo.threads);
+        let want: Vec<(u32, u32)> = (0..topo.vcpus())
+            .map(|i| (topo.apic_id(i), i / per_socket))
+            .collect();
+        assert_eq!(cpus, want, "every vCPU in its socket's domain");
+        // RAM exactly once: the entries, in address order, tile the RAM
+        // ranges with no gap or overlap.
+        let mut sorted = mem.clone();
+        sorted.sort_by_key(|&(_, base, _)| base);
+        let mut tiles = sorted.iter().peekable();
+        for ram in super::super::layout::ram_ranges(size) {
+            let mut at = ram.start;
+            while at < ram.end() {
+                let &(_, base, len) = tiles.next().expect("RAM not covered");
+                assert_eq!(base, at, "gap or overlap at {at:#x}");
+                at += len;
+            }
+            assert_eq!(at, ram.end(), "entry runs past RAM");
+        }
+        assert!(tiles.next().is_none(), "memory outside RAM");
+        // Domains in address order, each with an equal share.
+        let nodes = u32::from(topo.sockets);
+        let domains: Vec<u32> = sorted.iter().map(|m| m.0).collect();
+        assert!(domains.windows(2).all(|w| w[0] <= w[1]), "{domains:?}");
+        for d in 0..nodes {
+            let total: u64 = mem.iter().filter(|m| m.0 == d).map(|m| m.2).sum();
+            assert_eq!(total, size / u64::from(nodes), "domain {d}");
+        }
+        let slit = &tables[3].1;
+        let n = nodes as usize;
+        assert_eq!(u64_at(slit, 36), u64::from(nodes), "localities");
+        assert_eq!(slit.len(), 44 + n * n);
+        for a in 0..n {
+            for b in 0..n {
+                let want = if a == b { 10 } else { 20 };
+                assert_eq!(slit[44 + a * n + b], want, "distance {a} -> {b}");
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn srat_and_slit_describe_each_socket() {
+        let topo = CpuTopology {
+            sockets: 2,
+            cores: 3,
+            threads: 2,
+        };
+        // 8 GiB: domain 0 spans the hole.
+        check_numa(topo, 8 << 30);
+        // Below the hole only.
+        check_numa(topo, 1 << 30);
+        // Four sockets, 12 GiB: domain 0 below the hole, the rest above.
+        check_numa(
+            CpuTopology {
+                sockets: 4,
+                cores: 2,
+                threads: 1,
+            },
+            12 << 30,
+        );
+        // HostOS's shape: 2 x 16 x 2, 476 GiB.
+        check_numa(
+            CpuTopology {
+                sockets: 2,
+                cores: 16,
+                threads: 2,
+            },
+            476 << 30,
+        );
+    }
+
+    #[test]
+    fn srat_uses_x2apic_affinity_from_apic_id_255() {
+        let topo = CpuTopology {
+            sockets: 2,
+            cores: 80,
+            threads: 2,
+        };
+        let t = check_numa(topo, 16 << 30);
+        let srat = &walk(&t)[2].1;
+        let (mut local, mut x2apic) = (0, 0);
+        let mut o = 48;
+        while o < srat.len() {
+            match srat[o] {
+                0 => local += 1,
+                2 => {
+                    x2apic += 1;
+                    assert!(u32_at(srat, o + 8) >= 0xff);
+                }
+                _ => {}
+            }
+            o += srat[o + 1] as usize;
+        }
+        let high = (0..topo.vcpus())
+            .filter(|&i| topo.apic_id(i) >= 0xff)
+            .count();
+        assert!(high > 0);
+        assert_eq!((local, x2apic), (topo.vcpus() as usize - high, high));
+    }
+
+    /// The `Name : Value` fields of an iasl data-table disassembly: the
+    /// header's, then one list per subtable (from its `Subtable Type`).
+    fn iasl_fields(dsl: &str) -> Vec<Vec<(String, String)>> {
+        let body = dsl.split("Raw Table Data").next().unwrap_or_default();
+        let mut blocks = vec![Vec::new()];
+        for (k, v) in body
+            .lines()
+            .filter_map(|l| l.split_once("] ").map(|(_, rest)| rest))
+            .filter_map(|f| f.split_once(" : "))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        {
+            if k == "Subtable Type" {
+                blocks.push(Vec::new());
+            }
+            if let Some(b) = blocks.last_mut() {
+                b.push((k, v));
+            }
+        }
+        blocks
+    }
+
+    fn hex(v: &str) -> u64 {
+        let digits = v.split_whitespace().next().unwrap_or_default();
+        u64::from_str_radix(digits, 16).unwrap_or_else(|e| panic!("{v:?}: {e}"))
+    }
+
+    /// ACPICA's disassembler reads the SRAT and SLIT back: an independent
+    /// parser, whose fields must give each vCPU its socket's domain and
+    /// each domain its share of RAM.
+    #[test]
+    fn iasl_disassembles_the_srat_and_slit() {
+        // 2 x 64 x 2: APIC IDs up to 255, so both affinity structures.
+        let topo = CpuTopology {
+            sockets: 2,
+            cores: 64,
+            threads: 2,
+        };
+        let size = 8u64 << 30;
+        let t = check_numa(topo, size);
+        let tables = walk(&t);
+        let srat = iasl_disassemble(&tables[2].1, "srat");
+        assert!(!srat.contains("****"), "iasl complains:\n{srat}");
+        let (mut cpus, mut mem) = (Vec::new(), Vec::new());
+        for block in iasl_fields(&srat) {
+            let get = |k: &str| {
+                block
+                    .iter()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, v)| v.as_str())
+                    .unwrap_or_else(|| panic!("no {k:?} in {block:?}"))
+            };
+            let Some((_, kind)) = block.iter().find(|(k, _)| k == "Subtable Type") else {
+                continue;
+            };
+            assert_eq!(
+                hex(get("Flags (decoded below)")) & 1,
+                1,
+                "enabled: {block:?}"
+            );
+            if kind.contains("[Processor Local APIC/SAPIC Affinity]") {
+                let domain = hex(get("Proximity Domain Low(8)"))
+                    | hex(get("Proximity Domain High(24)")) << 8;
+                cpus.push((hex(get("Apic ID")), domain));
+            } else if kind.contains("[Processor Local x2APIC Affinity]") {
+                cpus.push((hex(get("Apic ID")), hex(get("Proximity Domain"))));
+            } else if kind.contains("[Memory Affinity]") {
+                mem.push((
+                    hex(get("Proximity Domain")),
+                    hex(get("Base Address")),
+                    hex(get("Address Length")),
+                ));
+            } else {
+                panic!("unexpected subtable {kind}");
+            }
+        }
+        let want: Vec<(u64, u64)> = (0..topo.vcpus())
+            .map(|i| (u64::from(topo.apic_id(i)), u64::from(i / 128)))
+            .collect();
+        assert_eq!(cpus, want, "{srat}");
+        assert!(
+            cpus.iter().any(|&(id, _)| id >= 0xff),
+            "x2APIC entries read"
+        );
+        // 4 GiB each: domain 0 is [0, 3G) and [4G, 5G).
+        assert_eq!(
+            mem,
+            [
+                (0, 0, 3 << 30),
+                (0, 4 << 30, 1 << 30),
+                (1, 5 << 30, 4 << 30)
+            ],
+            "{srat}"
+        );
+        let slit = iasl_disassemble(&tables[3].1, "slit");
+        assert!(!slit.contains("****"), "iasl complains:\n{slit}");
+        let fields: Vec<(String, String)> = iasl_fields(&slit).concat();
+        let rows: Vec<&str> = fields
+            .iter()
+            .filter(|(k, _)| k.starts_with("Locality "))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(rows, ["0A 14", "14 0A"], "{slit}");
     }
 
     /// Walks RSDP -> XSDT -> tables; returns (signature, bytes) of each.

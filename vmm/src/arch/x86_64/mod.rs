@@ -7,6 +7,7 @@ pub mod cpuid;
 pub mod cpuid_dump;
 pub mod layout;
 pub mod mptable;
+pub mod numa;
 pub mod pci_acpi;
 pub mod regs;
 pub mod topology;
