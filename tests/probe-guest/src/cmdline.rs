@@ -17,6 +17,7 @@
 //!   a virtio-blk benchmark on disk 0 (check `bench.blk`).
 //! - `probe.vsock.cid=<n>`, `probe.vsock.transfer=<port>,<bytes>`,
 //!   `probe.vsock.closed_port=<port>`, `probe.vsock.listen=<port>[,refused]`,
+//!   `probe.vsock.flood=<packets>[,sync]`,
 //!   `probe.bench.vsock=<port>,<write size>,<total bytes>,<tx|rx>`: the
 //!   virtio-vsock checks and benchmark (see `checks::vsock`).
 //! - `probe.net.ip=<a.b.c.d>/<prefix>`, `probe.net.ip6=<ipv6>`,
@@ -191,6 +192,15 @@ pub struct VsockListen {
     pub refused: bool,
 }
 
+/// `probe.vsock.flood=<packets>[,sync]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VsockFlood {
+    /// Packets to send without receive buffers (at least 1).
+    pub packets: u64,
+    /// Wait for a byte on COM1 before the flood and after it.
+    pub sync: bool,
+}
+
 /// `probe.bench.net=<tx|rx>,<frame bytes>,<count>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetBench {
@@ -243,6 +253,8 @@ pub struct Options<'a> {
     pub vsock_closed_port: Option<u32>,
     /// `probe.vsock.listen`: the guest port the host connects to.
     pub vsock_listen: Option<VsockListen>,
+    /// `probe.vsock.flood`: the flood check's size and host handshake.
+    pub vsock_flood: Option<VsockFlood>,
     /// `probe.bench.vsock`: the vsock benchmark to run.
     pub bench_vsock: Option<VsockBench>,
     /// `probe.net.ip`: the probe's IPv4 address and prefix length.
@@ -323,6 +335,7 @@ impl<'a> Options<'a> {
                     opts.vsock_closed_port = opts.number(token, v).and_then(|n| opts.u32(token, n))
                 }
                 ("probe.vsock.listen", Some(v)) => opts.vsock_listen = opts.vsock_listen(token, v),
+                ("probe.vsock.flood", Some(v)) => opts.vsock_flood = opts.vsock_flood(token, v),
                 ("probe.bench.vsock", Some(v)) => opts.bench_vsock = opts.vsock_bench(token, v),
                 ("probe.net.ip", Some(v)) => {
                     opts.net_ip = v
@@ -460,6 +473,24 @@ impl<'a> Options<'a> {
             _ => {
                 self.errors
                     .push(format!("{token:?}: want <port>[,refused]"));
+                None
+            }
+        }
+    }
+
+    fn vsock_flood(&mut self, token: &str, value: &str) -> Option<VsockFlood> {
+        let mut parts = value.split(',');
+        let packets = parts.next().and_then(|p| p.parse::<u64>().ok());
+        let sync = match parts.next() {
+            None => Some(false),
+            Some("sync") => Some(true),
+            Some(_) => None,
+        };
+        match (packets, sync, parts.next()) {
+            (Some(packets), Some(sync), None) if packets > 0 => Some(VsockFlood { packets, sync }),
+            _ => {
+                self.errors
+                    .push(format!("{token:?}: want <packets >= 1>[,sync]"));
                 None
             }
         }

@@ -8,6 +8,7 @@ mod net;
 mod serial;
 mod smp;
 mod vsock;
+mod vsock_flood;
 
 use alloc::string::String;
 
