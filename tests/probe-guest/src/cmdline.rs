@@ -461,39 +461,26 @@ impl<'a> Options<'a> {
     }
 
     fn vsock_listen(&mut self, token: &str, value: &str) -> Option<VsockListen> {
-        let mut parts = value.split(',');
-        let port = parts.next().and_then(|p| p.parse::<u32>().ok());
-        let refused = match parts.next() {
-            None => Some(false),
-            Some("refused") => Some(true),
-            Some(_) => None,
-        };
-        match (port, refused, parts.next()) {
-            (Some(port), Some(refused), None) => Some(VsockListen { port, refused }),
-            _ => {
-                self.errors
-                    .push(format!("{token:?}: want <port>[,refused]"));
-                None
-            }
+        let parsed = number_and_flag(value, "refused").and_then(|(port, refused)| {
+            let port = u32::try_from(port).ok()?;
+            Some(VsockListen { port, refused })
+        });
+        if parsed.is_none() {
+            self.errors
+                .push(format!("{token:?}: want <port>[,refused]"));
         }
+        parsed
     }
 
     fn vsock_flood(&mut self, token: &str, value: &str) -> Option<VsockFlood> {
-        let mut parts = value.split(',');
-        let packets = parts.next().and_then(|p| p.parse::<u64>().ok());
-        let sync = match parts.next() {
-            None => Some(false),
-            Some("sync") => Some(true),
-            Some(_) => None,
-        };
-        match (packets, sync, parts.next()) {
-            (Some(packets), Some(sync), None) if packets > 0 => Some(VsockFlood { packets, sync }),
-            _ => {
-                self.errors
-                    .push(format!("{token:?}: want <packets >= 1>[,sync]"));
-                None
-            }
+        let parsed = number_and_flag(value, "sync")
+            .filter(|&(packets, _)| packets > 0)
+            .map(|(packets, sync)| VsockFlood { packets, sync });
+        if parsed.is_none() {
+            self.errors
+                .push(format!("{token:?}: want <packets >= 1>[,sync]"));
         }
+        parsed
     }
 
     fn vsock_bench(&mut self, token: &str, value: &str) -> Option<VsockBench> {
@@ -577,6 +564,16 @@ impl<'a> Options<'a> {
 
 /// Smallest benchmark frame: Ethernet, IPv4 and UDP headers.
 pub const NET_MIN_FRAME: u64 = 14 + 20 + 8;
+
+/// `<decimal number>[,<flag>]`: the number and whether the flag is there.
+fn number_and_flag(value: &str, flag: &str) -> Option<(u64, bool)> {
+    let (number, with_flag) = match value.split_once(',') {
+        None => (value, false),
+        Some((n, f)) if f == flag => (n, true),
+        Some(_) => return None,
+    };
+    Some((number.parse().ok()?, with_flag))
+}
 
 /// `a.b.c.d` (decimal octets).
 pub fn parse_ipv4(text: &str) -> Option<[u8; 4]> {
