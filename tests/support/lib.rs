@@ -2,6 +2,7 @@
 //! `keel` with a deadline, and read the probe guest's report.
 
 pub mod guestos_disk;
+pub mod memory;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -471,6 +472,26 @@ pub fn api_call(socket: &Path, method: &str, path: &str, body: &str) -> Option<(
     let (head, body) = raw.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
+}
+
+/// Attaches to the console as its writer (`GET /v1/console?mode=rw` on
+/// the control socket) and returns the stream to type into. What the
+/// console sends is read and discarded by a thread until Keel closes it.
+pub fn console_typist(socket: &Path) -> std::os::unix::net::UnixStream {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect to the API");
+    s.write_all(b"GET /v1/console?mode=rw HTTP/1.1\r\nHost: keel\r\n\r\n")
+        .expect("ask for the console");
+    let mut reader = BufReader::new(s.try_clone().expect("clone the console stream"));
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("status line");
+    assert!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "console writer refused: {status:?}"
+    );
+    // The rest (headers, then the console) is not needed.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    s
 }
 
 /// Runs `keelctl --socket SOCK ARGS...` as `uid` with exactly the groups

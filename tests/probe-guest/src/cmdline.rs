@@ -19,6 +19,7 @@
 //!   a virtio-blk benchmark on disk 0 (check `bench.blk`).
 //! - `probe.vsock.cid=<n>`, `probe.vsock.transfer=<port>,<bytes>`,
 //!   `probe.vsock.closed_port=<port>`, `probe.vsock.listen=<port>[,refused]`,
+//!   `probe.vsock.flood=<packets>[,sync]`,
 //!   `probe.bench.vsock=<port>,<write size>,<total bytes>,<tx|rx>`: the
 //!   virtio-vsock checks and benchmark (see `checks::vsock`).
 //! - `probe.net.ip=<a.b.c.d>/<prefix>`, `probe.net.ip6=<ipv6>`,
@@ -193,6 +194,15 @@ pub struct VsockListen {
     pub refused: bool,
 }
 
+/// `probe.vsock.flood=<packets>[,sync]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VsockFlood {
+    /// Packets to send without receive buffers (at least 1).
+    pub packets: u64,
+    /// Wait for a byte on COM1 before the flood and after it.
+    pub sync: bool,
+}
+
 /// `probe.bench.net=<tx|rx>,<frame bytes>,<count>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetBench {
@@ -247,6 +257,8 @@ pub struct Options<'a> {
     pub vsock_closed_port: Option<u32>,
     /// `probe.vsock.listen`: the guest port the host connects to.
     pub vsock_listen: Option<VsockListen>,
+    /// `probe.vsock.flood`: the flood check's size and host handshake.
+    pub vsock_flood: Option<VsockFlood>,
     /// `probe.bench.vsock`: the vsock benchmark to run.
     pub bench_vsock: Option<VsockBench>,
     /// `probe.net.ip`: the probe's IPv4 address and prefix length.
@@ -330,6 +342,7 @@ impl<'a> Options<'a> {
                     opts.vsock_closed_port = opts.number(token, v).and_then(|n| opts.u32(token, n))
                 }
                 ("probe.vsock.listen", Some(v)) => opts.vsock_listen = opts.vsock_listen(token, v),
+                ("probe.vsock.flood", Some(v)) => opts.vsock_flood = opts.vsock_flood(token, v),
                 ("probe.bench.vsock", Some(v)) => opts.bench_vsock = opts.vsock_bench(token, v),
                 ("probe.net.ip", Some(v)) => {
                     opts.net_ip = v
@@ -455,21 +468,26 @@ impl<'a> Options<'a> {
     }
 
     fn vsock_listen(&mut self, token: &str, value: &str) -> Option<VsockListen> {
-        let mut parts = value.split(',');
-        let port = parts.next().and_then(|p| p.parse::<u32>().ok());
-        let refused = match parts.next() {
-            None => Some(false),
-            Some("refused") => Some(true),
-            Some(_) => None,
-        };
-        match (port, refused, parts.next()) {
-            (Some(port), Some(refused), None) => Some(VsockListen { port, refused }),
-            _ => {
-                self.errors
-                    .push(format!("{token:?}: want <port>[,refused]"));
-                None
-            }
+        let parsed = number_and_flag(value, "refused").and_then(|(port, refused)| {
+            let port = u32::try_from(port).ok()?;
+            Some(VsockListen { port, refused })
+        });
+        if parsed.is_none() {
+            self.errors
+                .push(format!("{token:?}: want <port>[,refused]"));
         }
+        parsed
+    }
+
+    fn vsock_flood(&mut self, token: &str, value: &str) -> Option<VsockFlood> {
+        let parsed = number_and_flag(value, "sync")
+            .filter(|&(packets, _)| packets > 0)
+            .map(|(packets, sync)| VsockFlood { packets, sync });
+        if parsed.is_none() {
+            self.errors
+                .push(format!("{token:?}: want <packets >= 1>[,sync]"));
+        }
+        parsed
     }
 
     fn vsock_bench(&mut self, token: &str, value: &str) -> Option<VsockBench> {
@@ -553,6 +571,16 @@ impl<'a> Options<'a> {
 
 /// Smallest benchmark frame: Ethernet, IPv4 and UDP headers.
 pub const NET_MIN_FRAME: u64 = 14 + 20 + 8;
+
+/// `<decimal number>[,<flag>]`: the number and whether the flag is there.
+fn number_and_flag(value: &str, flag: &str) -> Option<(u64, bool)> {
+    let (number, with_flag) = match value.split_once(',') {
+        None => (value, false),
+        Some((n, f)) if f == flag => (n, true),
+        Some(_) => return None,
+    };
+    Some((number.parse().ok()?, with_flag))
+}
 
 /// `a.b.c.d` (decimal octets).
 pub fn parse_ipv4(text: &str) -> Option<[u8; 4]> {

@@ -7,8 +7,10 @@
 //! legacy layout (descriptor table and available ring on one page, the used
 //! ring on the next), as in `rawblk`. The receive queue holds [`RX_BUFS`]
 //! buffers of [`RX_BUF_SIZE`] bytes, offered again as soon as a packet in
-//! them has been read; the event queue gets none (the device has nothing
-//! to say there). Completions are found by polling; interrupts stay off.
+//! them has been read (a flood starts without them: [`RawVsock::new_without_rx`],
+//! then [`RawVsock::post_rx`]); the event queue gets none (the device has
+//! nothing to say there). Completions are found by polling; interrupts stay
+//! off.
 
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::format;
@@ -54,8 +56,14 @@ pub const OP_REQUEST: u16 = 1;
 pub const OP_RESPONSE: u16 = 2;
 /// Reset.
 pub const OP_RST: u16 = 3;
+/// Half or full close.
+pub const OP_SHUTDOWN: u16 = 4;
 /// Data.
 pub const OP_RW: u16 = 5;
+/// Asks for a credit update.
+pub const OP_CREDIT_REQUEST: u16 = 7;
+/// SHUTDOWN flag: the sender will send no more.
+pub const SHUTDOWN_SEND: u32 = 2;
 /// Stream sockets.
 pub const TYPE_STREAM: u16 = 1;
 /// The host's CID.
@@ -123,13 +131,17 @@ impl Hdr {
     }
 }
 
-/// A packet the device put in the receive queue: its header and used.len.
-#[derive(Clone, Copy, Debug)]
+/// A packet the device put in the receive queue: its header, used.len and
+/// payload.
+#[derive(Clone, Debug)]
 pub struct Received {
     /// The header.
     pub hdr: Hdr,
     /// What the device said it wrote.
     pub used_len: u32,
+    /// The payload: `hdr.len` bytes, at most what the buffer holds and the
+    /// device said it wrote.
+    pub payload: Vec<u8>,
 }
 
 /// The device with hand-built queues.
@@ -152,6 +164,16 @@ fn layout() -> Layout {
 impl RawVsock {
     /// Resets the device and sets it up with fresh queues.
     pub fn new(dev: &MmioDevice) -> Result<Self, String> {
+        Self::open(dev, true)
+    }
+
+    /// As [`RawVsock::new`], but no receive buffer is offered until
+    /// [`RawVsock::post_rx`].
+    pub fn new_without_rx(dev: &MmioDevice) -> Result<Self, String> {
+        Self::open(dev, false)
+    }
+
+    fn open(dev: &MmioDevice, rx: bool) -> Result<Self, String> {
         let transport = dev.transport()?;
         // SAFETY: a non-zero size.
         let mem = NonNull::new(unsafe { alloc_zeroed(layout()) })
@@ -164,7 +186,7 @@ impl RawVsock {
             cid: 0,
             clean: true,
         };
-        raw.init()?;
+        raw.setup(rx)?;
         Ok(raw)
     }
 
@@ -175,6 +197,10 @@ impl RawVsock {
     /// Resets the device and sets it up again: VERSION_1 if offered, the
     /// three queues, the receive buffers.
     pub fn init(&mut self) -> Result<(), String> {
+        self.setup(true)
+    }
+
+    fn setup(&mut self, rx: bool) -> Result<(), String> {
         let t = &mut self.transport;
         t.set_status(DeviceStatus::empty());
         // SAFETY: the device is reset and no longer uses the rings.
@@ -216,15 +242,22 @@ impl RawVsock {
             .read_config_space(4)
             .map_err(|e| format!("config: {e:?}"))?;
         self.cid = u64::from(low) | u64::from(high) << 32;
-        // The receive buffers: descriptor i is buffer i.
+        self.transport.finish_init();
+        if rx {
+            self.post_rx();
+        }
+        Ok(())
+    }
+
+    /// Offers the receive buffers (descriptor i is buffer i) and notifies.
+    /// Once per setup: they are offered again as they are read.
+    pub fn post_rx(&mut self) {
         for i in 0..RX_BUFS {
             let addr = self.page(RX_PAGE) as u64 + u64::from(i) * RX_BUF_SIZE as u64;
             self.write_desc(RXQ, i, addr, RX_BUF_SIZE as u32, DESC_WRITE, 0);
             self.offer(RXQ, i);
         }
-        self.transport.finish_init();
         self.transport.notify(RXQ);
-        Ok(())
     }
 
     fn write_desc(&mut self, q: u16, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -299,6 +332,26 @@ impl RawVsock {
         }
     }
 
+    /// Offers `len` bytes at `offset` of the transmit page as a chain of
+    /// one descriptor, `head`, on the transmit queue, without notifying
+    /// (see [`RawVsock::kick_tx`]). `head` must not be out with the device.
+    pub fn offer_tx(&mut self, head: u16, offset: usize, len: u32) {
+        assert!(offset + len as usize <= TX_SIZE);
+        let addr = self.tx_addr(offset);
+        self.write_desc(TXQ, head, addr, len, 0, 0);
+        self.offer(TXQ, head);
+    }
+
+    /// Notifies the device of the transmit chains offered.
+    pub fn kick_tx(&mut self) {
+        self.transport.notify(TXQ);
+    }
+
+    /// The head of the next transmit chain the device returned, if any.
+    pub fn tx_done(&mut self) -> Option<u16> {
+        self.pop_used(TXQ).map(|(id, _)| id as u16)
+    }
+
     /// Offers `segs` (address, length; device-readable) as one chain on
     /// the transmit queue, from descriptor 0, and waits at most `us` for
     /// the device to return it. Unless it came back, `clean` turns false.
@@ -337,6 +390,18 @@ impl RawVsock {
     /// offered again once read.
     pub fn receive(&mut self, us: u64, mut stop: impl FnMut(&Hdr) -> bool) -> Vec<Received> {
         let mut got = Vec::new();
+        self.receive_each(us, |r| {
+            let done = stop(&r.hdr);
+            got.push(r);
+            done
+        });
+        got
+    }
+
+    /// Hands each packet the device puts in the receive queue to `f`, for
+    /// `us` microseconds or until `f` returns true. Each buffer is offered
+    /// again once read. Returns whether `f` stopped it.
+    pub fn receive_each(&mut self, us: u64, mut f: impl FnMut(Received) -> bool) -> bool {
         let start = tsc::rdtsc();
         let limit = tsc::cycles_at_least(us);
         while tsc::rdtsc().wrapping_sub(start) <= limit {
@@ -345,25 +410,35 @@ impl RawVsock {
                 continue;
             };
             let id = (id as u16) % RX_BUFS;
-            let mut b = [0u8; HDR_LEN];
-            for (k, x) in b.iter_mut().enumerate() {
-                // SAFETY: inside receive buffer `id`, which the device has
-                // returned; volatile, the device wrote it.
-                *x = unsafe {
+            let byte = |k: usize| {
+                // SAFETY: inside receive buffer `id` (k < RX_BUF_SIZE), which
+                // the device has returned; volatile, the device wrote it.
+                unsafe {
                     self.page(RX_PAGE)
                         .add(usize::from(id) * RX_BUF_SIZE + k)
                         .read_volatile()
-                };
+                }
+            };
+            let mut b = [0u8; HDR_LEN];
+            for (k, x) in b.iter_mut().enumerate() {
+                *x = byte(k);
             }
             let hdr = Hdr::from_bytes(&b);
+            let end = (len as usize)
+                .min(RX_BUF_SIZE)
+                .min(HDR_LEN.saturating_add(hdr.len as usize));
+            let payload = (HDR_LEN..end.max(HDR_LEN)).map(byte).collect();
             self.offer(RXQ, id);
             self.transport.notify(RXQ);
-            got.push(Received { hdr, used_len: len });
-            if stop(&hdr) {
-                break;
+            if f(Received {
+                hdr,
+                used_len: len,
+                payload,
+            }) {
+                return true;
             }
         }
-        got
+        false
     }
 
     /// Whether the device status has DEVICE_NEEDS_RESET.

@@ -11,4 +11,5 @@ mod device;
 pub mod packet;
 
 pub use connection::CONN_TX_BUF;
+pub use control::MAX_CONTROL;
 pub use device::{VirtioVsock, VsockConfig, VsockCounters, VsockError, MAX_CONNECTIONS};

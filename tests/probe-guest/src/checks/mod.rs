@@ -9,6 +9,7 @@ mod net;
 mod serial;
 mod smp;
 mod vsock;
+mod vsock_flood;
 
 use alloc::string::String;
 

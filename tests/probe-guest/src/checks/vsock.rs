@@ -12,7 +12,8 @@
 //!
 //! The checks first use virtio-drivers' `VirtIOSocket` (`vsockdev`), then
 //! reset the device and send malformed packets on hand-built rings
-//! (`rawvsock`).
+//! (`rawvsock`), then, with `probe.vsock.flood=<packets>[,sync]`, flood it
+//! (`vsock_flood`).
 
 use alloc::format;
 use alloc::string::String;
@@ -38,9 +39,9 @@ const DEFAULT_CLOSED_PORT: u32 = 19999;
 /// Time for a REQUEST to be answered.
 const CONNECT_US: u64 = 2_000_000;
 /// Time without progress before a transfer fails.
-const IO_US: u64 = 10_000_000;
+pub(super) const IO_US: u64 = 10_000_000;
 /// Time for the host to connect to a listening port.
-const LISTEN_US: u64 = 30_000_000;
+pub(super) const LISTEN_US: u64 = 30_000_000;
 /// With host connections refused: how long the probe listens anyway.
 const REFUSED_US: u64 = 5_000_000;
 /// Credit granted per connection (the device's receive window).
@@ -75,7 +76,7 @@ fn fnv1a(mut h: u32, bytes: &[u8]) -> u32 {
 const FNV_INIT: u32 = 0x811c_9dc5;
 
 /// `bytes` as printable ASCII (others as `?`), at most `max` characters.
-fn printable(bytes: &[u8], max: usize) -> String {
+pub(super) fn printable(bytes: &[u8], max: usize) -> String {
     bytes
         .iter()
         .take(max)
@@ -106,6 +107,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         || o.vsock_transfer.is_some()
         || o.vsock_closed_port.is_some()
         || o.vsock_listen.is_some()
+        || o.vsock_flood.is_some()
         || o.bench_vsock.is_some();
     let dev = vsock_device(ctx);
     if dev.is_none() && !asked {
@@ -129,6 +131,13 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
     driver_checks(ctx, report, &dev, want_bench);
     if report.selects_prefix("vsock.malformed.") {
         malformed(report, &dev);
+    }
+    match o.vsock_flood {
+        Some(cfg) => report.check("vsock.flood", || super::vsock_flood::flood(&dev, cfg)),
+        None if !o.checks.is_empty() && report.selects("vsock.flood") => {
+            println!("probe: vsock.flood skipped: no probe.vsock.flood=<packets>[,sync]");
+        }
+        None => {}
     }
 }
 
@@ -704,7 +713,7 @@ fn malformed(report: &mut Report<'_>, dev: &MmioDevice) {
 }
 
 /// A header from the guest to the host.
-fn hdr(raw: &RawVsock, op: u16, src_port: u32, dst_port: u32, len: u32) -> Hdr {
+pub(super) fn hdr(raw: &RawVsock, op: u16, src_port: u32, dst_port: u32, len: u32) -> Hdr {
     Hdr {
         src_cid: raw.cid,
         dst_cid: HOST_CID,
@@ -722,7 +731,7 @@ fn hdr(raw: &RawVsock, op: u16, src_port: u32, dst_port: u32, len: u32) -> Hdr {
 /// Sends `h` (its first `hdr_len` bytes) and, if given, a payload
 /// descriptor of `desc_len` bytes holding `payload`; waits for the
 /// device to return the chain.
-fn raw_send(
+pub(super) fn raw_send(
     raw: &mut RawVsock,
     h: &Hdr,
     hdr_len: usize,
@@ -759,7 +768,7 @@ fn op_name(op: u16) -> String {
     }
 }
 
-fn describe(got: &[Received]) -> String {
+pub(super) fn describe(got: &[Received]) -> String {
     if got.is_empty() {
         return String::from("nothing");
     }
@@ -782,7 +791,7 @@ fn describe(got: &[Received]) -> String {
 
 /// Whether `r` is the host's packet `op` for the connection (local port
 /// `local`, host port `port`).
-fn is(r: &Hdr, op: u16, local: u32, port: u32) -> bool {
+pub(super) fn is(r: &Hdr, op: u16, local: u32, port: u32) -> bool {
     r.op == op && r.src_port == port && r.dst_port == local && r.src_cid == HOST_CID
 }
 
