@@ -124,6 +124,7 @@ impl Filters {
             if kind == ThreadKind::Api {
                 list.push(clone3_fallback()?);
             }
+            list.push(open_refusal(kind)?);
             list.push(main.try_into()?);
             programs.push((kind, list));
         }
@@ -168,6 +169,20 @@ fn fix_malloc_arenas() {
     if unsafe { libc::mallopt(libc::M_ARENA_MAX, max) } != 1 {
         warn!("cannot set malloc's arena limit; a new thread may trip the seccomp filter");
     }
+}
+
+/// A second filter for every kind: `openat` fails with EACCES (a vCPU's
+/// serial log rotation excepted, see [`policy::denied_opens`]) instead of
+/// killing Keel, so that glibc's lazy reads of `/proc` and `/sys` files
+/// fail softly; nothing can be opened either way.
+fn open_refusal(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let f = SeccompFilter::new(
+        policy::denied_opens(kind)?,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )?;
+    Ok(f.try_into()?)
 }
 
 /// A second filter for threads that create threads: `clone3` answers
@@ -340,15 +355,48 @@ mod tests {
                 assert!(!has(k, c), "{k:?} allows {c}");
             }
             assert_eq!(has(k, libc::SYS_clone), k == ThreadKind::Api, "{k:?}");
-            // Only a vCPU may open, for the serial log's rotation, and only
-            // with File::create's flags (never for reading).
-            assert_eq!(has(k, libc::SYS_openat), k == ThreadKind::Vcpu, "{k:?}");
+            // openat passes the main list, to be refused softly by the
+            // second filter (the vCPU's serial log rotation excepted).
+            let denied = policy::denied_opens(k).unwrap();
+            assert_eq!(
+                denied[&libc::SYS_openat].len(),
+                usize::from(k == ThreadKind::Vcpu),
+                "{k:?}"
+            );
         }
-        let vcpu = policy::rules(ThreadKind::Vcpu).unwrap();
-        let openat = &vcpu[&libc::SYS_openat];
-        assert_eq!(openat.len(), 1, "one conditioned openat rule");
         assert!(has(ThreadKind::Vcpu, libc::SYS_ioctl));
         assert!(!has(ThreadKind::Vcpu, libc::SYS_socket));
+    }
+
+    /// In a thread of its own (filters are per thread): opening fails with
+    /// EACCES under every kind's filters, instead of killing the process;
+    /// a vCPU may still create the serial log.
+    #[test]
+    fn opens_are_refused_softly_and_only_the_serial_log_is_created() {
+        let filters = Filters::new(true).unwrap();
+        let log = std::env::temp_dir().join(format!("keel-seccomp-log-{}", std::process::id()));
+        for kind in ThreadKind::ALL {
+            let (f, log2) = (filters.clone(), log.clone());
+            let (read, create) = std::thread::spawn(move || {
+                f.apply(kind).unwrap();
+                let read = std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                    .map(drop)
+                    .map_err(|e| e.raw_os_error());
+                let create = std::fs::File::create(&log2)
+                    .map(drop)
+                    .map_err(|e| e.raw_os_error());
+                (read, create)
+            })
+            .join()
+            .unwrap();
+            assert_eq!(read, Err(Some(libc::EACCES)), "{kind:?}");
+            if kind == ThreadKind::Vcpu {
+                assert_eq!(create, Ok(()), "{kind:?}");
+            } else {
+                assert_eq!(create, Err(Some(libc::EACCES)), "{kind:?}");
+            }
+        }
+        std::fs::remove_file(&log).unwrap();
     }
 
     #[test]
