@@ -340,8 +340,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let legacy =
         device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start, mem_size)?;
     if let Some(pci) = pci {
-        pci.finish(&mut mmio, &mut pio)
-            .map_err(DeviceError::from)?;
+        pci.finish(&mut mmio, &mut pio).map_err(DeviceError::from)?;
     }
     let boot_watch = boot_watch(config, &legacy)?;
 

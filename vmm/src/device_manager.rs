@@ -29,10 +29,10 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::layout::{MMIO_DEVICES_START, MMIO_HOLE_START};
-use crate::pci_devices::{PciDevices, PciError, PciSlot};
 use crate::config::{
     CowTarget, DiskConfig, DiskEngine, NetConfig, SerialConfig, DEFAULT_COW_LIMIT,
 };
+use crate::pci_devices::{PciDevices, PciError, PciSlot};
 use crate::vstate::vm::{Vm, VmError};
 
 /// ISA interrupt line of the i8042 keyboard.

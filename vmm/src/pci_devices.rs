@@ -108,8 +108,12 @@ struct VectorRoutes {
 
 impl MsiDelivery for VectorRoutes {
     fn set_routes(&self, routes: &[Option<MsiMessage>]) {
-        let pairs: Vec<(u32, Option<MsiMessage>)> =
-            self.gsis.iter().copied().zip(routes.iter().copied()).collect();
+        let pairs: Vec<(u32, Option<MsiMessage>)> = self
+            .gsis
+            .iter()
+            .copied()
+            .zip(routes.iter().copied())
+            .collect();
         if let Err(e) = self.router.set_msi(&pairs) {
             log::error!("virtio-pci: cannot update MSI routes: {e}");
         }
@@ -141,10 +145,7 @@ impl PciDevices {
     /// bytes of RAM.
     pub fn new(vm: &Vm, mem_size: u64) -> Result<Self, PciError> {
         let high = pci_mmio64_window(mem_size);
-        let windows = [
-            (PCI_MMIO32_START, PCI_MMIO32_SIZE),
-            (high.start, high.len),
-        ];
+        let windows = [(PCI_MMIO32_START, PCI_MMIO32_SIZE), (high.start, high.len)];
         Ok(Self {
             root: PciRoot::new(),
             bars: BarAllocator::new(windows[0], windows[1])?,
@@ -203,7 +204,8 @@ impl PciDevices {
         );
         let intx_gsi = pci_intx_gsi(slot, 0);
         let (line, resample) = vm.level_irq_line(intx_gsi)?;
-        let interrupt = Arc::new(Interrupt::with_resample(line, resample).with_vectors(vectors.clone()));
+        let interrupt =
+            Arc::new(Interrupt::with_resample(line, resample).with_vectors(vectors.clone()));
         resampler.add(interrupt.clone());
         let transport = PciTransport::new(mem.clone(), device, interrupt, queue_evts, bar, vectors)
             .map_err(PciError::Header)?;
@@ -270,7 +272,10 @@ impl Mover {
 
     fn moved(&self, device: u8, m: BarMove) {
         let Some(p) = self.placed.get(&device) else {
-            log::warn!("pci: BAR {} of device {device} changed, but it has none", m.index);
+            log::warn!(
+                "pci: BAR {} of device {device} changed, but it has none",
+                m.index
+            );
             return;
         };
         if m.index != 0 {
@@ -368,8 +373,16 @@ mod tests {
         let new = at.bar + (1 << 20);
         w32(&mmio, ECAM_SLOT1 + 0x10, (new as u32) | 0xc);
         w32(&mmio, ECAM_SLOT1 + 0x14, (new >> 32) as u32);
-        assert_eq!(r32(&mmio, new + 0x12) & 0xffff, 1, "served at the new address");
-        assert_eq!(r32(&mmio, at.bar + 0x12), u32::MAX, "nothing at the old one");
+        assert_eq!(
+            r32(&mmio, new + 0x12) & 0xffff,
+            1,
+            "served at the new address"
+        );
+        assert_eq!(
+            r32(&mmio, at.bar + 0x12),
+            u32::MAX,
+            "nothing at the old one"
+        );
         assert!(registered(new), "notifications moved");
         assert!(
             pci_notify(&fd, &evt, at.bar + NOTIFY_OFFSET, false).is_err(),

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::bus::{Bus, BusError, BusDevice, SharedDevice};
+use crate::bus::{Bus, BusDevice, BusError, SharedDevice};
 
 /// Where the BARs are decoded now, by absolute address.
 #[derive(Default)]

@@ -150,8 +150,7 @@ impl PciTransport {
             config.add_capability(c, &[])?;
         }
         // One vector per queue plus one for configuration changes.
-        let (body, mask) =
-            vectors.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
+        let (body, mask) = vectors.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
         let msix_cap = config.add_capability(&body, &mask)?;
         config.set_command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
         Ok(Self {

@@ -118,7 +118,11 @@ impl PciVectors {
 
     /// The vector of queue `q` ([`NO_VECTOR`] for none or no such queue).
     pub fn queue_vector(&self, q: usize) -> u16 {
-        self.lock().queue_vectors.get(q).copied().unwrap_or(NO_VECTOR)
+        self.lock()
+            .queue_vectors
+            .get(q)
+            .copied()
+            .unwrap_or(NO_VECTOR)
     }
 
     /// The driver writes queue `q`'s vector register.
@@ -178,10 +182,7 @@ impl PciVectors {
         let want: Vec<Option<MsiMessage>> = (0..s.table.len())
             .map(|v| {
                 let v = v as u16;
-                s.table
-                    .may_deliver(v)
-                    .then(|| s.table.message(v))
-                    .flatten()
+                s.table.may_deliver(v).then(|| s.table.message(v)).flatten()
             })
             .collect();
         if want != s.routes {

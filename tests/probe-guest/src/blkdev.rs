@@ -63,7 +63,10 @@ impl Disk {
 
     /// As [`open`](Self::open), on `transport` (`base`: its virtio-mmio
     /// window, if it is one).
-    pub fn open_transport(mut transport: ProbeTransport, base: Option<u64>) -> Result<Self, String> {
+    pub fn open_transport(
+        mut transport: ProbeTransport,
+        base: Option<u64>,
+    ) -> Result<Self, String> {
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = transport.read_device_features();

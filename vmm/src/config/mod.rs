@@ -758,7 +758,7 @@ pub const MAX_DISKS: usize = 16;
 pub const MAX_NETS: usize = 8;
 // On a PCI machine every virtio device takes a slot of bus 0 (31 besides
 // the host bridge): disks (the config disk among them), NICs and vsock fit.
-const _: () = assert!(MAX_DISKS + MAX_NETS + 1 <= 31);
+const _: () = assert!(MAX_DISKS + MAX_NETS + 1 < devices::pci::root::SLOTS as usize);
 /// Most virtio-mmio devices (interrupt lines 5 to 23).
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// Smallest MTU a NIC accepts (IPv4's minimum).

@@ -347,17 +347,29 @@ fn cow(ctx: &Context<'_>, dev: &MmioDevice, inside: u64, outside: u64) -> CheckR
         data.iter_mut()
             .enumerate()
             .for_each(|(k, b)| *b = guest_pattern(at + k as u64));
-        expect_ok(disk.write(sector, data)?, &format!("write at sector {sector}"))?;
+        expect_ok(
+            disk.write(sector, data)?,
+            &format!("write at sector {sector}"),
+        )?;
         let back = scratch.take(LEN as usize)?;
-        expect_ok(disk.read(sector, back)?, &format!("read at sector {sector}"))?;
+        expect_ok(
+            disk.read(sector, back)?,
+            &format!("read at sector {sector}"),
+        )?;
         compare(back, at, guest_pattern)?;
     }
     let big = scratch.take(128 * KIB as usize)?;
     big.fill(0xee);
     let status = disk.write(inside + LEN / SECTOR, big)?;
-    println!("probe: cow write past the limit: status {}", status_text(status));
+    println!(
+        "probe: cow write past the limit: status {}",
+        status_text(status)
+    );
     if status != RespStatus::IO_ERR {
-        fail!("128 KiB past the overlay's limit: status {}, want IOERR", status_text(status));
+        fail!(
+            "128 KiB past the overlay's limit: status {}, want IOERR",
+            status_text(status)
+        );
     }
     let back = scratch.take(LEN as usize)?;
     expect_ok(disk.read(inside, back)?, "read after the refused write")?;

@@ -87,7 +87,10 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
             return;
         }
     };
-    let mut disk = match bus.transport(at).and_then(|t| Disk::open_transport(t, None)) {
+    let mut disk = match bus
+        .transport(at)
+        .and_then(|t| Disk::open_transport(t, None))
+    {
         Ok(d) => d,
         Err(e) => {
             report.check("pci.blk.host_pattern", || Err(e));
@@ -113,12 +116,18 @@ fn enumerate(bus: &mut Bus, disk0: &mut Option<DeviceFunction>) -> CheckResult {
         let bar0 = if f.at.device == 0 {
             String::from("-")
         } else {
-            bus.bar0(f.at)
-                .map_or_else(|e| e, |a| format!("{a:#x}"))
+            bus.bar0(f.at).map_or_else(|e| e, |a| format!("{a:#x}"))
         };
         println!(
             "probe: pci 00:{:02x}.{} {:04x}:{:04x} rev {} class {:02x}{:02x}{:02x} bar0 {bar0}",
-            f.at.device, f.at.function, i.vendor_id, i.device_id, i.revision, i.class, i.subclass, i.prog_if
+            f.at.device,
+            f.at.function,
+            i.vendor_id,
+            i.device_id,
+            i.revision,
+            i.class,
+            i.subclass,
+            i.prog_if
         );
         if f.at.device == 0 {
             continue;
