@@ -163,3 +163,24 @@ impl Bus {
         self.ecam
     }
 }
+
+/// The transport of the first function with device ID `device_id` on a
+/// PCI machine's bus 0 (`rsdp` as for [`ecam_base`]); `None` when there is
+/// no PCI bus or no such function.
+pub fn find_transport(rsdp: u64, device_id: u16) -> Option<Result<ProbeTransport, String>> {
+    let ecam = match ecam_base(rsdp) {
+        Ok(Some(e)) => e,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut bus = match Bus::open(ecam) {
+        Ok(b) => b,
+        Err(e) => return Some(Err(e)),
+    };
+    let at = bus
+        .functions()
+        .into_iter()
+        .find(|f| f.info.device_id == device_id)?
+        .at;
+    Some(bus.transport(at))
+}
