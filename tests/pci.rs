@@ -14,6 +14,7 @@ const PCI_CHECKS: &[&str] = &[
     "pci.enumerate",
     "pci.blk.host_pattern",
     "pci.blk.write_read",
+    "pci.isr",
     "pci.msix",
     "pci.bar_move",
 ];

@@ -8,6 +8,8 @@
 //! - `pci.blk.host_pattern`, `pci.blk.write_read`: disk 0 (the first
 //!   virtio-blk function) through virtio-drivers' virtio-pci transport, the
 //!   same checks and disk layout as `blk.0.*` (see `blk.rs`).
+//! - `pci.isr`: MSI-X off (INTx), a completed request sets the ISR's
+//!   queue bit and reading the ISR clears it.
 //! - `pci.msix`: disk 0's queue on MSI-X vector 0 (vector 46 at this
 //!   CPU's local APIC): with the vector masked a completed request sets
 //!   its pending bit in the PBA and reaches no APIC; unmasking delivers
@@ -48,6 +50,8 @@ const BAR_MOVE: u64 = 1 << 20;
 /// virtio-pci common configuration: queue_select and queue_msix_vector.
 const QUEUE_SELECT: u64 = 0x16;
 const QUEUE_VECTOR: u64 = 0x1a;
+/// virtio-pci ISR status, in BAR 0.
+const ISR: u64 = 0x1000;
 /// How long an MSI may take to reach the local APIC.
 const DELIVERY_US: u64 = 1_000_000;
 
@@ -104,6 +108,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
             write_read(&mut disk, &scratch, capacity)
         });
     }
+    report.check("pci.isr", || isr(&mut bus, at, &mut disk, &scratch));
     report.check("pci.msix", || msix(&mut bus, at, &mut disk, &scratch));
     drop(disk);
     report.check("pci.bar_move", || bar_move(&mut bus, at, &scratch));
@@ -158,6 +163,23 @@ fn host(disk: &mut Disk, scratch: &Scratch) -> CheckResult {
     let status = disk.read(HOST_AT / SECTOR, buf)?;
     expect_ok(status, "read")?;
     compare(buf, HOST_AT, host_pattern)
+}
+
+/// MSI-X off, the INTx side: a completed request sets the ISR's queue
+/// bit, and reading the ISR clears it.
+fn isr(bus: &mut Bus, at: DeviceFunction, disk: &mut Disk, scratch: &Scratch) -> CheckResult {
+    let bar = bus.bar0(at)?;
+    phys::map(bar, 0x8000).map_err(|e| format!("BAR 0: {e}"))?;
+    let isr = bar + ISR;
+    // Earlier requests' bit, if any.
+    phys::read_u8(isr);
+    read_sector(disk, scratch)?;
+    let first = phys::read_u8(isr);
+    let second = phys::read_u8(isr);
+    if (first, second) != (1, 0) {
+        fail!("ISR reads {first:#x} then {second:#x} after a request, want 0x1 then 0x0");
+    }
+    Ok(())
 }
 
 /// The MSI-X table entry `n`'s dword `word` and the PBA's first dword.
