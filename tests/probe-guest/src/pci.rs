@@ -164,16 +164,21 @@ impl Bus {
     }
 }
 
+/// Bus 0 of a PCI machine (`rsdp` as for [`ecam_base`]); `None` when
+/// ACPI has no MCFG.
+pub fn machine_bus(rsdp: u64) -> Option<Result<Bus, String>> {
+    match ecam_base(rsdp) {
+        Ok(Some(ecam)) => Some(Bus::open(ecam)),
+        Ok(None) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
 /// The transport of the first function with device ID `device_id` on a
 /// PCI machine's bus 0 (`rsdp` as for [`ecam_base`]); `None` when there is
 /// no PCI bus or no such function.
 pub fn find_transport(rsdp: u64, device_id: u16) -> Option<Result<ProbeTransport, String>> {
-    let ecam = match ecam_base(rsdp) {
-        Ok(Some(e)) => e,
-        Ok(None) => return None,
-        Err(e) => return Some(Err(e)),
-    };
-    let mut bus = match Bus::open(ecam) {
+    let mut bus = match machine_bus(rsdp)? {
         Ok(b) => b,
         Err(e) => return Some(Err(e)),
     };

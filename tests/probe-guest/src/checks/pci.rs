@@ -50,6 +50,8 @@ const BAR_MOVE: u64 = 1 << 20;
 /// virtio-pci common configuration: queue_select and queue_msix_vector.
 const QUEUE_SELECT: u64 = 0x16;
 const QUEUE_VECTOR: u64 = 0x1a;
+/// Bytes of Keel's virtio-pci BAR 0.
+const BAR_LEN: u64 = 0x8000;
 /// virtio-pci ISR status, in BAR 0.
 const ISR: u64 = 0x1000;
 /// How long an MSI may take to reach the local APIC.
@@ -64,17 +66,10 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         Ok(i) => i.rsdp_paddr,
         Err(_) => return,
     };
-    let ecam = match pci::ecam_base(rsdp) {
-        Ok(Some(e)) => e,
-        Ok(None) => return,
-        Err(e) => {
-            report.check("pci.enumerate", || Err(e));
-            return;
-        }
-    };
-    let mut bus = match Bus::open(ecam) {
-        Ok(b) => b,
-        Err(e) => {
+    let mut bus = match pci::machine_bus(rsdp) {
+        None => return,
+        Some(Ok(b)) => b,
+        Some(Err(e)) => {
             report.check("pci.enumerate", || Err(e));
             return;
         }
@@ -165,11 +160,17 @@ fn host(disk: &mut Disk, scratch: &Scratch) -> CheckResult {
     compare(buf, HOST_AT, host_pattern)
 }
 
+/// BAR 0's address, mapped.
+fn mapped_bar0(bus: &mut Bus, at: DeviceFunction) -> Result<u64, String> {
+    let bar = bus.bar0(at)?;
+    phys::map(bar, BAR_LEN).map_err(|e| format!("BAR 0: {e}"))?;
+    Ok(bar)
+}
+
 /// MSI-X off, the INTx side: a completed request sets the ISR's queue
 /// bit, and reading the ISR clears it.
 fn isr(bus: &mut Bus, at: DeviceFunction, disk: &mut Disk, scratch: &Scratch) -> CheckResult {
-    let bar = bus.bar0(at)?;
-    phys::map(bar, 0x8000).map_err(|e| format!("BAR 0: {e}"))?;
+    let bar = mapped_bar0(bus, at)?;
     let isr = bar + ISR;
     // Earlier requests' bit, if any.
     phys::read_u8(isr);
@@ -227,8 +228,7 @@ fn msix(bus: &mut Bus, at: DeviceFunction, disk: &mut Disk, scratch: &Scratch) -
     let cap = bus
         .capability(at, pci::CAP_MSIX)
         .ok_or("no MSI-X capability")?;
-    let bar = bus.bar0(at)?;
-    phys::map(bar, 0x8000).map_err(|e| format!("BAR 0: {e}"))?;
+    let bar = mapped_bar0(bus, at)?;
     let table = bus.read(at, cap + 4);
     let pba = bus.read(at, cap + 8);
     if table & 7 != 0 || pba & 7 != 0 {
@@ -282,12 +282,12 @@ fn bar_move(bus: &mut Bus, at: DeviceFunction, scratch: &Scratch) -> CheckResult
     if now != new {
         fail!("BAR 0 reads {now:#x} after moving it to {new:#x}");
     }
-    phys::map(old, 0x8000).map_err(|e| format!("old BAR: {e}"))?;
+    phys::map(old, BAR_LEN).map_err(|e| format!("old BAR: {e}"))?;
     let stale = phys::read_u32(old);
     if stale != u32::MAX {
         fail!("the old BAR address {old:#x} still answers ({stale:#x})");
     }
-    phys::map(new, 0x8000).map_err(|e| format!("new BAR: {e}"))?;
+    phys::map(new, BAR_LEN).map_err(|e| format!("new BAR: {e}"))?;
     let mut disk = Disk::open_transport(bus.transport(at)?, None)?;
     host(&mut disk, scratch)?;
     println!("probe: pci bar0 moved {old:#x} -> {new:#x}");
