@@ -172,18 +172,6 @@ fn impossible_pci_machines_are_refused() {
         1,
         "needs machine.acpi = true",
     );
-    expect_error(
-        &[
-            "--kernel",
-            k,
-            "--machine",
-            "acpi=on,transport=pci",
-            "--vsock",
-            "cid=3,socket=/tmp/keel-pci-v.sock",
-        ],
-        1,
-        "places virtio devices on virtio-mmio only",
-    );
 }
 
 #[test]

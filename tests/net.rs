@@ -456,6 +456,13 @@ fn the_probe_net_checks_pass_with_privileges_dropped() {
     probe_net_responder("q", &["--user", "65534:65534"]);
 }
 
+/// The same with the NIC on PCI (`--transport pci`): the probe finds it
+/// through ECAM and drives it with virtio-drivers' virtio-pci transport.
+#[test]
+fn the_probe_net_checks_pass_over_virtio_pci() {
+    probe_net_responder("p", &["--transport", "pci"]);
+}
+
 fn probe_net_responder(tag: &str, extra: &[&str]) {
     assert!(
         Command::new("ping").arg("-V").output().is_ok(),

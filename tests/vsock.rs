@@ -285,6 +285,43 @@ fn guest_driver_and_malformed_packets_against_host_listeners() {
     );
 }
 
+/// The same virtio-drivers checks with the device on PCI
+/// (`--transport pci`): the probe finds it at 00:01.0 through ECAM (the
+/// raw malformed-packet checks speak virtio-mmio and do not run there).
+#[test]
+fn guest_driver_over_virtio_pci() {
+    let dir = scratch_dir("vsock-pci");
+    let cmdline = format!(
+        "probe.check=vsock,pci.enumerate probe.vsock.cid={CID} probe.vsock.transfer={ECHO_PORT},{TRANSFER_BYTES} probe.vsock.closed_port={CLOSED_PORT} probe.idle"
+    );
+    let (mut args, sock, api) = keel_args(&dir, "", &cmdline);
+    args.extend(["--transport".into(), "pci".into()]);
+    let (_agent, requests) = agent(&sock);
+    let (_echo, echoed) = echo(&sock);
+    let k = RunningKeel::start(&args, &api, &[]);
+    let (console, report) = summary(&k);
+    drop(k);
+    let mut required = DRIVER_CHECKS.to_vec();
+    required.push("pci.enumerate");
+    report.assert_all_passed(&required, &console);
+    assert!(
+        console.contains("probe: pci 00:01.0 1af4:1053 "),
+        "{console}"
+    );
+    assert!(
+        console.contains(&format!("probe: vsock reply {AGENT_ANSWER}\n")),
+        "{console}"
+    );
+    let sum = fnv1a((0..TRANSFER_BYTES).map(pattern));
+    assert!(
+        console.contains(&format!("fnv1a={sum:#010x} ")),
+        "transfer checksum (want {sum:#010x}):\n{console}"
+    );
+    assert_eq!(*echoed.lock().unwrap(), [TRANSFER_BYTES]);
+    let requests = requests.lock().unwrap();
+    assert_eq!(requests.iter().filter(|r| !r.is_empty()).count(), 1);
+}
+
 /// Connects to the device socket and asks for guest port `port`, where the
 /// connection is allowed: the `CONNECT` line must go through.
 fn host_connect(sock: &Path, port: u32) -> UnixStream {

@@ -81,6 +81,12 @@ impl Bus {
         Ok(())
     }
 
+    /// Stops serving the range that starts at `base`; returns whether one
+    /// did.
+    pub fn remove(&mut self, base: u64) -> bool {
+        self.ranges.remove(&base).is_some()
+    }
+
     fn find(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
         let (base, entry) = self.ranges.range(..=addr).next_back()?;
         let offset = addr - base;

@@ -26,7 +26,8 @@ use crate::config::{
 };
 use crate::control::{self, VmStatus};
 use crate::device_manager::LegacyDevices;
-use crate::device_manager::{self, DeviceError};
+use crate::device_manager::{self, DeviceError, Placement};
+use crate::pci_devices::PciDevices;
 use crate::privileges;
 use crate::seccomp::{self, ThreadKind};
 use crate::teardown_helper;
@@ -235,10 +236,18 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         .map(|c| crate::config_disk::open(&c.dir))
         .transpose()?;
     let mut mmio = Bus::new();
+    let mut pci = match config.machine.transport {
+        Transport::Pci => Some(PciDevices::new(&vm, mem_size).map_err(DeviceError::from)?),
+        Transport::Mmio => None,
+    };
+    let place = match pci.as_mut() {
+        Some(p) => Placement::Pci(p),
+        None => Placement::Mmio(&mut mmio),
+    };
     let virtio = device_manager::setup_virtio_devices(
         &vm,
         &guest_memory,
-        &mut mmio,
+        place,
         &config.disks,
         config_disk,
         config.vsock.as_ref(),
@@ -253,8 +262,9 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
             .unwrap_or(DEFAULT_CMDLINE)
             .to_string(),
     };
-    let virtio_locations = virtio.cmdline.clone();
-    // The command line announces the devices (Linux's virtio_mmio.device=,
+    let virtio_locations: Vec<String> = virtio.locations.iter().map(|l| l.describe()).collect();
+    // The command line announces the virtio-mmio devices (none on a PCI
+    // machine, whose guest enumerates bus 0) (Linux's virtio_mmio.device=,
     // which the probe guest reads too); with ACPI the DSDT describes them as
     // well, and a hardware-reduced Linux binds those (the command-line copies
     // then find their window taken and stand aside: such a kernel gives
@@ -339,8 +349,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
     let mut pio = Bus::new();
     let legacy =
         device_manager::setup_legacy_devices(&vm, &mut pio, &config.serial, start, mem_size)?;
-    if config.machine.transport == Transport::Pci {
-        device_manager::setup_pci_root(&mut mmio, &mut pio)?;
+    if let Some(pci) = pci {
+        pci.finish(&mut mmio, &mut pio).map_err(DeviceError::from)?;
     }
     let boot_watch = boot_watch(config, &legacy)?;
 

@@ -13,8 +13,6 @@ use devices::legacy::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use devices::pci::access::{BarMoveHandler, PciConfigIo, PciConfigMmio, CONFIG_IO_LEN};
-use devices::pci::PciRoot;
 use devices::virtio::block::{
     BlockConfig, BlockCounters, CowRange, DiskBackend, DiskError, EngineKind, TrimWorker,
     VirtioBlock,
@@ -35,6 +33,7 @@ use crate::arch::x86_64::layout::{MMIO_DEVICES_START, MMIO_HOLE_START};
 use crate::config::{
     CowTarget, DiskConfig, DiskEngine, NetConfig, SerialConfig, DEFAULT_COW_LIMIT,
 };
+use crate::pci_devices::{PciDevices, PciError, PciSlot};
 use crate::vstate::vm::{Vm, VmError};
 
 /// ISA interrupt line of the i8042 keyboard.
@@ -96,6 +95,37 @@ pub enum DeviceError {
     /// The device thread's event loop could not be set up.
     #[error("device event loop: {0}")]
     EventLoop(String),
+    /// A device cannot go on the PCI bus.
+    #[error("pci: {0}")]
+    Pci(#[from] PciError),
+}
+
+/// Where the virtio devices go: virtio-mmio windows on the MMIO bus, or
+/// virtio-pci functions on PCI bus 0.
+pub enum Placement<'a> {
+    /// virtio-mmio (`machine.transport = "mmio"`).
+    Mmio(&'a mut Bus),
+    /// virtio-pci (`machine.transport = "pci"`).
+    Pci(&'a mut PciDevices),
+}
+
+/// Where one virtio device was put.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// A virtio-mmio window.
+    Mmio(MmioSlot),
+    /// A PCI function.
+    Pci(PciSlot),
+}
+
+impl Location {
+    /// How `GET /v1/vm` and the log name it.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Mmio(s) => s.cmdline(),
+            Location::Pci(s) => s.location(),
+        }
+    }
 }
 
 /// First interrupt line given to virtio-mmio devices (below: legacy ISA).
@@ -106,13 +136,17 @@ const VIRTIO_IRQ_LAST: u32 = 23;
 /// Event loop type of the device thread.
 pub type DeviceEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-/// The virtio-mmio devices: where they are, and what the VMM keeps of them.
+/// The virtio devices: where they are, and what the VMM keeps of them.
 pub struct VirtioDevices {
     /// The device thread's event loop (moved into the thread at start).
     pub event_manager: DeviceEventManager,
-    /// `virtio_mmio.device=` command-line entries, one per device.
+    /// Where each device is, in order (disks, config disk, vsock, NICs).
+    pub locations: Vec<Location>,
+    /// `virtio_mmio.device=` command-line entries, one per virtio-mmio
+    /// device (none on a PCI machine).
     pub cmdline: Vec<String>,
-    /// Where each device sits (the same order as `cmdline`), for the DSDT.
+    /// Where each virtio-mmio device sits (the same order as `cmdline`),
+    /// for the DSDT.
     pub slots: Vec<MmioSlot>,
     /// Per-disk counters, in disk order.
     pub disk_counters: Vec<Arc<BlockCounters>>,
@@ -137,18 +171,20 @@ pub struct NetDeviceInfo {
     pub bridge: Option<String>,
     /// The guest's MAC address.
     pub mac: String,
-    /// `virtio_mmio.device=` entry (where the guest sees it).
+    /// Where the guest sees it (`virtio_mmio.device=` entry or PCI slot).
     pub location: String,
     /// Its counters.
     pub counters: Arc<NetCounters>,
 }
 
-/// Creates every configured virtio device, puts its transport on `mmio`,
-/// wires its interrupt (irqfd) and queue notifications (ioeventfds).
+/// Creates every configured virtio device, puts its transport where
+/// `place` says, wires its interrupts (irqfds) and queue notifications
+/// (ioeventfds). The order, hence virtio-mmio windows and PCI slots: the
+/// disks in configuration order, the config disk, vsock, then the NICs.
 pub fn setup_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
-    mmio: &mut Bus,
+    mut place: Placement<'_>,
     disks: &[DiskConfig],
     config_disk: Option<DiskBackend>,
     vsock: Option<&crate::config::VsockConfig>,
@@ -157,6 +193,7 @@ pub fn setup_virtio_devices(
     let mut out = VirtioDevices {
         event_manager: DeviceEventManager::new()
             .map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?,
+        locations: Vec::new(),
         cmdline: Vec::new(),
         slots: Vec::new(),
         disk_counters: Vec::new(),
@@ -203,11 +240,8 @@ pub fn setup_virtio_devices(
             },
             cow,
         };
-        let slot = out.add_block(vm, mem, mmio, &mut resampler, backend, config)?;
-        log::info!(
-            "disk {index}: {} on virtio-mmio slot {slot}",
-            d.path.display()
-        );
+        let at = out.add_block(vm, mem, &mut place, &mut resampler, backend, config)?;
+        log::info!("disk {index}: {} on {at}", d.path.display());
     }
     // The config disk: read-only, and never a serial (`config` would tell
     // the GuestOS it runs in a Kubernetes testnet).
@@ -217,8 +251,8 @@ pub fn setup_virtio_devices(
             engine: EngineKind::Sync,
             cow: None,
         };
-        let slot = out.add_block(vm, mem, mmio, &mut resampler, backend, config)?;
-        log::info!("config disk on virtio-mmio slot {slot} (read-only)");
+        let at = out.add_block(vm, mem, &mut place, &mut resampler, backend, config)?;
+        log::info!("config disk on {at} (read-only)");
     }
     if let Some(v) = vsock {
         let dev = VirtioVsock::new(DevVsockConfig {
@@ -229,10 +263,9 @@ pub fn setup_virtio_devices(
         out.vsock_counters = Some(dev.counters());
         let dev = Arc::new(Mutex::new(dev));
         out.event_manager.add_subscriber(dev.clone());
-        let slot = out.cmdline.len();
-        out.add(attach_mmio(vm, mem, mmio, &mut resampler, dev, slot)?);
+        let at = out.attach(vm, mem, &mut place, &mut resampler, dev)?;
         log::info!(
-            "vsock: guest CID {} on {} (host-initiated connections {})",
+            "vsock: guest CID {} on {} (host-initiated connections {}), on {at}",
             v.cid,
             v.socket.display(),
             if v.allow_host_connect {
@@ -277,10 +310,9 @@ pub fn setup_virtio_devices(
         let counters = dev.counters();
         let dev = Arc::new(Mutex::new(dev));
         out.event_manager.add_subscriber(dev.clone());
-        let slot = out.cmdline.len();
-        let location = out.add(attach_mmio(vm, mem, mmio, &mut resampler, dev, slot)?);
+        let location = out.attach(vm, mem, &mut place, &mut resampler, dev)?;
         log::info!(
-            "net {index}: tap {}{} mac {} mtu {mtu}, {} queue pair{}, on virtio-mmio slot {slot}",
+            "net {index}: tap {}{} mac {} mtu {mtu}, {} queue pair{}, on {location}",
             n.tap,
             n.bridge
                 .as_deref()
@@ -330,32 +362,45 @@ impl MmioSlot {
 
 impl VirtioDevices {
     /// A virtio-blk device on `backend`, placed in the next slot (its
-    /// counters kept); returns the slot.
+    /// counters kept); returns where.
     fn add_block(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
-        mmio: &mut Bus,
+        place: &mut Placement<'_>,
         resampler: &mut InterruptResampler,
         backend: DiskBackend,
         config: BlockConfig,
-    ) -> Result<usize, DeviceError> {
+    ) -> Result<String, DeviceError> {
         let mut block = VirtioBlock::new(backend, config).map_err(DeviceError::EventFd)?;
         self.disk_counters.push(block.counters());
         self.trim_workers.extend(block.take_trim_worker());
         let block = Arc::new(Mutex::new(block));
         self.event_manager.add_subscriber(block.clone());
-        let slot = self.cmdline.len();
-        self.add(attach_mmio(vm, mem, mmio, resampler, block, slot)?);
-        Ok(slot)
+        self.attach(vm, mem, place, resampler, block)
     }
 
-    /// Records a placed device; returns its command-line entry.
-    fn add(&mut self, slot: MmioSlot) -> String {
-        let entry = slot.cmdline();
-        self.cmdline.push(entry.clone());
-        self.slots.push(slot);
-        entry
+    /// Places `device` in the next slot and records where; returns its
+    /// description.
+    fn attach<D: VirtioDevice + 'static>(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        place: &mut Placement<'_>,
+        resampler: &mut InterruptResampler,
+        device: Arc<Mutex<D>>,
+    ) -> Result<String, DeviceError> {
+        let at = match place {
+            Placement::Mmio(bus) => {
+                let slot = attach_mmio(vm, mem, bus, resampler, device, self.slots.len())?;
+                self.cmdline.push(slot.cmdline());
+                self.slots.push(slot);
+                Location::Mmio(slot)
+            }
+            Placement::Pci(pci) => Location::Pci(pci.attach(vm, mem, resampler, device)?),
+        };
+        self.locations.push(at);
+        Ok(at.describe())
     }
 }
 
@@ -401,31 +446,6 @@ fn attach_mmio<D: VirtioDevice + 'static>(
 
 fn lock<D: ?Sized>(m: &Mutex<D>) -> std::sync::MutexGuard<'_, D> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The PCI machine's bus 0 (the host bridge, at 00:00.0), reachable
-/// through the legacy ports 0xCF8-0xCFF on `pio` and the ECAM window on
-/// `mmio`. Devices on it get no BARs yet, so a BAR move can only be the
-/// guest probing an empty register: it is logged.
-pub fn setup_pci_root(mmio: &mut Bus, pio: &mut Bus) -> Result<Arc<PciRoot>, DeviceError> {
-    use crate::arch::x86_64::layout::{PCI_CONFIG_IO_PORT, PCI_ECAM_SIZE, PCI_ECAM_START};
-    let root = Arc::new(PciRoot::new());
-    let on_move: BarMoveHandler = Arc::new(|device, m| {
-        log::warn!(
-            "pci: guest moved BAR {} of device {device} to {:#x}",
-            m.index,
-            m.new
-        )
-    });
-    let io = PciConfigIo::new(root.clone(), on_move.clone());
-    pio.insert(
-        Arc::new(Mutex::new(io)),
-        u64::from(PCI_CONFIG_IO_PORT),
-        CONFIG_IO_LEN,
-    )?;
-    let ecam = PciConfigMmio::new(root.clone(), on_move);
-    mmio.insert(Arc::new(Mutex::new(ecam)), PCI_ECAM_START, PCI_ECAM_SIZE)?;
-    Ok(root)
 }
 
 /// Runs the device thread: all virtio queue work happens here, never on a
@@ -567,30 +587,4 @@ pub fn setup_legacy_devices(
         reset_evt,
         power_off_evt,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::arch::x86_64::layout::{PCI_CONFIG_IO_PORT, PCI_ECAM_START};
-
-    #[test]
-    fn pci_root_answers_on_the_ports_and_in_ecam() {
-        let (mut mmio, mut pio) = (Bus::new(), Bus::new());
-        setup_pci_root(&mut mmio, &mut pio).unwrap();
-        let port = u64::from(PCI_CONFIG_IO_PORT);
-        assert!(pio.write(port, &0x8000_0000u32.to_le_bytes()));
-        let mut id = [0u8; 4];
-        assert!(pio.read(port + 4, &mut id));
-        assert_eq!(
-            u32::from_le_bytes(id),
-            0x0d57_8086,
-            "host bridge at 00:00.0"
-        );
-        let mut id = [0u8; 4];
-        assert!(mmio.read(PCI_ECAM_START, &mut id));
-        assert_eq!(u32::from_le_bytes(id), 0x0d57_8086);
-        assert!(mmio.read(PCI_ECAM_START + (1 << 15), &mut id));
-        assert_eq!(id, [0xff; 4], "slot 1 is empty");
-    }
 }

@@ -18,6 +18,7 @@ pub mod device_manager;
 pub mod exit;
 pub mod logger;
 pub mod payload;
+pub mod pci_devices;
 pub mod privileges;
 pub mod seccomp;
 pub mod systemd;

@@ -169,6 +169,7 @@ mod tests {
             kind: BarKind::Mem64,
         };
         c.add_bar(bar, 0x1_0000_0000).unwrap();
+        c.set_command(crate::pci::config::COMMAND_MEMORY);
         assert_eq!(root.add_device(Arc::new(Mutex::new(Dev(c)))), Ok(1));
         let moves: Moves = Arc::default();
         let m = moves.clone();
@@ -219,8 +220,8 @@ mod tests {
         let got = moves.lock().unwrap().clone();
         let mv = BarMove {
             index: 0,
-            old: 0x1_0000_0000,
-            new: 0x2_0000_0000,
+            old: Some(0x1_0000_0000),
+            new: Some(0x2_0000_0000),
         };
         assert_eq!(got, [(1, mv)]);
     }
@@ -248,7 +249,7 @@ mod tests {
         ecam.write(dev1 + 0x10, &0x8000u32.to_le_bytes());
         ecam.write(dev1 + 0x14, &1u32.to_le_bytes());
         let got = moves.lock().unwrap().clone();
-        assert_eq!(got.last().map(|m| m.1.new), Some(0x1_0000_8000));
+        assert_eq!(got.last().map(|m| m.1.new), Some(Some(0x1_0000_8000)));
         // Extended configuration space reads 0.
         ecam.read(dev1 + 0x100, &mut b);
         assert_eq!(b, [0; 4]);

@@ -26,9 +26,13 @@ pub const INTERRUPT_LINE: usize = 0x3c;
 pub const INTERRUPT_PIN: usize = 0x3d;
 /// Status bit: the function has a capabilities list.
 pub const STATUS_CAPABILITIES: u16 = 1 << 4;
+/// Command bit: the function decodes its memory BARs.
+pub const COMMAND_MEMORY: u16 = 0x2;
+/// Command bit: the function may master the bus (DMA, MSI).
+pub const COMMAND_BUS_MASTER: u16 = 0x4;
 /// Command bits a guest may set: I/O space, memory space, bus master,
 /// INTx disable.
-const COMMAND_WRITABLE: u16 = 0x1 | 0x2 | 0x4 | 0x400;
+const COMMAND_WRITABLE: u16 = 0x1 | COMMAND_MEMORY | COMMAND_BUS_MASTER | 0x400;
 /// BAR flag: 64-bit memory BAR (type field 0b10).
 const BAR_MEM64: u32 = 0b100;
 /// BAR flag: prefetchable.
@@ -73,15 +77,17 @@ pub struct Bar {
     pub kind: BarKind,
 }
 
-/// A BAR the guest moved: the VMM must serve it at its new address.
+/// A BAR whose decoding the guest changed (it moved the BAR, or switched
+/// memory decoding in the command register): the VMM must serve it at its
+/// new address, or nowhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarMove {
     /// BAR index.
     pub index: usize,
-    /// Address before the write.
-    pub old: u64,
-    /// Address after it.
-    pub new: u64,
+    /// Where it was decoded before the write (`None`: not decoded).
+    pub old: Option<u64>,
+    /// Where it is decoded after it (`None`: not decoded).
+    pub new: Option<u64>,
 }
 
 /// A function's configuration header and its write masks.
@@ -90,9 +96,9 @@ pub struct PciConfiguration {
     bytes: [u8; CONFIG_SPACE_SIZE],
     writable: [u8; CONFIG_SPACE_SIZE],
     bars: Vec<Bar>,
-    /// Where each BAR of `bars` is served now (its last address that was
-    /// no sizing value).
-    placed: Vec<u64>,
+    /// Where each BAR of `bars` is decoded now: its last address that was
+    /// no sizing value, while memory decoding is on.
+    decoded: Vec<Option<u64>>,
     /// Offset of the last capability added (0: none yet).
     last_capability: usize,
     /// Where the next capability goes.
@@ -107,7 +113,7 @@ impl PciConfiguration {
             bytes: [0; CONFIG_SPACE_SIZE],
             writable: [0; CONFIG_SPACE_SIZE],
             bars: Vec::new(),
-            placed: Vec::new(),
+            decoded: Vec::new(),
             last_capability: 0,
             next_capability: FIRST_CAPABILITY,
         };
@@ -168,8 +174,34 @@ impl PciConfiguration {
             self.writable[off + 4..off + 8].copy_from_slice(&((mask >> 32) as u32).to_le_bytes());
         }
         self.bars.push(bar);
-        self.placed.push(addr);
+        self.decoded.push(self.memory_enabled().then_some(addr));
         Ok(())
+    }
+
+    fn command(&self) -> u16 {
+        u16::from_le_bytes([self.bytes[COMMAND], self.bytes[COMMAND + 1]])
+    }
+
+    fn memory_enabled(&self) -> bool {
+        self.command() & COMMAND_MEMORY != 0
+    }
+
+    /// Sets the command register as firmware leaves it (no move is
+    /// reported: the VMM places the BARs itself).
+    pub fn set_command(&mut self, command: u16) {
+        self.put(COMMAND, &(command & COMMAND_WRITABLE).to_le_bytes());
+        let on = self.memory_enabled();
+        for (n, bar) in self.bars.iter().enumerate() {
+            let addr = on.then(|| self.bar_address(bar.index)).flatten();
+            self.decoded[n] = addr;
+        }
+    }
+
+    /// Where the BAR at `index` is decoded now (`None`: no such BAR, or
+    /// memory decoding off).
+    pub fn bar_decoded(&self, index: usize) -> Option<u64> {
+        let n = self.bars.iter().position(|b| b.index == index)?;
+        self.decoded[n]
     }
 
     /// The guest-programmed address of the BAR at `index`.
@@ -245,9 +277,10 @@ impl PciConfiguration {
         }
     }
 
-    /// A guest write; only writable bits change. Returns the BARs the write
-    /// moved: those whose address changed to one that is no sizing value
-    /// (the all-ones pattern the guest writes to size a BAR).
+    /// A guest write; only writable bits change. Returns the BARs whose
+    /// decoding the write changed: moved to an address that is no sizing
+    /// value (the all-ones pattern the guest writes to size a BAR), or
+    /// switched on or off with the command register's memory bit.
     pub fn write(&mut self, offset: usize, data: &[u8]) -> Vec<BarMove> {
         for (i, &v) in data.iter().enumerate() {
             let Some(o) = offset.checked_add(i).filter(|&o| o < CONFIG_SPACE_SIZE) else {
@@ -257,13 +290,19 @@ impl PciConfiguration {
             self.bytes[o] = (self.bytes[o] & !m) | (v & m);
         }
         let mut moves = Vec::new();
+        let on = self.memory_enabled();
         for (n, bar) in self.bars.iter().enumerate() {
-            let Some(new) = self.bar_address(bar.index) else {
+            let Some(addr) = self.bar_address(bar.index) else {
                 continue;
             };
-            let old = self.placed[n];
-            if new != old && !bar.is_sizing(new) {
-                self.placed[n] = new;
+            let old = self.decoded[n];
+            let new = match (on, bar.is_sizing(addr)) {
+                (false, _) => None,
+                (true, true) => old,
+                (true, false) => Some(addr),
+            };
+            if new != old {
+                self.decoded[n] = new;
                 moves.push(BarMove {
                     index: bar.index,
                     old,
@@ -351,6 +390,9 @@ mod tests {
             kind: BarKind::Mem32,
         };
         c.add_bar(bar, 0xc000_2000).unwrap();
+        assert_eq!(c.bar_decoded(1), None, "memory decoding off at reset");
+        c.set_command(COMMAND_MEMORY);
+        assert_eq!(c.bar_decoded(1), Some(0xc000_2000));
         assert_eq!(read32(&c, 0x14), 0xc000_2000);
         // Sizing: write all ones, read back the size mask.
         assert!(c.write(0x14, &[0xff; 4]).is_empty());
@@ -363,10 +405,24 @@ mod tests {
             moved,
             [BarMove {
                 index: 1,
-                old: 0xc000_2000,
-                new: 0xc001_0000
+                old: Some(0xc000_2000),
+                new: Some(0xc001_0000)
             }]
         );
+        // Memory decoding off, then on: the BAR stops and starts being decoded.
+        let off = c.write(COMMAND, &0u16.to_le_bytes());
+        assert_eq!(
+            off,
+            [BarMove {
+                index: 1,
+                old: Some(0xc001_0000),
+                new: None
+            }]
+        );
+        assert!(c.write(0x14, &[0xff; 4]).is_empty(), "sizing while off");
+        assert!(c.write(0x14, &0xc001_0000u32.to_le_bytes()).is_empty());
+        let on = c.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(on[0].new, Some(0xc001_0000));
         // Low bits below the size are not writable.
         c.write(0x14, &0xc001_0abcu32.to_le_bytes());
         assert_eq!(c.bar_address(1), Some(0xc001_0000));
@@ -384,6 +440,7 @@ mod tests {
             kind: BarKind::Mem64,
         };
         c.add_bar(bar, 0x40_0000_0000).unwrap();
+        c.set_command(COMMAND_MEMORY);
         assert_eq!(read32(&c, 0x10), BAR_MEM64 | BAR_PREFETCHABLE);
         assert_eq!(read32(&c, 0x14), 0x40);
         c.write(0x10, &[0xff; 4]);

@@ -8,13 +8,16 @@
 //! - [`access`]: the two ways in, the legacy 0xCF8/0xCFC ports and the ECAM
 //!   MMIO window, both [`crate::bus::BusDevice`]s;
 //! - [`bars`]: where BARs go, from a 32-bit window below 4 GiB and a 64-bit
-//!   window above RAM (rust-vmm's `vm-allocator`).
+//!   window above RAM (rust-vmm's `vm-allocator`);
+//! - [`msix`]: MSI-X tables and pending bits;
+//! - [`windows`]: the BAR windows on the VMM's bus, which follow BAR moves.
 
 pub mod access;
 pub mod bars;
 pub mod config;
 pub mod msix;
 pub mod root;
+pub mod windows;
 
 pub use config::{Bar, BarKind, BarMove, PciConfiguration, PciIds};
 pub use root::{HostBridge, PciRoot};

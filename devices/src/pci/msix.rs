@@ -130,6 +130,12 @@ impl MsixTable {
         self.control & CTRL_ENABLE != 0
     }
 
+    /// Whether `vector` may deliver now: MSI-X enabled, neither the
+    /// function nor the vector masked.
+    pub fn may_deliver(&self, vector: u16) -> bool {
+        self.deliverable(usize::from(vector))
+    }
+
     fn deliverable(&self, v: usize) -> bool {
         self.enabled()
             && self.control & CTRL_FUNCTION_MASK == 0

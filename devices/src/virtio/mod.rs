@@ -11,6 +11,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod pci_vectors;
 #[cfg(test)]
 mod test_device;
 pub mod transport;
@@ -64,11 +65,35 @@ pub enum ActivateError {
 /// pin briefly to move its IRQ to another CPU): a masked level pin stays
 /// pending in the I/O APIC and fires when unmasked. Built with
 /// [`new`](Self::new), each write is an edge.
+///
+/// A transport with per-source vectors (virtio-pci's MSI-X) puts a
+/// [`VectorSink`] in front of the line ([`with_vectors`](Self::with_vectors)):
+/// while it takes the signals, the line and INTERRUPT_STATUS stay untouched.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
     resample: Option<EventFd>,
+    vectors: Option<Arc<dyn VectorSink>>,
+}
+
+/// What an interrupt reports: a queue's used buffers or a configuration
+/// change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptSource {
+    /// Queue `n` has used buffers.
+    Queue(u16),
+    /// The device configuration changed.
+    Config,
+}
+
+/// Per-source interrupt delivery in front of a device's line (virtio-pci's
+/// MSI-X vectors).
+pub trait VectorSink: Send + Sync + std::fmt::Debug {
+    /// Delivers the interrupt of `source` (or records it pending, or drops
+    /// it when the driver gave the source no vector) and returns true; false
+    /// when the line is to be used instead (MSI-X disabled).
+    fn signal(&self, source: InterruptSource) -> bool;
 }
 
 impl Interrupt {
@@ -78,6 +103,7 @@ impl Interrupt {
             status: AtomicU32::new(0),
             irqfd,
             resample: None,
+            vectors: None,
         }
     }
 
@@ -90,17 +116,32 @@ impl Interrupt {
             status: AtomicU32::new(0),
             irqfd,
             resample: Some(resample),
+            vectors: None,
         }
     }
 
-    /// Signals "used buffer" to the driver.
-    pub fn signal_used_queue(&self) {
-        self.raise(VIRTIO_MMIO_INT_VRING);
+    /// Puts `vectors` in front of the line: each signal goes to it first.
+    pub fn with_vectors(mut self, vectors: Arc<dyn VectorSink>) -> Self {
+        self.vectors = Some(vectors);
+        self
+    }
+
+    fn to_vectors(&self, source: InterruptSource) -> bool {
+        self.vectors.as_ref().is_some_and(|v| v.signal(source))
+    }
+
+    /// Signals "used buffer in queue `queue`" to the driver.
+    pub fn signal_used_queue(&self, queue: u16) {
+        if !self.to_vectors(InterruptSource::Queue(queue)) {
+            self.raise(VIRTIO_MMIO_INT_VRING);
+        }
     }
 
     /// Signals "configuration changed" (e.g. a NIC's link status).
     pub fn signal_config_change(&self) {
-        self.raise(VIRTIO_MMIO_INT_CONFIG);
+        if !self.to_vectors(InterruptSource::Config) {
+            self.raise(VIRTIO_MMIO_INT_CONFIG);
+        }
     }
 
     /// Sets `bit` in INTERRUPT_STATUS and asserts the line, also when the bit
@@ -401,8 +442,8 @@ mod tests {
     #[test]
     fn every_reason_is_signalled_and_acknowledged_bits_clear() {
         let i = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        i.signal_used_queue();
-        i.signal_used_queue();
+        i.signal_used_queue(0);
+        i.signal_used_queue(0);
         // A pending reason is signalled again: an edge lost while the guest
         // had the pin masked must not leave it pending for good.
         assert_eq!(fired(&i), 2);
@@ -411,7 +452,7 @@ mod tests {
         assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
         i.ack(VIRTIO_MMIO_INT_VRING);
         assert_eq!(i.status(), VIRTIO_MMIO_INT_CONFIG);
-        i.signal_used_queue();
+        i.signal_used_queue(0);
         assert_eq!(fired(&i), 1);
         // A device reset clears what was pending.
         i.clear();
@@ -424,7 +465,7 @@ mod tests {
         let resample = nb();
         let kvm_side = resample.try_clone().unwrap();
         let i = Arc::new(Interrupt::with_resample(nb(), resample));
-        i.signal_used_queue();
+        i.signal_used_queue(0);
         assert_eq!(fired(&i), 1);
         // The guest's EOI (KVM writes the resample eventfd) with the reason
         // still pending: the line goes up again.

@@ -25,11 +25,14 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::pci_vectors::PciVectors;
+pub use super::pci_vectors::NO_VECTOR;
 use super::transport::VirtioCore;
 use super::{Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
-use crate::pci::config::{Bar, BarKind, PciConfiguration, PciIds};
-use crate::pci::msix::{MsixTable, MsixUpdate};
+use crate::pci::config::{
+    Bar, BarKind, PciConfiguration, PciIds, COMMAND_BUS_MASTER, COMMAND_MEMORY,
+};
 use crate::pci::{BarMove, ConfigError, PciDevice};
 
 /// Red Hat's vendor ID, which virtio devices use.
@@ -52,10 +55,8 @@ pub const NOTIFY_MULTIPLIER: u32 = 4;
 pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
 /// Offset of the MSI-X PBA in BAR 0.
 pub const MSIX_PBA_OFFSET: u64 = 0x6000;
-/// "No vector" in the vector registers.
-pub const NO_VECTOR: u16 = 0xffff;
 /// Most queues a device may have here (the notification area's room).
-const MAX_QUEUES: usize = 0x1000 / NOTIFY_MULTIPLIER as usize;
+pub const MAX_QUEUES: usize = 0x1000 / NOTIFY_MULTIPLIER as usize;
 const COMMON_LEN: u32 = 0x40;
 const ISR_LEN: u32 = 4;
 const DEVICE_CFG_LEN: u32 = 0x1000;
@@ -71,11 +72,9 @@ const CAP_DEVICE: u8 = 4;
 pub struct PciTransport {
     core: VirtioCore,
     config: PciConfiguration,
-    msix: MsixTable,
+    vectors: Arc<PciVectors>,
     /// Offset of the MSI-X capability in configuration space.
     msix_cap: usize,
-    config_vector: u16,
-    queue_vectors: Vec<u16>,
 }
 
 fn class_of(device_type: u32) -> u32 {
@@ -102,16 +101,20 @@ impl PciTransport {
     /// A transport for `device`, raising `interrupt` for INTx; `queue_evts`
     /// are the per-queue notification eventfds (the VMM registers them as
     /// ioeventfds at BAR 0 + [`NOTIFY_OFFSET`] + 4 × queue); BAR 0 is at
-    /// `bar_addr` (from the 64-bit window).
+    /// `bar_addr` (from the 64-bit window). `vectors` is the MSI-X state the
+    /// VMM made for the device's queues (`interrupt` has it in front of its
+    /// line). BAR 0 starts decoded (memory space and bus mastering enabled,
+    /// as firmware leaves a device it placed).
     pub fn new(
         mem: GuestMemoryMmap,
         device: Arc<Mutex<dyn VirtioDevice>>,
         interrupt: Arc<Interrupt>,
         queue_evts: Vec<EventFd>,
         bar_addr: u64,
+        vectors: Arc<PciVectors>,
     ) -> Result<Self, ConfigError> {
         let core = VirtioCore::new("virtio-pci", mem, device, interrupt, queue_evts);
-        let queues = core.num_queues().min(MAX_QUEUES);
+        let queues = core.num_queues().min(MAX_QUEUES).min(vectors.queues());
         let device_type = core.device().device_type();
         let ids = PciIds {
             vendor: VIRTIO_PCI_VENDOR,
@@ -147,36 +150,41 @@ impl PciTransport {
             config.add_capability(c, &[])?;
         }
         // One vector per queue plus one for configuration changes.
-        let msix = MsixTable::new(queues as u16 + 1);
-        let (body, mask) = msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
+        let (body, mask) = vectors.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
         let msix_cap = config.add_capability(&body, &mask)?;
+        config.set_command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
         Ok(Self {
             core,
             config,
-            msix,
+            vectors,
             msix_cap,
-            config_vector: NO_VECTOR,
-            queue_vectors: vec![NO_VECTOR; queues],
         })
     }
 
-    /// The MSI-X table (for the VMM's routes).
-    pub fn msix(&self) -> &MsixTable {
-        &self.msix
+    /// The MSI-X vectors (shared with the device's interrupt).
+    pub fn vectors(&self) -> &Arc<PciVectors> {
+        &self.vectors
+    }
+
+    /// Where BAR 0 is decoded now (`None`: memory space disabled).
+    pub fn bar_decoded(&self) -> Option<u64> {
+        self.config.bar_decoded(0)
     }
 
     /// The vector the driver chose for queue `index` ([`NO_VECTOR`]: none).
     pub fn queue_vector(&self, index: usize) -> u16 {
-        self.queue_vectors.get(index).copied().unwrap_or(NO_VECTOR)
+        self.vectors.queue_vector(index)
     }
 
     /// The vector the driver chose for configuration changes.
     pub fn config_vector(&self) -> u16 {
-        self.config_vector
+        self.vectors.config_vector()
     }
 
     fn read_common(&mut self, offset: u64) -> u64 {
         let queue_vector = self.queue_vector(self.core.queue_sel as usize);
+        let config_vector = self.config_vector();
+        let num_queues = self.vectors.queues().min(self.core.num_queues());
         let c = &mut self.core;
         let q = |c: &mut VirtioCore, f: fn(&virtio_queue::Queue) -> u64| {
             c.selected_queue().map_or(0, |q| f(q))
@@ -186,8 +194,8 @@ impl PciTransport {
             0x04 => u64::from(c.device_features_word()),
             0x08 => u64::from(c.driver_features_sel),
             0x0c => u64::from(c.driver_features_word()),
-            0x10 => u64::from(self.config_vector),
-            0x12 => self.queue_vectors.len() as u64,
+            0x10 => u64::from(config_vector),
+            0x12 => num_queues as u64,
             0x14 => u64::from(c.read_status() as u8),
             0x15 => u64::from(c.config_generation as u8),
             0x16 => u64::from(c.queue_sel),
@@ -210,21 +218,24 @@ impl PciTransport {
     }
 
     fn write_common(&mut self, offset: u64, data: &[u8], value: u64) {
-        let vector = self.vector_or_none(value as u16);
         let c = &mut self.core;
         let v32 = value as u32;
         match (offset, data.len()) {
             (0x00, 4) => c.device_features_sel = v32,
             (0x08, 4) => c.driver_features_sel = v32,
             (0x0c, 4) => c.set_driver_features_word(v32),
-            (0x10, 2) => self.config_vector = vector,
-            (0x14, 1) => c.set_status(v32),
-            (0x16, 2) => c.queue_sel = v32,
-            (0x1a, 2) => {
-                if let Some(slot) = self.queue_vectors.get_mut(c.queue_sel as usize) {
-                    *slot = vector;
+            (0x10, 2) => self.vectors.set_config_vector(value as u16),
+            (0x14, 1) => {
+                c.set_status(v32);
+                if v32 == 0 {
+                    // A device reset unassigns the vectors too.
+                    self.vectors.reset();
                 }
             }
+            (0x16, 2) => c.queue_sel = v32,
+            (0x1a, 2) => self
+                .vectors
+                .set_queue_vector(c.queue_sel as usize, value as u16),
             (0x18 | 0x1c | 0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34, _) => {
                 let Some(q) = c.writable_queue() else {
                     return;
@@ -248,22 +259,10 @@ impl PciTransport {
         }
     }
 
-    /// A vector register reads back the vector if the table has it, else
-    /// [`NO_VECTOR`] (how the driver learns it was refused).
-    fn vector_or_none(&self, v: u16) -> u16 {
-        if usize::from(v) < self.msix.len() {
-            v
-        } else {
-            NO_VECTOR
-        }
-    }
-
     fn msix_control_written(&mut self) {
         let mut ctrl = [0u8; 2];
         self.config.read(self.msix_cap + 2, &mut ctrl);
-        for v in self.msix.set_control(u16::from_le_bytes(ctrl)) {
-            warn!("virtio-pci: MSI-X vector {v} pending at unmask: delivery is the VMM's");
-        }
+        self.vectors.set_control(u16::from_le_bytes(ctrl));
     }
 }
 
@@ -314,9 +313,9 @@ impl BusDevice for PciTransport {
                 self.core.read_config(o - DEVICE_CFG_OFFSET, data);
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                self.msix.read_table(o - MSIX_TABLE_OFFSET, data);
+                self.vectors.read_table(o - MSIX_TABLE_OFFSET, data);
             }
-            o if o >= MSIX_PBA_OFFSET => self.msix.read_pba(o - MSIX_PBA_OFFSET, data),
+            o if o >= MSIX_PBA_OFFSET => self.vectors.read_pba(o - MSIX_PBA_OFFSET, data),
             _ => data.fill(0),
         }
     }
@@ -335,13 +334,7 @@ impl BusDevice for PciTransport {
                     .notify(((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize);
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                for u in self.msix.write_table(o - MSIX_TABLE_OFFSET, data) {
-                    if let MsixUpdate::DeliverPending(v) = u {
-                        warn!(
-                            "virtio-pci: MSI-X vector {v} pending at unmask: delivery is the VMM's"
-                        );
-                    }
-                }
+                self.vectors.write_table(o - MSIX_TABLE_OFFSET, data);
             }
             _ => {}
         }
@@ -360,10 +353,27 @@ mod tests {
 
     const BAR: u64 = 0x40_0000_0000;
 
-    fn transport() -> (PciTransport, Arc<Mutex<Dummy>>, Arc<Interrupt>) {
-        let (mem, dev, irq, evts) = dummy_parts();
-        let t = PciTransport::new(mem, dev.clone(), irq.clone(), evts, BAR).unwrap();
+    /// Counts the vectors sent.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<u16>>);
+    impl crate::virtio::pci_vectors::MsiDelivery for Sent {
+        fn set_routes(&self, _routes: &[Option<crate::pci::msix::MsiMessage>]) {}
+        fn trigger(&self, vector: u16) {
+            self.0.lock().unwrap().push(vector);
+        }
+    }
+
+    fn transport_with(sent: Arc<Sent>) -> (PciTransport, Arc<Mutex<Dummy>>, Arc<Interrupt>) {
+        let (mem, dev, _, evts) = dummy_parts();
+        let vectors = PciVectors::new(evts.len(), sent);
+        let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(Interrupt::new(line).with_vectors(vectors.clone()));
+        let t = PciTransport::new(mem, dev.clone(), irq.clone(), evts, BAR, vectors).unwrap();
         (t, dev, irq)
+    }
+
+    fn transport() -> (PciTransport, Arc<Mutex<Dummy>>, Arc<Interrupt>) {
+        transport_with(Arc::default())
     }
 
     fn cfg(t: &mut PciTransport, off: usize, len: usize) -> u64 {
@@ -499,7 +509,7 @@ mod tests {
     #[test]
     fn isr_read_acknowledges_and_notify_forwards() {
         let (mut t, _, irq) = transport();
-        irq.signal_used_queue();
+        irq.signal_used_queue(0);
         assert_eq!(r(&mut t, ISR_OFFSET, 1), 1, "queue interrupt");
         assert_eq!(r(&mut t, ISR_OFFSET, 1), 0, "read-to-clear");
         irq.signal_config_change();
@@ -510,6 +520,42 @@ mod tests {
     }
 
     #[test]
+    fn with_msix_enabled_queues_use_their_vectors_not_the_isr() {
+        let sent = Arc::new(Sent::default());
+        let (mut t, _, irq) = transport_with(sent.clone());
+        let m = caps(&mut t)[4].0;
+        w(&mut t, 0x16, 2, 1);
+        w(&mut t, 0x1a, 2, 1);
+        w(&mut t, MSIX_TABLE_OFFSET + 16, 4, 0xfee0_0000);
+        w(&mut t, MSIX_TABLE_OFFSET + 24, 4, 0x31);
+        t.config_write(m + 2, &0x8000u16.to_le_bytes());
+        // Vector 1 still masked: pending in the PBA, nothing sent.
+        irq.signal_used_queue(1);
+        assert_eq!(r(&mut t, MSIX_PBA_OFFSET, 8), 0b10);
+        assert!(sent.0.lock().unwrap().is_empty());
+        w(&mut t, MSIX_TABLE_OFFSET + 28, 4, 0);
+        assert_eq!(*sent.0.lock().unwrap(), [1], "delivered at unmask");
+        assert_eq!(r(&mut t, MSIX_PBA_OFFSET, 8), 0);
+        irq.signal_used_queue(1);
+        assert_eq!(*sent.0.lock().unwrap(), [1, 1]);
+        assert_eq!(r(&mut t, ISR_OFFSET, 1), 0, "the ISR is INTx's");
+        // A device reset unassigns the vectors.
+        w(&mut t, 0x14, 1, 0);
+        assert_eq!(r(&mut t, 0x1a, 2), u64::from(NO_VECTOR));
+    }
+
+    #[test]
+    fn memory_decoding_follows_the_command_register() {
+        let (mut t, _, _) = transport();
+        assert_eq!(t.bar_decoded(), Some(BAR), "decoded as firmware leaves it");
+        let moves = t.config_write(0x04, &0u16.to_le_bytes());
+        assert_eq!(moves.len(), 1);
+        assert_eq!(t.bar_decoded(), None);
+        t.config_write(0x04, &0x6u16.to_le_bytes());
+        assert_eq!(t.bar_decoded(), Some(BAR));
+    }
+
+    #[test]
     fn msix_table_through_the_bar_and_the_capability() {
         let (mut t, _, _) = transport();
         let m = caps(&mut t)[4].0;
@@ -517,9 +563,9 @@ mod tests {
         w(&mut t, MSIX_TABLE_OFFSET + 24, 4, 0x31);
         assert_eq!(r(&mut t, MSIX_TABLE_OFFSET + 16, 4), 0xfee0_0000);
         assert_eq!(r(&mut t, MSIX_TABLE_OFFSET + 28, 4), 1, "masked");
-        assert!(!t.msix().enabled());
+        assert!(!t.vectors().enabled());
         t.config_write(m + 2, &0x8000u16.to_le_bytes());
-        assert!(t.msix().enabled());
+        assert!(t.vectors().enabled());
         assert_eq!(cfg(&mut t, m + 2, 2), 0x8002, "enable bit, size 2");
         assert_eq!(r(&mut t, MSIX_PBA_OFFSET, 8), 0);
     }

@@ -24,8 +24,9 @@ pub const REQUEST_US: u64 = 5_000_000;
 pub struct Disk {
     /// Dropped by hand (see `Drop`), before the request buffers go.
     blk: ManuallyDrop<VirtIOBlk<ProbeHal, ProbeTransport>>,
-    /// Register window.
-    base: u64,
+    /// virtio-mmio register window (`None` over virtio-pci, whose driver
+    /// resets the device itself when dropped).
+    base: Option<u64>,
     /// Features the device offers (read before the driver negotiates).
     pub offered: u64,
     /// Capacity in 512-byte sectors.
@@ -57,7 +58,15 @@ pub fn is_blk(dev: &MmioDevice) -> Result<bool, String> {
 impl Disk {
     /// Resets the device, reads what it offers and initializes the driver.
     pub fn open(dev: &MmioDevice) -> Result<Self, String> {
-        let mut transport = dev.transport()?;
+        Self::open_transport(dev.transport()?, Some(dev.base))
+    }
+
+    /// As [`open`](Self::open), on `transport` (`base`: its virtio-mmio
+    /// window, if it is one).
+    pub fn open_transport(
+        mut transport: ProbeTransport,
+        base: Option<u64>,
+    ) -> Result<Self, String> {
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = transport.read_device_features();
@@ -67,7 +76,7 @@ impl Disk {
             capacity: blk.capacity(),
             readonly: blk.readonly(),
             blk: ManuallyDrop::new(blk),
-            base: dev.base,
+            base,
             offered,
             broken: None,
             slot: Box::new((BlkReq::default(), BlkResp::default())),
@@ -166,7 +175,9 @@ impl Disk {
     /// Resets the device (it stops using every buffer it was given) and
     /// marks the disk unusable.
     pub fn abandon(&mut self, why: &str) {
-        phys::write_u32(self.base + REG_STATUS, 0);
+        if let Some(base) = self.base {
+            phys::write_u32(base + REG_STATUS, 0);
+        }
         self.broken = Some(String::from(why));
     }
 
@@ -183,8 +194,10 @@ impl Drop for Disk {
     /// device and lets the driver go; if even a reset leaves QueueReady set,
     /// the driver is leaked rather than hang the probe.
     fn drop(&mut self) {
-        if !crate::virtio::quiesce(self.base, 1, true) {
-            return;
+        if let Some(base) = self.base {
+            if !crate::virtio::quiesce(base, 1, true) {
+                return;
+            }
         }
         // SAFETY: dropped once, here; `blk` is not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.blk) };

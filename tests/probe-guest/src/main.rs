@@ -25,6 +25,7 @@ mod interactive;
 mod mem;
 mod mptable;
 mod netdev;
+mod pci;
 mod power;
 mod rawblk;
 mod rawvsock;

@@ -50,7 +50,8 @@ pub struct Nic {
     /// Dropped by hand (see `Drop`), before the buffers go.
     net: ManuallyDrop<VirtIONetRaw<ProbeHal, ProbeTransport, QUEUE_SIZE>>,
     /// Register window.
-    base: u64,
+    /// virtio-mmio register window (`None` over virtio-pci).
+    base: Option<u64>,
     /// Features the device offers.
     pub offered: u64,
     /// Of the extra features asked for, those offered (and so acked).
@@ -81,14 +82,27 @@ impl Nic {
     /// (acking `extra` features too where offered) and posts the receive
     /// buffers.
     pub fn open(dev: &MmioDevice, extra: u64) -> Result<Self, String> {
-        let mut transport = dev.transport()?;
+        Self::open_transport(dev.transport()?, Some(dev.base), extra)
+    }
+
+    /// As [`open`](Self::open), on `transport` (`base`: its virtio-mmio
+    /// window, if it is one).
+    pub fn open_transport(
+        mut transport: ProbeTransport,
+        base: Option<u64>,
+        extra: u64,
+    ) -> Result<Self, String> {
         if transport.device_type() != DeviceType::Network {
             return Err(format!(
-                "device at {:#x} is {:?}, not a network device",
-                dev.base,
+                "device is {:?}, not a network device",
                 transport.device_type()
             ));
         }
+        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
+        let config_mtu = match base {
+            Some(base) => (phys::read_u32(base + REG_CONFIG + 8) >> 16) as u16,
+            None => transport.read_config_space::<u16>(10).unwrap_or(0),
+        };
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = transport.read_device_features();
@@ -101,9 +115,8 @@ impl Nic {
         transport.ack_also(extra);
         let net = VirtIONetRaw::<ProbeHal, _, QUEUE_SIZE>::new(transport)
             .map_err(|e| format!("virtio-drivers init: {e}"))?;
-        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
         let mtu = if offered & F_MTU != 0 {
-            (phys::read_u32(dev.base + REG_CONFIG + 8) >> 16) as u16
+            config_mtu
         } else {
             1500
         };
@@ -114,7 +127,7 @@ impl Nic {
         let mut nic = Nic {
             mac: net.mac_address(),
             net: ManuallyDrop::new(net),
-            base: dev.base,
+            base,
             offered,
             extra,
             mtu,
@@ -264,8 +277,10 @@ impl Drop for Nic {
     /// go; virtio-drivers' own teardown waits for QueueReady to read 0
     /// without a bound, so if a reset leaves it set the driver is leaked.
     fn drop(&mut self) {
-        if !crate::virtio::quiesce(self.base, 2, false) {
-            return;
+        if let Some(base) = self.base {
+            if !crate::virtio::quiesce(base, 2, false) {
+                return;
+            }
         }
         // SAFETY: dropped once, here; `net` is not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.net) };

@@ -145,7 +145,8 @@ impl RawBlk {
         self.features = self.offered & (want | F_VERSION_1);
         t.write_driver_features(self.features);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.version() == MmioVersion::Modern && !t.get_status().contains(DeviceStatus::FEATURES_OK)
+        if t.version() == Some(MmioVersion::Modern)
+            && !t.get_status().contains(DeviceStatus::FEATURES_OK)
         {
             return Err(format!(
                 "device refused features {:#x} (FEATURES_OK not kept)",

@@ -212,7 +212,8 @@ impl RawVsock {
         let features = t.read_device_features() & F_VERSION_1;
         t.write_driver_features(features);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.version() == MmioVersion::Modern && !t.get_status().contains(DeviceStatus::FEATURES_OK)
+        if t.version() == Some(MmioVersion::Modern)
+            && !t.get_status().contains(DeviceStatus::FEATURES_OK)
         {
             return Err(format!(
                 "device refused features {features:#x} (FEATURES_OK not kept)"

@@ -6,7 +6,10 @@ use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use core::ptr::NonNull;
 
 use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion, VirtIOHeader};
-use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::{
+    DeviceStatus, DeviceType, InterruptStatus, SomeTransport, Transport,
+};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -93,12 +96,16 @@ impl MmioDevice {
         // VMM, aligned (virtio-mmio windows are page-aligned) and not
         // otherwise accessed by the probe.
         unsafe { MmioTransport::new(header, size) }
-            .map(|mmio| ProbeTransport { mmio, extra: 0 })
+            .map(|mmio| ProbeTransport {
+                inner: SomeTransport::Mmio(mmio),
+                extra: 0,
+            })
             .map_err(|e| alloc::format!("{e}"))
     }
 }
 
-/// The MMIO transport every probe driver uses, with two changes:
+/// The transport every probe driver uses (virtio-mmio, or virtio-pci on a
+/// PCI machine), with two changes:
 ///
 /// - It sets the device status one step of the initialization sequence
 ///   (virtio 1.x, 3.1.1) at a time: ACKNOWLEDGE, then DRIVER, then
@@ -112,14 +119,25 @@ impl MmioDevice {
 /// - It acks the feature bits set with [`ProbeTransport::ack_also`] on top
 ///   of those the driver acks, for features the probe drives itself.
 pub struct ProbeTransport {
-    mmio: MmioTransport<'static>,
+    inner: SomeTransport<'static>,
     extra: u64,
 }
 
 impl ProbeTransport {
-    /// The MMIO transport's version (legacy or modern).
-    pub fn version(&self) -> MmioVersion {
-        self.mmio.version()
+    /// A virtio-pci function's transport.
+    pub fn pci(pci: PciTransport) -> Self {
+        ProbeTransport {
+            inner: SomeTransport::Pci(pci),
+            extra: 0,
+        }
+    }
+
+    /// The MMIO transport's version (legacy or modern; `None` over PCI).
+    pub fn version(&self) -> Option<MmioVersion> {
+        match &self.inner {
+            SomeTransport::Mmio(m) => Some(m.version()),
+            _ => None,
+        }
     }
 
     /// Also acks `features` (which must all be offered) when the driver
@@ -131,26 +149,26 @@ impl ProbeTransport {
 
 impl Transport for ProbeTransport {
     fn device_type(&self) -> DeviceType {
-        self.mmio.device_type()
+        self.inner.device_type()
     }
     fn read_device_features(&mut self) -> u64 {
-        self.mmio.read_device_features()
+        self.inner.read_device_features()
     }
     fn write_driver_features(&mut self, driver_features: u64) {
-        self.mmio
+        self.inner
             .write_driver_features(driver_features | self.extra)
     }
     fn max_queue_size(&mut self, queue: u16) -> u32 {
-        self.mmio.max_queue_size(queue)
+        self.inner.max_queue_size(queue)
     }
     fn notify(&mut self, queue: u16) {
-        self.mmio.notify(queue)
+        self.inner.notify(queue)
     }
     fn get_status(&self) -> DeviceStatus {
-        self.mmio.get_status()
+        self.inner.get_status()
     }
     fn set_status(&mut self, status: DeviceStatus) {
-        let mut now = self.mmio.get_status();
+        let mut now = self.inner.get_status();
         for step in [
             DeviceStatus::ACKNOWLEDGE,
             DeviceStatus::DRIVER,
@@ -159,19 +177,19 @@ impl Transport for ProbeTransport {
         ] {
             if status.contains(step) && !now.contains(step) {
                 now |= step;
-                self.mmio.set_status(now);
+                self.inner.set_status(now);
             }
         }
         // A reset (0), FAILED, or anything the steps did not reach.
         if now != status {
-            self.mmio.set_status(status);
+            self.inner.set_status(status);
         }
     }
     fn set_guest_page_size(&mut self, guest_page_size: u32) {
-        self.mmio.set_guest_page_size(guest_page_size)
+        self.inner.set_guest_page_size(guest_page_size)
     }
     fn requires_legacy_layout(&self) -> bool {
-        self.mmio.requires_legacy_layout()
+        self.inner.requires_legacy_layout()
     }
     fn queue_set(
         &mut self,
@@ -181,33 +199,33 @@ impl Transport for ProbeTransport {
         driver_area: PhysAddr,
         device_area: PhysAddr,
     ) {
-        self.mmio
+        self.inner
             .queue_set(queue, size, descriptors, driver_area, device_area)
     }
     fn queue_unset(&mut self, queue: u16) {
-        self.mmio.queue_unset(queue)
+        self.inner.queue_unset(queue)
     }
     fn queue_used(&mut self, queue: u16) -> bool {
-        self.mmio.queue_used(queue)
+        self.inner.queue_used(queue)
     }
     fn ack_interrupt(&mut self) -> InterruptStatus {
-        self.mmio.ack_interrupt()
+        self.inner.ack_interrupt()
     }
     fn read_config_generation(&self) -> u32 {
-        self.mmio.read_config_generation()
+        self.inner.read_config_generation()
     }
     fn read_config_space<V: FromBytes + IntoBytes>(
         &self,
         offset: usize,
     ) -> virtio_drivers::Result<V> {
-        self.mmio.read_config_space(offset)
+        self.inner.read_config_space(offset)
     }
     fn write_config_space<V: IntoBytes + Immutable>(
         &mut self,
         offset: usize,
         value: V,
     ) -> virtio_drivers::Result<()> {
-        self.mmio.write_config_space(offset, value)
+        self.inner.write_config_space(offset, value)
     }
 }
 
@@ -240,6 +258,8 @@ pub fn describe(announcements: &[&str]) {
                     dev.irq,
                     t.device_type(),
                     t.version()
+                        .map(|v| alloc::format!("{v:?}"))
+                        .unwrap_or_default()
                 ),
                 Err(e) => println!("probe: virtio-mmio {:#x} irq {}: {e}", dev.base, dev.irq),
             },

@@ -200,7 +200,8 @@ enum Wanted {
 pub struct Vsock {
     /// Dropped by hand (see `Drop`).
     sock: ManuallyDrop<Socket>,
-    base: u64,
+    /// virtio-mmio register window (`None` over virtio-pci).
+    base: Option<u64>,
     /// The guest CID from the config space.
     pub cid: u64,
     /// Features the device offers.
@@ -227,11 +228,18 @@ pub enum SendError {
 impl Vsock {
     /// Resets the device, reads what it offers and initializes the driver.
     pub fn open(dev: &MmioDevice) -> Result<Self, String> {
-        let mut transport = dev.transport()?;
+        Self::open_transport(dev.transport()?, Some(dev.base))
+    }
+
+    /// As [`open`](Self::open), on `transport` (`base`: its virtio-mmio
+    /// window, if it is one).
+    pub fn open_transport(
+        mut transport: ProbeTransport,
+        base: Option<u64>,
+    ) -> Result<Self, String> {
         if transport.device_type() != DeviceType::Socket {
             return Err(format!(
-                "device at {:#x} is {:?}, not a socket device",
-                dev.base,
+                "device is {:?}, not a socket device",
                 transport.device_type()
             ));
         }
@@ -242,7 +250,7 @@ impl Vsock {
         Ok(Vsock {
             cid: sock.guest_cid(),
             sock: ManuallyDrop::new(sock),
-            base: dev.base,
+            base,
             offered,
             next_port: FIRST_LOCAL_PORT,
             listening: Vec::new(),
@@ -631,8 +639,10 @@ impl Drop for Vsock {
     /// the driver is leaked rather than hang the probe in its own
     /// `queue_unset`.
     fn drop(&mut self) {
-        if !crate::virtio::quiesce(self.base, QUEUES, true) {
-            return;
+        if let Some(base) = self.base {
+            if !crate::virtio::quiesce(base, QUEUES, true) {
+                return;
+            }
         }
         // SAFETY: dropped once, here; `sock` is not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.sock) };

@@ -762,6 +762,9 @@ pub struct FlagOverrides {
 pub const MAX_DISKS: usize = 16;
 /// Most NICs a VM can have.
 pub const MAX_NETS: usize = 8;
+// On a PCI machine every virtio device takes a slot of bus 0 (31 besides
+// the host bridge): disks (the config disk among them), NICs and vsock fit.
+const _: () = assert!(MAX_DISKS + MAX_NETS + 1 < devices::pci::root::SLOTS as usize);
 /// Most virtio-mmio devices (interrupt lines 5 to 23).
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// Smallest MTU a NIC accepts (IPv4's minimum).
@@ -1113,10 +1116,6 @@ impl VmConfig {
         Ok(())
     }
 
-    /// What the PCI machine cannot do (yet): without ACPI the guest would
-    /// not learn the host bridge's windows or INTx routing; and the VMM
-    /// does not put virtio devices behind the virtio-pci transport yet
-    /// (the transport model exists, `devices::virtio::pci`).
     /// `memory.numa`: needs the ACPI tables, two sockets or more, and RAM
     /// that splits into equal parts of whole 2 MiB pages.
     fn validate_numa(&self) -> Result<(), ConfigError> {
@@ -1138,6 +1137,8 @@ impl VmConfig {
         Ok(())
     }
 
+    /// What the PCI machine needs: ACPI (without it the guest would not
+    /// learn the host bridge's windows or INTx routing).
     fn validate_machine(&self) -> Result<(), ConfigError> {
         if self.machine.transport != Transport::Pci {
             return Ok(());
@@ -1149,20 +1150,6 @@ impl VmConfig {
                 "needs machine.acpi = true (the guest finds the PCI host bridge's windows and \
                  interrupt routing in ACPI)"
                     .into(),
-            ));
-        }
-        let devices = self.disks.len()
-            + usize::from(self.config_disk.is_some())
-            + self.nets.len()
-            + usize::from(self.vsock.is_some());
-        if devices > 0 {
-            return Err(ConfigError::invalid(
-                "machine.transport",
-                "pci",
-                format!(
-                    "{devices} virtio device(s) configured, but this version places virtio \
-                     devices on virtio-mmio only; use transport = \"mmio\""
-                ),
             ));
         }
         Ok(())
@@ -1752,6 +1739,20 @@ mod tests {
         assert_eq!((m.acpi, m.transport), (false, Transport::Pci));
         let e = parse_machine_flag("transport=usb").unwrap_err().to_string();
         assert!(e.contains("machine.transport"), "{e}");
+    }
+
+    #[test]
+    fn pci_takes_virtio_devices_but_needs_acpi() {
+        let cfg = VmConfig::from_toml(
+            "[payload]\nkernel = \"/dev/null\"\n[machine]\ntransport = \"pci\"\n\
+             [vsock]\ncid = 3\nsocket = \"/tmp/keel-pci-unit.sock\"",
+        )
+        .unwrap();
+        cfg.validate_machine().unwrap();
+        let mut off = cfg.clone();
+        off.machine.acpi = false;
+        let e = off.validate_machine().unwrap_err().to_string();
+        assert!(e.contains("needs machine.acpi = true"), "{e}");
     }
 
     #[test]

@@ -324,6 +324,16 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
 mod tests {
     use super::*;
 
+    /// The PCI machine's request numbers are `_IOW(KVMIO, nr, struct)`.
+    #[test]
+    fn pci_request_numbers_match_their_structures() {
+        let iow = |nr: u64, size: usize| (1u64 << 30) | ((size as u64) << 16) | (0xae << 8) | nr;
+        let ioeventfd = std::mem::size_of::<kvm_bindings::kvm_ioeventfd>();
+        let routing = std::mem::size_of::<kvm_bindings::kvm_irq_routing>();
+        assert_eq!(policy::KVM_IOEVENTFD, iow(0x79, ioeventfd));
+        assert_eq!(policy::KVM_SET_GSI_ROUTING, iow(0x6a, routing));
+    }
+
     #[test]
     fn every_kind_compiles() {
         for kind in ThreadKind::ALL {

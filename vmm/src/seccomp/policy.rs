@@ -26,6 +26,12 @@ pub const KVM_RUN: u64 = 0xae80;
 pub const KVM_GET_REGS: u64 = 0x8090_ae81;
 /// `KVM_GET_SREGS`: `_IOR(KVMIO, 0x83, struct kvm_sregs)` (fatal-exit dumps).
 pub const KVM_GET_SREGS: u64 = 0x8138_ae83;
+/// `KVM_IOEVENTFD`: `_IOW(KVMIO, 0x79, struct kvm_ioeventfd)` (a virtio-pci
+/// BAR the guest moves: its queue notifications move with it).
+pub const KVM_IOEVENTFD: u64 = 0x4040_ae79;
+/// `KVM_SET_GSI_ROUTING`: `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)` (the
+/// guest programs, masks or unmasks a virtio-pci MSI-X vector).
+pub const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
 /// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)` (virtio-net activation).
 pub const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 /// `TUNSETQUEUE`: `_IOW('T', 217, int)` (virtio-net multi-queue).
@@ -199,7 +205,9 @@ fn main(r: &mut Rules) -> Result<(), SeccompError> {
 /// A vCPU: KVM_RUN and the register reads of a fatal exit's report; the
 /// buses it serves write eventfds (interrupts, queue notifications, the
 /// device thread's hand-offs), the serial output (file or stdout) and the
-/// boot timer's log line; a virtio-net activation sets tap offloads. The
+/// boot timer's log line; a virtio-net activation sets tap offloads; on a
+/// PCI machine, a BAR move re-registers ioeventfds and an MSI-X table or
+/// control write replaces KVM's GSI routing table. The
 /// serial log's rotation (`--serial file=PATH,max_size=..`) runs on the vCPU
 /// that writes the byte: it renames the backups and creates `PATH` afresh,
 /// so `rename` and one `openat` (write-only, create, truncate, close-on-exec:
@@ -213,6 +221,8 @@ fn vcpu(r: &mut Rules) -> Result<(), SeccompError> {
             KVM_RUN,
             KVM_GET_REGS,
             KVM_GET_SREGS,
+            KVM_IOEVENTFD,
+            KVM_SET_GSI_ROUTING,
             TUNSETOFFLOAD,
             TUNSETQUEUE,
         ],

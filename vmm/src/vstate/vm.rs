@@ -2,7 +2,9 @@
 //! interrupt lines as irqfds.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use std::sync::Arc;
+
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -43,7 +45,7 @@ const REQUIRED_CAPS: [Cap; 6] = [
 /// An open VM with memory and interrupt controllers in place.
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -71,7 +73,10 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(|e| VmError::Kvm("create PIT", e))?;
-        Ok(Vm { kvm, fd })
+        Ok(Vm {
+            kvm,
+            fd: Arc::new(fd),
+        })
     }
 
     /// The KVM system handle.
@@ -82,6 +87,12 @@ impl Vm {
     /// The VM handle.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The VM handle, for what changes KVM's view while the VM runs (BAR
+    /// moves, MSI routes).
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     /// Registers every region of `mem` as a KVM memory slot.
@@ -116,6 +127,12 @@ impl Vm {
             .map_err(|e| VmError::Kvm("register ioeventfd", e))
     }
 
+    /// Makes KVM signal `evt` when the guest writes anything, of any size,
+    /// at MMIO address `addr` (a virtio-pci queue's notification address).
+    pub fn register_pci_notify(&self, evt: &EventFd, addr: u64) -> Result<(), VmError> {
+        pci_notify(&self.fd, evt, addr, true)
+    }
+
     /// An eventfd that raises interrupt line `gsi` when written (an edge).
     pub fn irq_line(&self, gsi: u32) -> Result<EventFd, VmError> {
         let evt = new_eventfd()?;
@@ -139,7 +156,21 @@ impl Vm {
     }
 }
 
-fn new_eventfd() -> Result<EventFd, VmError> {
+/// Registers (`on`) or unregisters `evt` as the ioeventfd of any write at
+/// MMIO `addr` (no data match, any length).
+pub fn pci_notify(fd: &VmFd, evt: &EventFd, addr: u64, on: bool) -> Result<(), VmError> {
+    let at = IoEventAddress::Mmio(addr);
+    if on {
+        fd.register_ioevent(evt, &at, NoDatamatch)
+            .map_err(|e| VmError::Kvm("register ioeventfd", e))
+    } else {
+        fd.unregister_ioevent(evt, &at, NoDatamatch)
+            .map_err(|e| VmError::Kvm("unregister ioeventfd", e))
+    }
+}
+
+/// A new non-blocking eventfd.
+pub fn new_eventfd() -> Result<EventFd, VmError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
         VmError::Kvm(
             "eventfd",

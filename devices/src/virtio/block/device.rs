@@ -449,7 +449,7 @@ impl VirtioBlock {
 fn notify(a: &mut Active) {
     match a.queue.needs_notification(&a.mem) {
         Ok(false) => {}
-        _ => a.interrupt.signal_used_queue(),
+        _ => a.interrupt.signal_used_queue(0),
     }
 }
 

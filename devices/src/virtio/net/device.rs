@@ -133,6 +133,16 @@ struct Pair {
     stalled: bool,
 }
 
+/// Index of pair `p`'s receive queue (virtio 1.2, 5.1.2: rx0, tx0, rx1, ...).
+fn rx_queue(p: usize) -> u16 {
+    (2 * p) as u16
+}
+
+/// Index of pair `p`'s transmit queue.
+fn tx_queue(p: usize) -> u16 {
+    (2 * p + 1) as u16
+}
+
 struct Ctrl {
     queue: Queue,
     evt: EventFd,
@@ -485,7 +495,7 @@ impl VirtioNet {
             }
         }
         if used && pair.txq.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(tx_queue(p));
         }
         if let Some(e) = gone {
             self.tap_failed(&e, ops);
@@ -582,7 +592,7 @@ impl VirtioNet {
             }
         }
         if used && pair.rxq.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(rx_queue(p));
         }
         if let Some(e) = failed {
             bump(&c.tap_errors, 1);
@@ -710,7 +720,7 @@ impl VirtioNet {
             }
         }
         if used && ctrl.queue.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(ctrl.index as u16);
         }
         if let Some(n) = set_pairs {
             self.set_active_pairs(n, ops);

@@ -37,6 +37,10 @@ use crate::virtio::{
 /// Virtio device ID of vsock.
 const VIRTIO_ID_VSOCK: u32 = 19;
 const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue (device to driver).
+const RX_QUEUE: u16 = 0;
+/// Index of the transmit queue (driver to device).
+const TX_QUEUE: u16 = 1;
 /// Most descriptors in one chain (the queue size: the virtio spec forbids
 /// longer chains); a longer one is dropped before any of it is collected.
 const MAX_CHAIN: usize = QUEUE_SIZE as usize;
@@ -376,7 +380,7 @@ impl VirtioVsock {
             }
         }
         if used_any && a.txq.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(TX_QUEUE);
         }
         self.active = Some(a);
     }
@@ -711,7 +715,7 @@ impl VirtioVsock {
             a.rxq.go_to_previous_position();
         }
         if used_any && a.rxq.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(RX_QUEUE);
         }
         self.active = Some(a);
     }

@@ -8,6 +8,8 @@ use super::tsc::delay_us;
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
 /// Spurious interrupt vector register: bit 8 enables the APIC.
 const SVR: u64 = 0xf0;
+/// Interrupt Request Register: 8 registers of 32 vectors, 0x10 apart.
+const IRR: u64 = 0x200;
 /// Interrupt command register, low and high halves.
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
@@ -33,6 +35,18 @@ pub fn enable() -> Result<(), phys::MapError> {
     phys::map(LAPIC_BASE, 0x1000)?;
     write(SVR, SVR_ENABLE | u32::from(super::idt::SPURIOUS_VECTOR));
     Ok(())
+}
+
+/// The local APIC's ID (bits 31:24 of its ID register).
+pub fn id() -> u32 {
+    read(0x20) >> 24
+}
+
+/// Whether `vector` is pending in the Interrupt Request Register (accepted
+/// by the local APIC, not yet delivered to the processor).
+pub fn requested(vector: u8) -> bool {
+    let reg = IRR + 0x10 * u64::from(vector / 32);
+    read(reg) & (1 << (vector % 32)) != 0
 }
 
 fn send_ipi(command: u32) {

@@ -38,6 +38,27 @@ pub fn write_u8(addr: u64, value: u8) {
     }
 }
 
+/// Reads a u16 of guest-physical memory at `addr`, which must be mapped.
+pub fn read_u16(addr: u64) -> u16 {
+    let value: u16;
+    // SAFETY: as for `read_u8`.
+    unsafe {
+        asm!("mov {v:x}, word ptr [{a}]", a = in(reg) addr, v = out(reg) value,
+             options(nostack, preserves_flags, readonly))
+    }
+    value
+}
+
+/// Writes a u16 of guest-physical memory at `addr`, which must be mapped
+/// and must not hold anything the probe itself is using.
+pub fn write_u16(addr: u64, value: u16) {
+    // SAFETY: as for `write_u8`.
+    unsafe {
+        asm!("mov word ptr [{a}], {v:x}", a = in(reg) addr, v = in(reg) value,
+             options(nostack, preserves_flags))
+    }
+}
+
 /// Reads a u32 of guest-physical memory at `addr`, which must be mapped.
 pub fn read_u32(addr: u64) -> u32 {
     let value: u32;

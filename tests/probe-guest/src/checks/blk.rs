@@ -101,7 +101,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) -> bool {
 }
 
 /// First mismatch between `buf` (disk bytes from `at`) and `pattern`.
-fn compare(buf: &[u8], at: u64, pattern: impl Fn(u64) -> u8) -> CheckResult {
+pub(super) fn compare(buf: &[u8], at: u64, pattern: impl Fn(u64) -> u8) -> CheckResult {
     let mut bad = buf
         .iter()
         .enumerate()
@@ -117,7 +117,7 @@ fn compare(buf: &[u8], at: u64, pattern: impl Fn(u64) -> u8) -> CheckResult {
     Ok(())
 }
 
-fn expect_ok(status: RespStatus, what: &str) -> CheckResult {
+pub(super) fn expect_ok(status: RespStatus, what: &str) -> CheckResult {
     if status != RespStatus::OK {
         fail!("{what}: status {}", status_text(status));
     }
@@ -126,7 +126,7 @@ fn expect_ok(status: RespStatus, what: &str) -> CheckResult {
 
 /// virtio-drivers waits for GET_ID and FLUSH without a time limit: before
 /// either, a bounded read of sector 0 makes sure the queue answers at all.
-fn answers(disk: &mut Disk, scratch: &Scratch) -> CheckResult {
+pub(super) fn answers(disk: &mut Disk, scratch: &Scratch) -> CheckResult {
     let sector0 = scratch.take(SECTOR as usize)?;
     let status = disk
         .read(0, sector0)
@@ -294,7 +294,7 @@ fn disk_checks(
 
 /// blk.<i>.write_read: G at [4 MiB, 4 MiB + 256 KiB) in one 128 KiB
 /// request, 31 of 4 KiB and 8 of one sector; read back in 64 KiB requests.
-fn write_read(disk: &mut Disk, scratch: &Scratch, capacity: u64) -> CheckResult {
+pub(super) fn write_read(disk: &mut Disk, scratch: &Scratch, capacity: u64) -> CheckResult {
     need_capacity(capacity, GUEST_AT + GUEST_LEN)?;
     let data = scratch.take(GUEST_LEN as usize)?;
     for (k, b) in data.iter_mut().enumerate() {
@@ -347,17 +347,29 @@ fn cow(ctx: &Context<'_>, dev: &MmioDevice, inside: u64, outside: u64) -> CheckR
         data.iter_mut()
             .enumerate()
             .for_each(|(k, b)| *b = guest_pattern(at + k as u64));
-        expect_ok(disk.write(sector, data)?, &format!("write at sector {sector}"))?;
+        expect_ok(
+            disk.write(sector, data)?,
+            &format!("write at sector {sector}"),
+        )?;
         let back = scratch.take(LEN as usize)?;
-        expect_ok(disk.read(sector, back)?, &format!("read at sector {sector}"))?;
+        expect_ok(
+            disk.read(sector, back)?,
+            &format!("read at sector {sector}"),
+        )?;
         compare(back, at, guest_pattern)?;
     }
     let big = scratch.take(128 * KIB as usize)?;
     big.fill(0xee);
     let status = disk.write(inside + LEN / SECTOR, big)?;
-    println!("probe: cow write past the limit: status {}", status_text(status));
+    println!(
+        "probe: cow write past the limit: status {}",
+        status_text(status)
+    );
     if status != RespStatus::IO_ERR {
-        fail!("128 KiB past the overlay's limit: status {}, want IOERR", status_text(status));
+        fail!(
+            "128 KiB past the overlay's limit: status {}, want IOERR",
+            status_text(status)
+        );
     }
     let back = scratch.take(LEN as usize)?;
     expect_ok(disk.read(inside, back)?, "read after the refused write")?;

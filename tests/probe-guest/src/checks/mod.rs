@@ -6,6 +6,7 @@ mod blk;
 mod boot;
 mod cpuid;
 mod net;
+mod pci;
 mod serial;
 mod smp;
 mod vsock;
@@ -57,6 +58,7 @@ pub fn run_all(ctx: &Context<'_>, report: &mut Report<'_>) {
     }
     vsock::run(ctx, report);
     net::run(ctx, report);
+    pci::run(ctx, report);
     // Last: it leaves the other processors halted in real mode.
     report.check("smp.ap_startup", || smp::ap_startup(ctx));
 }

@@ -497,23 +497,32 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         || o.net_serve_ms.is_some()
         || o.bench_net.is_some();
     let dev = net_device(ctx);
-    if dev.is_none() && !asked {
+    // On a PCI machine: the first virtio-net function (0x1040 + 1).
+    let pci = match (&dev, ctx.start_info()) {
+        (None, Ok(info)) => crate::pci::find_transport(info.rsdp_paddr, 0x1041),
+        _ => None,
+    };
+    if dev.is_none() && pci.is_none() && !asked {
         return;
     }
     let want_bench = o.bench_net.is_some() && report.selects("bench.net");
     if !report.selects_prefix("net.") && !want_bench {
         return;
     }
-    let Some(dev) = dev else {
-        report.check("net.identify", || {
-            Err(String::from("no virtio-net device (ID 1) announced"))
-        });
-        if want_bench {
-            report.check("bench.net", || Err(String::from("no virtio-net device")));
+    let opened = match (dev, pci) {
+        (Some(dev), _) => Nic::open(&dev, F_CSUM | F_HOST_TSO4),
+        (None, Some(t)) => t.and_then(|t| Nic::open_transport(t, None, F_CSUM | F_HOST_TSO4)),
+        (None, None) => {
+            report.check("net.identify", || {
+                Err(String::from("no virtio-net device (ID 1) announced"))
+            });
+            if want_bench {
+                report.check("bench.net", || Err(String::from("no virtio-net device")));
+            }
+            return;
         }
-        return;
     };
-    let mut nic = match Nic::open(&dev, F_CSUM | F_HOST_TSO4) {
+    let mut nic = match opened {
         Ok(n) => n,
         Err(e) => {
             report.check("net.identify", || Err(e.clone()));

@@ -110,11 +110,22 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         || o.vsock_flood.is_some()
         || o.bench_vsock.is_some();
     let dev = vsock_device(ctx);
-    if dev.is_none() && !asked {
+    // On a PCI machine: the first virtio-vsock function (0x1040 + 19).
+    let pci = match (&dev, ctx.start_info()) {
+        (None, Ok(info)) => crate::pci::find_transport(info.rsdp_paddr, 0x1053),
+        _ => None,
+    };
+    if dev.is_none() && pci.is_none() && !asked {
         return;
     }
     let want_bench = o.bench_vsock.is_some() && report.selects("bench.vsock");
     if !report.selects_prefix("vsock.") && !want_bench {
+        return;
+    }
+    if let Some(transport) = pci {
+        // Only the virtio-drivers checks: the raw ones speak virtio-mmio.
+        let open = || transport.and_then(|t| Vsock::open_transport(t, None));
+        driver_checks(ctx, report, open, want_bench);
         return;
     }
     let Some(dev) = dev else {
@@ -128,7 +139,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         }
         return;
     };
-    driver_checks(ctx, report, &dev, want_bench);
+    driver_checks(ctx, report, || Vsock::open(&dev), want_bench);
     if report.selects_prefix("vsock.malformed.") {
         malformed(report, &dev);
     }
@@ -141,7 +152,12 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
     }
 }
 
-fn driver_checks(ctx: &Context<'_>, report: &mut Report<'_>, dev: &MmioDevice, want_bench: bool) {
+fn driver_checks(
+    ctx: &Context<'_>,
+    report: &mut Report<'_>,
+    open: impl FnOnce() -> Result<Vsock, String>,
+    want_bench: bool,
+) {
     let o = ctx.options;
     let names = [
         "vsock.identify",
@@ -154,7 +170,7 @@ fn driver_checks(ctx: &Context<'_>, report: &mut Report<'_>, dev: &MmioDevice, w
     if !want_bench && !names.iter().any(|n| report.selects(n)) {
         return;
     }
-    let mut vs = match Vsock::open(dev) {
+    let mut vs = match open() {
         Ok(v) => v,
         Err(e) => {
             report.check("vsock.identify", || Err(e.clone()));

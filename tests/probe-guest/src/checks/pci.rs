@@ -1,0 +1,295 @@
+//! pci.* checks, on a PCI machine only (ACPI has an MCFG):
+//!
+//! - `pci.enumerate`: bus 0 through ECAM; prints one
+//!   `probe: pci 00:SS.0 VVVV:DDDD rev R class CCSSPP bar0 ADDR` line per
+//!   function (the host compares the slots and device IDs with its
+//!   configuration); every function but the host bridge (00:00.0) must be a
+//!   modern virtio device (vendor 0x1af4, device 0x1041-0x107f, revision 1).
+//! - `pci.blk.host_pattern`, `pci.blk.write_read`: disk 0 (the first
+//!   virtio-blk function) through virtio-drivers' virtio-pci transport, the
+//!   same checks and disk layout as `blk.0.*` (see `blk.rs`).
+//! - `pci.isr`: MSI-X off (INTx), a completed request sets the ISR's
+//!   queue bit and reading the ISR clears it.
+//! - `pci.msix`: disk 0's queue on MSI-X vector 0 (vector 46 at this
+//!   CPU's local APIC): with the vector masked a completed request sets
+//!   its pending bit in the PBA and reaches no APIC; unmasking delivers
+//!   it (the local APIC's IRR has the vector, and the probe takes the
+//!   interrupt); unmasked, the next request is delivered at once.
+//! - `pci.bar_move`: disk 0's BAR 0 moved up 1 MiB through ECAM: the old
+//!   address answers all ones, the device works at the new one (host
+//!   pattern read again).
+
+use alloc::format;
+use alloc::string::String;
+
+use virtio_drivers::device::blk::RespStatus;
+use virtio_drivers::transport::pci::bus::DeviceFunction;
+
+use super::blk::{answers, compare, expect_ok, host_pattern, write_read};
+use super::Context;
+use crate::arch::{idt, lapic, phys, syscall, tsc};
+use crate::blkdev::{Disk, SECTOR};
+use crate::fail;
+use crate::pci::{self, Bus};
+use crate::println;
+use crate::report::{CheckResult, Report};
+use crate::scratch::Scratch;
+
+/// virtio-pci's vendor ID and modern device IDs.
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const MODERN_IDS: core::ops::RangeInclusive<u16> = 0x1041..=0x107f;
+/// The block device's ID (0x1040 + 2).
+const BLK_ID: u16 = 0x1042;
+/// The interrupt vector the MSI-X check uses (in the probe's IRQ range).
+const MSI_VECTOR: u8 = idt::IRQ_VECTOR_BASE + 14;
+/// Host-pattern region (as `blk.rs`).
+const HOST_AT: u64 = 1 << 20;
+const HOST_LEN: u64 = 64 << 10;
+/// How far the BAR move goes.
+const BAR_MOVE: u64 = 1 << 20;
+/// virtio-pci common configuration: queue_select and queue_msix_vector.
+const QUEUE_SELECT: u64 = 0x16;
+const QUEUE_VECTOR: u64 = 0x1a;
+/// Bytes of Keel's virtio-pci BAR 0.
+const BAR_LEN: u64 = 0x8000;
+/// virtio-pci ISR status, in BAR 0.
+const ISR: u64 = 0x1000;
+/// How long an MSI may take to reach the local APIC.
+const DELIVERY_US: u64 = 1_000_000;
+
+/// Runs the pci.* checks when the machine has a PCI bus.
+pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
+    if !report.selects_prefix("pci.") {
+        return;
+    }
+    let rsdp = match ctx.start_info() {
+        Ok(i) => i.rsdp_paddr,
+        Err(_) => return,
+    };
+    let mut bus = match pci::machine_bus(rsdp) {
+        None => return,
+        Some(Ok(b)) => b,
+        Some(Err(e)) => {
+            report.check("pci.enumerate", || Err(e));
+            return;
+        }
+    };
+    let mut disk0 = None;
+    report.check("pci.enumerate", || enumerate(&mut bus, &mut disk0));
+    let Some(at) = disk0 else {
+        return;
+    };
+    let scratch = match ctx.start_info().and_then(Scratch::new) {
+        Ok(s) => s,
+        Err(e) => {
+            report.check("pci.blk.host_pattern", || Err(e));
+            return;
+        }
+    };
+    let mut disk = match bus
+        .transport(at)
+        .and_then(|t| Disk::open_transport(t, None))
+    {
+        Ok(d) => d,
+        Err(e) => {
+            report.check("pci.blk.host_pattern", || Err(e));
+            return;
+        }
+    };
+    report.check("pci.blk.host_pattern", || host(&mut disk, &scratch));
+    if !disk.readonly {
+        let capacity = disk.capacity;
+        report.check("pci.blk.write_read", || {
+            write_read(&mut disk, &scratch, capacity)
+        });
+    }
+    report.check("pci.isr", || isr(&mut bus, at, &mut disk, &scratch));
+    report.check("pci.msix", || msix(&mut bus, at, &mut disk, &scratch));
+    drop(disk);
+    report.check("pci.bar_move", || bar_move(&mut bus, at, &scratch));
+}
+
+fn enumerate(bus: &mut Bus, disk0: &mut Option<DeviceFunction>) -> CheckResult {
+    println!("probe: pci ecam {:#x}", bus.ecam());
+    for f in bus.functions() {
+        let i = &f.info;
+        let bar0 = if f.at.device == 0 {
+            String::from("-")
+        } else {
+            bus.bar0(f.at).map_or_else(|e| e, |a| format!("{a:#x}"))
+        };
+        println!(
+            "probe: pci 00:{:02x}.{} {:04x}:{:04x} rev {} class {:02x}{:02x}{:02x} bar0 {bar0}",
+            f.at.device,
+            f.at.function,
+            i.vendor_id,
+            i.device_id,
+            i.revision,
+            i.class,
+            i.subclass,
+            i.prog_if
+        );
+        if f.at.device == 0 {
+            continue;
+        }
+        if i.vendor_id != VIRTIO_VENDOR || !MODERN_IDS.contains(&i.device_id) || i.revision != 1 {
+            fail!(
+                "00:{:02x}.{} is {:04x}:{:04x} rev {}, not a modern virtio device",
+                f.at.device,
+                f.at.function,
+                i.vendor_id,
+                i.device_id,
+                i.revision
+            );
+        }
+        if bus.capability(f.at, pci::CAP_MSIX).is_none() {
+            fail!("00:{:02x}.0 has no MSI-X capability", f.at.device);
+        }
+        if i.device_id == BLK_ID && disk0.is_none() {
+            *disk0 = Some(f.at);
+        }
+    }
+    Ok(())
+}
+
+fn host(disk: &mut Disk, scratch: &Scratch) -> CheckResult {
+    answers(disk, scratch)?;
+    let buf = scratch.take(HOST_LEN as usize)?;
+    let status = disk.read(HOST_AT / SECTOR, buf)?;
+    expect_ok(status, "read")?;
+    compare(buf, HOST_AT, host_pattern)
+}
+
+/// BAR 0's address, mapped.
+fn mapped_bar0(bus: &mut Bus, at: DeviceFunction) -> Result<u64, String> {
+    let bar = bus.bar0(at)?;
+    phys::map(bar, BAR_LEN).map_err(|e| format!("BAR 0: {e}"))?;
+    Ok(bar)
+}
+
+/// MSI-X off, the INTx side: a completed request sets the ISR's queue
+/// bit, and reading the ISR clears it.
+fn isr(bus: &mut Bus, at: DeviceFunction, disk: &mut Disk, scratch: &Scratch) -> CheckResult {
+    let bar = mapped_bar0(bus, at)?;
+    let isr = bar + ISR;
+    // Earlier requests' bit, if any.
+    phys::read_u8(isr);
+    read_sector(disk, scratch)?;
+    let first = phys::read_u8(isr);
+    let second = phys::read_u8(isr);
+    if (first, second) != (1, 0) {
+        fail!("ISR reads {first:#x} then {second:#x} after a request, want 0x1 then 0x0");
+    }
+    Ok(())
+}
+
+/// The MSI-X table entry `n`'s dword `word` and the PBA's first dword.
+struct Msix {
+    table: u64,
+    pba: u64,
+}
+
+impl Msix {
+    fn entry(&self, n: u64, word: u64) -> u64 {
+        self.table + 16 * n + 4 * word
+    }
+}
+
+fn read_sector(disk: &mut Disk, scratch: &Scratch) -> CheckResult {
+    let buf = scratch.take(SECTOR as usize)?;
+    let status = disk.read(0, buf)?;
+    if status != RespStatus::OK {
+        fail!("read of sector 0 failed");
+    }
+    Ok(())
+}
+
+/// Waits until the local APIC has `MSI_VECTOR` requested, then takes it.
+fn delivered(what: &str) -> CheckResult {
+    let before = idt::irq_count(MSI_VECTOR);
+    let start = tsc::rdtsc();
+    let limit = tsc::cycles_at_least(DELIVERY_US);
+    while !lapic::requested(MSI_VECTOR) {
+        if tsc::rdtsc().wrapping_sub(start) > limit {
+            fail!("{what}: vector {MSI_VECTOR} never reached the local APIC");
+        }
+        core::hint::spin_loop();
+    }
+    // Pending in the IRR: enabling interrupts takes it at once.
+    syscall::idle();
+    if idt::irq_count(MSI_VECTOR) != before + 1 {
+        fail!("{what}: the interrupt was not taken");
+    }
+    Ok(())
+}
+
+fn msix(bus: &mut Bus, at: DeviceFunction, disk: &mut Disk, scratch: &Scratch) -> CheckResult {
+    lapic::enable().map_err(|e| format!("local APIC: {e}"))?;
+    let cap = bus
+        .capability(at, pci::CAP_MSIX)
+        .ok_or("no MSI-X capability")?;
+    let bar = mapped_bar0(bus, at)?;
+    let table = bus.read(at, cap + 4);
+    let pba = bus.read(at, cap + 8);
+    if table & 7 != 0 || pba & 7 != 0 {
+        fail!("MSI-X table or PBA not in BAR 0");
+    }
+    let m = Msix {
+        table: bar + u64::from(table & !7),
+        pba: bar + u64::from(pba & !7),
+    };
+    // Vector 0: this CPU, MSI_VECTOR, fixed, edge; masked.
+    phys::write_u32(m.entry(0, 0), 0xfee0_0000 | (lapic::id() << 12));
+    phys::write_u32(m.entry(0, 1), 0);
+    phys::write_u32(m.entry(0, 2), u32::from(MSI_VECTOR));
+    phys::write_u32(m.entry(0, 3), 1);
+    // Queue 0 on vector 0 (16-bit registers, written as such).
+    phys::write_u16(bar + QUEUE_SELECT, 0);
+    phys::write_u16(bar + QUEUE_VECTOR, 0);
+    let got = phys::read_u16(bar + QUEUE_VECTOR);
+    if got != 0 {
+        fail!("queue 0's vector reads {got:#x} after writing 0");
+    }
+    // Enable MSI-X (message control, bit 15).
+    let ctrl = bus.read(at, cap);
+    bus.write(at, cap, ctrl | (1 << 31));
+    read_sector(disk, scratch)?;
+    if phys::read_u32(m.pba) & 1 == 0 {
+        fail!("a request completed with vector 0 masked, but its PBA bit is clear");
+    }
+    if lapic::requested(MSI_VECTOR) {
+        fail!("the masked vector reached the local APIC");
+    }
+    println!("probe: pci msix vector 0 pending while masked");
+    phys::write_u32(m.entry(0, 3), 0);
+    delivered("after unmasking")?;
+    if phys::read_u32(m.pba) & 1 != 0 {
+        fail!("the PBA bit stayed set after delivery");
+    }
+    read_sector(disk, scratch)?;
+    delivered("unmasked")?;
+    println!("probe: pci msix delivered");
+    // MSI-X off again: the next driver uses INTx/polling as before.
+    bus.write(at, cap, ctrl & !(1 << 31));
+    Ok(())
+}
+
+fn bar_move(bus: &mut Bus, at: DeviceFunction, scratch: &Scratch) -> CheckResult {
+    let old = bus.bar0(at)?;
+    let new = old + BAR_MOVE;
+    bus.move_bar0(at, new);
+    let now = bus.bar0(at)?;
+    if now != new {
+        fail!("BAR 0 reads {now:#x} after moving it to {new:#x}");
+    }
+    phys::map(old, BAR_LEN).map_err(|e| format!("old BAR: {e}"))?;
+    let stale = phys::read_u32(old);
+    if stale != u32::MAX {
+        fail!("the old BAR address {old:#x} still answers ({stale:#x})");
+    }
+    phys::map(new, BAR_LEN).map_err(|e| format!("new BAR: {e}"))?;
+    let mut disk = Disk::open_transport(bus.transport(at)?, None)?;
+    host(&mut disk, scratch)?;
+    println!("probe: pci bar0 moved {old:#x} -> {new:#x}");
+    Ok(())
+}
