@@ -170,6 +170,33 @@ mmio("config_reads", [acc(0, 0x100), acc(2, 0x101), acc(R4, 0x104), acc(6, 0x100
 mmio("reset_after_ok", init + [acc(W4, 0x50, 0), acc(W4, 0x70, 0), acc(R4, 0x70), acc(W4, 0x44, 0),
                                acc(W4, 0x70, 1), acc(W4, 0x30, 5), acc(R4, 0x34)], queue)
 
+# ---- virtio_pci: count u8, accesses (kind u8: bit 3 config space; offset u16, value u32), DATA ----
+R1, W1, R2, W2, CFG = 0, 1, 2, 3, 8
+MSIX_CTRL = 0x86  # MSI-X capability (after the four virtio ones at 0x40..0x84) + 2
+
+
+def pci(name, accesses, layout):
+    out("virtio_pci", name, bytes([len(accesses)]) + b"".join(accesses) + place(layout))
+
+
+pci_init = [acc(CFG | R2, 0), acc(CFG | R1, 0x34), acc(W1, 0x14, 0), acc(W1, 0x14, 1), acc(W1, 0x14, 3),
+            acc(W4, 0x00, 0), acc(R4, 0x04), acc(W4, 0x00, 1), acc(R4, 0x04),
+            acc(W4, 0x08, 1), acc(W4, 0x0c, 1), acc(W4, 0x08, 0), acc(W4, 0x0c, 0),
+            acc(W1, 0x14, 0xb), acc(R1, 0x14), acc(R2, 0x12), acc(W2, 0x16, 0), acc(R2, 0x18), acc(W2, 0x18, 16),
+            acc(W4, 0x20, DATA + 0x200), acc(W4, 0x24, 0), acc(W4, 0x28, DATA + 0x300), acc(W4, 0x2c, 0),
+            acc(W4, 0x30, DATA + 0x400), acc(W4, 0x34, 0)]
+msix = [acc(W2, 0x1a, 0), acc(W2, 0x10, 1), acc(R2, 0x1a),
+        acc(W4, 0x4000, 0xfee00000), acc(W4, 0x4004, 0), acc(W4, 0x4008, 0x30), acc(W4, 0x400c, 1),
+        acc(CFG | W2, MSIX_CTRL, 0x8000)]
+go = [acc(W2, 0x1c, 1), acc(W1, 0x14, 0xf), acc(W2, 0x3000, 0)]
+pci("msix_masked_then_unmasked", pci_init + msix + go + [acc(R4, 0x6000), acc(W4, 0x400c, 0), acc(R4, 0x6000)], queue)
+pci("intx_isr", pci_init + go + [acc(R1, 0x1000), acc(R1, 0x1000)], queue)
+pci("bar_sizing_and_move", [acc(CFG | W4, 0x10, 0xffffffff), acc(CFG | R4, 0x10), acc(CFG | W4, 0x14, 0xffffffff),
+                            acc(CFG | R4, 0x14), acc(CFG | W4, 0x10, 0x2000_0000), acc(CFG | W4, 0x14, 1),
+                            acc(CFG | W2, 0x04, 0), acc(R4, 0x00), acc(CFG | W2, 0x04, 6)] + pci_init + go, queue)
+pci("reset_after_ok", pci_init + msix + go + [acc(W1, 0x14, 0), acc(R1, 0x14), acc(W1, 0x14, 1),
+                                               acc(W2, 0x16, 5), acc(R2, 0x18), acc(W2, 0x1a, 7)], queue)
+
 # ---- config_toml: Keel's example config files ----
 for f in sorted(os.listdir(os.path.join(ROOT, "resources", "examples"))):
     with open(os.path.join(ROOT, "resources", "examples", f), "rb") as fh:
