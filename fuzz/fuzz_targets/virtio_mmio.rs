@@ -12,13 +12,10 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
-use devices::virtio::block::{BlockConfig, DiskBackend, EngineKind, VirtioBlock};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::{Interrupt, VirtioDevice};
-use event_manager::SubscriberOps;
-use keel_fuzz::{fill_data, guest_memory, temp_disk, Em, Input};
+use keel_fuzz::{fill_data, guest_memory, sync_block_in_loop, Input};
 use libfuzzer_sys::fuzz_target;
-use vmm_sys_util::eventfd::EventFd;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
@@ -28,28 +25,7 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let mem = guest_memory();
     fill_data(&mem, input.rest());
-    let Ok(backend) = DiskBackend::open(temp_disk("mmio"), false, false) else {
-        return;
-    };
-    let Ok(blk) = VirtioBlock::new(
-        backend,
-        BlockConfig {
-            serial: None,
-            engine: EngineKind::Sync,
-            cow: None,
-        },
-    ) else {
-        return;
-    };
-    let blk = Arc::new(Mutex::new(blk));
-    let Ok(mut em) = Em::new() else {
-        return;
-    };
-    em.add_subscriber(blk.clone());
-    let (Ok(irq), Ok(notify)) = (
-        EventFd::new(libc::EFD_NONBLOCK),
-        EventFd::new(libc::EFD_NONBLOCK),
-    ) else {
+    let Some((blk, mut em, irq, notify)) = sync_block_in_loop("mmio") else {
         return;
     };
     let device: Arc<Mutex<dyn VirtioDevice>> = blk;

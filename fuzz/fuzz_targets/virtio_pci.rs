@@ -20,14 +20,11 @@ use std::sync::{Arc, Mutex};
 use devices::bus::BusDevice;
 use devices::pci::msix::MsiMessage;
 use devices::pci::PciDevice;
-use devices::virtio::block::{BlockConfig, DiskBackend, EngineKind, VirtioBlock};
 use devices::virtio::pci::{PciTransport, BAR_SIZE};
 use devices::virtio::pci_vectors::{MsiDelivery, PciVectors};
 use devices::virtio::{Interrupt, VirtioDevice};
-use event_manager::SubscriberOps;
-use keel_fuzz::{fill_data, guest_memory, temp_disk, Em, Input};
+use keel_fuzz::{fill_data, guest_memory, sync_block_in_loop, Input};
 use libfuzzer_sys::fuzz_target;
-use vmm_sys_util::eventfd::EventFd;
 
 /// BAR 0's address (as the VMM would place it in the 64-bit window).
 const BAR: u64 = 0x1_0000_0000;
@@ -61,31 +58,10 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let mem = guest_memory();
     fill_data(&mem, input.rest());
-    let Ok(backend) = DiskBackend::open(temp_disk("pci"), false, false) else {
+    let Some((blk, mut em, irq, notify)) = sync_block_in_loop("pci") else {
         return;
     };
-    let Ok(blk) = VirtioBlock::new(
-        backend,
-        BlockConfig {
-            serial: None,
-            engine: EngineKind::Sync,
-            cow: None,
-        },
-    ) else {
-        return;
-    };
-    let queues = blk.queue_max_sizes().len();
-    let blk = Arc::new(Mutex::new(blk));
-    let Ok(mut em) = Em::new() else {
-        return;
-    };
-    em.add_subscriber(blk.clone());
-    let (Ok(irq), Ok(notify)) = (
-        EventFd::new(libc::EFD_NONBLOCK),
-        EventFd::new(libc::EFD_NONBLOCK),
-    ) else {
-        return;
-    };
+    let queues = blk.lock().map_or(1, |b| b.queue_max_sizes().len());
     let vectors = PciVectors::new(queues, Arc::new(Routes::default()));
     let interrupt = Arc::new(Interrupt::new(irq).with_vectors(vectors.clone()));
     let device: Arc<Mutex<dyn VirtioDevice>> = blk;

@@ -204,3 +204,30 @@ pub fn temp_disk(tag: &str) -> &'static Path {
         p
     })
 }
+
+/// A virtio-blk device on this process's temp disk (`tag`, see
+/// [`temp_disk`]) with the synchronous engine, subscribed to a fresh event
+/// loop, and the two eventfds a transport needs (interrupt line, queue 0's
+/// notification); `None` if any of it cannot be made.
+pub fn sync_block_in_loop(
+    tag: &str,
+) -> Option<(
+    Arc<Mutex<devices::virtio::block::VirtioBlock>>,
+    Em,
+    EventFd,
+    EventFd,
+)> {
+    use devices::virtio::block::{BlockConfig, DiskBackend, EngineKind, VirtioBlock};
+    let backend = DiskBackend::open(temp_disk(tag), false, false).ok()?;
+    let config = BlockConfig {
+        serial: None,
+        engine: EngineKind::Sync,
+        cow: None,
+    };
+    let blk = Arc::new(Mutex::new(VirtioBlock::new(backend, config).ok()?));
+    let mut em = Em::new().ok()?;
+    em.add_subscriber(blk.clone());
+    let irq = EventFd::new(libc::EFD_NONBLOCK).ok()?;
+    let notify = EventFd::new(libc::EFD_NONBLOCK).ok()?;
+    Some((blk, em, irq, notify))
+}
