@@ -387,6 +387,37 @@ fn linux_lab_net_and_vsock() {
     );
 }
 
+/// Debian's stock kernel on a PCI machine: issue 13's Linux checks.
+#[test]
+fn linux_lab_stock_kernel_on_pci() {
+    run_scenario(
+        "pci",
+        &[
+            "pci.agent-listening",
+            "pci.up",
+            "pci.nic-name",
+            "pci.disks",
+            "pci.vda-is-disk-0",
+            "pci.vdb-is-disk-1",
+            "pci.vdb-read-only",
+            "pci.slot1-blk",
+            "pci.slot2-blk",
+            "pci.slot3-vsock",
+            "pci.slot4-net",
+            "pci.ping-guest-to-host",
+            "pci.ping-host-to-guest",
+            "pci.vsock-request",
+            "pci.hwclock",
+            "pci.shutdown-request",
+            "pci.power-button-reaches-acpid",
+            "pci.init-powers-off",
+            "pci.poweroff-exit",
+            "pci.graceful",
+            "pci.tap-removed",
+        ],
+    );
+}
+
 /// Where the grubenv block lies on `disk` (its cluster in the grub
 /// partition), found by its header.
 fn grubenv_offset(disk: &Path) -> u64 {

@@ -42,6 +42,8 @@ command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v socat >/dev/null || need_apt+=(socat)
 command -v modinfo >/dev/null || need_apt+=(kmod)
 command -v cpio >/dev/null || need_apt+=(cpio)
+# udevadm: the stock-kernel guest names its NIC as a distro does (enp0sN).
+command -v udevadm >/dev/null || need_apt+=(udev)
 # The lab's upgrade scenario: a test CA and an update-img.tar.zst.
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v zstd >/dev/null || need_apt+=(zstd)

@@ -224,3 +224,41 @@ lab_ab() {
         *) g ab-step "unknown marker" ;;
     esac
 }
+
+# Debian's stock kernel on a PCI machine (keel --transport pci): what a
+# distro finds (udev names the NIC, as systemd's default .link policy does),
+# then busybox init with busybox acpid, whose power-button action is a plain
+# `poweroff` (init's orderly power-off, ACPI S5).
+lab_pci() {
+    mkdir -p /run && mount -t tmpfs run /run
+    /lib/systemd/systemd-udevd --daemon >/dev/null 2>&1
+    udevadm trigger --action=add --subsystem-match=net
+    udevadm settle --timeout=60
+    # shellcheck disable=SC2046 # word splitting joins the names with spaces
+    g nics "$(echo $(ls /sys/class/net | grep -v '^lo$'))"
+    # shellcheck disable=SC2046
+    g disks "$(echo $(ls /sys/block | grep '^vd'))"
+    for d in vda vdb; do g "$d-head" "$(head -c 16 "/dev/$d" | tr -dc 'a-z0-9-')"; done
+    g vdb-ro "$(cat /sys/block/vdb/ro)"
+    # Each virtio device: the PCI function it sits on, its driver, and how
+    # many MSI-X vectors that function has enabled.
+    for v in /sys/bus/virtio/devices/*; do
+        fn=$(basename "$(dirname "$(readlink -f "$v")")")
+        g "virtio-at-$fn" "$(cat "$v/device") $(basename "$(readlink "$v/driver")") msix=$(ls "/sys/bus/pci/devices/$fn/msi_irqs" 2>/dev/null | wc -l)"
+    done
+    if hwclock -s -u; then g hwclock-epoch "$(date +%s)"; else g hwclock-epoch fail; fi
+    nic=$(ls /sys/class/net | grep -v '^lo$' | head -n1)
+    ip link set "$nic" up
+    ip addr add 192.0.2.2/24 dev "$nic"
+    if ping -c 3 -W 5 192.0.2.1 >/tmp/ping.out 2>&1; then g ping-host ok; else g ping-host fail; fi
+    g vsock-protocol "$(vsock_request '{"sender_cid":3,"message":"GetVsockProtocol"}')"
+    mkdir -p /etc/acpi/PWRF
+    printf '#!/bin/sh\necho "LAB-GUEST acpid power-button" >/dev/console\npoweroff\n' >/etc/acpi/PWRF/00000080
+    chmod +x /etc/acpi/PWRF/00000080
+    cat >/etc/inittab <<'INITTAB'
+::sysinit:/bin/busybox acpid -c /etc/acpi -l /tmp/acpid.log
+::sysinit:/bin/sh -c 'echo "LAB-GUEST pci ready"'
+::shutdown:/bin/sh -c 'echo "LAB-GUEST init powering off"; sync'
+INITTAB
+    exec /sbin/init
+}

@@ -25,6 +25,8 @@
 #   modules to OUT: the initramfs the scenarios give it.
 #   LAB_TIMEOUT (seconds, default 900) bounds the whole L1 run.
 #   LAB_L1_CPUS (default 2): L1's vCPUs.
+#   LAB_TCG_THREAD (multi or single, default multi): QEMU's TCG threading.
+#   LAB_L0_MONITOR: a Unix socket path for QEMU's monitor of L1 (diagnostics).
 #
 # Downloads and unpacked packages are cached in $KEEL_LAB_CACHE (default
 # /var/cache/keel/lab, outside the checkout so a fresh clone on the same
@@ -47,6 +49,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v modinfo >/dev/null || need+=(kmod)
+command -v udevadm >/dev/null || need+=(udev)
 if ((${#need[@]})); then
     log "installing ${need[*]}"
     apt-get update -qq
@@ -118,8 +121,22 @@ if [ "$arg" = --stock-initrd ]; then
     dest=${3:?--stock-initrd BASE OUT}
     moddest="$work/stock/lab-modules"
     mkdir -p "$moddest"
-    for m in virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport; do add_module "$m"; done
+    for m in virtio_mmio virtio_pci virtio_blk virtio_net vmw_vsock_virtio_transport button evdev; do
+        add_module "$m"
+    done
     echo "${order[*]}" > "$moddest/order"
+    # udev, to give NICs the names a distro does (enp0sN on PCI): udevadm
+    # (systemd-udevd is the same binary) with its libraries, the two rules
+    # that name network interfaces and the default .link policy.
+    sr=$work/stock
+    for f in /bin/udevadm $(ldd /bin/udevadm | grep -o '/[^ ]*'); do
+        mkdir -p "$sr$(dirname "$f")"
+        cp -Ln "$f" "$sr$f"
+    done
+    mkdir -p "$sr/lib/systemd/network" "$sr/lib/udev/rules.d"
+    ln -sf /bin/udevadm "$sr/lib/systemd/systemd-udevd"
+    cp /lib/udev/rules.d/75-net-description.rules /lib/udev/rules.d/80-net-setup-link.rules "$sr/lib/udev/rules.d/"
+    cp /lib/systemd/network/99-default.link "$sr/lib/systemd/network/"
     (cd "$work/stock" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/modules.cpio.gz"
     cat "$base" "$work/modules.cpio.gz" > "$dest.tmp"
     mv "$dest.tmp" "$dest"
@@ -145,7 +162,7 @@ copy_with_libs() {
 : > "$ir/lab/env"
 while IFS='=' read -r name value; do
     case "$name" in
-        LAB_MODE | LAB_TIMEOUT | LAB_LIB) continue ;;
+        LAB_MODE | LAB_TIMEOUT | LAB_LIB | LAB_TCG_THREAD | LAB_L0_MONITOR | LAB_L1_CPUS) continue ;;
     esac
     if [ -f "$value" ]; then
         # Below /lab/files: L1 mounts a tmpfs on /tmp, which would hide
@@ -188,7 +205,10 @@ log "booting L1 ($pkg, QEMU TCG, EPYC with SVM)"
 # slower. So the console is watched, a wedged L1 stopped at once and
 # reported (exit 98), and the harness runs the scenario once more.
 : > "$out"
-(timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -smp "${LAB_L1_CPUS:-2}" -m 3072 \
+monitor=()
+[ -n "${LAB_L0_MONITOR:-}" ] && monitor=(-monitor "unix:$LAB_L0_MONITOR,server,nowait")
+(timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -accel "tcg,thread=${LAB_TCG_THREAD:-multi}" \
+    -cpu EPYC,+svm,+npt -smp "${LAB_L1_CPUS:-2}" -m 3072 "${monitor[@]}" \
     -nographic -no-reboot -nic none \
     -kernel "$vmlinuz" -initrd "$work/l1.cpio.gz" \
     -append "console=ttyS0 panic=-1 quiet" </dev/null \
