@@ -30,9 +30,14 @@ pub const STATUS_CAPABILITIES: u16 = 1 << 4;
 pub const COMMAND_MEMORY: u16 = 0x2;
 /// Command bit: the function may master the bus (DMA, MSI).
 pub const COMMAND_BUS_MASTER: u16 = 0x4;
+/// Command bit: the function must not assert INTx (PCI 3.0, 6.2.2).
+pub const COMMAND_INTX_DISABLE: u16 = 0x400;
+/// Status bit: an INTx interrupt is pending in the function (asserted on
+/// its pin unless [`COMMAND_INTX_DISABLE`] is set).
+pub const STATUS_INTERRUPT: u16 = 1 << 3;
 /// Command bits a guest may set: I/O space, memory space, bus master,
 /// INTx disable.
-const COMMAND_WRITABLE: u16 = 0x1 | COMMAND_MEMORY | COMMAND_BUS_MASTER | 0x400;
+const COMMAND_WRITABLE: u16 = 0x1 | COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE;
 /// BAR flag: 64-bit memory BAR (type field 0b10).
 const BAR_MEM64: u32 = 0b100;
 /// BAR flag: prefetchable.
@@ -178,7 +183,8 @@ impl PciConfiguration {
         Ok(())
     }
 
-    fn command(&self) -> u16 {
+    /// The command register.
+    pub fn command(&self) -> u16 {
         u16::from_le_bytes([self.bytes[COMMAND], self.bytes[COMMAND + 1]])
     }
 

@@ -17,7 +17,7 @@ mod test_device;
 pub mod transport;
 pub mod vsock;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -69,12 +69,19 @@ pub enum ActivateError {
 /// A transport with per-source vectors (virtio-pci's MSI-X) puts a
 /// [`VectorSink`] in front of the line ([`with_vectors`](Self::with_vectors)):
 /// while it takes the signals, the line and INTERRUPT_STATUS stay untouched.
+///
+/// virtio-pci's INTx disable (the command register's bit 10) switches the
+/// line off ([`set_line_disabled`](Self::set_line_disabled)): reasons
+/// still collect in INTERRUPT_STATUS, but the line is neither asserted nor
+/// asserted again after an EOI; switched on again, a pending reason
+/// asserts it at once.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
     resample: Option<EventFd>,
     vectors: Option<Arc<dyn VectorSink>>,
+    line_disabled: AtomicBool,
 }
 
 /// What an interrupt reports: a queue's used buffers or a configuration
@@ -104,6 +111,7 @@ impl Interrupt {
             irqfd,
             resample: None,
             vectors: None,
+            line_disabled: AtomicBool::new(false),
         }
     }
 
@@ -117,6 +125,7 @@ impl Interrupt {
             irqfd,
             resample: Some(resample),
             vectors: None,
+            line_disabled: AtomicBool::new(false),
         }
     }
 
@@ -154,6 +163,9 @@ impl Interrupt {
     }
 
     fn assert_line(&self) {
+        if self.line_disabled() {
+            return;
+        }
         if let Err(e) = self.irqfd.write(1) {
             log::error!("virtio: cannot raise interrupt: {e}");
         }
@@ -170,6 +182,23 @@ impl Interrupt {
         if self.status() != 0 {
             self.assert_line();
         }
+    }
+
+    /// Switches the line off (PCI INTx disable set) or on again. While off,
+    /// nothing asserts it; KVM lowers a level line it holds asserted at the
+    /// guest's next EOI (user space cannot lower a resampling irqfd's
+    /// assertion), and [`resample`](Self::resample) then leaves it down.
+    /// Switched on with a reason pending, the line is asserted again.
+    pub fn set_line_disabled(&self, disabled: bool) {
+        let was = self.line_disabled.swap(disabled, Ordering::SeqCst);
+        if was && !disabled && self.status() != 0 {
+            self.assert_line();
+        }
+    }
+
+    /// Whether the line is switched off (PCI INTx disable).
+    pub fn line_disabled(&self) -> bool {
+        self.line_disabled.load(Ordering::SeqCst)
     }
 
     /// The resample eventfd of a level line.
@@ -479,6 +508,29 @@ mod tests {
         assert_eq!(fired(&i), 0);
         // The resample event was consumed.
         assert!(kvm_side.read().is_err());
+    }
+
+    #[test]
+    fn a_disabled_line_is_not_asserted_nor_resampled_and_enabling_it_reasserts() {
+        let nb = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let resample = nb();
+        let kvm_side = resample.try_clone().unwrap();
+        let i = Arc::new(Interrupt::with_resample(nb(), resample));
+        i.set_line_disabled(true);
+        i.signal_used_queue(0);
+        assert_eq!(fired(&i), 0);
+        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING, "the reason is kept");
+        kvm_side.write(1).unwrap();
+        i.resample();
+        assert_eq!(fired(&i), 0, "an EOI does not bring the line back");
+        i.set_line_disabled(false);
+        assert_eq!(fired(&i), 1, "enabled with a reason pending");
+        i.set_line_disabled(false);
+        assert_eq!(fired(&i), 0, "enabling an enabled line changes nothing");
+        i.ack(VIRTIO_MMIO_INT_VRING);
+        i.set_line_disabled(true);
+        i.set_line_disabled(false);
+        assert_eq!(fired(&i), 0, "nothing pending");
     }
 
     #[test]

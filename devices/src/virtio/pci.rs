@@ -17,6 +17,10 @@
 //! Interrupts: INTx through the device's [`Interrupt`] (a level line;
 //! reading the ISR acknowledges it), or, once the driver enables MSI-X,
 //! the vector the driver chose per queue and for configuration changes.
+//! The command register's INTx disable bit switches the line off (the ISR
+//! still collects reasons; clearing the bit asserts the line again if one
+//! is pending), and the status register's interrupt bit shows whether the
+//! ISR has one.
 
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +35,8 @@ use super::transport::VirtioCore;
 use super::{Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::pci::config::{
-    Bar, BarKind, PciConfiguration, PciIds, COMMAND_BUS_MASTER, COMMAND_MEMORY,
+    Bar, BarKind, PciConfiguration, PciIds, COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE,
+    COMMAND_MEMORY, STATUS, STATUS_INTERRUPT,
 };
 use crate::pci::{BarMove, ConfigError, PciDevice};
 
@@ -276,10 +281,20 @@ fn le_value(data: &[u8]) -> u64 {
 impl PciDevice for PciTransport {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.config.read(offset, data);
+        // The status register's interrupt bit: the ISR has a reason.
+        if let Some(b) = STATUS.checked_sub(offset).and_then(|i| data.get_mut(i)) {
+            if self.core.interrupt.status() != 0 {
+                *b |= STATUS_INTERRUPT as u8;
+            }
+        }
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) -> Vec<BarMove> {
         let moves = self.config.write(offset, data);
+        if offset < COMMAND + 2 && offset.saturating_add(data.len()) > COMMAND {
+            let disabled = self.config.command() & COMMAND_INTX_DISABLE != 0;
+            self.core.interrupt.set_line_disabled(disabled);
+        }
         let ctrl = self.msix_cap + 2;
         if offset < ctrl + 2 && offset + data.len() > ctrl {
             self.msix_control_written();
@@ -517,6 +532,72 @@ mod tests {
         // A notification KVM did not catch reaches the queue's eventfd.
         w(&mut t, NOTIFY_OFFSET + 4, 1, 1);
         assert_eq!(t.core.queue_evts[1].read().unwrap(), 1);
+    }
+
+    /// How many times the INTx line was asserted since the last call.
+    fn asserted(irq: &Interrupt) -> u64 {
+        irq.irqfd.read().unwrap_or(0)
+    }
+
+    fn set_command(t: &mut PciTransport, command: u16) {
+        t.config_write(COMMAND, &command.to_le_bytes());
+    }
+
+    #[test]
+    fn intx_disable_keeps_the_line_down_and_clearing_it_reasserts_a_pending_isr() {
+        let (mut t, _, irq) = transport();
+        let on = COMMAND_MEMORY | COMMAND_BUS_MASTER;
+        let status_bit = |t: &mut PciTransport| cfg(t, STATUS, 2) & u64::from(STATUS_INTERRUPT);
+        assert_eq!(status_bit(&mut t), 0, "nothing pending");
+        irq.signal_used_queue(0);
+        assert_eq!(asserted(&irq), 1, "INTx enabled as firmware leaves it");
+        assert_ne!(status_bit(&mut t), 0, "status shows the pending interrupt");
+
+        set_command(&mut t, on | COMMAND_INTX_DISABLE);
+        assert_eq!(
+            cfg(&mut t, COMMAND, 2),
+            u64::from(on | COMMAND_INTX_DISABLE)
+        );
+        irq.signal_used_queue(1);
+        irq.signal_config_change();
+        assert_eq!(asserted(&irq), 0, "no assertion while INTx is disabled");
+        // The EOI path does not bring it back either.
+        irq.resample();
+        assert_eq!(asserted(&irq), 0, "no reassertion after an EOI");
+        assert_ne!(status_bit(&mut t), 0, "still pending in the function");
+
+        // Cleared with the ISR pending: asserted again at once.
+        set_command(&mut t, on);
+        assert_eq!(asserted(&irq), 1, "pending ISR reasserts the line");
+        assert_eq!(r(&mut t, ISR_OFFSET, 1), 3, "queue and config reasons kept");
+        assert_eq!(status_bit(&mut t), 0);
+
+        // Disabled and enabled again with nothing pending: no assertion.
+        set_command(&mut t, on | COMMAND_INTX_DISABLE);
+        set_command(&mut t, on);
+        assert_eq!(asserted(&irq), 0, "nothing pending, nothing asserted");
+        // A byte write of the command register's high byte works too.
+        t.config_write(COMMAND + 1, &[(COMMAND_INTX_DISABLE >> 8) as u8]);
+        assert!(irq.line_disabled());
+        irq.signal_used_queue(0);
+        assert_eq!(asserted(&irq), 0);
+        t.config_write(COMMAND + 1, &[0]);
+        assert_eq!(asserted(&irq), 1);
+    }
+
+    #[test]
+    fn with_msix_enabled_clearing_intx_disable_asserts_nothing() {
+        let (mut t, _, irq) = transport();
+        let m = caps(&mut t)[4].0;
+        t.config_write(m + 2, &0x8000u16.to_le_bytes());
+        set_command(
+            &mut t,
+            COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE,
+        );
+        irq.signal_used_queue(0);
+        set_command(&mut t, COMMAND_MEMORY | COMMAND_BUS_MASTER);
+        assert_eq!(asserted(&irq), 0, "MSI-X enabled: no INTx");
+        assert_eq!(r(&mut t, ISR_OFFSET, 1), 0);
     }
 
     #[test]

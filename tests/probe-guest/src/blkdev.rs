@@ -12,7 +12,7 @@ use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, VirtIOBlk, SECTOR
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 
 use crate::arch::{phys, tsc};
-use crate::virtio::{MmioDevice, ProbeHal, ProbeTransport};
+use crate::virtio::{ProbeHal, ProbeTransport, VirtioDevice};
 
 /// virtio-mmio status register.
 const REG_STATUS: u64 = 0x70;
@@ -50,15 +50,10 @@ pub fn status_text(status: RespStatus) -> String {
     }
 }
 
-/// Whether the device at `dev` is a virtio-blk device (ID 2).
-pub fn is_blk(dev: &MmioDevice) -> Result<bool, String> {
-    Ok(dev.transport()?.device_type() == DeviceType::Block)
-}
-
 impl Disk {
     /// Resets the device, reads what it offers and initializes the driver.
-    pub fn open(dev: &MmioDevice) -> Result<Self, String> {
-        Self::open_transport(dev.transport()?, Some(dev.base))
+    pub fn open(dev: &VirtioDevice) -> Result<Self, String> {
+        Self::open_transport(dev.transport()?, dev.mmio_base())
     }
 
     /// As [`open`](Self::open), on `transport` (`base`: its virtio-mmio
@@ -67,6 +62,12 @@ impl Disk {
         mut transport: ProbeTransport,
         base: Option<u64>,
     ) -> Result<Self, String> {
+        if transport.device_type() != DeviceType::Block {
+            return Err(format!(
+                "device is {:?}, not a block device",
+                transport.device_type()
+            ));
+        }
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = transport.read_device_features();

@@ -24,7 +24,7 @@ use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 
 use crate::arch::{phys, tsc};
-use crate::virtio::{MmioDevice, ProbeHal, ProbeTransport};
+use crate::virtio::{ProbeHal, ProbeTransport, VirtioDevice};
 
 /// Descriptors per queue (Keel offers 256).
 pub const QUEUE_SIZE: usize = 128;
@@ -72,17 +72,12 @@ pub struct Nic {
     broken: Option<String>,
 }
 
-/// Whether the device at `dev` is a virtio-net device (ID 1).
-pub fn is_net(dev: &MmioDevice) -> Result<bool, String> {
-    Ok(dev.transport()?.device_type() == DeviceType::Network)
-}
-
 impl Nic {
     /// Resets the device, reads what it offers, initializes the driver
     /// (acking `extra` features too where offered) and posts the receive
     /// buffers.
-    pub fn open(dev: &MmioDevice, extra: u64) -> Result<Self, String> {
-        Self::open_transport(dev.transport()?, Some(dev.base), extra)
+    pub fn open(dev: &VirtioDevice, extra: u64) -> Result<Self, String> {
+        Self::open_transport(dev.transport()?, dev.mmio_base(), extra)
     }
 
     /// As [`open`](Self::open), on `transport` (`base`: its virtio-mmio

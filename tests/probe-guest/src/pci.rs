@@ -174,18 +174,37 @@ pub fn machine_bus(rsdp: u64) -> Option<Result<Bus, String>> {
     }
 }
 
-/// The transport of the first function with device ID `device_id` on a
-/// PCI machine's bus 0 (`rsdp` as for [`ecam_base`]); `None` when there is
-/// no PCI bus or no such function.
-pub fn find_transport(rsdp: u64, device_id: u16) -> Option<Result<ProbeTransport, String>> {
-    let mut bus = match machine_bus(rsdp)? {
-        Ok(b) => b,
-        Err(e) => return Some(Err(e)),
+/// A function on bus 0 of the ECAM window at `ecam`: enough to open its
+/// transport again whenever a driver needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct PciFunction {
+    /// ECAM's base.
+    pub ecam: u64,
+    /// The function's address.
+    pub at: DeviceFunction,
+}
+
+impl PciFunction {
+    /// A virtio-pci transport on the function (its BAR read as it is now).
+    pub fn transport(&self) -> Result<ProbeTransport, String> {
+        Bus::open(self.ecam)?.transport(self.at)
+    }
+}
+
+/// The functions with device ID `device_id` on a PCI machine's bus 0, by
+/// device number (`rsdp` as for [`ecam_base`]); none without a PCI bus.
+pub fn functions_with_id(rsdp: u64, device_id: u16) -> Result<Vec<PciFunction>, String> {
+    let Some(bus) = machine_bus(rsdp) else {
+        return Ok(Vec::new());
     };
-    let at = bus
+    let bus = bus?;
+    Ok(bus
         .functions()
         .into_iter()
-        .find(|f| f.info.device_id == device_id)?
-        .at;
-    Some(bus.transport(at))
+        .filter(|f| f.info.device_id == device_id)
+        .map(|f| PciFunction {
+            ecam: bus.ecam,
+            at: f.at,
+        })
+        .collect())
 }

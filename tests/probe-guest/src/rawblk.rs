@@ -7,7 +7,10 @@
 //! the available ring right after it, the used ring on the next page. The
 //! caller picks which descriptors a chain uses, so that a chain the device
 //! never returns cannot collide with the next one. Completions are found by
-//! polling the used ring; interrupts stay unused.
+//! polling the used ring; interrupts stay unused. The registers are reached
+//! through [`ProbeTransport`], so the same driver runs over virtio-mmio and
+//! virtio-pci (common configuration, notification and device configuration
+//! structures, found through the function's capability list).
 
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::format;
@@ -15,11 +18,10 @@ use alloc::string::String;
 use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
-use virtio_drivers::transport::mmio::MmioVersion;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use crate::arch::tsc;
-use crate::virtio::{MmioDevice, ProbeTransport};
+use crate::virtio::{ProbeTransport, VirtioDevice};
 
 /// Descriptors in the queue.
 pub const QUEUE_SIZE: u16 = 16;
@@ -111,7 +113,7 @@ fn layout() -> Layout {
 impl RawBlk {
     /// Resets the device and sets it up with `want` & the offered features
     /// (plus VERSION_1 when offered, as a driver must) and one queue.
-    pub fn new(dev: &MmioDevice, want: u64) -> Result<Self, String> {
+    pub fn new(dev: &VirtioDevice, want: u64) -> Result<Self, String> {
         let transport = dev.transport()?;
         // SAFETY: a non-zero size.
         let mem = NonNull::new(unsafe { alloc_zeroed(layout()) })
@@ -145,9 +147,7 @@ impl RawBlk {
         self.features = self.offered & (want | F_VERSION_1);
         t.write_driver_features(self.features);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.version() == Some(MmioVersion::Modern)
-            && !t.get_status().contains(DeviceStatus::FEATURES_OK)
-        {
+        if t.is_modern() && !t.get_status().contains(DeviceStatus::FEATURES_OK) {
             return Err(format!(
                 "device refused features {:#x} (FEATURES_OK not kept)",
                 self.features

@@ -10,7 +10,7 @@
 //! them has been read (a flood starts without them: [`RawVsock::new_without_rx`],
 //! then [`RawVsock::post_rx`]); the event queue gets none (the device has
 //! nothing to say there). Completions are found by polling; interrupts stay
-//! off.
+//! off. As `rawblk`, over virtio-mmio or virtio-pci alike ([`ProbeTransport`]).
 
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::format;
@@ -19,12 +19,11 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 use core::sync::atomic::{fence, Ordering};
 
-use virtio_drivers::transport::mmio::MmioVersion;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use crate::arch::tsc;
 use crate::rawblk::{Wait, DESC_NEXT, DESC_WRITE, F_VERSION_1};
-use crate::virtio::{MmioDevice, ProbeTransport};
+use crate::virtio::{ProbeTransport, VirtioDevice};
 
 /// Descriptors per queue.
 pub const QUEUE_SIZE: u16 = 16;
@@ -163,17 +162,17 @@ fn layout() -> Layout {
 
 impl RawVsock {
     /// Resets the device and sets it up with fresh queues.
-    pub fn new(dev: &MmioDevice) -> Result<Self, String> {
+    pub fn new(dev: &VirtioDevice) -> Result<Self, String> {
         Self::open(dev, true)
     }
 
     /// As [`RawVsock::new`], but no receive buffer is offered until
     /// [`RawVsock::post_rx`].
-    pub fn new_without_rx(dev: &MmioDevice) -> Result<Self, String> {
+    pub fn new_without_rx(dev: &VirtioDevice) -> Result<Self, String> {
         Self::open(dev, false)
     }
 
-    fn open(dev: &MmioDevice, rx: bool) -> Result<Self, String> {
+    fn open(dev: &VirtioDevice, rx: bool) -> Result<Self, String> {
         let transport = dev.transport()?;
         // SAFETY: a non-zero size.
         let mem = NonNull::new(unsafe { alloc_zeroed(layout()) })
@@ -212,9 +211,7 @@ impl RawVsock {
         let features = t.read_device_features() & F_VERSION_1;
         t.write_driver_features(features);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.version() == Some(MmioVersion::Modern)
-            && !t.get_status().contains(DeviceStatus::FEATURES_OK)
-        {
+        if t.is_modern() && !t.get_status().contains(DeviceStatus::FEATURES_OK) {
             return Err(format!(
                 "device refused features {features:#x} (FEATURES_OK not kept)"
             ));

@@ -1,6 +1,8 @@
 //! virtio glue for the `virtio-drivers` crate: a [`Hal`] over the probe's
-//! identity map and heap, and discovery of the virtio-mmio devices the VMM
-//! announced on the command line (`virtio_mmio.device=<size>@<base>:<irq>`).
+//! identity map and heap, the virtio-mmio devices the VMM announced on the
+//! command line (`virtio_mmio.device=<size>@<base>:<irq>`), and
+//! [`VirtioDevice`], where a device is (virtio-mmio or virtio-pci), which
+//! every driver opens its [`ProbeTransport`] from.
 
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use core::ptr::NonNull;
@@ -14,6 +16,7 @@ use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::arch::phys;
+use crate::pci::PciFunction;
 use crate::println;
 
 /// DMA through the identity map: physical address == pointer, memory from
@@ -104,6 +107,35 @@ impl MmioDevice {
     }
 }
 
+/// Where a virtio device is. Every driver (virtio-drivers' and the raw
+/// ones) talks to it through the [`ProbeTransport`] this opens, so none
+/// depends on the transport.
+#[derive(Clone, Copy, Debug)]
+pub enum VirtioDevice {
+    /// A virtio-mmio window announced on the command line.
+    Mmio(MmioDevice),
+    /// A virtio-pci function on a PCI machine's bus 0.
+    Pci(PciFunction),
+}
+
+impl VirtioDevice {
+    /// Opens a transport on the device; only one may exist at a time.
+    pub fn transport(&self) -> Result<ProbeTransport, alloc::string::String> {
+        match self {
+            VirtioDevice::Mmio(m) => m.transport(),
+            VirtioDevice::Pci(p) => p.transport(),
+        }
+    }
+
+    /// The virtio-mmio window's base (`None` over virtio-pci).
+    pub fn mmio_base(&self) -> Option<u64> {
+        match self {
+            VirtioDevice::Mmio(m) => Some(m.base),
+            VirtioDevice::Pci(_) => None,
+        }
+    }
+}
+
 /// The transport every probe driver uses (virtio-mmio, or virtio-pci on a
 /// PCI machine), with two changes:
 ///
@@ -137,6 +169,15 @@ impl ProbeTransport {
         match &self.inner {
             SomeTransport::Mmio(m) => Some(m.version()),
             _ => None,
+        }
+    }
+
+    /// Whether the device is a virtio 1.x one (virtio-pci here is always
+    /// modern), which must keep FEATURES_OK only for features it accepts.
+    pub fn is_modern(&self) -> bool {
+        match &self.inner {
+            SomeTransport::Mmio(m) => m.version() == MmioVersion::Modern,
+            _ => true,
         }
     }
 

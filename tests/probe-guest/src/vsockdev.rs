@@ -25,7 +25,7 @@ use virtio_drivers::Error as VirtioError;
 
 use crate::arch::tsc::{self, Deadline};
 use crate::cmdline::VSOCK_MAX_WRITE;
-use crate::virtio::{MmioDevice, ProbeHal, ProbeTransport};
+use crate::virtio::{ProbeHal, ProbeTransport, VirtioDevice};
 
 /// Bytes per receive buffer (8 of them, the crate's queue size): a packet
 /// from the device carries at most this less the 44-byte header.
@@ -44,11 +44,6 @@ pub const CREDIT_ASK_US: u64 = 1000;
 
 /// First local port for connections the probe opens.
 const FIRST_LOCAL_PORT: u32 = 49152;
-
-/// Whether the device at `dev` is a virtio-vsock device (ID 19).
-pub fn is_vsock(dev: &MmioDevice) -> Result<bool, String> {
-    Ok(dev.transport()?.device_type() == DeviceType::Socket)
-}
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,8 +222,8 @@ pub enum SendError {
 
 impl Vsock {
     /// Resets the device, reads what it offers and initializes the driver.
-    pub fn open(dev: &MmioDevice) -> Result<Self, String> {
-        Self::open_transport(dev.transport()?, Some(dev.base))
+    pub fn open(dev: &VirtioDevice) -> Result<Self, String> {
+        Self::open_transport(dev.transport()?, dev.mmio_base())
     }
 
     /// As [`open`](Self::open), on `transport` (`base`: its virtio-mmio

@@ -1,6 +1,7 @@
 //! blk.* checks: every virtio-blk device announced on the command line, in
-//! announcement order (disk i = the i-th virtio-blk device), and the
-//! benchmark (`bench.blk`).
+//! announcement order (disk i = the i-th virtio-blk device), or on a PCI
+//! machine every virtio-blk function, by slot; and the benchmark
+//! (`bench.blk`). The same checks over either transport, raw ones included.
 //!
 //! Disk layout the checks use (absolute byte offsets):
 //! - [1 MiB, 1 MiB + 64 KiB): filled by the host with
@@ -18,11 +19,12 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus};
+use virtio_drivers::transport::DeviceType;
 use virtio_drivers::Error as VirtioError;
 
 use super::Context;
 use crate::arch::tsc;
-use crate::blkdev::{self, status_text, Disk, SECTOR};
+use crate::blkdev::{status_text, Disk, SECTOR};
 use crate::cmdline::BlkBench;
 use crate::fail;
 use crate::println;
@@ -31,7 +33,7 @@ use crate::rawblk::{
 };
 use crate::report::{CheckResult, Report};
 use crate::scratch::Scratch;
-use crate::virtio::MmioDevice;
+use crate::virtio::VirtioDevice;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -66,14 +68,9 @@ pub fn guest_pattern(o: u64) -> u8 {
     ((o >> 9) as u8) ^ (o as u8) ^ 0xa5
 }
 
-/// The virtio-blk devices, in announcement order.
-fn blk_devices(ctx: &Context<'_>) -> Vec<MmioDevice> {
-    ctx.options
-        .virtio_mmio
-        .iter()
-        .filter_map(|v| MmioDevice::parse(v))
-        .filter(|d| blkdev::is_blk(d).unwrap_or(false))
-        .collect()
+/// The virtio-blk devices, in announcement (or slot) order.
+fn blk_devices(ctx: &Context<'_>) -> Vec<VirtioDevice> {
+    ctx.virtio_devices(DeviceType::Block)
 }
 
 /// Runs the blk.* checks, and `bench.blk` right after disk 0's
@@ -148,7 +145,7 @@ fn disk_checks(
     ctx: &Context<'_>,
     report: &mut Report<'_>,
     i: usize,
-    dev: &MmioDevice,
+    dev: &VirtioDevice,
     malformed_done: &mut bool,
     bench_done: &mut bool,
 ) {
@@ -337,7 +334,7 @@ pub(super) fn write_read(disk: &mut Disk, scratch: &Scratch, capacity: u64) -> C
 /// and at `out` (outside) read back; 128 KiB more inside fail with IOERR
 /// (the overlay is full) and leave the first write readable. The host
 /// checks that `out` reached the disk and the range did not.
-fn cow(ctx: &Context<'_>, dev: &MmioDevice, inside: u64, outside: u64) -> CheckResult {
+fn cow(ctx: &Context<'_>, dev: &VirtioDevice, inside: u64, outside: u64) -> CheckResult {
     let scratch = ctx.start_info().and_then(Scratch::new)?;
     let mut disk = Disk::open(dev)?;
     const LEN: u64 = 8 * KIB;

@@ -13,10 +13,18 @@ mod vsock;
 mod vsock_flood;
 
 use alloc::string::String;
+use alloc::vec::Vec;
+
+use virtio_drivers::transport::{DeviceType, Transport};
 
 use crate::cmdline::Options;
+use crate::println;
 use crate::report::Report;
 use crate::start_info::StartInfo;
+use crate::virtio::{MmioDevice, VirtioDevice};
+
+/// virtio-pci modern device IDs: this plus the virtio device type.
+const PCI_DEVICE_BASE: u16 = 0x1040;
 
 /// What the checks look at.
 pub struct Context<'a> {
@@ -35,6 +43,34 @@ impl Context<'_> {
         info.validate()
             .map_err(|e| alloc::format!("no valid start_info: {e}"))?;
         Ok(info)
+    }
+
+    /// The virtio devices of type `ty`: those announced as virtio-mmio on
+    /// the command line, in announcement order, or, when none is, the
+    /// virtio-pci functions of that type on a PCI machine's bus 0, by slot
+    /// (`probe: pci: ...` when the bus cannot be read).
+    pub fn virtio_devices(&self, ty: DeviceType) -> Vec<VirtioDevice> {
+        let mmio: Vec<VirtioDevice> = self
+            .options
+            .virtio_mmio
+            .iter()
+            .filter_map(|v| MmioDevice::parse(v))
+            .filter(|d| d.transport().is_ok_and(|t| t.device_type() == ty))
+            .map(VirtioDevice::Mmio)
+            .collect();
+        if !mmio.is_empty() {
+            return mmio;
+        }
+        let Ok(info) = self.start_info() else {
+            return Vec::new();
+        };
+        match crate::pci::functions_with_id(info.rsdp_paddr, PCI_DEVICE_BASE + ty as u16) {
+            Ok(f) => f.into_iter().map(VirtioDevice::Pci).collect(),
+            Err(e) => {
+                println!("probe: pci: {e}");
+                Vec::new()
+            }
+        }
     }
 }
 

@@ -19,6 +19,8 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use virtio_drivers::transport::DeviceType;
+
 use super::Context;
 use crate::arch::tsc::{self, Deadline};
 use crate::cmdline::{NetBench, VsockDir};
@@ -26,7 +28,7 @@ use crate::fail;
 use crate::netdev::{self, Nic, F_CSUM, F_HOST_TSO4};
 use crate::println;
 use crate::report::Report;
-use crate::virtio::MmioDevice;
+use crate::virtio::VirtioDevice;
 
 /// Source and destination port of `net.udp_send`.
 pub const UDP_SEND_PORT: u16 = 9000;
@@ -63,13 +65,9 @@ pub fn udp_send_pattern(size: usize, i: usize) -> u8 {
     (i.wrapping_mul(13).wrapping_add(size)) as u8
 }
 
-/// The first virtio-net device announced.
-fn net_device(ctx: &Context<'_>) -> Option<MmioDevice> {
-    ctx.options
-        .virtio_mmio
-        .iter()
-        .filter_map(|v| MmioDevice::parse(v))
-        .find(|d| netdev::is_net(d).unwrap_or(false))
+/// The first virtio-net device (announced, or on PCI).
+fn net_device(ctx: &Context<'_>) -> Option<VirtioDevice> {
+    ctx.virtio_devices(DeviceType::Network).into_iter().next()
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -496,23 +494,17 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         || o.net_peer.is_some()
         || o.net_serve_ms.is_some()
         || o.bench_net.is_some();
-    let dev = net_device(ctx);
-    // On a PCI machine: the first virtio-net function (0x1040 + 1).
-    let pci = match (&dev, ctx.start_info()) {
-        (None, Ok(info)) => crate::pci::find_transport(info.rsdp_paddr, 0x1041),
-        _ => None,
-    };
-    if dev.is_none() && pci.is_none() && !asked {
-        return;
-    }
     let want_bench = o.bench_net.is_some() && report.selects("bench.net");
     if !report.selects_prefix("net.") && !want_bench {
         return;
     }
-    let opened = match (dev, pci) {
-        (Some(dev), _) => Nic::open(&dev, F_CSUM | F_HOST_TSO4),
-        (None, Some(t)) => t.and_then(|t| Nic::open_transport(t, None, F_CSUM | F_HOST_TSO4)),
-        (None, None) => {
+    let dev = net_device(ctx);
+    if dev.is_none() && !asked {
+        return;
+    }
+    let opened = match dev {
+        Some(dev) => Nic::open(&dev, F_CSUM | F_HOST_TSO4),
+        None => {
             report.check("net.identify", || {
                 Err(String::from("no virtio-net device (ID 1) announced"))
             });

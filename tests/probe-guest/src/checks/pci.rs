@@ -10,6 +10,11 @@
 //!   same checks and disk layout as `blk.0.*` (see `blk.rs`).
 //! - `pci.isr`: MSI-X off (INTx), a completed request sets the ISR's
 //!   queue bit and reading the ISR clears it.
+//! - `pci.intx_disable`: MSI-X off, the command register's INTx disable
+//!   bit set: it reads back, and a completed request still sets the ISR's
+//!   queue bit and the status register's interrupt bit (reading the ISR
+//!   clears both). Whether the line stays down is not visible here (the
+//!   probe does not program the I/O APIC); Keel's unit tests cover it.
 //! - `pci.msix`: disk 0's queue on MSI-X vector 0 (vector 46 at this
 //!   CPU's local APIC): with the vector masked a completed request sets
 //!   its pending bit in the PBA and reaches no APIC; unmasking delivers
@@ -104,6 +109,9 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         });
     }
     report.check("pci.isr", || isr(&mut bus, at, &mut disk, &scratch));
+    report.check("pci.intx_disable", || {
+        intx_disable(&mut bus, at, &mut disk, &scratch)
+    });
     report.check("pci.msix", || msix(&mut bus, at, &mut disk, &scratch));
     drop(disk);
     report.check("pci.bar_move", || bar_move(&mut bus, at, &scratch));
@@ -179,6 +187,65 @@ fn isr(bus: &mut Bus, at: DeviceFunction, disk: &mut Disk, scratch: &Scratch) ->
     let second = phys::read_u8(isr);
     if (first, second) != (1, 0) {
         fail!("ISR reads {first:#x} then {second:#x} after a request, want 0x1 then 0x0");
+    }
+    Ok(())
+}
+
+/// Configuration dword 1: the command register, the status register above.
+const COMMAND: u8 = 0x04;
+/// Command: INTx disable; status (in the upper half): interrupt pending.
+const INTX_DISABLE: u32 = 1 << 10;
+const STATUS_INTERRUPT: u32 = 1 << (16 + 3);
+
+/// INTx disable set: the ISR and the status register's interrupt bit
+/// still report a completed request. The command register is restored.
+fn intx_disable(
+    bus: &mut Bus,
+    at: DeviceFunction,
+    disk: &mut Disk,
+    scratch: &Scratch,
+) -> CheckResult {
+    let isr = mapped_bar0(bus, at)? + ISR;
+    phys::read_u8(isr);
+    let before = bus.read(at, COMMAND);
+    if before & STATUS_INTERRUPT != 0 {
+        fail!("the status register's interrupt bit is set with the ISR clear");
+    }
+    let command = before & 0xffff;
+    bus.write(at, COMMAND, command | INTX_DISABLE);
+    let result = intx_disabled_request(bus, at, isr, disk, scratch);
+    bus.write(at, COMMAND, command);
+    result
+}
+
+fn intx_disabled_request(
+    bus: &mut Bus,
+    at: DeviceFunction,
+    isr: u64,
+    disk: &mut Disk,
+    scratch: &Scratch,
+) -> CheckResult {
+    if bus.read(at, COMMAND) & INTX_DISABLE == 0 {
+        fail!("the command register does not keep INTx disable");
+    }
+    read_sector(disk, scratch)?;
+    let pending = bus.read(at, COMMAND) & STATUS_INTERRUPT != 0;
+    let got = phys::read_u8(isr);
+    let still = bus.read(at, COMMAND) & STATUS_INTERRUPT != 0;
+    println!(
+        "probe: pci intx disabled: status interrupt bit {}, ISR {got:#x}, then bit {}",
+        u8::from(pending),
+        u8::from(still)
+    );
+    if got != 1 {
+        fail!("ISR reads {got:#x} after a request with INTx disabled, want 0x1");
+    }
+    if !pending || still {
+        fail!(
+            "the status register's interrupt bit reads {} before the ISR read and {} after, want 1 then 0",
+            u8::from(pending),
+            u8::from(still)
+        );
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! vsock.* checks and the vsock benchmark (`bench.vsock`), on the first
-//! virtio-vsock device announced on the command line.
+//! virtio-vsock device announced on the command line or, on a PCI machine,
+//! the first virtio-vsock function (the same checks over either transport).
 //!
 //! The host side (the test) provides:
 //! - port 19090, HostOS's agent pattern: reads a request to end of stream,
@@ -19,6 +20,8 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use virtio_drivers::transport::DeviceType;
+
 use super::Context;
 use crate::arch::tsc::{self, Deadline};
 use crate::cmdline::{VsockBench, VsockDir, VSOCK_MAX_WRITE};
@@ -29,8 +32,8 @@ use crate::rawvsock::{
     Hdr, RawVsock, Received, HDR_LEN, HOST_CID, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, TYPE_STREAM,
 };
 use crate::report::{CheckResult, Report};
-use crate::virtio::MmioDevice;
-use crate::vsockdev::{self, Conn, SendError, State, Vsock};
+use crate::virtio::VirtioDevice;
+use crate::vsockdev::{Conn, SendError, State, Vsock};
 
 /// HostOS's agent port: request to end of stream, one answer, close.
 pub const AGENT_PORT: u32 = 19090;
@@ -90,13 +93,9 @@ pub(super) fn printable(bytes: &[u8], max: usize) -> String {
         .collect()
 }
 
-/// The first virtio-vsock device announced.
-fn vsock_device(ctx: &Context<'_>) -> Option<MmioDevice> {
-    ctx.options
-        .virtio_mmio
-        .iter()
-        .filter_map(|v| MmioDevice::parse(v))
-        .find(|d| vsockdev::is_vsock(d).unwrap_or(false))
+/// The first virtio-vsock device (announced, or on PCI).
+fn vsock_device(ctx: &Context<'_>) -> Option<VirtioDevice> {
+    ctx.virtio_devices(DeviceType::Socket).into_iter().next()
 }
 
 /// Runs the vsock checks: when a vsock device is announced or a vsock
@@ -109,23 +108,12 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         || o.vsock_listen.is_some()
         || o.vsock_flood.is_some()
         || o.bench_vsock.is_some();
-    let dev = vsock_device(ctx);
-    // On a PCI machine: the first virtio-vsock function (0x1040 + 19).
-    let pci = match (&dev, ctx.start_info()) {
-        (None, Ok(info)) => crate::pci::find_transport(info.rsdp_paddr, 0x1053),
-        _ => None,
-    };
-    if dev.is_none() && pci.is_none() && !asked {
-        return;
-    }
     let want_bench = o.bench_vsock.is_some() && report.selects("bench.vsock");
     if !report.selects_prefix("vsock.") && !want_bench {
         return;
     }
-    if let Some(transport) = pci {
-        // Only the virtio-drivers checks: the raw ones speak virtio-mmio.
-        let open = || transport.and_then(|t| Vsock::open_transport(t, None));
-        driver_checks(ctx, report, open, want_bench);
+    let dev = vsock_device(ctx);
+    if dev.is_none() && !asked {
         return;
     }
     let Some(dev) = dev else {
@@ -700,7 +688,7 @@ impl RawPorts {
     }
 }
 
-fn malformed(report: &mut Report<'_>, dev: &MmioDevice) {
+fn malformed(report: &mut Report<'_>, dev: &VirtioDevice) {
     let mut raw = match RawVsock::new(dev) {
         Ok(r) => r,
         Err(e) => {

@@ -29,7 +29,7 @@ use crate::rawvsock::{
 };
 use crate::report::CheckResult;
 use crate::serial;
-use crate::virtio::MmioDevice;
+use crate::virtio::VirtioDevice;
 
 /// The flood's own ports: (FIRST_LOCAL + i / 4 % LOCAL_SPAN) to
 /// (FIRST_REMOTE + i % REMOTE_SPAN) for packet i; nobody listens on the
@@ -99,7 +99,7 @@ fn wait_for_host(when: &str) -> Result<(), String> {
 }
 
 /// vsock.flood on a fresh setup of `dev`.
-pub fn flood(dev: &MmioDevice, cfg: VsockFlood) -> CheckResult {
+pub fn flood(dev: &VirtioDevice, cfg: VsockFlood) -> CheckResult {
     let mut raw = RawVsock::new_without_rx(dev).map_err(|e| format!("raw queue setup: {e}"))?;
     println!(
         "probe: vsock flood start: {} packets, no receive buffers",
