@@ -133,7 +133,7 @@ fn loop_device_and_read_only_file_disk() {
 }
 
 /// One writable file disk (`--disk path=...,<options>`), over virtio-mmio
-/// or, with `pci`, virtio-pci (`--transport pci`): every writable and
+/// (`--transport mmio`) or, with `pci`, virtio-pci: every writable and
 /// malformed check passes, the backing holds what the probe wrote, and the
 /// device counted the malformed requests instead of failing on them.
 /// Returns the console.
@@ -145,9 +145,8 @@ fn writable_file_disk(name: &str, options: &str, pci: bool) -> String {
         &[format!("path={},{options}", disk.display())],
         "probe.blk=1",
     );
-    if pci {
-        args.extend(["--transport".into(), "pci".into()]);
-    }
+    let transport = if pci { "pci" } else { "mmio" };
+    args.extend(["--transport".into(), transport.into()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = run_keel(&refs, DEADLINE);
     let mut required: Vec<&str> = WRITABLE_CHECKS.to_vec();
@@ -164,9 +163,14 @@ fn writable_file_disk(name: &str, options: &str, pci: bool) -> String {
     r.stdout
 }
 
+/// On virtio-mmio (announced on the command line), with the sync engine.
 #[test]
 fn file_disk_with_the_sync_engine() {
-    writable_file_disk("blk-sync", "engine=sync,serial=sync0", false);
+    let console = writable_file_disk("blk-sync", "engine=sync,serial=sync0", false);
+    assert!(
+        console.contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "disk 0 announced as virtio-mmio:\n{console}"
+    );
 }
 
 /// The same checks, raw rings included, with the disk on PCI (00:01.0,

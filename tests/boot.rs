@@ -217,10 +217,8 @@ fn numa_guest_sees_one_node_per_socket() {
     assert_eq!(memory["numa_nodes"], 0, "{memory}\n{log}");
 }
 
-/// A PCI machine (host bridge, ECAM, MCFG, `\_SB.PCI0` in the DSDT)
-/// boots the probe as the mmio machine does.
-#[test]
-fn pci_machine_boots_the_probe() {
+/// Boots the probe on a machine with `transport` and returns its console.
+fn machine_boots_the_probe(transport: &str) -> String {
     let mut args = probe_args(
         "512M",
         "boot=1",
@@ -228,13 +226,29 @@ fn pci_machine_boots_the_probe() {
     );
     args.extend([
         "--transport".into(),
-        "pci".into(),
+        transport.into(),
         "--log-level".into(),
         "debug".into(),
     ]);
     let r = run(&args);
     ProbeReport::parse(&r.stdout).assert_all_passed(BASE_CHECKS, &r.stdout);
     assert_eq!(r.code(), 0, "{}", r.stderr);
+    r.stdout
+}
+
+/// A PCI machine (host bridge, ECAM, MCFG, `\_SB.PCI0` in the DSDT), the
+/// default, boots the probe; the probe finds the host bridge.
+#[test]
+fn pci_machine_boots_the_probe() {
+    let console = machine_boots_the_probe("pci");
+    assert!(console.contains("PROBE ok pci.enumerate"), "{console}");
+}
+
+/// The virtio-mmio machine boots the probe as well; it has no PCI bus.
+#[test]
+fn mmio_machine_boots_the_probe() {
+    let console = machine_boots_the_probe("mmio");
+    assert!(!console.contains("PROBE ok pci.enumerate"), "{console}");
 }
 
 #[test]

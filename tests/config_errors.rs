@@ -172,6 +172,12 @@ fn impossible_pci_machines_are_refused() {
         1,
         "needs machine.acpi = true",
     );
+    // pci is the default: a machine without ACPI is told to choose mmio.
+    expect_error(
+        &["--kernel", k, "--machine", "acpi=off"],
+        1,
+        "choose machine.transport = \"mmio\"",
+    );
 }
 
 #[test]

@@ -201,8 +201,8 @@ fn summary(k: &RunningKeel) -> (String, ProbeReport) {
 }
 
 /// The driver checks and the raw malformed-packet checks against the host
-/// listeners, with the device on virtio-mmio or, with `pci`, on virtio-pci
-/// (`--transport pci`, found at 00:01.0 through ECAM): the same
+/// listeners, with the device on virtio-mmio (`--transport mmio`) or, with
+/// `pci`, on virtio-pci (`--transport pci`, found at 00:01.0 through ECAM): the same
 /// expectations either way. Returns the console.
 fn driver_and_malformed(name: &str, pci: bool) -> String {
     let dir = scratch_dir(name);
@@ -211,9 +211,8 @@ fn driver_and_malformed(name: &str, pci: bool) -> String {
         "probe.check={checks} probe.vsock.cid={CID} probe.vsock.transfer={ECHO_PORT},{TRANSFER_BYTES} probe.vsock.closed_port={CLOSED_PORT} probe.idle"
     );
     let (mut args, sock, api) = keel_args(&dir, "", &cmdline);
-    if pci {
-        args.extend(["--transport".into(), "pci".into()]);
-    }
+    let transport = if pci { "pci" } else { "mmio" };
+    args.extend(["--transport".into(), transport.into()]);
     // The device creates <socket> at start; the per-port listeners may
     // exist before.
     let (_agent, requests) = agent(&sock);

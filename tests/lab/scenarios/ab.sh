@@ -8,7 +8,7 @@
 . "$LAB_LIB"
 disk=$LAB_AB_DISK
 for step in 1 2 3; do
-    start_keel "ab$step" --boot-slot guestos --disk "path=$disk" \
+    start_keel "ab$step" --transport mmio --boot-slot guestos --disk "path=$disk" \
         --memory size=256M --cpus boot=1
     if wait_file "$LAB_DIR/ab$step.console" '^LAB-GUEST ab-step' 300; then :; else show "ab$step"; fi
     wait_keel 120

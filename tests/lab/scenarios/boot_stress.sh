@@ -56,7 +56,7 @@ start_vmm() {
         KEEL_NAME=$1
         KEEL_START=$(date +%s)
     else
-        start_keel "$1" --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
+        start_keel "$1" --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
             --memory size=256M --cpus boot=1 --shutdown-timeout 60 --shutdown-method ctrl-alt-del
     fi
 }

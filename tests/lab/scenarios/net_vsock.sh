@@ -12,7 +12,7 @@ ip link add labbr0 type bridge
 ip addr add 192.0.2.1/24 dev labbr0
 ip link set labbr0 up
 # Two vCPUs: the guest's interrupt handling moves between them.
-start_keel net --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline net)" \
+start_keel net --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline net)" \
     --memory size=256M --cpus boot=2 --net tap=labtap0,bridge=labbr0,mtu=1400 \
     --api-socket "$LAB_DIR/net-api.sock"
 c=$LAB_DIR/net.console
@@ -69,7 +69,7 @@ listen = "127.0.0.1:19100"
 textfile = "$LAB_DIR/agent.prom"
 TOML
 start_agent "$LAB_DIR/agent.toml" vsock.agent-listening
-start_keel vsock --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
+start_keel vsock --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
     --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock"
 c=$LAB_DIR/vsock.console
 if wait_file "$c" '^LAB-GUEST vsock ready' 300; then ok vsock.up; else fail vsock.up "guest never ready"; show vsock; fi
@@ -89,7 +89,7 @@ esac
 kill "$KEEL_PID"
 wait_keel 60
 
-start_keel vsock-allow --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
+start_keel vsock-allow --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
     --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock,allow_host_connect=on"
 c=$LAB_DIR/vsock-allow.console
 wait_file "$c" '^LAB-GUEST vsock ready' 300 || show vsock-allow

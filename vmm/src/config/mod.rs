@@ -664,8 +664,8 @@ pub struct MachineConfig {
     /// table is there either way (for `acpi=off` guests).
     #[serde(default = "default_true")]
     pub acpi: bool,
-    /// Where the virtio devices sit: `mmio` (the default in this version)
-    /// or `pci`.
+    /// Where the virtio devices sit: `pci` (the default: what a distro
+    /// kernel finds, as on QEMU's q35) or `mmio`.
     #[serde(default)]
     pub transport: Transport,
 }
@@ -684,10 +684,11 @@ impl Default for MachineConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// virtio-mmio windows announced on the command line and in the DSDT.
-    #[default]
     Mmio,
-    /// A PCI host bridge (ECAM and ports 0xCF8/0xCFC, MCFG, `\_SB.PCI0`);
-    /// no virtio-mmio devices.
+    /// A PCI host bridge (ECAM and ports 0xCF8/0xCFC, MCFG, `\_SB.PCI0`)
+    /// with each virtio device a virtio-pci function; no virtio-mmio
+    /// devices. The default.
+    #[default]
     Pci,
 }
 
@@ -1148,7 +1149,8 @@ impl VmConfig {
                 "machine.transport",
                 "pci",
                 "needs machine.acpi = true (the guest finds the PCI host bridge's windows and \
-                 interrupt routing in ACPI)"
+                 interrupt routing in ACPI); pci is the default transport: choose \
+                 machine.transport = \"mmio\" for a machine without ACPI"
                     .into(),
             ));
         }
@@ -1727,7 +1729,7 @@ mod tests {
         assert_eq!(cfg.machine.transport, Transport::Pci);
         assert!(cfg.machine.acpi, "acpi keeps its default");
         assert!(VmConfig::from_toml("[machine]\ntransport = \"isa\"").is_err());
-        assert_eq!(VmConfig::default().machine.transport, Transport::Mmio);
+        assert_eq!(VmConfig::default().machine.transport, Transport::Pci);
         let mut cfg = VmConfig::default();
         cfg.apply_flags(&FlagOverrides {
             transport: Some("pci".into()),
@@ -2343,6 +2345,7 @@ mod tests {
         let mut c = numa_config();
         c.memory.numa = false;
         c.machine.acpi = false;
+        c.machine.transport = Transport::Mmio;
         c.cpus = parse_cpus_flag("boot=3,sockets=3").unwrap();
         assert!(c.validate().is_ok());
     }
