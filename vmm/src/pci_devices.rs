@@ -348,6 +348,7 @@ mod tests {
             serial: None,
             engine: EngineKind::Sync,
             cow: None,
+            num_queues: 1,
         };
         let block = Arc::new(Mutex::new(VirtioBlock::new(backend, config).unwrap()));
         let mut resampler = InterruptResampler::new();
