@@ -1997,4 +1997,420 @@ mod tests {
         let f = blk.avail_features();
         assert!(f & (1 << VIRTIO_BLK_F_FLUSH) != 0 && f & (1 << VIRTIO_BLK_F_DISCARD) != 0);
     }
+
+    // Multi-queue.
+
+    /// Records the queues whose interrupts were signalled, in order (as
+    /// virtio-pci's MSI-X vectors would take them).
+    #[derive(Debug, Default)]
+    struct Signals(Mutex<Vec<u16>>);
+
+    impl crate::virtio::VectorSink for Signals {
+        fn signal(&self, source: crate::virtio::InterruptSource) -> bool {
+            if let crate::virtio::InterruptSource::Queue(q) = source {
+                self.0.lock().unwrap().push(q);
+            }
+            true
+        }
+    }
+
+    impl Signals {
+        fn take(&self) -> Vec<u16> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    /// Where queue `q`'s rings lie (32 entries each).
+    fn ring_at(q: usize) -> GuestAddress {
+        GuestAddress(q as u64 * 0x8000)
+    }
+
+    struct MqRig {
+        mem: GuestMemoryMmap,
+        dev: Arc<Mutex<VirtioBlock>>,
+        em: Em,
+        signals: Arc<Signals>,
+        evts: Vec<EventFd>,
+        used: Vec<GuestAddress>,
+    }
+
+    /// A disk with `num_queues` queues of which the driver enabled the
+    /// first `chains.len()`, queue `q` holding `chains[q]`.
+    fn mq_rig(
+        path: &std::path::Path,
+        engine: EngineKind,
+        num_queues: u16,
+        chains: &[&[RawDescriptor]],
+        mem: GuestMemoryMmap,
+        cow: Option<CowRange>,
+    ) -> MqRig {
+        let mut blk = VirtioBlock::new(
+            DiskBackend::open(path, false, false).unwrap(),
+            BlockConfig {
+                serial: None,
+                engine,
+                cow,
+                num_queues,
+            },
+        )
+        .unwrap();
+        assert_eq!(blk.num_queues(), usize::from(num_queues));
+        blk.set_acked_features(VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_MQ));
+        let mut queues = Vec::new();
+        let mut used = Vec::new();
+        for q in 0..usize::from(num_queues) {
+            match chains.get(q) {
+                Some(c) => {
+                    let m = MockSplitQueue::create(&mem, ring_at(q), 32);
+                    m.add_desc_chains(c, 0).unwrap();
+                    used.push(m.used_addr());
+                    queues.push(m.create_queue().unwrap());
+                }
+                // Not enabled by the driver.
+                None => queues.push(Queue::new(QUEUE_SIZE).unwrap()),
+            }
+        }
+        let dev = Arc::new(Mutex::new(blk));
+        let mut em = Em::new().unwrap();
+        em.add_subscriber(dev.clone());
+        let signals = Arc::new(Signals::default());
+        let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .with_vectors(signals.clone());
+        let evts: Vec<EventFd> = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        dev.lock()
+            .unwrap()
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                queues,
+                queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
+                interrupt: Arc::new(interrupt),
+            })
+            .unwrap();
+        MqRig {
+            mem,
+            dev,
+            em,
+            signals,
+            evts,
+            used,
+        }
+    }
+
+    impl MqRig {
+        /// Queue `q`'s used entries so far, (head, length).
+        fn used(&self, q: usize) -> Vec<(u32, u32)> {
+            let at = self.used[q];
+            let idx: u16 = self.mem.read_obj(at.unchecked_add(2)).unwrap();
+            (0..u64::from(idx))
+                .map(|i| {
+                    let e = at.unchecked_add(4 + i * 8);
+                    (
+                        self.mem.read_obj(e).unwrap(),
+                        self.mem.read_obj(e.unchecked_add(4)).unwrap(),
+                    )
+                })
+                .collect()
+        }
+
+        /// Runs the device until queue `q` has `n` used entries, for each
+        /// `(q, n)` of `want`.
+        fn run_until(&mut self, want: &[(usize, usize)]) {
+            for _ in 0..400 {
+                if want.iter().all(|&(q, n)| self.used(q).len() >= n) {
+                    return;
+                }
+                self.em.run_with_timeout(10).unwrap();
+            }
+            panic!("device did not complete {want:?}");
+        }
+
+        /// The driver adds `chain` to queue `q` at descriptor `at` and
+        /// notifies.
+        fn push(&self, q: usize, chain: &[RawDescriptor], at: u16) {
+            // The layout of MockSplitQueue::create(ring_at(q), 32), whose
+            // constructor would clear the rings' indices.
+            let table = ring_at(q);
+            let avail = table.unchecked_add(16 * 32);
+            let mut idx: u16 = self.mem.read_obj(avail.unchecked_add(2)).unwrap();
+            let mut head = true;
+            for (i, d) in chain.iter().enumerate() {
+                let n = at + i as u16;
+                self.mem
+                    .write_obj(*d, table.unchecked_add(16 * u64::from(n)))
+                    .unwrap();
+                if head {
+                    let slot = avail.unchecked_add(4 + 2 * u64::from(idx % 32));
+                    self.mem.write_obj(n, slot).unwrap();
+                    idx = idx.wrapping_add(1);
+                }
+                head = Descriptor::from(*d).flags() & N == 0;
+            }
+            self.mem.write_obj(idx, avail.unchecked_add(2)).unwrap();
+            self.evts[q].write(1).unwrap();
+        }
+
+        /// Queue `q`'s state on the device thread.
+        fn with_queue<T>(&self, q: usize, f: impl FnOnce(&BlkQueue) -> T) -> T {
+            let dev = self.dev.lock().unwrap();
+            let a = dev.active.as_ref().expect("active");
+            f(a.queues.iter().find(|s| usize::from(s.index) == q).unwrap())
+        }
+    }
+
+    /// A request chain (header, one data buffer, status at `STATUS + s`),
+    /// its descriptors from `first`.
+    fn chain3(first: u16, hdr: u64, data: u64, len: u32, write: bool, s: u64) -> [RawDescriptor; 3] {
+        [
+            desc(hdr, 16, N, first + 1),
+            desc(data, len, N | if write { W } else { 0 }, first + 2),
+            desc(STATUS + s, 1, W, 0),
+        ]
+    }
+
+    #[test]
+    fn config_space_and_features_announce_the_queues() {
+        let d = disk("mqcfg", 1 << 20);
+        for (n, mq) in [(1u16, false), (4, true), (99, true)] {
+            let blk = VirtioBlock::new(
+                DiskBackend::open(&d.0, false, false).unwrap(),
+                BlockConfig {
+                    num_queues: n,
+                    ..BlockConfig::default()
+                },
+            )
+            .unwrap();
+            let want = n.min(MAX_QUEUES);
+            let mut b = [0u8; 2];
+            blk.read_config(34, &mut b);
+            assert_eq!(u16::from_le_bytes(b), want, "num_queues at 34");
+            assert_eq!(blk.queue_max_sizes().len(), usize::from(want));
+            assert_eq!(blk.avail_features() & (1 << VIRTIO_BLK_F_MQ) != 0, mq);
+        }
+    }
+
+    #[test]
+    fn requests_on_each_queue_complete_on_that_queue_and_signal_it() {
+        for engine in [EngineKind::IoUring, EngineKind::Sync] {
+            let d = disk(&format!("mq-{engine:?}"), 1 << 20);
+            let m = mem();
+            let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+            m.write_slice(&pattern, GuestAddress(DATA + 0x10000)).unwrap();
+            let r0 = header(&m, 0, VIRTIO_BLK_T_IN, 0);
+            let w1 = header(&m, 1, VIRTIO_BLK_T_OUT, 8);
+            let r1 = header(&m, 2, VIRTIO_BLK_T_IN, 16);
+            let q0 = chain3(0, r0, DATA, 4096, true, 0);
+            let mut q1 = chain3(0, w1, DATA + 0x10000, 4096, false, 1).to_vec();
+            q1.extend(chain3(3, r1, DATA + 0x20000, 4096, true, 2));
+            for i in 0..4 {
+                m.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+            }
+            let mut r = mq_rig(&d.0, engine, 2, &[&q0, &q1], m, None);
+            r.run_until(&[(0, 1), (1, 2)]);
+            assert_eq!(r.used(0), [(0, 4097)], "{engine:?}: the read, on queue 0");
+            let mut on1 = r.used(1);
+            on1.sort();
+            assert_eq!(on1, [(0, 1), (3, 4097)], "{engine:?}: both on queue 1");
+            assert_eq!(
+                (status(&r.mem, 0), status(&r.mem, 1), status(&r.mem, 2)),
+                (0, 0, 0)
+            );
+            let mut got = r.signals.take();
+            got.sort();
+            got.dedup();
+            assert_eq!(got, [0, 1], "{engine:?}: each queue signalled");
+            // A request on queue 1 alone: queue 1's used ring, its vector.
+            let r2 = header(&r.mem, 3, VIRTIO_BLK_T_IN, 8);
+            r.push(1, &chain3(6, r2, DATA + 0x30000, 4096, true, 3), 6);
+            r.run_until(&[(1, 3)]);
+            assert_eq!(r.used(1)[2], (6, 4097));
+            assert_eq!(r.used(0).len(), 1, "{engine:?}: nothing on queue 0");
+            let sig = r.signals.take();
+            assert!(!sig.is_empty() && sig.iter().all(|&q| q == 1), "{sig:?}");
+            let mut back = vec![0u8; 4096];
+            r.mem
+                .read_slice(&mut back, GuestAddress(DATA + 0x30000))
+                .unwrap();
+            assert!(back == pattern, "{engine:?}: queue 0's write read back on queue 1");
+            let c = r.dev.lock().unwrap().counters().snapshot();
+            assert_eq!((c.read_ops, c.write_ops), (3, 1));
+        }
+    }
+
+    #[test]
+    fn a_driver_may_enable_fewer_queues_than_offered() {
+        let d = disk("mqfew", 64 << 10);
+        let m = mem();
+        let h = header(&m, 0, VIRTIO_BLK_T_IN, 0);
+        let q0 = chain3(0, h, DATA, 512, true, 0);
+        // Four offered; the driver (without MQ, or one CPU) uses queue 0.
+        let mut r = mq_rig(&d.0, EngineKind::IoUring, 4, &[&q0], m, None);
+        r.run_until(&[(0, 1)]);
+        assert_eq!(status(&r.mem, 0), 0);
+        assert_eq!(r.dev.lock().unwrap().active.as_ref().unwrap().queues.len(), 1);
+        assert_eq!(r.signals.take(), [0]);
+        // An enabled queue whose rings are not in guest memory is refused.
+        let d2 = disk("mqfew2", 64 << 10);
+        let mut blk = VirtioBlock::new(
+            DiskBackend::open(&d2.0, false, false).unwrap(),
+            BlockConfig {
+                num_queues: 2,
+                ..BlockConfig::default()
+            },
+        )
+        .unwrap();
+        let mk = |at: u64| {
+            let mut q = Queue::new(32).unwrap();
+            q.set_size(32);
+            q.set_desc_table_address(Some(at as u32), Some((at >> 32) as u32));
+            q.set_avail_ring_address(Some(at as u32 + 0x1000), Some((at >> 32) as u32));
+            q.set_used_ring_address(Some(at as u32 + 0x2000), Some((at >> 32) as u32));
+            q.set_ready(true);
+            q
+        };
+        let err = blk
+            .activate(ActivateContext {
+                mem: r.mem.clone(),
+                queues: vec![mk(0), mk(0x7f_0000_0000)],
+                queue_evts: (0..2)
+                    .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+                    .collect(),
+                interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            })
+            .unwrap_err();
+        assert!(matches!(err, ActivateError::InvalidQueue(1)), "{err}");
+    }
+
+    #[test]
+    fn a_flush_covers_writes_completed_on_any_queue_and_waits_only_for_its_own() {
+        let d = disk("mqflush", 1 << 20);
+        let m = mem();
+        m.write_slice(&[0x5au8; 4096], GuestAddress(DATA)).unwrap();
+        m.write_slice(&[0xa5u8; 4096], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        let w1 = header(&m, 0, VIRTIO_BLK_T_OUT, 8);
+        for i in 0..4 {
+            m.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+        }
+        let q0 = chain3(0, w1, DATA, 4096, false, 0);
+        let mut r = mq_rig(&d.0, EngineKind::IoUring, 2, &[&q0, &[]], m, None);
+        // W1 on queue 0 completes (the guest sees it used).
+        r.run_until(&[(0, 1)]);
+        assert_eq!(status(&r.mem, 0), 0);
+        // Then W2 and a FLUSH behind it on queue 0, a FLUSH on queue 1.
+        // The device thread takes queue 0 first, then queue 1, without
+        // reaping W2's completion in between.
+        let w2 = header(&r.mem, 1, VIRTIO_BLK_T_OUT, 16);
+        let f1 = header(&r.mem, 2, VIRTIO_BLK_T_FLUSH, 0);
+        let f0 = header(&r.mem, 3, VIRTIO_BLK_T_FLUSH, 0);
+        let mut more0 = chain3(3, w2, DATA + 0x1000, 4096, false, 1).to_vec();
+        more0.extend([desc(f0, 16, N, 7), desc(STATUS + 3, 1, W, 0)]);
+        r.push(0, &more0, 3);
+        r.push(1, &[desc(f1, 16, N, 1), desc(STATUS + 2, 1, W, 0)], 0);
+        r.dev.lock().unwrap().process_queue(0);
+        let in_flight = |r: &MqRig, q| r.with_queue(q, |s| s.uring.as_ref().unwrap().in_flight());
+        assert_eq!(in_flight(&r, 0), 1, "W2 in flight");
+        assert_eq!(
+            r.with_queue(0, |q| q.barrier.waiting()),
+            1,
+            "queue 0's flush waits for W2, sent before it on its queue"
+        );
+        r.dev.lock().unwrap().process_queue(1);
+        // Queue 1's flush went to the host at once: W1 completed before it
+        // was sent (so the fdatasync covers it); W2, in flight on queue 0,
+        // the guest has not seen completed, and it is not waited for.
+        assert_eq!(r.with_queue(1, |q| q.barrier.waiting()), 0);
+        assert_eq!(in_flight(&r, 1), 1, "queue 1's fdatasync submitted");
+        assert_eq!(in_flight(&r, 0), 1, "while W2 is still in flight");
+        r.run_until(&[(0, 3), (1, 1)]);
+        let used0: Vec<u32> = r.used(0).iter().map(|u| u.0).collect();
+        let pos = |h: u32| used0.iter().position(|&x| x == h).unwrap();
+        assert!(pos(3) < pos(6), "queue 0's flush after W2: {used0:?}");
+        for i in 0..4 {
+            assert_eq!(status(&r.mem, i), 0, "request {i}");
+        }
+        let c = r.dev.lock().unwrap().counters().snapshot();
+        assert_eq!((c.write_ops, c.flush_ops), (2, 2));
+        let bytes = std::fs::read(&d.0).unwrap();
+        assert!(bytes[8 * 512..8 * 512 + 4096].iter().all(|b| *b == 0x5a));
+        assert!(bytes[16 * 512..16 * 512 + 4096].iter().all(|b| *b == 0xa5));
+    }
+
+    #[test]
+    fn reset_with_io_in_flight_on_two_queues_waits_for_both() {
+        let d = disk("mqreset", 64 << 10);
+        let m = mem();
+        let reads = |q: u64| -> Vec<RawDescriptor> {
+            (0..8u16)
+                .flat_map(|i| {
+                    let n = q * 8 + u64::from(i);
+                    let h = header(&m, n, VIRTIO_BLK_T_IN, n);
+                    chain3(3 * i, h, DATA + n * 0x1000, 4096, true, n)
+                })
+                .collect()
+        };
+        let (c0, c1) = (reads(0), reads(1));
+        let mut r = mq_rig(&d.0, EngineKind::IoUring, 2, &[&c0, &c1], m, None);
+        // One round: activation, both queues' reads submitted.
+        r.em.run_with_timeout(10).unwrap();
+        let before = (r.used(0).len(), r.used(1).len());
+        let in_flight = |r: &MqRig, q| r.with_queue(q, |s| s.uring.as_ref().unwrap().in_flight());
+        assert!(in_flight(&r, 0) > 0 && in_flight(&r, 1) > 0);
+        r.signals.take();
+        assert!(r.dev.lock().unwrap().reset());
+        assert!(r.dev.lock().unwrap().reset_pending());
+        for _ in 0..1000 {
+            if !r.dev.lock().unwrap().reset_pending() {
+                break;
+            }
+            r.em.run_with_timeout(5).unwrap();
+        }
+        let dev = r.dev.lock().unwrap();
+        assert!(!dev.reset_pending());
+        assert!(dev.draining.is_empty());
+        drop(dev);
+        assert_eq!((r.used(0).len(), r.used(1).len()), before, "none answered");
+        assert!(r.signals.take().is_empty(), "no interrupt after reset");
+    }
+
+    #[test]
+    fn trims_from_any_queue_go_through_the_worker_and_come_back_on_their_queue() {
+        let d = disk("mqtrim", 1 << 20);
+        let m = mem();
+        let dis = header(&m, 0, VIRTIO_BLK_T_DISCARD, 0);
+        let wz = header(&m, 1, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segment(&m, DATA, 8, 16); // discard [4 KiB, 12 KiB)
+        segment(&m, DATA + 16, 64, 8); // zero [32 KiB, 36 KiB)
+        for i in 0..2 {
+            m.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+        }
+        let q0 = chain3(0, wz, DATA + 16, 16, false, 1);
+        let q1 = chain3(0, dis, DATA, 16, false, 0);
+        // A copy-on-write range elsewhere: both trims go to the worker.
+        let cow = CowRange {
+            start: 1024 * 512,
+            len: 64 * 512,
+            limit: 4096,
+        };
+        let mut r = mq_rig(&d.0, EngineKind::IoUring, 2, &[&q0, &q1], m, Some(cow));
+        let worker = r.dev.lock().unwrap().take_trim_worker().unwrap();
+        r.em.run_with_timeout(10).unwrap();
+        assert_eq!(r.with_queue(0, |q| q.trims), 1);
+        assert_eq!(r.with_queue(1, |q| q.trims), 1);
+        let t = std::thread::spawn(move || worker.run());
+        r.run_until(&[(0, 1), (1, 1)]);
+        assert_eq!((r.used(0), r.used(1)), (vec![(0, 1)], vec![(0, 1)]));
+        assert_eq!((status(&r.mem, 0), status(&r.mem, 1)), (0, 0));
+        let mut sig = r.signals.take();
+        sig.sort();
+        sig.dedup();
+        assert_eq!(sig, [0, 1]);
+        let bytes = std::fs::read(&d.0).unwrap();
+        assert!(bytes[4096..12288].iter().all(|b| *b == 0), "discarded");
+        assert!(bytes[32768..36864].iter().all(|b| *b == 0), "zeroed");
+        assert_eq!((bytes[4095], bytes[12288], bytes[36864]), (0x11, 0x11, 0x11));
+        drop(r);
+        t.join().unwrap();
+    }
 }
