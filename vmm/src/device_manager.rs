@@ -181,6 +181,8 @@ pub struct NetDeviceInfo {
 /// `place` says, wires its interrupts (irqfds) and queue notifications
 /// (ioeventfds). The order, hence virtio-mmio windows and PCI slots: the
 /// disks in configuration order, the config disk, vsock, then the NICs.
+/// `boot_vcpus` sets the disks' default queue count.
+#[allow(clippy::too_many_arguments)]
 pub fn setup_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,

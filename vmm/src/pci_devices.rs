@@ -431,7 +431,11 @@ mod tests {
         pci.finish(&mut mmio, &mut pio).unwrap();
         assert_eq!(r32(&mmio, at.bar + 0x12) & 0xffff, 4, "common num_queues");
         let device_cfg = at.bar + devices::virtio::pci::DEVICE_CFG_OFFSET;
-        assert_eq!(r32(&mmio, device_cfg + 32) >> 16, 4, "virtio_blk_config.num_queues");
+        assert_eq!(
+            r32(&mmio, device_cfg + 32) >> 16,
+            4,
+            "virtio_blk_config.num_queues"
+        );
         // The MSI-X capability (ID 0x11) in the capability list.
         let mut cap = r32(&mmio, ECAM_SLOT1 + 0x34) & 0xff;
         let control = loop {

@@ -345,8 +345,12 @@ impl VirtioBlock {
         }
         for (pos, q) in served.iter().enumerate() {
             let pos = pos as u32;
-            ops.add(Events::with_data(&q.queue_evt, EV_QUEUE | pos, EventSet::IN))
-                .map_err(|e| format!("watch queue {}: {e:?}", q.index))?;
+            ops.add(Events::with_data(
+                &q.queue_evt,
+                EV_QUEUE | pos,
+                EventSet::IN,
+            ))
+            .map_err(|e| format!("watch queue {}: {e:?}", q.index))?;
             if let Some(u) = &q.uring {
                 ops.add(Events::with_data(u, EV_URING | pos, EventSet::IN))
                     .map_err(|e| format!("watch io_uring of queue {}: {e:?}", q.index))?;
@@ -1476,13 +1480,7 @@ mod tests {
         let c = r.dev.lock().unwrap().counters().snapshot();
         assert_eq!((c.read_ops, c.write_ops, c.flush_ops), (1, 1, 1));
         assert_eq!(
-            r.dev
-                .lock()
-                .unwrap()
-                .active
-                .as_ref()
-                .unwrap()
-                .queues[0]
+            r.dev.lock().unwrap().active.as_ref().unwrap().queues[0]
                 .barrier
                 .waiting(),
             0
@@ -2074,8 +2072,8 @@ mod tests {
         let mut em = Em::new().unwrap();
         em.add_subscriber(dev.clone());
         let signals = Arc::new(Signals::default());
-        let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())
-            .with_vectors(signals.clone());
+        let interrupt =
+            Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()).with_vectors(signals.clone());
         let evts: Vec<EventFd> = (0..num_queues)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
@@ -2161,7 +2159,14 @@ mod tests {
 
     /// A request chain (header, one data buffer, status at `STATUS + s`),
     /// its descriptors from `first`.
-    fn chain3(first: u16, hdr: u64, data: u64, len: u32, write: bool, s: u64) -> [RawDescriptor; 3] {
+    fn chain3(
+        first: u16,
+        hdr: u64,
+        data: u64,
+        len: u32,
+        write: bool,
+        s: u64,
+    ) -> [RawDescriptor; 3] {
         [
             desc(hdr, 16, N, first + 1),
             desc(data, len, N | if write { W } else { 0 }, first + 2),
@@ -2196,7 +2201,8 @@ mod tests {
             let d = disk(&format!("mq-{engine:?}"), 1 << 20);
             let m = mem();
             let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
-            m.write_slice(&pattern, GuestAddress(DATA + 0x10000)).unwrap();
+            m.write_slice(&pattern, GuestAddress(DATA + 0x10000))
+                .unwrap();
             let r0 = header(&m, 0, VIRTIO_BLK_T_IN, 0);
             let w1 = header(&m, 1, VIRTIO_BLK_T_OUT, 8);
             let r1 = header(&m, 2, VIRTIO_BLK_T_IN, 16);
@@ -2232,7 +2238,10 @@ mod tests {
             r.mem
                 .read_slice(&mut back, GuestAddress(DATA + 0x30000))
                 .unwrap();
-            assert!(back == pattern, "{engine:?}: queue 0's write read back on queue 1");
+            assert!(
+                back == pattern,
+                "{engine:?}: queue 0's write read back on queue 1"
+            );
             let c = r.dev.lock().unwrap().counters().snapshot();
             assert_eq!((c.read_ops, c.write_ops), (3, 1));
         }
@@ -2248,7 +2257,10 @@ mod tests {
         let mut r = mq_rig(&d.0, EngineKind::IoUring, 4, &[&q0], m, None);
         r.run_until(&[(0, 1)]);
         assert_eq!(status(&r.mem, 0), 0);
-        assert_eq!(r.dev.lock().unwrap().active.as_ref().unwrap().queues.len(), 1);
+        assert_eq!(
+            r.dev.lock().unwrap().active.as_ref().unwrap().queues.len(),
+            1
+        );
         assert_eq!(r.signals.take(), [0]);
         // An enabled queue whose rings are not in guest memory is refused.
         let d2 = disk("mqfew2", 64 << 10);
@@ -2409,7 +2421,10 @@ mod tests {
         let bytes = std::fs::read(&d.0).unwrap();
         assert!(bytes[4096..12288].iter().all(|b| *b == 0), "discarded");
         assert!(bytes[32768..36864].iter().all(|b| *b == 0), "zeroed");
-        assert_eq!((bytes[4095], bytes[12288], bytes[36864]), (0x11, 0x11, 0x11));
+        assert_eq!(
+            (bytes[4095], bytes[12288], bytes[36864]),
+            (0x11, 0x11, 0x11)
+        );
         drop(r);
         t.join().unwrap();
     }
