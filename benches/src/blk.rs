@@ -638,8 +638,8 @@ fn table(backings: &[(&str, PathBuf)], dur: Duration, secs: f64, run: &mut super
     for (label, path) in backings {
         for w in WORKLOADS {
             for qd in [1usize, 32] {
-                let r = raw(&path, w, qd, dur);
-                let k = keel(&path, w, qd, dur);
+                let r = raw(path, w, qd, dur);
+                let k = keel(path, w, qd, dur);
                 let show = |x: Rate| {
                     if w.bs >= 1 << 20 {
                         format!("{:.0} MiB/s", x.mib_s)

@@ -128,9 +128,15 @@ impl RawBlk {
     /// Resets the device behind `transport` and sets it up with `want` &
     /// the offered features (plus VERSION_1) and `queues` request queues
     /// (at most [`MAX_QUEUES`]; more than one needs [`F_MQ`] in `want`).
-    pub fn with_queues(transport: ProbeTransport, want: u64, queues: usize) -> Result<Self, String> {
+    pub fn with_queues(
+        transport: ProbeTransport,
+        want: u64,
+        queues: usize,
+    ) -> Result<Self, String> {
         if queues == 0 || queues > MAX_QUEUES {
-            return Err(format!("{queues} queues (the raw driver sets up 1 to {MAX_QUEUES})"));
+            return Err(format!(
+                "{queues} queues (the raw driver sets up 1 to {MAX_QUEUES})"
+            ));
         }
         // SAFETY: a non-zero size.
         let mem = NonNull::new(unsafe { alloc_zeroed(layout()) })
@@ -313,7 +319,10 @@ impl RawBlk {
     fn poll_used(&mut self, q: usize, head: u16, us: u64) -> Wait {
         let start = tsc::rdtsc();
         let limit = tsc::cycles_at_least(us);
-        let used = self.mem.as_ptr().wrapping_add(q * QUEUE_PAGES + USED_OFFSET);
+        let used = self
+            .mem
+            .as_ptr()
+            .wrapping_add(q * QUEUE_PAGES + USED_OFFSET);
         let mut polls: u32 = 0;
         loop {
             // SAFETY: the used ring (flags, idx, ring of (id u32, len u32))

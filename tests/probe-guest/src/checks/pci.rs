@@ -154,7 +154,16 @@ fn mq(bus: &mut Bus, at: DeviceFunction, scratch: &Scratch) -> CheckResult {
     for q in 0..2usize {
         let part = &buf[q * MQ_LEN..(q + 1) * MQ_LEN];
         let from = HOST_AT + (q * MQ_LEN) as u64;
-        let (status, _) = raw.request_on(q, 0, 64 * q, T_IN, from / SECTOR, Some(seg(part, true)), MQ_US)
+        let (status, _) = raw
+            .request_on(
+                q,
+                0,
+                64 * q,
+                T_IN,
+                from / SECTOR,
+                Some(seg(part, true)),
+                MQ_US,
+            )
             .map_err(|e| format!("read on queue {q}: {e}"))?;
         if status != S_OK {
             fail!("read on queue {q}: status {status}");
@@ -168,18 +177,21 @@ fn mq(bus: &mut Bus, at: DeviceFunction, scratch: &Scratch) -> CheckResult {
         *b = guest_pattern(MQ_WRITE_AT + k as u64);
     }
     let sector = MQ_WRITE_AT / SECTOR;
-    let (status, _) = raw.request_on(0, 0, 0, T_OUT, sector, Some(seg(data, false)), MQ_US)
+    let (status, _) = raw
+        .request_on(0, 0, 0, T_OUT, sector, Some(seg(data, false)), MQ_US)
         .map_err(|e| format!("write on queue 0: {e}"))?;
     if status != S_OK {
         fail!("write on queue 0: status {status}");
     }
-    let (status, _) = raw.request_on(1, 0, 64, T_FLUSH, 0, None, MQ_US)
+    let (status, _) = raw
+        .request_on(1, 0, 64, T_FLUSH, 0, None, MQ_US)
         .map_err(|e| format!("flush on queue 1: {e}"))?;
     if status != S_OK {
         fail!("flush on queue 1: status {status}");
     }
     back.fill(0);
-    let (status, _) = raw.request_on(1, 4, 128, T_IN, sector, Some(seg(back, true)), MQ_US)
+    let (status, _) = raw
+        .request_on(1, 4, 128, T_IN, sector, Some(seg(back, true)), MQ_US)
         .map_err(|e| format!("read on queue 1: {e}"))?;
     if status != S_OK {
         fail!("read back on queue 1: status {status}");
