@@ -371,5 +371,6 @@ fn config_disk_is_labelled_read_only_and_has_no_serial() {
         })
         .unwrap_or_else(|| panic!("no config disk in {body}"));
     assert_eq!(disk["readonly"], true, "{body}");
+    assert_eq!(disk["queues"], 1, "{body}");
     k.stop_with_keelctl(DEADLINE);
 }

@@ -95,6 +95,18 @@ fn bad_flags_name_the_field() {
         1,
         "disks[0].engine",
     );
+    for n in ["0", "17"] {
+        expect_error(
+            &[
+                "--kernel",
+                k,
+                "--disk",
+                &format!("path={k},readonly=on,num_queues={n}"),
+            ],
+            1,
+            "disks[0].num_queues",
+        );
+    }
     // The second --disk is disks[1].
     expect_error(
         &[

@@ -402,6 +402,8 @@ fn linux_lab_stock_kernel_on_pci() {
             "pci.vdb-read-only",
             "pci.slot1-blk",
             "pci.slot2-blk",
+            "pci.vda-queues",
+            "pci.vdb-queues",
             "pci.slot3-vsock",
             "pci.slot4-net",
             "pci.ping-guest-to-host",

@@ -20,12 +20,14 @@ const PCI_CHECKS: &[&str] = &[
     "pci.isr",
     "pci.intx_disable",
     "pci.msix",
+    "pci.blk.mq",
     "pci.bar_move",
 ];
 
 /// Two disks and vsock: slots 1 and 2 are the disks in configuration
 /// order (device 0x1042), slot 3 vsock (0x1040 + 19); nothing is announced
-/// as virtio-mmio; disk 0 ends up with the guest's pattern.
+/// as virtio-mmio; disk 0 (two request queues: virtio-drivers uses queue 0,
+/// `pci.blk.mq` both) ends up with the guest's pattern.
 #[test]
 fn devices_take_their_slots_and_work_over_virtio_pci() {
     let dir = scratch_dir("pci-devices");
@@ -44,7 +46,7 @@ fn devices_take_their_slots_and_work_over_virtio_pci() {
         "--cmdline".into(),
         "console=ttyS0 probe.check=pci".into(),
         "--disk".into(),
-        format!("path={}", d0.display()),
+        format!("path={},num_queues=2", d0.display()),
         "--disk".into(),
         format!("path={},readonly=on", d1.display()),
         "--vsock".into(),
@@ -62,6 +64,7 @@ fn devices_take_their_slots_and_work_over_virtio_pci() {
         "probe: pci msix vector 0 pending while masked",
         "probe: pci msix delivered",
         "probe: pci intx disabled: status interrupt bit 1, ISR 0x1, then bit 0",
+        "probe: pci blk num_queues=Some(2)",
     ] {
         assert!(r.stdout.contains(want), "no {want:?} in\n{}", r.stdout);
     }

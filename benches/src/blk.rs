@@ -12,9 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{BlockConfig, DiskBackend, EngineKind, VirtioBlock};
-use devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use devices::virtio::{
+    ActivateContext, Interrupt, InterruptSource, VectorSink, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use io_uring::{opcode, types, IoUring};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -189,6 +192,7 @@ fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
             serial: None,
             engine: EngineKind::IoUring,
             cow: None,
+            num_queues: 1,
         },
     )
     .expect("device");
@@ -306,6 +310,228 @@ fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
     r
 }
 
+/// Per-queue interrupts, as virtio-pci's MSI-X vectors deliver them: queue
+/// `q`'s signal writes eventfd `q`, which its driver thread sleeps on.
+#[derive(Debug)]
+struct QueueVectors(Vec<EventFd>);
+
+impl VectorSink for QueueVectors {
+    fn signal(&self, source: InterruptSource) -> bool {
+        if let InterruptSource::Queue(q) = source {
+            if let Some(e) = self.0.get(usize::from(q)) {
+                let _ = e.write(1);
+            }
+        }
+        true
+    }
+}
+
+/// Guest memory given to each queue's rings and buffers in [`keel_mq`].
+const MQ_SPAN: u64 = 4 << 20;
+
+/// Keel's device with `queues` request queues (VIRTIO_BLK_F_MQ), each
+/// driven by its own thread (a vCPU) keeping `qd / queues` requests in
+/// flight on its own rings and sleeping on its own interrupt vector; the
+/// device runs on its one thread as in the VMM. Small requests only (each
+/// queue's buffers fit [`MQ_SPAN`]).
+fn keel_mq(path: &Path, w: Workload, queues: usize, qd: usize, dur: Duration) -> Rate {
+    let per_queue = qd / queues;
+    assert!(per_queue >= 1 && w.bs * per_queue as u64 <= MQ_SPAN / 2);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MQ_SPAN as usize * queues)])
+        .expect("memory");
+    let backend = DiskBackend::open(path, false, true).expect("disk");
+    let mut blk = VirtioBlock::new(
+        backend,
+        BlockConfig {
+            serial: None,
+            engine: EngineKind::IoUring,
+            cow: None,
+            num_queues: queues as u16,
+        },
+    )
+    .expect("device");
+    blk.set_acked_features(VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_MQ));
+    let dev = Arc::new(Mutex::new(blk));
+    let mut em = Em::new().expect("event manager");
+    em.add_subscriber(dev.clone());
+    let mut qs = Vec::new();
+    let mut kicks = Vec::new();
+    let mut irqs = Vec::new();
+    for n in 0..queues as u64 {
+        let base = n * MQ_SPAN;
+        let mut q = Queue::new(QSIZE).expect("queue");
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some((base + DESC) as u32), Some(0));
+        q.set_avail_ring_address(Some((base + AVAIL) as u32), Some(0));
+        q.set_used_ring_address(Some((base + USED) as u32), Some(0));
+        q.set_ready(true);
+        qs.push(q);
+        kicks.push(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        irqs.push(EventFd::new(0).expect("eventfd"));
+    }
+    let vectors = QueueVectors(irqs.iter().map(|e| e.try_clone().expect("clone")).collect());
+    let line = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let interrupt = Arc::new(Interrupt::new(line).with_vectors(Arc::new(vectors)));
+    dev.lock()
+        .expect("lock")
+        .activate(ActivateContext {
+            mem: mem.clone(),
+            queues: qs,
+            queue_evts: kicks
+                .iter()
+                .map(|k| k.try_clone().expect("clone"))
+                .collect(),
+            interrupt,
+        })
+        .expect("activate");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Relaxed) {
+            let _ = em.run_with_timeout(50);
+        }
+    });
+    let start = Instant::now();
+    let drivers: Vec<_> = kicks
+        .into_iter()
+        .zip(irqs)
+        .enumerate()
+        .map(|(n, (kick, irq))| {
+            let mem = mem.clone();
+            std::thread::spawn(move || {
+                drive_queue(
+                    &mem,
+                    n as u64 * MQ_SPAN,
+                    n as u64,
+                    w,
+                    per_queue,
+                    &kick,
+                    &irq,
+                    start,
+                    dur,
+                )
+            })
+        })
+        .collect();
+    let ops: u64 = drivers.into_iter().map(|d| d.join().expect("driver")).sum();
+    let r = rate(ops, w.bs, start.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let _ = thread.join();
+    r
+}
+
+/// One queue's driver in [`keel_mq`]: its rings and buffers from `base`,
+/// `qd` requests in flight until `dur` after `start`; returns the requests
+/// completed.
+#[allow(clippy::too_many_arguments)]
+fn drive_queue(
+    mem: &GuestMemoryMmap,
+    base: u64,
+    seed: u64,
+    w: Workload,
+    qd: usize,
+    kick: &EventFd,
+    irq: &EventFd,
+    start: Instant,
+    dur: Duration,
+) -> u64 {
+    let mut offs = Offsets::new(w);
+    // Each queue its own offsets.
+    offs.state ^= seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let mut avail_idx: u16 = 0;
+    let mut used_seen: u16 = 0;
+    let kind: u32 = if w.write { 1 } else { 0 };
+    let post = |slot: u64, off: u64, avail_idx: &mut u16| {
+        let head = (slot * 3) as u16;
+        let hdr = base + HDRS + slot * 16;
+        mem.write_obj(kind, GuestAddress(hdr)).expect("hdr");
+        mem.write_obj(off / 512, GuestAddress(hdr + 8))
+            .expect("hdr");
+        let descs: [(u64, u32, u16); 3] = [
+            (hdr, 16, 1),
+            (
+                base + BUFS + slot * w.bs,
+                w.bs as u32,
+                1 | if w.write { 0 } else { 2 },
+            ),
+            (base + STATUS + slot, 1, 2),
+        ];
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let d = base + DESC + (u64::from(head) + i as u64) * 16;
+            mem.write_obj(*addr, GuestAddress(d)).expect("desc");
+            mem.write_obj(*len, GuestAddress(d + 8)).expect("desc");
+            mem.write_obj(*flags, GuestAddress(d + 12)).expect("desc");
+            mem.write_obj(head + i as u16 + 1, GuestAddress(d + 14))
+                .expect("desc");
+        }
+        let at = base + AVAIL + 4 + 2 * u64::from(*avail_idx % QSIZE);
+        mem.write_obj(head, GuestAddress(at)).expect("avail");
+        *avail_idx = avail_idx.wrapping_add(1);
+    };
+    for slot in 0..qd as u64 {
+        post(slot, offs.next(), &mut avail_idx);
+    }
+    mem.store(avail_idx, GuestAddress(base + AVAIL + 2), Ordering::Release)
+        .expect("avail idx");
+    kick.write(1).expect("kick");
+    let mut ops = 0u64;
+    let mut in_flight = qd;
+    while in_flight > 0 {
+        let mut used: u16 = mem
+            .load(GuestAddress(base + USED + 2), Ordering::Acquire)
+            .expect("used idx");
+        if used == used_seen {
+            // The queue's vector (an edge): sleep until it fires.
+            irq.read().expect("interrupt");
+            used = mem
+                .load(GuestAddress(base + USED + 2), Ordering::Acquire)
+                .expect("used idx");
+            if used == used_seen {
+                continue;
+            }
+        }
+        while used_seen != used {
+            let e = base + USED + 4 + 8 * u64::from(used_seen % QSIZE);
+            let head: u32 = mem.read_obj(GuestAddress(e)).expect("used elem");
+            let slot = u64::from(head) / 3;
+            let status: u8 = mem
+                .read_obj(GuestAddress(base + STATUS + slot))
+                .expect("status");
+            assert_eq!(status, 0, "Keel request failed");
+            used_seen = used_seen.wrapping_add(1);
+            ops += 1;
+            in_flight -= 1;
+            if start.elapsed() < dur {
+                post(slot, offs.next(), &mut avail_idx);
+                in_flight += 1;
+            }
+        }
+        mem.store(avail_idx, GuestAddress(base + AVAIL + 2), Ordering::Release)
+            .expect("avail idx");
+        kick.write(1).expect("kick");
+    }
+    ops
+}
+
+/// The multi-queue row: 4K random reads at depth 32 over 1 queue, then
+/// over 2 queues driven from 2 threads (16 each), on `path`.
+fn mq_rows(label: &str, path: &Path, dur: Duration, run: &mut super::record::Run) {
+    let w = WORKLOADS[0];
+    let one = keel_mq(path, w, 1, 32, dur);
+    let two = keel_mq(path, w, 2, 32, dur);
+    let table = format!("virtio-blk multi-queue, {label}");
+    let row = format!("{} QD32", w.name);
+    run.push(&table, &row, "1 queue", "IOPS", &[one.iops]);
+    run.push(&table, &row, "2 queues, 2 drivers", "IOPS", &[two.iops]);
+    println!(
+        "| {label} | {} | 32 | {:.0} IOPS | {:.0} IOPS | {:.2}x |",
+        w.name,
+        one.iops,
+        two.iops,
+        two.iops / one.iops
+    );
+}
+
 /// A loop device over a file, detached on drop.
 pub struct LoopDev(pub String);
 
@@ -351,8 +577,13 @@ pub fn make_backing(path: &Path) {
 pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut secs = 2.0f64;
     let mut dir = PathBuf::from("/var/tmp");
+    let mut mq_only = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--mq" {
+            mq_only = true;
+            continue;
+        }
         match (a.as_str(), it.next()) {
             ("--seconds", Some(v)) => secs = v.parse().unwrap_or_else(|_| super::usage()),
             ("--dir", Some(v)) => dir = v.into(),
@@ -378,18 +609,37 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    let backings = [
+        ("loop device", PathBuf::from(&loop_dev.0)),
+        ("file", file.clone()),
+    ];
+    if !mq_only {
+        table(&backings, dur, secs, run);
+    }
+    println!("virtio-blk multi-queue, in-process, O_DIRECT, {secs} s per cell: depth 32 over 1 queue, or over 2 queues each driven by its own thread (a vCPU) and interrupt vector");
+    println!();
+    println!("| backing | workload | QD | 1 queue | 2 queues | 2 / 1 |");
+    println!("|---|---|---|---|---|---|");
+    for (label, path) in &backings {
+        mq_rows(label, path, dur, run);
+    }
+    println!();
+    drop(loop_dev);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The main table: every workload at depth 1 and 32 on each backing,
+/// Keel against raw io_uring.
+fn table(backings: &[(&str, PathBuf)], dur: Duration, secs: f64, run: &mut super::record::Run) {
     println!("virtio-blk request path, in-process, O_DIRECT, {secs} s per cell; ratio = Keel / raw io_uring on the same backing");
     println!();
     println!("| backing | workload | QD | raw io_uring | Keel device path | Keel / raw |");
     println!("|---|---|---|---|---|---|");
-    for (label, path) in [
-        ("loop device", PathBuf::from(&loop_dev.0)),
-        ("file", file.clone()),
-    ] {
+    for (label, path) in backings {
         for w in WORKLOADS {
             for qd in [1usize, 32] {
-                let r = raw(&path, w, qd, dur);
-                let k = keel(&path, w, qd, dur);
+                let r = raw(path, w, qd, dur);
+                let k = keel(path, w, qd, dur);
                 let show = |x: Rate| {
                     if w.bs >= 1 << 20 {
                         format!("{:.0} MiB/s", x.mib_s)
@@ -416,6 +666,5 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             }
         }
     }
-    drop(loop_dev);
-    let _ = std::fs::remove_dir_all(&work);
+    println!();
 }

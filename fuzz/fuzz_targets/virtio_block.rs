@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
             serial: Some("keel-fuzz".into()),
             engine: EngineKind::Sync,
             cow,
+            num_queues: 1,
         },
     ) else {
         return;

@@ -223,6 +223,7 @@ pub fn sync_block_in_loop(
         serial: None,
         engine: EngineKind::Sync,
         cow: None,
+        num_queues: 1,
     };
     let blk = Arc::new(Mutex::new(VirtioBlock::new(backend, config).ok()?));
     let mut em = Em::new().ok()?;

@@ -240,6 +240,7 @@ lab_pci() {
     g disks "$(echo $(ls /sys/block | grep '^vd'))"
     for d in vda vdb; do g "$d-head" "$(head -c 16 "/dev/$d" | tr -dc 'a-z0-9-')"; done
     g vdb-ro "$(cat /sys/block/vdb/ro)"
+    for d in vda vdb; do g "$d-queues" "$(ls "/sys/block/$d/mq" | wc -l)"; done
     # Each virtio device: the PCI function it sits on, its driver, and how
     # many MSI-X vectors that function has enabled.
     for v in /sys/bus/virtio/devices/*; do

@@ -141,6 +141,7 @@ fn device_list(
         },
         readonly: None,
         mac: None,
+        queues: None,
         location: "COM1 0x3f8 irq 4".into(),
     }];
     for (d, loc) in config.disks.iter().zip(virtio) {
@@ -149,6 +150,7 @@ fn device_list(
             path: Some(d.path.display().to_string()),
             readonly: Some(d.readonly),
             mac: None,
+            queues: Some(d.queues(config.cpus.boot)),
             location: loc.clone(),
         });
     }
@@ -158,6 +160,7 @@ fn device_list(
             path: Some(format!("config-disk:{}", c.dir.display())),
             readonly: Some(true),
             mac: None,
+            queues: Some(1),
             location: loc.clone(),
         });
     }
@@ -167,6 +170,7 @@ fn device_list(
             path: Some(n.tap.clone()),
             readonly: None,
             mac: Some(n.mac.clone()),
+            queues: None,
             location: n.location.clone(),
         });
     }
@@ -249,6 +253,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<Vmm, BuildEr
         &guest_memory,
         place,
         &config.disks,
+        config.cpus.boot,
         config_disk,
         config.vsock.as_ref(),
         &config.nets,

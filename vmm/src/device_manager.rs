@@ -181,11 +181,14 @@ pub struct NetDeviceInfo {
 /// `place` says, wires its interrupts (irqfds) and queue notifications
 /// (ioeventfds). The order, hence virtio-mmio windows and PCI slots: the
 /// disks in configuration order, the config disk, vsock, then the NICs.
+/// `boot_vcpus` sets the disks' default queue count.
+#[allow(clippy::too_many_arguments)]
 pub fn setup_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     mut place: Placement<'_>,
     disks: &[DiskConfig],
+    boot_vcpus: u16,
     config_disk: Option<DiskBackend>,
     vsock: Option<&crate::config::VsockConfig>,
     nets: &[NetConfig],
@@ -239,9 +242,14 @@ pub fn setup_virtio_devices(
                 DiskEngine::Sync => EngineKind::Sync,
             },
             cow,
+            num_queues: d.queues(boot_vcpus),
         };
+        let queues = config.num_queues;
         let at = out.add_block(vm, mem, &mut place, &mut resampler, backend, config)?;
-        log::info!("disk {index}: {} on {at}", d.path.display());
+        log::info!(
+            "disk {index}: {} on {at}, {queues} queue(s)",
+            d.path.display()
+        );
     }
     // The config disk: read-only, and never a serial (`config` would tell
     // the GuestOS it runs in a Kubernetes testnet).
@@ -250,6 +258,7 @@ pub fn setup_virtio_devices(
             serial: None,
             engine: EngineKind::Sync,
             cow: None,
+            num_queues: 1,
         };
         let at = out.add_block(vm, mem, &mut place, &mut resampler, backend, config)?;
         log::info!("config disk on {at} (read-only)");

@@ -348,6 +348,7 @@ mod tests {
             serial: None,
             engine: EngineKind::Sync,
             cow: None,
+            num_queues: 1,
         };
         let block = Arc::new(Mutex::new(VirtioBlock::new(backend, config).unwrap()));
         let mut resampler = InterruptResampler::new();
@@ -395,6 +396,64 @@ mod tests {
         w32(&mmio, ECAM_SLOT1 + 0x04, 0x6);
         assert_eq!(r32(&mmio, new + 0x12) & 0xffff, 1);
         assert!(registered(new));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A four-queue disk: num_queues in the common and the device
+    /// configuration, an MSI-X table of five vectors (one per queue and the
+    /// configuration's), and a notification
+    /// ioeventfd at every queue's address. Needs /dev/kvm.
+    #[test]
+    fn a_multi_queue_disk_gets_a_vector_and_an_ioeventfd_per_queue() {
+        let dir = std::env::temp_dir().join(format!("keel-pci-mq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let vm = Vm::new(2).unwrap();
+        let (mem, _) =
+            memory::create_guest_memory_with(64 << 20, crate::config::HugepagesMode::Off).unwrap();
+        let mut pci = PciDevices::new(&vm, 64 << 20).unwrap();
+        let backend = DiskBackend::open_locked(&disk, false, false, false).unwrap();
+        let config = BlockConfig {
+            num_queues: 4,
+            ..BlockConfig::default()
+        };
+        let block = Arc::new(Mutex::new(VirtioBlock::new(backend, config).unwrap()));
+        let mut resampler = InterruptResampler::new();
+        let at = pci.attach(&vm, &mem, &mut resampler, block).unwrap();
+        let notify: Vec<EventFd> = pci.placed[&1]
+            .notify
+            .iter()
+            .map(|e| e.try_clone().unwrap())
+            .collect();
+        assert_eq!(notify.len(), 4);
+        let (mut mmio, mut pio) = (Bus::new(), Bus::new());
+        pci.finish(&mut mmio, &mut pio).unwrap();
+        assert_eq!(r32(&mmio, at.bar + 0x12) & 0xffff, 4, "common num_queues");
+        let device_cfg = at.bar + devices::virtio::pci::DEVICE_CFG_OFFSET;
+        assert_eq!(
+            r32(&mmio, device_cfg + 32) >> 16,
+            4,
+            "virtio_blk_config.num_queues"
+        );
+        // The MSI-X capability (ID 0x11) in the capability list.
+        let mut cap = r32(&mmio, ECAM_SLOT1 + 0x34) & 0xff;
+        let control = loop {
+            assert_ne!(cap, 0, "no MSI-X capability");
+            let head = r32(&mmio, ECAM_SLOT1 + u64::from(cap));
+            if head & 0xff == 0x11 {
+                break head >> 16;
+            }
+            cap = (head >> 8) & 0xff;
+        };
+        assert_eq!((control & 0x7ff) + 1, 5, "MSI-X table size");
+        let fd = vm.shared_fd();
+        for (q, evt) in notify.iter().enumerate() {
+            assert!(
+                pci_notify(&fd, evt, notify_addr(at.bar, q), true).is_err(),
+                "queue {q}'s ioeventfd is in place"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -22,7 +22,7 @@ start_agent "$LAB_DIR/agent.toml" pci.agent-listening
 # Slots in configuration order: the disks (1, 2), vsock (3), the NIC (4).
 start_keel pci --transport pci --kernel "$LAB_STOCK_KERNEL" --initrd "$LAB_STOCK_INITRD" \
     --cmdline "console=ttyS0 reboot=k panic=1 lab=pci" --memory size=256M --cpus boot=2 \
-    --disk "path=$LAB_DIR/d0.img" --disk "path=$LAB_DIR/d1.img,readonly=on" \
+    --disk "path=$LAB_DIR/d0.img" --disk "path=$LAB_DIR/d1.img,readonly=on,num_queues=1" \
     --vsock "cid=3,socket=$LAB_DIR/vsock.sock" --net tap=labtap0,bridge=labbr0 \
     --api-socket "$LAB_DIR/api.sock" --shutdown-timeout 120
 c=$LAB_DIR/pci.console
@@ -33,8 +33,12 @@ expect pci.vda-is-disk-0 "$(guest "$c" vda-head)" keel-disk-zero--
 expect pci.vdb-is-disk-1 "$(guest "$c" vdb-head)" keel-disk-one---
 expect pci.vdb-read-only "$(guest "$c" vdb-ro)" 1
 # Each function's virtio device, driver and MSI-X vectors (queues + config).
-expect pci.slot1-blk "$(guest "$c" virtio-at-0000:00:01.0)" "0x0002 virtio_blk msix=2"
+# The disks have one request queue per vCPU by default (2), the second
+# disk one (num_queues=1): blk-mq's hardware queues follow.
+expect pci.slot1-blk "$(guest "$c" virtio-at-0000:00:01.0)" "0x0002 virtio_blk msix=3"
 expect pci.slot2-blk "$(guest "$c" virtio-at-0000:00:02.0)" "0x0002 virtio_blk msix=2"
+expect pci.vda-queues "$(guest "$c" vda-queues)" 2
+expect pci.vdb-queues "$(guest "$c" vdb-queues)" 1
 expect pci.slot3-vsock "$(guest "$c" virtio-at-0000:00:03.0)" "0x0013 vmw_vsock_virtio_transport msix=4"
 expect pci.slot4-net "$(guest "$c" virtio-at-0000:00:04.0)" "0x0001 virtio_net msix=3"
 expect pci.ping-guest-to-host "$(guest "$c" ping-host)" ok

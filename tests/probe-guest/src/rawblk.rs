@@ -2,9 +2,11 @@
 //! `virtio-drivers` crate cannot send: WRITE_ZEROES and DISCARD requests,
 //! and deliberately malformed descriptor chains.
 //!
-//! One queue of [`QUEUE_SIZE`] descriptors in the legacy layout (which a
-//! modern device accepts as well): descriptor table at the start of a page,
-//! the available ring right after it, the used ring on the next page. The
+//! One queue (or, [`RawBlk::with_queues`], up to [`MAX_QUEUES`] request
+//! queues: VIRTIO_BLK_F_MQ) of [`QUEUE_SIZE`] descriptors in the legacy
+//! layout (which a modern device accepts as well): descriptor table at the
+//! start of a page, the available ring right after it, the used ring on the
+//! next page; queue q's two pages follow queue q - 1's. The
 //! caller picks which descriptors a chain uses, so that a chain the device
 //! never returns cannot collide with the next one. Completions are found by
 //! polling the used ring; interrupts stay unused. The registers are reached
@@ -26,13 +28,17 @@ use crate::virtio::{ProbeTransport, VirtioDevice};
 /// Descriptors in the queue.
 pub const QUEUE_SIZE: u16 = 16;
 const PAGE: usize = 4096;
-/// Ring pages (descriptors + available ring, used ring), then one page of
-/// request headers, status bytes and small buffers ([`RawBlk::buf`]).
-const PAGES: usize = 3;
+/// Most request queues set up.
+pub const MAX_QUEUES: usize = 2;
+/// Ring pages per queue (descriptors + available ring, used ring), then one
+/// page of request headers, status bytes and small buffers
+/// ([`RawBlk::buf`]).
+const PAGES: usize = 2 * MAX_QUEUES + 1;
+const QUEUE_PAGES: usize = 2 * PAGE;
 const AVAIL_OFFSET: usize = 16 * QUEUE_SIZE as usize;
 const USED_OFFSET: usize = PAGE;
 /// Offset of the small-buffer page.
-const BUF_OFFSET: usize = 2 * PAGE;
+const BUF_OFFSET: usize = MAX_QUEUES * QUEUE_PAGES;
 /// Size of the small-buffer page.
 pub const BUF_SIZE: usize = PAGE;
 
@@ -50,6 +56,8 @@ pub const T_WRITE_ZEROES: u32 = 13;
 
 /// Feature bits.
 pub const F_RO: u64 = 1 << 5;
+/// Several request queues.
+pub const F_MQ: u64 = 1 << 12;
 /// FLUSH command.
 pub const F_FLUSH: u64 = 1 << 9;
 /// DISCARD command.
@@ -88,12 +96,14 @@ pub enum Wait {
     NeedsReset,
 }
 
-/// The device with one hand-built queue.
+/// The device with hand-built queues.
 pub struct RawBlk {
     transport: ProbeTransport,
     mem: NonNull<u8>,
-    avail_idx: u16,
-    last_used: u16,
+    /// Queues set up (1..=MAX_QUEUES).
+    queues: usize,
+    avail_idx: [u16; MAX_QUEUES],
+    last_used: [u16; MAX_QUEUES],
     /// Features the device offers.
     pub offered: u64,
     /// Features negotiated.
@@ -114,15 +124,31 @@ impl RawBlk {
     /// Resets the device and sets it up with `want` & the offered features
     /// (plus VERSION_1 when offered, as a driver must) and one queue.
     pub fn new(dev: &VirtioDevice, want: u64) -> Result<Self, String> {
-        let transport = dev.transport()?;
+        Self::with_queues(dev.transport()?, want, 1)
+    }
+
+    /// Resets the device behind `transport` and sets it up with `want` &
+    /// the offered features (plus VERSION_1) and `queues` request queues
+    /// (at most [`MAX_QUEUES`]; more than one needs [`F_MQ`] in `want`).
+    pub fn with_queues(
+        transport: ProbeTransport,
+        want: u64,
+        queues: usize,
+    ) -> Result<Self, String> {
+        if queues == 0 || queues > MAX_QUEUES {
+            return Err(format!(
+                "{queues} queues (the raw driver sets up 1 to {MAX_QUEUES})"
+            ));
+        }
         // SAFETY: a non-zero size.
         let mem = NonNull::new(unsafe { alloc_zeroed(layout()) })
             .ok_or("probe heap exhausted (raw queue)")?;
         let mut raw = RawBlk {
             transport,
             mem,
-            avail_idx: 0,
-            last_used: 0,
+            queues,
+            avail_idx: [0; MAX_QUEUES],
+            last_used: [0; MAX_QUEUES],
             offered: 0,
             features: 0,
             capacity: 0,
@@ -139,8 +165,8 @@ impl RawBlk {
         // SAFETY: the device is reset and no longer uses the rings; the
         // small-buffer page is left as it is.
         unsafe { self.mem.as_ptr().write_bytes(0, BUF_OFFSET) };
-        self.avail_idx = 0;
-        self.last_used = 0;
+        self.avail_idx = [0; MAX_QUEUES];
+        self.last_used = [0; MAX_QUEUES];
         self.clean = true;
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         self.offered = t.read_device_features();
@@ -154,20 +180,22 @@ impl RawBlk {
             ));
         }
         t.set_guest_page_size(PAGE as u32);
-        let max = t.max_queue_size(0);
-        if max < u32::from(QUEUE_SIZE) {
-            return Err(format!(
-                "queue 0 holds at most {max} descriptors, want {QUEUE_SIZE}"
-            ));
+        for q in 0..self.queues {
+            let max = t.max_queue_size(q as u16);
+            if max < u32::from(QUEUE_SIZE) {
+                return Err(format!(
+                    "queue {q} holds at most {max} descriptors, want {QUEUE_SIZE}"
+                ));
+            }
+            let base = self.mem.as_ptr() as u64 + (q * QUEUE_PAGES) as u64;
+            t.queue_set(
+                q as u16,
+                u32::from(QUEUE_SIZE),
+                base,
+                base + AVAIL_OFFSET as u64,
+                base + USED_OFFSET as u64,
+            );
         }
-        let base = self.mem.as_ptr() as u64;
-        t.queue_set(
-            0,
-            u32::from(QUEUE_SIZE),
-            base,
-            base + AVAIL_OFFSET as u64,
-            base + USED_OFFSET as u64,
-        );
         t.finish_init();
         let low: u32 = t
             .read_config_space(0)
@@ -230,8 +258,14 @@ impl RawBlk {
     /// Puts `segs` in descriptors `first..first + segs.len()`, chained, and
     /// offers the chain to the device. Returns its head.
     pub fn submit(&mut self, first: u16, segs: &[Seg]) -> u16 {
+        self.submit_on(0, first, segs)
+    }
+
+    /// As [`Self::submit`], on queue `q`.
+    pub fn submit_on(&mut self, q: usize, first: u16, segs: &[Seg]) -> u16 {
         assert!(!segs.is_empty() && usize::from(first) + segs.len() <= usize::from(QUEUE_SIZE));
-        let desc = self.mem.as_ptr();
+        assert!(q < self.queues);
+        let desc = self.mem.as_ptr().wrapping_add(q * QUEUE_PAGES);
         for (i, seg) in segs.iter().enumerate() {
             let index = first + i as u16;
             let mut flags = if seg.write { DESC_WRITE } else { 0 };
@@ -249,18 +283,18 @@ impl RawBlk {
                 d.add(14).cast::<u16>().write_volatile(index + 1);
             }
         }
-        let slot = usize::from(self.avail_idx % QUEUE_SIZE);
+        let slot = usize::from(self.avail_idx[q] % QUEUE_SIZE);
         // SAFETY: the available ring (flags, idx, ring[QUEUE_SIZE]) follows
-        // the descriptor table in the first page.
+        // the descriptor table in the queue's first page.
         unsafe {
             let avail = desc.add(AVAIL_OFFSET);
             avail.add(4 + 2 * slot).cast::<u16>().write_volatile(first);
             fence(Ordering::SeqCst);
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            avail.add(2).cast::<u16>().write_volatile(self.avail_idx);
+            self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
+            avail.add(2).cast::<u16>().write_volatile(self.avail_idx[q]);
         }
         fence(Ordering::SeqCst);
-        self.transport.notify(0);
+        self.transport.notify(q as u16);
         first
     }
 
@@ -270,25 +304,33 @@ impl RawBlk {
     /// polls the device status is read: DEVICE_NEEDS_RESET ends the wait.
     /// Unless the chain came back, [`RawBlk::clean`] turns false.
     pub fn wait(&mut self, head: u16, us: u64) -> Wait {
-        let result = self.poll_used(head, us);
+        self.wait_on(0, head, us)
+    }
+
+    /// As [`Self::wait`], on queue `q`'s used ring.
+    pub fn wait_on(&mut self, q: usize, head: u16, us: u64) -> Wait {
+        let result = self.poll_used(q, head, us);
         if !matches!(result, Wait::Done(_)) {
             self.clean = false;
         }
         result
     }
 
-    fn poll_used(&mut self, head: u16, us: u64) -> Wait {
+    fn poll_used(&mut self, q: usize, head: u16, us: u64) -> Wait {
         let start = tsc::rdtsc();
         let limit = tsc::cycles_at_least(us);
-        let used = self.mem.as_ptr().wrapping_add(USED_OFFSET);
+        let used = self
+            .mem
+            .as_ptr()
+            .wrapping_add(q * QUEUE_PAGES + USED_OFFSET);
         let mut polls: u32 = 0;
         loop {
             // SAFETY: the used ring (flags, idx, ring of (id u32, len u32))
-            // is the second ring page; the device writes it.
+            // is the queue's second ring page; the device writes it.
             let idx = unsafe { used.add(2).cast::<u16>().read_volatile() };
-            while self.last_used != idx {
+            while self.last_used[q] != idx {
                 fence(Ordering::Acquire);
-                let slot = usize::from(self.last_used % QUEUE_SIZE);
+                let slot = usize::from(self.last_used[q] % QUEUE_SIZE);
                 // SAFETY: as above, entry `slot` < QUEUE_SIZE.
                 let (id, len) = unsafe {
                     let e = used.add(4 + 8 * slot);
@@ -297,7 +339,7 @@ impl RawBlk {
                         e.add(4).cast::<u32>().read_volatile(),
                     )
                 };
-                self.last_used = self.last_used.wrapping_add(1);
+                self.last_used[q] = self.last_used[q].wrapping_add(1);
                 if id == u32::from(head) {
                     return Wait::Done(len);
                 }
@@ -342,6 +384,22 @@ impl RawBlk {
         data: Option<Seg>,
         us: u64,
     ) -> Result<(u8, u32), String> {
+        self.request_on(0, first, hdr, kind, sector, data, us)
+    }
+
+    /// As [`Self::request`], on queue `q` (its completion looked for in
+    /// that queue's used ring only).
+    #[allow(clippy::too_many_arguments)]
+    pub fn request_on(
+        &mut self,
+        q: usize,
+        first: u16,
+        hdr: usize,
+        kind: u32,
+        sector: u64,
+        data: Option<Seg>,
+        us: u64,
+    ) -> Result<(u8, u32), String> {
         self.put_header(hdr, kind, sector);
         self.put(hdr + 16, &[0xee]);
         let header = Seg {
@@ -355,10 +413,10 @@ impl RawBlk {
             write: true,
         };
         let head = match data {
-            Some(d) => self.submit(first, &[header, d, status]),
-            None => self.submit(first, &[header, status]),
+            Some(d) => self.submit_on(q, first, &[header, d, status]),
+            None => self.submit_on(q, first, &[header, status]),
         };
-        match self.wait(head, us) {
+        match self.wait_on(q, head, us) {
             Wait::Done(len) => Ok((self.get(hdr + 16), len)),
             Wait::Timeout => Err(format!("no completion within {} ms", us / 1000)),
             Wait::NeedsReset => Err(format!(

@@ -122,6 +122,9 @@ pub struct DeviceInfo {
     /// A NIC's MAC address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// A disk's request queues.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
     /// Where the guest sees it.
     pub location: String,
 }

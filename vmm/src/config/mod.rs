@@ -359,6 +359,22 @@ pub struct DiskConfig {
     /// the GuestOS disk, each writing its own partitions. Both must say so.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// Request queues (VIRTIO_BLK_F_MQ above 1), 1 to [`MAX_DISK_QUEUES`];
+    /// `min(cpus.boot, 16)` when absent (see [`DiskConfig::queues`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+}
+
+/// Most request queues a disk may have.
+pub const MAX_DISK_QUEUES: u16 = devices::virtio::block::MAX_QUEUES;
+
+impl DiskConfig {
+    /// The request queues this disk offers on a VM booting `boot_vcpus`
+    /// vCPUs: `num_queues`, else one per vCPU up to [`MAX_DISK_QUEUES`].
+    pub fn queues(&self, boot_vcpus: u16) -> u16 {
+        self.num_queues
+            .unwrap_or_else(|| boot_vcpus.clamp(1, MAX_DISK_QUEUES))
+    }
 }
 
 /// Overlay size when `cow_limit` is absent (HostOS's 512 MiB device).
@@ -1251,6 +1267,15 @@ impl VmConfig {
             }
         }
         for (i, d) in self.disks.iter().enumerate() {
+            if let Some(n) = d.num_queues {
+                if n == 0 || n > MAX_DISK_QUEUES {
+                    return Err(ConfigError::invalid(
+                        &format!("disks[{i}].num_queues"),
+                        &n.to_string(),
+                        format!("between 1 and {MAX_DISK_QUEUES}"),
+                    ));
+                }
+            }
             let field = format!("disks[{i}].path");
             let shown = d.path.display().to_string();
             let meta = std::fs::metadata(&d.path)
@@ -1552,7 +1577,7 @@ pub fn parse_cpus_flag(input: &str) -> Result<CpusConfig, ConfigError> {
     Ok(cpus)
 }
 
-/// Parses `--disk path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync]`,
+/// Parses `--disk path=P[,readonly=on][,direct=on][,serial=ID][,engine=io_uring|sync][,num_queues=N]`,
 /// the `index`th `--disk` (errors name `disks[index].<key>`).
 pub fn parse_disk_flag(index: usize, input: &str) -> Result<DiskConfig, ConfigError> {
     let o = OptionList::parse(
@@ -1567,6 +1592,7 @@ pub fn parse_disk_flag(index: usize, input: &str) -> Result<DiskConfig, ConfigEr
             "cow",
             "cow_limit",
             "shared",
+            "num_queues",
         ],
         None,
     )?;
@@ -1599,6 +1625,7 @@ pub fn parse_disk_flag(index: usize, input: &str) -> Result<DiskConfig, ConfigEr
             .transpose()?,
         cow_limit: o.size("cow_limit")?,
         shared: o.switch("shared")?.unwrap_or(false),
+        num_queues: o.number("num_queues")?,
     })
 }
 
@@ -2098,6 +2125,54 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.disks.len(), 2);
         assert!(cfg.disks[1].readonly);
+    }
+
+    #[test]
+    fn disk_queues_from_the_flag_the_file_and_the_vcpus() {
+        let d = parse_disk_flag(0, "path=x,num_queues=4").unwrap();
+        assert_eq!(d.num_queues, Some(4));
+        assert_eq!(d.queues(2), 4, "given: kept whatever the vCPUs");
+        assert!(parse_disk_flag(1, "path=x,num_queues=many")
+            .unwrap_err()
+            .to_string()
+            .contains("disks[1].num_queues"));
+        // Absent: one per boot vCPU, at most 16.
+        let d = parse_disk_flag(0, "path=x").unwrap();
+        assert_eq!(d.num_queues, None);
+        assert_eq!((d.queues(1), d.queues(2), d.queues(64)), (1, 2, 16));
+        let cfg = VmConfig::from_toml(
+            "[cpus]\nboot = 2\n[[disks]]\npath = \"a.img\"\nnum_queues = 3\n[[disks]]\npath = \"b.img\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.disks[0].queues(cfg.cpus.boot), 3);
+        assert_eq!(cfg.disks[1].queues(cfg.cpus.boot), 2);
+        // The printed config reads back the same (an absent count stays
+        // absent: it follows the vCPUs).
+        let text = toml::to_string(&cfg).unwrap();
+        assert!(text.contains("num_queues = 3") && text.matches("num_queues").count() == 1);
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), cfg);
+        // Out of range: refused before boot, the field named.
+        let dir = std::env::temp_dir().join(format!("keel-cfg-nq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("d.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        for (n, ok) in [(0, false), (1, true), (16, true), (17, false)] {
+            let mut c = valid();
+            let flag = format!("path={},num_queues={n}", disk.display());
+            c.disks = vec![
+                parse_disk_flag(0, &format!("path={}", dir.join("e.img").display())).unwrap(),
+                parse_disk_flag(1, &flag).unwrap(),
+            ];
+            std::fs::write(dir.join("e.img"), vec![0u8; 4096]).unwrap();
+            match c.validate() {
+                Ok(()) => assert!(ok, "num_queues = {n} accepted"),
+                Err(e) => {
+                    assert!(!ok, "num_queues = {n} refused: {e}");
+                    assert!(e.to_string().contains("disks[1].num_queues"), "{e}");
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

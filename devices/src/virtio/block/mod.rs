@@ -14,7 +14,7 @@ mod trim_worker;
 pub use backend::{DiskBackend, DiskError};
 pub use counters::{BlockCounters, BlockCountersSnapshot};
 pub use cow::{CowError, CowOverlay, CowRange};
-pub use device::{BlockConfig, VirtioBlock, SECTOR_SIZE};
+pub use device::{BlockConfig, VirtioBlock, MAX_QUEUES, SECTOR_SIZE};
 pub use engine::EngineKind;
 pub use request::{RequestError, RequestKind};
 pub use trim_worker::TrimWorker;

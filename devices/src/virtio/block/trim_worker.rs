@@ -8,8 +8,9 @@
 //! memory before it hands the job over: the worker sees only disk offsets
 //! and never touches guest memory. It answers through a channel and an
 //! eventfd that the device thread watches. At most one job per request slot
-//! is ever queued (the queue has as many slots as descriptors), so the
-//! channel is bounded by the queue size.
+//! is ever queued (a virtqueue has as many slots as descriptors), so the
+//! channel is bounded by the disk's queue count times the queue size. Jobs
+//! come from every queue of the disk; a result names its queue.
 //!
 //! The worker runs only once someone takes it from the device
 //! ([`VirtioBlock::take_trim_worker`](super::VirtioBlock::take_trim_worker))
@@ -41,6 +42,8 @@ pub(crate) enum TrimOp {
 pub(crate) struct TrimJob {
     /// The activation of the queue the request came from.
     pub generation: u64,
+    /// The position of that queue among those served.
+    pub queue: u16,
     /// The request's slot.
     pub tag: u16,
     /// What to do.
@@ -56,6 +59,8 @@ pub(crate) struct TrimJob {
 pub(crate) struct TrimDone {
     /// As in the job.
     pub generation: u64,
+    /// As in the job.
+    pub queue: u16,
     /// As in the job.
     pub tag: u16,
     /// 0, or the negated errno of the first piece that failed.
@@ -148,6 +153,7 @@ impl TrimWorker {
             let res = run_job(&self.disk, job.op, &job.pieces[..count]);
             let done = TrimDone {
                 generation: job.generation,
+                queue: job.queue,
                 tag: job.tag,
                 res,
             };

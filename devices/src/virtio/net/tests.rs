@@ -251,11 +251,37 @@ impl Ring {
     }
 }
 
+/// Records which queues were signalled, and leaves the delivery to the line
+/// (as virtio-pci's vectors do with MSI-X off): under MSI-X each of these
+/// sources is its own vector.
+#[derive(Debug, Default)]
+struct QueueSignals(Mutex<Vec<u16>>);
+
+impl crate::virtio::VectorSink for QueueSignals {
+    fn signal(&self, source: crate::virtio::InterruptSource) -> bool {
+        if let crate::virtio::InterruptSource::Queue(q) = source {
+            self.0.lock().unwrap().push(q);
+        }
+        false
+    }
+}
+
+impl QueueSignals {
+    /// The queues signalled so far, each once, in order.
+    fn queues(&self) -> Vec<u16> {
+        let mut v = self.0.lock().unwrap().clone();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
 struct Rig {
     mem: GuestMemoryMmap,
     dev: Arc<Mutex<VirtioNet>>,
     em: Em,
     interrupt: Arc<Interrupt>,
+    signals: Arc<QueueSignals>,
     rings: Vec<Ring>,
     kicks: Vec<EventFd>,
     tap: TestTap,
@@ -302,7 +328,8 @@ impl Rig {
             kicks.push(e);
         }
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(irq));
+        let signals = Arc::new(QueueSignals::default());
+        let interrupt = Arc::new(Interrupt::new(irq).with_vectors(signals.clone()));
         dev.lock()
             .unwrap()
             .activate(ActivateContext {
@@ -317,6 +344,7 @@ impl Rig {
             dev,
             em,
             interrupt,
+            signals,
             rings,
             kicks,
             tap,
@@ -705,6 +733,9 @@ fn control_queue_enables_queue_pairs() {
         sock.recv_ours(Duration::from_secs(2)).as_deref(),
         Some(&out[..])
     );
+    // Pair 1's tx completion went to its own queue's interrupt source (its
+    // own MSI-X vector on virtio-pci), the control queue's to queue 4.
+    assert_eq!(r.signals.queues(), [3, 4]);
     for q in [0usize, 2] {
         for i in 0..8u64 {
             let at = BUF + 0x10_0000 * (q as u64 + 1) + i * 0x1000;
@@ -721,6 +752,15 @@ fn control_queue_enables_queue_pairs() {
         r.em.run_with_timeout(5).unwrap();
     }
     assert_eq!(r.counters().get("rx_frames"), 6);
+    // Each rx queue that took frames was signalled on its own source.
+    let mut want = vec![3, 4];
+    for q in [0u16, 2] {
+        if r.rings[usize::from(q)].used_idx(&r.mem) > 0 {
+            want.push(q);
+        }
+    }
+    want.sort();
+    assert_eq!(r.signals.queues(), want);
 }
 
 #[test]

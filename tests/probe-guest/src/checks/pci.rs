@@ -20,6 +20,12 @@
 //!   its pending bit in the PBA and reaches no APIC; unmasking delivers
 //!   it (the local APIC's IRR has the vector, and the probe takes the
 //!   interrupt); unmasked, the next request is delivered at once.
+//! - `pci.blk.mq`: disk 0 with two request queues (VIRTIO_BLK_F_MQ; the
+//!   host gives it `num_queues=2`) through the hand-built driver
+//!   (`rawblk.rs`) on both: `num_queues` reads 2 in the device
+//!   configuration; a read on each queue returns the host pattern, each
+//!   found in its own queue's used ring; a write on queue 0, a FLUSH on
+//!   queue 1 after it completed, and a read on queue 1 sees the write.
 //! - `pci.bar_move`: disk 0's BAR 0 moved up 1 MiB through ECAM: the old
 //!   address answers all ones, the device works at the new one (host
 //!   pattern read again).
@@ -30,13 +36,14 @@ use alloc::string::String;
 use virtio_drivers::device::blk::RespStatus;
 use virtio_drivers::transport::pci::bus::DeviceFunction;
 
-use super::blk::{answers, compare, expect_ok, host_pattern, write_read};
+use super::blk::{answers, compare, expect_ok, guest_pattern, host_pattern, write_read};
 use super::Context;
 use crate::arch::{idt, lapic, phys, syscall, tsc};
 use crate::blkdev::{Disk, SECTOR};
 use crate::fail;
 use crate::pci::{self, Bus};
 use crate::println;
+use crate::rawblk::{RawBlk, Seg, F_FLUSH, F_MQ, S_OK, T_IN};
 use crate::report::{CheckResult, Report};
 use crate::scratch::Scratch;
 
@@ -113,8 +120,100 @@ pub fn run(ctx: &Context<'_>, report: &mut Report<'_>) {
         intx_disable(&mut bus, at, &mut disk, &scratch)
     });
     report.check("pci.msix", || msix(&mut bus, at, &mut disk, &scratch));
+    let readonly = disk.readonly;
     drop(disk);
+    if !readonly {
+        report.check("pci.blk.mq", || mq(&mut bus, at, &scratch));
+    }
     report.check("pci.bar_move", || bar_move(&mut bus, at, &scratch));
+}
+
+/// Where `pci.blk.mq` writes (the guest pattern, as `write_read` left it).
+const MQ_WRITE_AT: u64 = 4 << 20;
+/// Bytes per request of `pci.blk.mq`.
+const MQ_LEN: usize = 4096;
+/// How long one of its requests may take.
+const MQ_US: u64 = 1_000_000;
+/// virtio_blk_config.num_queues (le16 at 34), in the u32 at 32.
+const CFG_NUM_QUEUES: usize = 32;
+/// Request types of `pci.blk.mq`.
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+
+fn mq(bus: &mut Bus, at: DeviceFunction, scratch: &Scratch) -> CheckResult {
+    let t = bus.transport(at)?;
+    let mut raw = RawBlk::with_queues(t, F_MQ | F_FLUSH, 2)?;
+    if raw.features & F_MQ == 0 {
+        fail!("VIRTIO_BLK_F_MQ not offered (features {:#x})", raw.offered);
+    }
+    let n = raw.config_u32(CFG_NUM_QUEUES).map(|v| v >> 16);
+    println!("probe: pci blk num_queues={n:?}");
+    if n != Some(2) {
+        fail!("num_queues {n:?}, want 2 (the host gives num_queues=2)");
+    }
+    let buf = scratch.take(2 * MQ_LEN)?;
+    let seg = |b: &[u8], write: bool| Seg {
+        addr: b.as_ptr() as u64,
+        len: MQ_LEN as u32,
+        write,
+    };
+    // A read on each queue: queue q's 4 KiB of the host pattern, found in
+    // queue q's used ring (the driver looks nowhere else).
+    for q in 0..2usize {
+        let part = &buf[q * MQ_LEN..(q + 1) * MQ_LEN];
+        let from = HOST_AT + (q * MQ_LEN) as u64;
+        let (status, _) = raw
+            .request_on(
+                q,
+                0,
+                64 * q,
+                T_IN,
+                from / SECTOR,
+                Some(seg(part, true)),
+                MQ_US,
+            )
+            .map_err(|e| format!("read on queue {q}: {e}"))?;
+        if status != S_OK {
+            fail!("read on queue {q}: status {status}");
+        }
+        compare(&volatile_copy(part), from, host_pattern)
+            .map_err(|e| format!("read on queue {q}: {e}"))?;
+    }
+    // A write on queue 0, then (completed) a FLUSH and a read on queue 1.
+    let (data, back) = buf.split_at_mut(MQ_LEN);
+    for (k, b) in data.iter_mut().enumerate() {
+        *b = guest_pattern(MQ_WRITE_AT + k as u64);
+    }
+    let sector = MQ_WRITE_AT / SECTOR;
+    let (status, _) = raw
+        .request_on(0, 0, 0, T_OUT, sector, Some(seg(data, false)), MQ_US)
+        .map_err(|e| format!("write on queue 0: {e}"))?;
+    if status != S_OK {
+        fail!("write on queue 0: status {status}");
+    }
+    let (status, _) = raw
+        .request_on(1, 0, 64, T_FLUSH, 0, None, MQ_US)
+        .map_err(|e| format!("flush on queue 1: {e}"))?;
+    if status != S_OK {
+        fail!("flush on queue 1: status {status}");
+    }
+    back.fill(0);
+    let (status, _) = raw
+        .request_on(1, 4, 128, T_IN, sector, Some(seg(back, true)), MQ_US)
+        .map_err(|e| format!("read on queue 1: {e}"))?;
+    if status != S_OK {
+        fail!("read back on queue 1: status {status}");
+    }
+    compare(&volatile_copy(back), MQ_WRITE_AT, guest_pattern)
+        .map_err(|e| format!("queue 0's write read on queue 1: {e}"))
+}
+
+/// A copy of `b` read volatile (the device wrote it behind the compiler).
+fn volatile_copy(b: &[u8]) -> alloc::vec::Vec<u8> {
+    (0..b.len())
+        // SAFETY: k < b.len().
+        .map(|k| unsafe { b.as_ptr().add(k).read_volatile() })
+        .collect()
 }
 
 fn enumerate(bus: &mut Bus, disk0: &mut Option<DeviceFunction>) -> CheckResult {
