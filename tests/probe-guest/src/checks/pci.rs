@@ -282,12 +282,29 @@ fn isr(bus: &mut Bus, at: DeviceFunction, disk: &mut Disk, scratch: &Scratch) ->
     // Earlier requests' bit, if any.
     phys::read_u8(isr);
     read_sector(disk, scratch)?;
-    let first = phys::read_u8(isr);
+    // The device writes the used ring before it sets the ISR and raises
+    // the interrupt: the bit may come a moment after the completion.
+    let first = first_isr(isr);
     let second = phys::read_u8(isr);
     if (first, second) != (1, 0) {
         fail!("ISR reads {first:#x} then {second:#x} after a request, want 0x1 then 0x0");
     }
     Ok(())
+}
+
+/// How long a completed request's ISR bit may lag its used-ring entry.
+const ISR_WAIT_US: u64 = 1_000_000;
+
+/// The first non-zero ISR read (which clears it) within [`ISR_WAIT_US`],
+/// or 0.
+fn first_isr(isr: u64) -> u8 {
+    let deadline = tsc::Deadline::after_us(ISR_WAIT_US);
+    loop {
+        let v = phys::read_u8(isr);
+        if v != 0 || deadline.passed() {
+            return v;
+        }
+    }
 }
 
 /// Configuration dword 1: the command register, the status register above.
@@ -328,6 +345,10 @@ fn intx_disabled_request(
         fail!("the command register does not keep INTx disable");
     }
     read_sector(disk, scratch)?;
+    // (The status bit follows the ISR, which may come a moment after the
+    // completion; reading the status register changes nothing.)
+    let deadline = tsc::Deadline::after_us(ISR_WAIT_US);
+    while bus.read(at, COMMAND) & STATUS_INTERRUPT == 0 && !deadline.passed() {}
     let pending = bus.read(at, COMMAND) & STATUS_INTERRUPT != 0;
     let got = phys::read_u8(isr);
     let still = bus.read(at, COMMAND) & STATUS_INTERRUPT != 0;
