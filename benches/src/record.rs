@@ -39,7 +39,8 @@ pub struct Record {
     pub table: String,
     /// The row, such as `guest -> host 4 KiB`.
     pub name: String,
-    /// Who was measured: `Keel`, `QEMU microvm`, `Firecracker`, `raw ...`.
+    /// Who was measured: `Keel`, `Keel mmio`, `Keel pci`, `QEMU microvm`,
+    /// `QEMU q35`, `Firecracker`, `raw ...`.
     pub series: String,
     /// The virtio transport the row was measured over (`mmio` or `pci`);
     /// `None` for rows without one (host baselines, older runs).
