@@ -72,6 +72,8 @@ impl Drop for Keel {
 fn start_keel(dir: &Path, sock: &Path, cmdline: &str, disk: Option<&str>) -> Keel {
     let mut c = Command::new(dir.join("keel"));
     c.args(["--kernel", &dir.join("probe-guest").display().to_string()])
+        // The same machine whatever Keel's default transport.
+        .args(["--transport", "mmio"])
         .args([
             "--memory",
             "size=256M",

@@ -1,11 +1,16 @@
 //! virtio-blk full path: the probe guest's benchmark mode (CPL3 driver ->
-//! MMIO notify -> VMM -> backing) under Keel and under QEMU `-M microvm`
-//! with `virtio-blk-device` (aio=io_uring, cache.direct=on, virtio-mmio in
-//! modern mode like Keel's), same guest, same backing, same run.
+//! notify -> VMM -> backing) under Keel and under QEMU (aio=io_uring,
+//! cache.direct=on), same guest, same backing, same run, over each chosen
+//! virtio transport (`--transport mmio|pci|both`, default both; see
+//! [`super::transport`]): Keel with `--transport`, QEMU `-M microvm` with
+//! `virtio-blk-device` (modern virtio-mmio like Keel's) or `-M q35` with
+//! `virtio-blk-pci` (modern only).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use super::transport::{Kind, Transport};
 
 struct Case {
     kind: &'static str,
@@ -63,12 +68,17 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut runs = 3usize;
     let mut qemu = super::which("qemu-system-x86_64");
     let mut poll_us = 0u32;
+    let mut transports = vec![Transport::Mmio, Transport::Pci];
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| super::usage()),
             ("--keel-poll-us", Some(v)) => poll_us = v.parse().unwrap_or_else(|_| super::usage()),
+            ("--qemu", Some(v)) if v == "none" => qemu = None,
             ("--qemu", Some(v)) => qemu = Some(v.into()),
+            ("--transport", Some(v)) => {
+                transports = Transport::parse_list(v).unwrap_or_else(|| super::usage())
+            }
             _ => super::usage(),
         }
     }
@@ -82,17 +92,17 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let img = work.join("disk.img");
     super::blk::make_backing(&img);
     let lo = super::blk::LoopDev::attach(&img);
-    println!("virtio-blk full path: probe guest (CPL3, virtio-drivers) -> VMM -> loop device (O_DIRECT), guest-measured, median of {runs}; Keel's device thread polls {poll_us} µs");
+    println!("virtio-blk full path: probe guest (CPL3, virtio-drivers) -> VMM -> loop device (O_DIRECT), guest-measured, median of {runs}; Keel's device thread polls {poll_us} µs; QEMU: `-M microvm` with virtio-blk-device over mmio, `-M q35` with virtio-blk-pci over pci");
     println!();
-    println!("| workload | QD | Keel | QEMU microvm | Keel / QEMU |");
-    println!("|---|---|---|---|---|");
+    println!("| workload | QD | transport | Keel | QEMU | Keel / QEMU | Keel pci / mmio |");
+    println!("|---|---|---|---|---|---|---|");
     for c in CASES {
         for qd in [1u32, 32] {
             let cmdline = format!(
                 "console=ttyS0 probe.check=blk.0.identify,bench probe.bench.blk={},{},{qd},{}",
                 c.kind, c.bs, c.count
             );
-            let keel_cmd = || {
+            let keel_cmd = |t: Transport| {
                 let mut k = Command::new(&keel);
                 k.args([
                     "--kernel",
@@ -100,65 +110,31 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                     "--memory",
                     "size=512M",
                 ])
+                .args(t.keel_args())
                 .args(["--cmdline", &cmdline, "--log-level", "error"])
                 .args(["--disk", &format!("path={},direct=on", lo.0)])
                 .args(["--device-poll-us", &poll_us.to_string()]);
                 k
             };
-            let qemu_cmd = |q: &Path| {
-                let mut k = Command::new(q);
+            let qemu_cmd = |q: &Path, t: Transport| {
+                let mut k = t.qemu(q, &probe, &cmdline, "512M");
                 k.args([
-                    "-M",
-                    "microvm,acpi=off",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host,-arch-capabilities",
-                ])
-                .args([
-                    "-m",
-                    "512M",
-                    "-smp",
-                    "1",
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-nographic",
-                    "-no-reboot",
-                ])
-                .args(["-serial", "stdio", "-monitor", "none"])
-                // Modern virtio-mmio like Keel's: the same guest driver path.
-                .args(["-global", "virtio-mmio.force-legacy=false"])
-                .args(["-kernel", &probe.display().to_string(), "-append", &cmdline])
-                .args([
                     "-drive",
                     &format!(
                         "id=d0,file={},format=raw,if=none,cache.direct=on,aio=io_uring",
                         lo.0
                     ),
                 ])
-                .args(["-device", "virtio-blk-device,drive=d0"]);
+                .args(["-device", &format!("{},drive=d0", t.qemu_device(Kind::Blk))]);
                 k
             };
             let show = |r: f64| {
                 if c.bs >= 1 << 20 {
-                    format!("{:.0} MiB/s", r * c.bs as f64 / (1 << 20) as f64)
+                    format!("{r:.0} MiB/s")
                 } else {
                     format!("{r:.0} IOPS")
                 }
             };
-            let mut ks = Vec::new();
-            let mut qs = Vec::new();
-            for _ in 0..runs {
-                match run_once(keel_cmd(), Duration::from_secs(120)) {
-                    Ok(r) => ks.push(r),
-                    Err(e) => eprintln!("Keel {} qd {qd}: {e}", c.kind),
-                }
-                if let Some(q) = &qemu {
-                    match run_once(qemu_cmd(q), Duration::from_secs(120)) {
-                        Ok(r) => qs.push(r),
-                        Err(e) => eprintln!("QEMU {} qd {qd}: {e}", c.kind),
-                    }
-                }
-            }
             let name = format!("{} {}", if c.bs >= 1 << 20 { "1M" } else { "4K" }, c.kind);
             let (unit, scale) = if c.bs >= 1 << 20 {
                 ("MiB/s", c.bs as f64 / (1 << 20) as f64)
@@ -166,28 +142,64 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 ("IOPS", 1.0)
             };
             let row = format!("{name} QD{qd}");
-            for (series, v) in [("Keel", &ks), ("QEMU microvm", &qs)] {
-                let v: Vec<f64> = v.iter().map(|r| r * scale).collect();
-                run.push("virtio-blk full path", &row, series, unit, &v);
-            }
-            let k = (!ks.is_empty()).then(|| super::median(ks));
-            let q = (!qs.is_empty()).then(|| super::median(qs));
-            println!(
-                "| {name} | {qd} | {} | {} | {} |",
-                k.map_or("failed".into(), show),
-                q.map_or(
-                    if qemu.is_some() {
-                        "failed".into()
-                    } else {
-                        "not measured (no QEMU)".into()
-                    },
-                    show
-                ),
-                match (k, q) {
-                    (Some(k), Some(q)) => format!("{:.2}x", k / q),
-                    _ => "-".into(),
+            let mut keel_mmio = None;
+            for &t in &transports {
+                let mut ks = Vec::new();
+                let mut qs = Vec::new();
+                for _ in 0..runs {
+                    match run_once(keel_cmd(t), Duration::from_secs(120)) {
+                        Ok(r) => ks.push(r * scale),
+                        Err(e) => eprintln!("Keel {} {} qd {qd}: {e}", t.name(), c.kind),
+                    }
+                    if let Some(q) = &qemu {
+                        // q35 boots through SeaBIOS: more time to boot.
+                        match run_once(qemu_cmd(q, t), Duration::from_secs(180)) {
+                            Ok(r) => qs.push(r * scale),
+                            Err(e) => eprintln!("QEMU {} {} qd {qd}: {e}", t.name(), c.kind),
+                        }
+                    }
                 }
-            );
+                run.push_on(
+                    "virtio-blk full path",
+                    &row,
+                    &t.keel_series(),
+                    t.name(),
+                    unit,
+                    &ks,
+                );
+                run.push_on(
+                    "virtio-blk full path",
+                    &row,
+                    &t.qemu_series(),
+                    t.name(),
+                    unit,
+                    &qs,
+                );
+                let k = (!ks.is_empty()).then(|| super::median(ks));
+                let q = (!qs.is_empty()).then(|| super::median(qs));
+                if t == Transport::Mmio {
+                    keel_mmio = k;
+                }
+                println!(
+                    "| {name} | {qd} | {} | {} | {} | {} | {} |",
+                    t.name(),
+                    k.map_or("failed".into(), show),
+                    q.map_or(
+                        if qemu.is_some() {
+                            "failed".into()
+                        } else {
+                            "not measured (no QEMU)".into()
+                        },
+                        |q| format!("{} ({})", show(q), t.qemu_machine())
+                    ),
+                    super::transport::ratio(k, q),
+                    if t == Transport::Pci {
+                        super::transport::ratio(k, keel_mmio)
+                    } else {
+                        "-".into()
+                    }
+                );
+            }
         }
     }
     drop(lo);

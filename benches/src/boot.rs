@@ -180,6 +180,9 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 command: Box::new(move |_| {
                     let mut c = Command::new(&keel);
                     c.args(["--kernel", &probe.display().to_string()])
+                        // Like QEMU microvm's and Firecracker's devices,
+                        // whatever Keel's default transport.
+                        .args(["--transport", "mmio"])
                         .args(["--memory", &format!("size={mem}M")])
                         .args(["--cpus", &format!("boot={cpus}")])
                         .args([

@@ -15,7 +15,13 @@
 //!
 //! `keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame B]` moves 64 B and 1500 B UDP
 //! frames both ways between the probe guest and a bridge in a namespace of
-//! its own, under Keel and QEMU `-M microvm`, beside a raw tap loop.
+//! its own, under Keel and QEMU, beside a raw tap loop.
+//!
+//! `blk-guest`, `net` and `vsock` take `--transport mmio|pci|both` (default
+//! both): each row is measured for Keel over each chosen virtio transport
+//! (`keel --transport` is always given) and for QEMU over the same one
+//! (`-M microvm` with virtio-mmio devices, `-M q35` with virtio-pci ones;
+//! see [`transport`]), with Keel's pci / mmio ratio in the table.
 //!
 //! Every measuring subcommand also takes `--json PATH` (this file) or
 //! `--json-dir DIR` (a new file per run there) and writes its results in
@@ -29,6 +35,7 @@ mod boot;
 mod net;
 mod record;
 mod report;
+mod transport;
 mod vsock;
 
 /// The directory of this binary (target/<profile>), where `keel` and the
@@ -112,7 +119,7 @@ pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--mq]\n       keel-bench blk-guest [--runs N] [--qemu PATH] [--keel-poll-us N]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--firecracker PATH]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--mq]\n       keel-bench blk-guest [--runs N] [--qemu PATH|none] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--qemu PATH|none] [--firecracker PATH] [--transport mmio|pci|both]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N] [--transport mmio|pci|both]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
     );
     std::process::exit(2)
 }

@@ -1,8 +1,11 @@
 //! virtio-net throughput: the probe guest sending (guest -> host) and
 //! receiving (host -> guest) UDP frames of 64 and 1500 bytes through a tap
-//! on a bridge, guest-measured, under Keel and under QEMU `-M microvm` with
-//! `virtio-net-device` (vhost off: userspace virtio-net), against a raw tap
-//! read/write loop on the same bridge (the host limit), same run.
+//! on a bridge, guest-measured, under Keel and under QEMU (vhost off:
+//! userspace virtio-net) over each chosen virtio transport
+//! (`--transport mmio|pci|both`, default both; QEMU `-M microvm` with
+//! `virtio-net-device` or `-M q35` with `virtio-net-pci`, see
+//! [`super::transport`]), against a raw tap read/write loop on the same
+//! bridge (the host limit), same run.
 //!
 //! Everything runs in a network namespace the bench makes (and deletes):
 //! bridge `br6` at 10.66.0.1/24; the guest (or the raw loop) is 10.66.0.2
@@ -31,6 +34,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::net::{HostTap, TapSetup};
+
+use super::transport::{Kind, Transport};
 
 const BRIDGE: &str = "br6";
 const BRIDGE_MAC: [u8; 6] = [0x02, 0x66, 0, 0, 0, 1];
@@ -407,10 +412,11 @@ fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, 
     })
 }
 
-fn keel_cmd(bin: &Path, cmdline: &str, poll_us: u32) -> Command {
+fn keel_cmd(bin: &Path, cmdline: &str, poll_us: u32, t: Transport) -> Command {
     let mut c = Command::new(bin.join("keel"));
     c.args(["--device-poll-us", &poll_us.to_string()]);
     c.args(["--kernel", &bin.join("probe-guest").display().to_string()])
+        .args(t.keel_args())
         .args(["--memory", "size=256M", "--cmdline", cmdline])
         .args(["--log-level", "error"])
         .args([
@@ -420,23 +426,21 @@ fn keel_cmd(bin: &Path, cmdline: &str, poll_us: u32) -> Command {
     c
 }
 
-fn qemu_cmd(qemu: &Path, probe: &Path, cmdline: &str) -> Command {
-    let mut c = Command::new(qemu);
-    c.args(["-M", "microvm,acpi=off", "-enable-kvm"])
-        .args(["-cpu", "host,-arch-capabilities", "-m", "256M", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-serial", "stdio", "-monitor", "none"])
-        // Names the vCPU threads `CPU N/KVM`, so their time can be told apart.
-        .args(["-name", "probe,debug-threads=on"])
-        .args(["-global", "virtio-mmio.force-legacy=false"])
-        .args(["-kernel", &probe.display().to_string(), "-append", cmdline])
+fn qemu_cmd(qemu: &Path, probe: &Path, cmdline: &str, t: Transport) -> Command {
+    let mut c = t.qemu(qemu, probe, cmdline, "256M");
+    // Names the vCPU threads `CPU N/KVM`, so their time can be told apart.
+    c.args(["-name", "probe,debug-threads=on"])
         .args([
             "-netdev",
             "tap,id=n0,ifname=kbq0,script=no,downscript=no,vhost=off",
         ])
         .args([
             "-device",
-            &format!("virtio-net-device,netdev=n0,mac={}", mac_text(&GUEST_MAC)),
+            &format!(
+                "{},netdev=n0,mac={}",
+                t.qemu_device(Kind::Net),
+                mac_text(&GUEST_MAC)
+            ),
         ]);
     c
 }
@@ -483,6 +487,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut dirs = vec!["tx", "rx"];
     let mut poll_us = 0u32;
     let mut frames = vec![64usize, 1500];
+    let mut transports = vec![Transport::Mmio, Transport::Pci];
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next().map(String::as_str)) {
@@ -498,6 +503,9 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                     .ok()
                     .filter(|f| (64..=1514).contains(f))
                     .unwrap_or_else(|| super::usage())]
+            }
+            ("--transport", Some(v)) => {
+                transports = Transport::parse_list(v).unwrap_or_else(|| super::usage())
             }
             _ => super::usage(),
         }
@@ -523,13 +531,15 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     });
     println!(
         "virtio-net throughput, UDP frames through a tap on a bridge, median of {runs}; \
-         guest figures measured in the guest; (delivered %); Keel's device thread polls {poll_us} µs"
+         guest figures measured in the guest; (delivered %); Keel's device thread polls {poll_us} µs; \
+         QEMU: `-M microvm` with virtio-net-device over mmio, `-M q35` with virtio-net-pci over pci \
+         (vhost off); the raw tap loop has no transport: the same figure on each row"
     );
     println!();
     println!(
-        "| direction | frame | raw tap loop | Keel | QEMU microvm | Keel / QEMU | Keel / raw |"
+        "| direction | frame | transport | raw tap loop | Keel | QEMU | Keel / QEMU | Keel / raw | Keel pci / mmio |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
     for &dir in &dirs {
         for &frame in &frames {
@@ -540,20 +550,25 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 ip_text(&GUEST_IP),
                 ip_text(&HOST_IP)
             );
-            let (mut rs, mut ks, mut qs) = (Vec::new(), Vec::new(), Vec::new());
+            let mut rs = Vec::new();
+            // Per transport: Keel's and QEMU's samples.
+            let mut ks: Vec<Vec<Rate>> = vec![Vec::new(); transports.len()];
+            let mut qs: Vec<Vec<Rate>> = vec![Vec::new(); transports.len()];
             for _ in 0..runs {
                 match raw(dir, frame, n) {
                     Ok(r) => rs.push(r),
                     Err(e) => eprintln!("raw {dir} {frame}: {e}"),
                 }
-                match guest(keel_cmd(&bin, &cmdline, poll_us), dir, frame, n) {
-                    Ok(r) => ks.push(r),
-                    Err(e) => eprintln!("Keel {dir} {frame}: {e}"),
-                }
-                if let (Some(q), Some(_)) = (&qemu, &qemu_tap) {
-                    match guest(qemu_cmd(q, &probe, &cmdline), dir, frame, n) {
-                        Ok(r) => qs.push(r),
-                        Err(e) => eprintln!("QEMU {dir} {frame}: {e}"),
+                for (i, &t) in transports.iter().enumerate() {
+                    match guest(keel_cmd(&bin, &cmdline, poll_us, t), dir, frame, n) {
+                        Ok(r) => ks[i].push(r),
+                        Err(e) => eprintln!("Keel {} {dir} {frame}: {e}", t.name()),
+                    }
+                    if let (Some(q), Some(_)) = (&qemu, &qemu_tap) {
+                        match guest(qemu_cmd(q, &probe, &cmdline, t), dir, frame, n) {
+                            Ok(r) => qs[i].push(r),
+                            Err(e) => eprintln!("QEMU {} {dir} {frame}: {e}", t.name()),
+                        }
                     }
                 }
             }
@@ -563,55 +578,80 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 "host -> guest"
             };
             let row = format!("{direction} {frame} B");
-            for (series, v) in [("raw tap loop", &rs), ("Keel", &ks), ("QEMU microvm", &qs)] {
-                let kpps: Vec<f64> = v.iter().map(|r| r.pps / 1e3).collect();
-                run.push("virtio-net throughput", &row, series, "kpps", &kpps);
-                let cpu: Vec<f64> = v.iter().filter_map(|r| r.vmm_ns_per_frame).collect();
-                let cpu: Vec<f64> = cpu.iter().map(|ns| ns / 1e3).collect();
-                run.push("VMM CPU outside vCPUs per frame", &row, series, "µs", &cpu);
+            let record =
+                |run: &mut super::record::Run, series: &str, t: Option<Transport>, v: &[Rate]| {
+                    let kpps: Vec<f64> = v.iter().map(|r| r.pps / 1e3).collect();
+                    let cpu: Vec<f64> = v
+                        .iter()
+                        .filter_map(|r| r.vmm_ns_per_frame)
+                        .map(|ns| ns / 1e3)
+                        .collect();
+                    let tables = [
+                        ("virtio-net throughput", "kpps", kpps),
+                        ("VMM CPU outside vCPUs per frame", "µs", cpu),
+                    ];
+                    for (table, unit, samples) in tables {
+                        match t {
+                            Some(t) => run.push_on(table, &row, series, t.name(), unit, &samples),
+                            None => run.push(table, &row, series, unit, &samples),
+                        }
+                    }
+                };
+            record(run, "raw tap loop", None, &rs);
+            let r = median_rate(rs);
+            let mut keel_mmio = None;
+            for (i, &t) in transports.iter().enumerate() {
+                record(run, &t.keel_series(), Some(t), &ks[i]);
+                record(run, &t.qemu_series(), Some(t), &qs[i]);
+                let k = median_rate(std::mem::take(&mut ks[i]));
+                let q = median_rate(std::mem::take(&mut qs[i]));
+                if t == Transport::Mmio {
+                    keel_mmio = k;
+                }
+                let pps = |x: Option<Rate>| x.map(|x| x.pps);
+                println!(
+                    "| {direction} | {frame} B | {} | {} | {} | {} | {} | {} | {} |",
+                    t.name(),
+                    show(r, frame),
+                    show(k, frame),
+                    match (&qemu, q) {
+                        (None, _) => "not measured (no QEMU)".into(),
+                        (Some(_), q) => show(q, frame),
+                    },
+                    super::transport::ratio(pps(k), pps(q)),
+                    match (k, r) {
+                        (Some(k), Some(r)) => format!("{:.0}%", 100.0 * k.pps / r.pps),
+                        _ => "-".into(),
+                    },
+                    if t == Transport::Pci {
+                        super::transport::ratio(pps(k), pps(keel_mmio))
+                    } else {
+                        "-".into()
+                    },
+                );
+                let cpu = |x: Option<Rate>| x.and_then(|x| x.vmm_ns_per_frame).map(|ns| ns / 1e3);
+                cpu_rows.push((dir, frame, t, cpu(k), cpu(q)));
             }
-            let (r, k, q) = (median_rate(rs), median_rate(ks), median_rate(qs));
-            println!(
-                "| {direction} | {frame} B | {} | {} | {} | {} | {} |",
-                show(r, frame),
-                show(k, frame),
-                match (&qemu, q) {
-                    (None, _) => "not measured (no QEMU)".into(),
-                    (Some(_), q) => show(q, frame),
-                },
-                match (k, q) {
-                    (Some(k), Some(q)) => format!("{:.2}x", k.pps / q.pps),
-                    _ => "-".into(),
-                },
-                match (k, r) {
-                    (Some(k), Some(r)) => format!("{:.0}%", 100.0 * k.pps / r.pps),
-                    _ => "-".into(),
-                },
-            );
-            let cpu = |x: Option<Rate>| x.and_then(|x| x.vmm_ns_per_frame).map(|ns| ns / 1e3);
-            cpu_rows.push((dir, frame, cpu(k), cpu(q)));
         }
     }
     println!();
     println!("host CPU the VMM spent outside its vCPU threads, per frame (µs; device and event-loop threads; median)");
     println!();
-    println!("| direction | frame | Keel | QEMU microvm | Keel / QEMU |");
-    println!("|---|---|---|---|---|");
-    for (dir, frame, k, q) in cpu_rows {
+    println!("| direction | frame | transport | Keel | QEMU | Keel / QEMU |");
+    println!("|---|---|---|---|---|---|");
+    for (dir, frame, t, k, q) in cpu_rows {
         let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
         println!(
-            "| {} | {frame} B | {} | {} | {} |",
+            "| {} | {frame} B | {} | {} | {} | {} |",
             if dir == "tx" {
                 "guest -> host"
             } else {
                 "host -> guest"
             },
+            t.name(),
             us(k),
             us(q),
-            match (k, q) {
-                (Some(k), Some(q)) if q > 0.0 => format!("{:.2}x", k / q),
-                _ => "-".into(),
-            }
+            super::transport::ratio(k, q),
         );
     }
     drop(ns);

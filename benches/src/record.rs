@@ -39,8 +39,13 @@ pub struct Record {
     pub table: String,
     /// The row, such as `guest -> host 4 KiB`.
     pub name: String,
-    /// Who was measured: `Keel`, `QEMU microvm`, `Firecracker`, `raw ...`.
+    /// Who was measured: `Keel`, `Keel mmio`, `Keel pci`, `QEMU microvm`,
+    /// `QEMU q35`, `Firecracker`, `raw ...`.
     pub series: String,
+    /// The virtio transport the row was measured over (`mmio` or `pci`);
+    /// `None` for rows without one (host baselines, older runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// Unit of the figures, such as `MiB/s` or `ms`.
     pub unit: String,
     /// Median of the samples (the figure the table prints).
@@ -62,6 +67,7 @@ impl Record {
             table: table.into(),
             name: name.into(),
             series: series.into(),
+            transport: None,
             unit: unit.into(),
             median: *sorted.get(sorted.len() / 2)?,
             min: *sorted.first()?,
@@ -214,6 +220,24 @@ impl Run {
             .extend(Record::new(table, name, series, unit, samples));
     }
 
+    /// Records one cell measured over virtio transport `transport`.
+    pub fn push_on(
+        &mut self,
+        table: &str,
+        name: &str,
+        series: &str,
+        transport: &str,
+        unit: &str,
+        samples: &[f64],
+    ) {
+        self.records.extend(
+            Record::new(table, name, series, unit, samples).map(|r| Record {
+                transport: Some(transport.into()),
+                ..r
+            }),
+        );
+    }
+
     /// Writes the run; returns the file written, if any.
     pub fn write(&self, out: &Output) -> Result<Option<PathBuf>, RecordError> {
         let path = match out {
@@ -297,6 +321,14 @@ mod tests {
             "MiB/s",
             &[],
         );
+        run.push_on(
+            "vsock throughput",
+            "guest -> host 4 KiB",
+            "Keel pci",
+            "pci",
+            "MiB/s",
+            &[800.0],
+        );
         let path = run
             .write(&Output::Dir(dir.clone()))
             .expect("write")
@@ -304,14 +336,25 @@ mod tests {
         assert!(path.starts_with(&dir));
         let back = Run::read(&path).expect("read");
         assert_eq!(back, run);
-        assert_eq!(back.records.len(), 1, "the failed cell is not recorded");
+        assert_eq!(back.records.len(), 2, "the failed cell is not recorded");
         assert_eq!(back.records[0].median, 950.25);
+        assert_eq!(back.records[0].transport, None);
+        assert_eq!(back.records[1].transport.as_deref(), Some("pci"));
         assert!(
             back.meta.timestamp.ends_with('Z'),
             "{}",
             back.meta.timestamp
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn records_without_a_transport_still_read() {
+        let old = r#"{"table":"t","name":"r","series":"Keel","unit":"ms","median":1.0,"min":1.0,"max":1.0,"samples":[1.0]}"#;
+        let r: Record = serde_json::from_str(old).expect("an older record");
+        assert_eq!(r.transport, None);
+        let text = serde_json::to_string(&r).expect("json");
+        assert!(!text.contains("transport"), "{text}");
     }
 
     #[test]

@@ -1,13 +1,22 @@
 //! vsock throughput: the probe guest streaming to/from a host Unix socket
-//! through Keel's vsock device (guest-measured), against a raw Unix socket
-//! pair on the host (the limit), and Firecracker's vsock when a binary built
-//! by hand is given.
+//! through Keel's vsock device (guest-measured) over each chosen virtio
+//! transport (`--transport mmio|pci|both`, default both), against a raw
+//! Unix socket pair on the host (the limit), QEMU's vhost-vsock (`-M
+//! microvm` with `vhost-vsock-device`, `-M q35` with `vhost-vsock-pci`; the
+//! host end is an AF_VSOCK socket; only where /dev/vhost-vsock exists), and
+//! Firecracker's vsock (virtio-mmio only) when a binary built by hand is
+//! given.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::transport::{Kind, Transport};
 
 const PORT: u32 = 5000;
 const TOTAL: u64 = 32 << 20;
@@ -31,7 +40,7 @@ fn raw(work: &Path, size: usize, dir: &'static str) -> Result<f64, String> {
     let path = work.join(format!("raw_{PORT}"));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| e.to_string())?;
-    let host = host_side(listener, dir, size);
+    let host = host_side(Listener::Unix(listener), dir, size);
     let mut s = UnixStream::connect(&path).map_err(|e| e.to_string())?;
     let elapsed = if dir == "tx" {
         let data = vec![0x5au8; size];
@@ -69,16 +78,106 @@ fn raw(work: &Path, size: usize, dir: &'static str) -> Result<f64, String> {
     Ok(TOTAL as f64 / elapsed.as_secs_f64() / (1 << 20) as f64)
 }
 
+/// Where the host side of a run accepts the guest's connection: a Unix
+/// socket (Keel, Firecracker, the raw baseline) or, for QEMU's
+/// vhost-vsock, an AF_VSOCK socket on the host's CID.
+enum Listener {
+    /// A Unix socket listening.
+    Unix(UnixListener),
+    /// An AF_VSOCK stream socket listening on [`PORT`] (any CID); accept
+    /// gives up once `stop` is set.
+    Vsock {
+        /// The listening socket.
+        fd: OwnedFd,
+        /// Set when the guest has gone without connecting.
+        stop: Arc<AtomicBool>,
+    },
+}
+
+impl Listener {
+    /// An AF_VSOCK stream socket listening on `port`, any local CID.
+    fn vsock(port: u32) -> Result<Listener, String> {
+        // SAFETY: plain socket(2); the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(format!(
+                "AF_VSOCK socket: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: `fd` is a new socket nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        // SAFETY: `addr` is a valid sockaddr_vm of the size passed; `fd`
+        // is an open socket.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: listen(2) on an open, bound socket.
+        if bound != 0 || unsafe { libc::listen(fd.as_raw_fd(), 4) } != 0 {
+            return Err(format!(
+                "AF_VSOCK port {port}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Listener::Vsock {
+            fd,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The next connection. An AF_VSOCK one is carried in a `UnixStream`:
+    /// only read(2), write(2) and shutdown(2) are used on it, which are
+    /// the same for every stream socket.
+    fn accept(&self) -> Option<UnixStream> {
+        match self {
+            Listener::Unix(l) => l.accept().ok().map(|(s, _)| s),
+            Listener::Vsock { fd, stop } => {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    // SAFETY: poll(2) on one valid pollfd.
+                    if unsafe { libc::poll(&mut p, 1, 100) } > 0 {
+                        break;
+                    }
+                }
+                // SAFETY: accept(2) on a listening socket, peer address not
+                // asked for; the result is checked.
+                let c = unsafe {
+                    libc::accept4(
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC,
+                    )
+                };
+                // SAFETY: a new connected stream socket nobody else owns.
+                (c >= 0).then(|| unsafe { UnixStream::from_raw_fd(c) })
+            }
+        }
+    }
+}
+
 /// Host side of one run, a VMM's or the raw baseline's: sinks (tx) with
 /// [`HOST_READ`]-byte reads, or sources (rx) TOTAL bytes in `size`-byte
 /// writes, then half-closes and waits for the other end to close.
-fn host_side(
-    listener: UnixListener,
-    dir: &'static str,
-    size: usize,
-) -> std::thread::JoinHandle<()> {
+fn host_side(listener: Listener, dir: &'static str, size: usize) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let Ok((mut s, _)) = listener.accept() else {
+        let Some(mut s) = listener.accept() else {
             return;
         };
         let mut buf = vec![0u8; HOST_READ];
@@ -101,15 +200,27 @@ fn host_side(
 }
 
 /// MiB/s from the probe's `probe: bench vsock ... bytes=B ns=T` line.
+/// The host end listens on `<sock>_<PORT>` (Keel's and Firecracker's
+/// hybrid vsock) or, with `sock` `None`, on AF_VSOCK port [`PORT`]
+/// (QEMU's vhost-vsock).
 fn guest_rate(
     mut cmd: Command,
-    sock: &Path,
+    sock: Option<&Path>,
     dir: &'static str,
     size: usize,
 ) -> Result<f64, String> {
-    let _ = std::fs::remove_file(format!("{}_{PORT}", sock.display()));
-    let listener =
-        UnixListener::bind(format!("{}_{PORT}", sock.display())).map_err(|e| e.to_string())?;
+    let listener = match sock {
+        Some(sock) => {
+            let path = format!("{}_{PORT}", sock.display());
+            let _ = std::fs::remove_file(&path);
+            Listener::Unix(UnixListener::bind(path).map_err(|e| e.to_string())?)
+        }
+        None => Listener::vsock(PORT)?,
+    };
+    let stop = match &listener {
+        Listener::Vsock { stop, .. } => Some(stop.clone()),
+        Listener::Unix(_) => None,
+    };
     let host = host_side(listener, dir, size);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -123,6 +234,22 @@ fn guest_rate(
     });
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     drop(killer);
+    // A guest that never connected leaves the host side in accept().
+    if !host.is_finished() {
+        match sock {
+            Some(sock) => drop(UnixStream::connect(format!("{}_{PORT}", sock.display()))),
+            None => {
+                if let Some(stop) = &stop {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                let _ = host.join();
+                return Err(format!(
+                    "the guest never connected:\n{}",
+                    String::from_utf8_lossy(&out.stdout)
+                ));
+            }
+        }
+    }
     let _ = host.join();
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
@@ -238,15 +365,44 @@ fn fc_cmd(fc: &Path, work: &Path, probe: &Path, cmdline: &str, sock: &Path) -> O
     super::firecracker(fc, work, probe, cmdline, (1, 256), Some(sock)).ok()
 }
 
+/// QEMU's vsock over `t`: the probe with `cmdline`, a vhost-vsock device
+/// for guest CID 3.
+fn qemu_cmd(qemu: &Path, probe: &Path, cmdline: &str, t: Transport) -> Command {
+    let mut c = t.qemu(qemu, probe, cmdline, "256M");
+    c.args([
+        "-device",
+        &format!("{},guest-cid=3", t.qemu_device(Kind::Vsock)),
+    ]);
+    c
+}
+
+/// Keel booting the probe with `cmdline` over `t`, its vsock on `sock`.
+fn keel_cmd(bin: &Path, cmdline: &str, sock: &Path, t: Transport) -> Command {
+    let mut c = Command::new(bin.join("keel"));
+    c.args(["--kernel", &bin.join("probe-guest").display().to_string()])
+        .args(t.keel_args())
+        .args(["--memory", "size=256M", "--cmdline", cmdline])
+        .args(["--log-level", "error"])
+        .args(["--vsock", &format!("cid=3,socket={}", sock.display())]);
+    c
+}
+
 /// The `vsock` subcommand; records into `run`.
 pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut fc: Option<PathBuf> = std::env::var_os("FIRECRACKER").map(PathBuf::from);
+    let mut qemu = super::which("qemu-system-x86_64");
     let mut runs = 3usize;
+    let mut transports = vec![Transport::Mmio, Transport::Pci];
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--firecracker", Some(v)) => fc = Some(v.into()),
+            ("--qemu", Some(v)) if v == "none" => qemu = None,
+            ("--qemu", Some(v)) => qemu = Some(v.into()),
             ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| super::usage()),
+            ("--transport", Some(v)) => {
+                transports = Transport::parse_list(v).unwrap_or_else(|| super::usage())
+            }
             _ => super::usage(),
         }
     }
@@ -268,10 +424,23 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             "Firecracker: not measured (no binary: pass --firecracker PATH or FIRECRACKER=PATH)"
         );
     }
-    println!("vsock throughput, {} MiB per run, median of {runs} (MiB/s); guest figures measured in the guest; the write size is the sender's (the guest's for guest -> host, the host's for host -> guest); raw: the same stream and host side with a host thread in the guest's place, timed the same way", TOTAL >> 20);
+    // QEMU's only vsock is vhost-vsock: the host kernel's device.
+    let vhost = Path::new("/dev/vhost-vsock");
+    let qemu_absent = match &qemu {
+        None => Some("not measured (no QEMU)"),
+        Some(_) if !vhost.exists() => Some("not measured (no /dev/vhost-vsock)"),
+        Some(_) => None,
+    };
+    let qemu = qemu.filter(|_| qemu_absent.is_none());
+    run.found("QEMU", qemu.as_deref());
+    if let Some(why) = qemu_absent {
+        eprintln!("QEMU: {why}; its vsock is vhost-vsock, which needs the host's /dev/vhost-vsock");
+    }
+    println!("vsock throughput, {} MiB per run, median of {runs} (MiB/s); guest figures measured in the guest; the write size is the sender's (the guest's for guest -> host, the host's for host -> guest); raw: the same stream and host side with a host thread in the guest's place, timed the same way, no transport (the same figure on each row); QEMU: vhost-vsock, `-M microvm` over mmio, `-M q35` over pci; Firecracker: mmio only", TOTAL >> 20);
     println!();
-    println!("| direction | write size | raw Unix socket | Keel | Keel / raw | Firecracker | Keel / Firecracker |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| direction | write size | transport | raw Unix socket | Keel | Keel / raw | QEMU | Keel / QEMU | Firecracker | Keel / Firecracker | Keel pci / mmio |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
     for dir in ["tx", "rx"] {
         for size in [4096usize, 64 << 10] {
             let cmdline = format!(
@@ -284,87 +453,86 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                         .ok()
                 })
                 .collect();
-            let k: Vec<f64> = (0..runs)
-                .filter_map(|_| {
-                    let mut c = Command::new(bin.join("keel"));
-                    c.args([
-                        "--kernel",
-                        &probe.display().to_string(),
-                        "--memory",
-                        "size=256M",
-                    ])
-                    .args(["--cmdline", &cmdline, "--log-level", "error"])
-                    .args(["--vsock", &format!("cid=3,socket={}", sock.display())]);
-                    guest_rate(c, &sock, dir, size)
-                        .map_err(|e| eprintln!("Keel: {e}"))
-                        .ok()
-                })
-                .collect();
-            let f: Vec<f64> = match &fc {
-                Some(fc) => (0..runs)
-                    .filter_map(|_| {
-                        let cmd = fc_cmd(fc, &work, &probe, &cmdline, &sock)?;
-                        guest_rate(cmd, &sock, dir, size)
-                            .map_err(|e| eprintln!("Firecracker: {e}"))
-                            .ok()
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
             let direction = if dir == "tx" {
                 "guest -> host"
             } else {
                 "host -> guest"
             };
             let row = format!("{direction} {} KiB", size >> 10);
-            for (series, v) in [("raw Unix socket", &rs), ("Keel", &k), ("Firecracker", &f)] {
-                run.push("vsock throughput", &row, series, "MiB/s", v);
-            }
-            let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
-            let (r, k, f) = (med(rs), med(k), med(f));
-            println!(
-                "| {direction} | {} KiB | {} | {} | {} | {} | {} |",
-                size >> 10,
-                r.map_or("failed".into(), |r| format!("{r:.0}")),
-                k.map_or("failed".into(), |k| format!("{k:.0}")),
-                match (k, r) {
-                    (Some(k), Some(r)) => format!("{:.0}%", 100.0 * k / r),
-                    _ => "-".into(),
-                },
-                match (&fc, f) {
-                    (_, Some(f)) => format!("{f:.0}"),
-                    (Some(_), None) => "failed".into(),
-                    (None, None) => "not measured (no binary)".into(),
-                },
-                match (k, f) {
-                    (Some(k), Some(f)) => format!("{:.2}x", k / f),
-                    _ => "-".into(),
+            run.push("vsock throughput", &row, "raw Unix socket", "MiB/s", &rs);
+            let r = med(rs);
+            let mut keel_mmio = None;
+            for &t in &transports {
+                let k: Vec<f64> = (0..runs)
+                    .filter_map(|_| {
+                        guest_rate(keel_cmd(&bin, &cmdline, &sock, t), Some(&sock), dir, size)
+                            .map_err(|e| eprintln!("Keel {}: {e}", t.name()))
+                            .ok()
+                    })
+                    .collect();
+                let q: Vec<f64> = match &qemu {
+                    Some(qemu) => (0..runs)
+                        .filter_map(|_| {
+                            guest_rate(qemu_cmd(qemu, &probe, &cmdline, t), None, dir, size)
+                                .map_err(|e| eprintln!("QEMU {}: {e}", t.name()))
+                                .ok()
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let f: Vec<f64> = match (&fc, t) {
+                    (Some(fc), Transport::Mmio) => (0..runs)
+                        .filter_map(|_| {
+                            let cmd = fc_cmd(fc, &work, &probe, &cmdline, &sock)?;
+                            guest_rate(cmd, Some(&sock), dir, size)
+                                .map_err(|e| eprintln!("Firecracker: {e}"))
+                                .ok()
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let table = "vsock throughput";
+                run.push_on(table, &row, &t.keel_series(), t.name(), "MiB/s", &k);
+                run.push_on(table, &row, &t.qemu_series(), t.name(), "MiB/s", &q);
+                run.push_on(table, &row, "Firecracker", t.name(), "MiB/s", &f);
+                let (k, q, f) = (med(k), med(q), med(f));
+                if t == Transport::Mmio {
+                    keel_mmio = k;
                 }
-            );
+                println!(
+                    "| {direction} | {} KiB | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    size >> 10,
+                    t.name(),
+                    r.map_or("failed".into(), |r| format!("{r:.0}")),
+                    k.map_or("failed".into(), |k| format!("{k:.0}")),
+                    match (k, r) {
+                        (Some(k), Some(r)) => format!("{:.0}%", 100.0 * k / r),
+                        _ => "-".into(),
+                    },
+                    match (qemu_absent, q) {
+                        (_, Some(q)) => format!("{q:.0} ({})", t.qemu_machine()),
+                        (Some(why), None) => why.into(),
+                        (None, None) => "failed".into(),
+                    },
+                    super::transport::ratio(k, q),
+                    match (&fc, f, t) {
+                        (_, Some(f), _) => format!("{f:.0}"),
+                        (_, None, Transport::Pci) => "n/a (mmio only)".into(),
+                        (Some(_), None, _) => "failed".into(),
+                        (None, None, _) => "not measured (no binary)".into(),
+                    },
+                    super::transport::ratio(k, f),
+                    if t == Transport::Pci {
+                        super::transport::ratio(k, keel_mmio)
+                    } else {
+                        "-".into()
+                    },
+                );
+            }
         }
     }
     let raw_rts = raw_round_trip(&work, 200);
     let boots = runs.max(5);
-    let keel_rt = guest_round_trip(
-        &|| {
-            let mut c = Command::new(bin.join("keel"));
-            c.args(["--kernel", &probe.display().to_string()])
-                .args(["--memory", "size=256M", "--cmdline", ROUND_TRIP_CMDLINE])
-                .args(["--log-level", "error"])
-                .args(["--vsock", &format!("cid=3,socket={}", sock.display())]);
-            Some(c)
-        },
-        &sock,
-        boots,
-    );
-    let fc_rt = match &fc {
-        Some(fc) => guest_round_trip(
-            &|| fc_cmd(fc, &work, &probe, ROUND_TRIP_CMDLINE, &sock),
-            &sock,
-            boots,
-        ),
-        None => Vec::new(),
-    };
     let rt_row = "connect-request-reply";
     run.push(
         "vsock round trip",
@@ -373,32 +541,68 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
         "µs",
         &raw_rts,
     );
-    run.push("vsock round trip", rt_row, "Keel", "µs", &keel_rt);
-    run.push("vsock round trip", rt_row, "Firecracker", "µs", &fc_rt);
     let raw_rt = super::median(raw_rts);
-    let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
-    let (keel_rt, fc_rt) = (med(keel_rt), med(fc_rt));
     let show = |t: Option<f64>| {
         t.map_or("failed".into(), |t| {
             format!("{t:.0} ({:.1}x raw)", t / raw_rt)
         })
     };
+    let mut rt_lines = Vec::new();
+    for &t in &transports {
+        let keel_rt = guest_round_trip(
+            &|| Some(keel_cmd(&bin, ROUND_TRIP_CMDLINE, &sock, t)),
+            &sock,
+            boots,
+        );
+        run.push_on(
+            "vsock round trip",
+            rt_row,
+            &t.keel_series(),
+            t.name(),
+            "µs",
+            &keel_rt,
+        );
+        rt_lines.push((
+            format!(
+                "probe guest -> Keel vsock over {} -> host socket ({boots} boots)",
+                t.name()
+            ),
+            show(med(keel_rt)),
+        ));
+    }
+    if transports.contains(&Transport::Mmio) {
+        let fc_rt = match &fc {
+            Some(fc) => guest_round_trip(
+                &|| fc_cmd(fc, &work, &probe, ROUND_TRIP_CMDLINE, &sock),
+                &sock,
+                boots,
+            ),
+            None => Vec::new(),
+        };
+        run.push_on(
+            "vsock round trip",
+            rt_row,
+            "Firecracker",
+            "mmio",
+            "µs",
+            &fc_rt,
+        );
+        rt_lines.push((
+            format!("probe guest -> Firecracker vsock over mmio -> host socket ({boots} boots)"),
+            match &fc {
+                Some(_) => show(med(fc_rt)),
+                None => "not measured (no binary)".into(),
+            },
+        ));
+    }
     println!();
     println!("connect-request-reply (the HostOS agent's pattern), median (µs)");
     println!();
     println!("| path | round trip (µs) |");
     println!("|---|---|");
     println!("| raw Unix socket on the host (200 samples) | {raw_rt:.0} |");
-    println!(
-        "| probe guest -> Keel vsock -> host socket ({boots} boots) | {} |",
-        show(keel_rt)
-    );
-    println!(
-        "| probe guest -> Firecracker vsock -> host socket ({boots} boots) | {} |",
-        match &fc {
-            Some(_) => show(fc_rt),
-            None => "not measured (no binary)".into(),
-        }
-    );
+    for (path, v) in rt_lines {
+        println!("| {path} | {v} |");
+    }
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -49,24 +49,35 @@ fn find_rsdp(rsdp: u64) -> Option<u64> {
 }
 
 /// ECAM's base from the MCFG, or `None` when ACPI has no MCFG (no PCI
-/// machine). `rsdp` is start_info's RSDP address (0: none given).
+/// machine). `rsdp` is start_info's RSDP address (0: none given). The
+/// tables are listed by the XSDT (RSDP revision 2 and later) or, in an
+/// ACPI 1.0 RSDP such as SeaBIOS builds for QEMU's q35, the RSDT.
 pub fn ecam_base(rsdp: u64) -> Result<Option<u64>, String> {
     let Some(rsdp) = find_rsdp(rsdp) else {
         return Ok(None);
     };
     phys::map(rsdp, 36).map_err(|e| format!("RSDP: {e}"))?;
-    if phys::read_u8(rsdp + 15) < 2 {
-        return Ok(None);
+    let (root, want, width) = if phys::read_u8(rsdp + 15) >= 2 {
+        (phys::read_u64(rsdp + 24), b"XSDT", 8)
+    } else {
+        (u64::from(phys::read_u32(rsdp + 16)), b"RSDT", 4)
+    };
+    let (sig, len) = table_at(root)?;
+    if &sig != want {
+        return Err(format!(
+            "{} at {root:#x} has signature {sig:?}",
+            core::str::from_utf8(want).unwrap_or("root table")
+        ));
     }
-    let xsdt = phys::read_u64(rsdp + 24);
-    let (sig, len) = table_at(xsdt)?;
-    if &sig != b"XSDT" {
-        return Err(format!("XSDT at {xsdt:#x} has signature {sig:?}"));
-    }
-    phys::map(xsdt, u64::from(len)).map_err(|e| format!("XSDT: {e}"))?;
-    let entries = (u64::from(len).saturating_sub(HEADER_LEN)) / 8;
+    phys::map(root, u64::from(len)).map_err(|e| format!("root table: {e}"))?;
+    let entries = (u64::from(len).saturating_sub(HEADER_LEN)) / width;
     for i in 0..entries {
-        let table = phys::read_u64(xsdt + HEADER_LEN + 8 * i);
+        let at = root + HEADER_LEN + width * i;
+        let table = if width == 8 {
+            phys::read_u64(at)
+        } else {
+            u64::from(phys::read_u32(at))
+        };
         if &table_at(table)?.0 == b"MCFG" {
             phys::map(table, MCFG_ALLOCATION + 16).map_err(|e| format!("MCFG: {e}"))?;
             return Ok(Some(phys::read_u64(table + MCFG_ALLOCATION)));
