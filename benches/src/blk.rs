@@ -180,11 +180,9 @@ fn raw(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
 
 type Em = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-/// Keel's device: a driver on real rings in guest memory, `qd` requests in
-/// flight, each a header/data/status chain; the device runs on its own
-/// thread exactly as in the VMM.
-fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
+/// Keel's virtio-blk device on `path` with the io_uring engine, `queues`
+/// request queues and `features` acked, in an event manager of its own.
+fn io_uring_device(path: &Path, queues: u16, features: u64) -> (Arc<Mutex<VirtioBlock>>, Em) {
     let backend = DiskBackend::open(path, false, true).expect("disk");
     let mut blk = VirtioBlock::new(
         backend,
@@ -192,14 +190,23 @@ fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
             serial: None,
             engine: EngineKind::IoUring,
             cow: None,
-            num_queues: 1,
+            num_queues: queues,
         },
     )
     .expect("device");
-    blk.set_acked_features(VIRTIO_F_VERSION_1);
+    blk.set_acked_features(features);
     let dev = Arc::new(Mutex::new(blk));
     let mut em = Em::new().expect("event manager");
     em.add_subscriber(dev.clone());
+    (dev, em)
+}
+
+/// Keel's device: a driver on real rings in guest memory, `qd` requests in
+/// flight, each a header/data/status chain; the device runs on its own
+/// thread exactly as in the VMM.
+fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
+    let (dev, mut em) = io_uring_device(path, 1, VIRTIO_F_VERSION_1);
     let mut q = Queue::new(QSIZE).expect("queue");
     q.set_size(QSIZE);
     q.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -339,21 +346,11 @@ fn keel_mq(path: &Path, w: Workload, queues: usize, qd: usize, dur: Duration) ->
     assert!(per_queue >= 1 && w.bs * per_queue as u64 <= MQ_SPAN / 2);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MQ_SPAN as usize * queues)])
         .expect("memory");
-    let backend = DiskBackend::open(path, false, true).expect("disk");
-    let mut blk = VirtioBlock::new(
-        backend,
-        BlockConfig {
-            serial: None,
-            engine: EngineKind::IoUring,
-            cow: None,
-            num_queues: queues as u16,
-        },
-    )
-    .expect("device");
-    blk.set_acked_features(VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_MQ));
-    let dev = Arc::new(Mutex::new(blk));
-    let mut em = Em::new().expect("event manager");
-    em.add_subscriber(dev.clone());
+    let (dev, mut em) = io_uring_device(
+        path,
+        queues as u16,
+        VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_MQ),
+    );
     let mut qs = Vec::new();
     let mut kicks = Vec::new();
     let mut irqs = Vec::new();
