@@ -248,6 +248,16 @@ lab_pci() {
         g "virtio-at-$fn" "$(cat "$v/device") $(basename "$(readlink "$v/driver")") msix=$(ls "/sys/bus/pci/devices/$fn/msi_irqs" 2>/dev/null | wc -l)"
     done
     if hwclock -s -u; then g hwclock-epoch "$(date +%s)"; else g hwclock-epoch fail; fi
+    # NUMA: each node with its CPUs, node 0's distances, each node's memory.
+    nodes=""
+    for n in /sys/devices/system/node/node[0-9]*; do
+        nodes="$nodes $(basename "$n"):$(cat "$n/cpulist")"
+    done
+    g numa-nodes "${nodes# }"
+    g numa-distance "$(cat /sys/devices/system/node/node0/distance 2>/dev/null)"
+    for n in 0 1; do
+        g "node$n-kib" "$(awk '/MemTotal/ {print $4}' "/sys/devices/system/node/node$n/meminfo" 2>/dev/null)"
+    done
     nic=$(ls /sys/class/net | grep -v '^lo$' | head -n1)
     ip link set "$nic" up
     ip addr add 192.0.2.2/24 dev "$nic"

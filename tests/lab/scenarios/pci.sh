@@ -1,4 +1,5 @@
-# Lab scenario: Debian's stock kernel on a PCI machine (keel --transport pci):
+# Lab scenario: Debian's stock kernel on a PCI machine (keel --transport pci),
+# 2 sockets with memory.numa:
 # it finds every virtio device on PCI with MSI-X, names its NIC enp0sN and its
 # disks vda, vdb in configuration order, reads Keel's CMOS RTC with hwclock,
 # and `keelctl shutdown` (the ACPI power button) reaches busybox acpid, whose
@@ -21,7 +22,8 @@ start_agent "$LAB_DIR/agent.toml" pci.agent-listening
 
 # Slots in configuration order: the disks (1, 2), vsock (3), the NIC (4).
 start_keel pci --transport pci --kernel "$LAB_STOCK_KERNEL" --initrd "$LAB_STOCK_INITRD" \
-    --cmdline "console=ttyS0 reboot=k panic=1 lab=pci" --memory size=256M --cpus boot=2 \
+    --cmdline "console=ttyS0 reboot=k panic=1 lab=pci" --memory size=256M,numa=on \
+    --cpus boot=2,sockets=2,cores=1,threads=1 \
     --disk "path=$LAB_DIR/d0.img" --disk "path=$LAB_DIR/d1.img,readonly=on,num_queues=1" \
     --vsock "cid=3,socket=$LAB_DIR/vsock.sock" --net tap=labtap0,bridge=labbr0 \
     --api-socket "$LAB_DIR/api.sock" --shutdown-timeout 120
@@ -41,6 +43,19 @@ expect pci.vda-queues "$(guest "$c" vda-queues)" 2
 expect pci.vdb-queues "$(guest "$c" vdb-queues)" 1
 expect pci.slot3-vsock "$(guest "$c" virtio-at-0000:00:03.0)" "0x0013 vmw_vsock_virtio_transport msix=4"
 expect pci.slot4-net "$(guest "$c" virtio-at-0000:00:04.0)" "0x0001 virtio_net msix=3"
+# Two sockets with memory.numa: one NUMA node each (SRAT/SLIT), half the RAM.
+expect pci.numa-nodes "$(guest "$c" numa-nodes)" "node0:0 node1:1"
+expect pci.numa-distance "$(guest "$c" numa-distance)" "10 20"
+# (Each node's MemTotal is its 128 MiB less what the kernel reserved there:
+# node 1, at the top, also lost the initramfs's pages.)
+bad=""
+for n in 0 1; do
+    kib=$(guest "$c" "node$n-kib")
+    if [ -z "$kib" ] || [ "$kib" -le $((64 << 10)) ] || [ "$kib" -gt $((128 << 10)) ]; then
+        bad="$bad node$n has ${kib:-?} KiB of 128 MiB;"
+    fi
+done
+if [ -z "$bad" ]; then ok pci.numa-memory; else fail pci.numa-memory "$bad"; fi
 expect pci.ping-guest-to-host "$(guest "$c" ping-host)" ok
 check pci.ping-host-to-guest ping -c 3 -W 5 192.0.2.2
 expect pci.vsock-request "$(guest "$c" vsock-protocol)" '{"Ok":{"HostOSVsockVersion":{"major":1,"minor":0,"patch":0}}}'
