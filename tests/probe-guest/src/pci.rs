@@ -24,6 +24,23 @@ const MCFG_ALLOCATION: u64 = 44;
 const ECAM_BUS: u64 = 1 << 20;
 /// Capability ID of MSI-X.
 pub const CAP_MSIX: u8 = 0x11;
+/// Capability ID of the virtio-pci structures (vendor-specific), and the
+/// `cfg_type`s of the common configuration and the notifications.
+const CAP_VENDOR: u8 = 0x09;
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+
+/// A virtio-pci function's common configuration and notification
+/// structures, in guest-physical addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct PciNotifyRegs {
+    /// The common configuration structure.
+    pub common: u64,
+    /// The notification structure.
+    pub notify: u64,
+    /// `notify_off_multiplier`.
+    pub multiplier: u32,
+}
 
 fn table_at(addr: u64) -> Result<([u8; 4], u32), String> {
     phys::map(addr, HEADER_LEN).map_err(|e| format!("ACPI table at {addr:#x}: {e}"))?;
@@ -164,9 +181,43 @@ impl Bus {
 
     /// A virtio-pci transport on `at` (its BAR read as it is now).
     pub fn transport(&mut self, at: DeviceFunction) -> Result<ProbeTransport, String> {
+        let regs = self.notify_regs(at);
         PciTransport::new::<ProbeHal, _>(&mut self.root, at)
-            .map(ProbeTransport::pci)
+            .map(|t| ProbeTransport::pci(t, regs))
             .map_err(|e| format!("virtio-pci transport on {at}: {e}"))
+    }
+
+    /// Where `at`'s virtio-pci common configuration and notification
+    /// structures are (virtio 1.2, 4.1.4), when both are found in memory
+    /// BARs with addresses.
+    fn notify_regs(&mut self, at: DeviceFunction) -> Option<PciNotifyRegs> {
+        let caps: Vec<(u8, u8)> = self
+            .root
+            .capabilities(at)
+            .filter(|c| c.id == CAP_VENDOR)
+            .map(|c| (c.offset, (c.private_header >> 8) as u8))
+            .collect();
+        let mut common = None;
+        let mut notify = None;
+        for (offset, cfg_type) in caps {
+            let bar = (self.read(at, offset + 4) & 0xff) as u8;
+            let within = u64::from(self.read(at, offset + 8));
+            let base = match self.root.bar_info(at, bar) {
+                Ok(Some(b @ BarInfo::Memory { .. })) => b.memory_address_size()?.0,
+                _ => continue,
+            };
+            match cfg_type {
+                CFG_COMMON => common = Some(base + within),
+                CFG_NOTIFY => notify = Some((base + within, self.read(at, offset + 16))),
+                _ => {}
+            }
+        }
+        let (notify, multiplier) = notify?;
+        Some(PciNotifyRegs {
+            common: common?,
+            notify,
+            multiplier,
+        })
     }
 
     /// ECAM's base.
