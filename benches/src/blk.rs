@@ -292,20 +292,14 @@ fn keel(path: &Path, w: Workload, qd: usize, dur: Duration) -> Rate {
                 continue;
             }
         }
-        while used_seen != used {
-            let e = USED + 4 + 8 * u64::from(used_seen % QSIZE);
-            let head: u32 = mem.read_obj(GuestAddress(e)).expect("used elem");
-            let slot = u64::from(head) / 3;
-            let status: u8 = mem.read_obj(GuestAddress(STATUS + slot)).expect("status");
-            assert_eq!(status, 0, "Keel request failed");
-            used_seen = used_seen.wrapping_add(1);
+        reap(&mem, 0, &mut used_seen, used, |slot| {
             ops += 1;
             in_flight -= 1;
             if start.elapsed() < dur {
                 post(slot, offs.next(), &mut avail_idx);
                 in_flight += 1;
             }
-        }
+        });
         mem.store(avail_idx, GuestAddress(AVAIL + 2), Ordering::Release)
             .expect("avail idx");
         kick.write(1).expect("kick");
@@ -487,27 +481,35 @@ fn drive_queue(
                 continue;
             }
         }
-        while used_seen != used {
-            let e = base + USED + 4 + 8 * u64::from(used_seen % QSIZE);
-            let head: u32 = mem.read_obj(GuestAddress(e)).expect("used elem");
-            let slot = u64::from(head) / 3;
-            let status: u8 = mem
-                .read_obj(GuestAddress(base + STATUS + slot))
-                .expect("status");
-            assert_eq!(status, 0, "Keel request failed");
-            used_seen = used_seen.wrapping_add(1);
+        reap(mem, base, &mut used_seen, used, |slot| {
             ops += 1;
             in_flight -= 1;
             if start.elapsed() < dur {
                 post(slot, offs.next(), &mut avail_idx);
                 in_flight += 1;
             }
-        }
+        });
         mem.store(avail_idx, GuestAddress(base + AVAIL + 2), Ordering::Release)
             .expect("avail idx");
         kick.write(1).expect("kick");
     }
     ops
+}
+
+/// Takes the used-ring entries of the queue at `base` from `*seen` up to
+/// `used`: checks each request's status byte and hands its slot to `done`.
+fn reap(mem: &GuestMemoryMmap, base: u64, seen: &mut u16, used: u16, mut done: impl FnMut(u64)) {
+    while *seen != used {
+        let e = base + USED + 4 + 8 * u64::from(*seen % QSIZE);
+        let head: u32 = mem.read_obj(GuestAddress(e)).expect("used elem");
+        let slot = u64::from(head) / 3;
+        let status: u8 = mem
+            .read_obj(GuestAddress(base + STATUS + slot))
+            .expect("status");
+        assert_eq!(status, 0, "Keel request failed");
+        *seen = seen.wrapping_add(1);
+        done(slot);
+    }
 }
 
 /// The multi-queue row: 4K random reads at depth 32 over 1 queue, then
