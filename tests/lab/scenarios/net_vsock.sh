@@ -69,8 +69,12 @@ listen = "127.0.0.1:19100"
 textfile = "$LAB_DIR/agent.prom"
 TOML
 start_agent "$LAB_DIR/agent.toml" vsock.agent-listening
+# (Ctrl-Alt-Del: the minimal kernel has no ACPI button driver, and without
+# an init that takes it over, the kernel reboots at once: the runs below end
+# quickly at their SIGTERM.)
 start_keel vsock --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
-    --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock"
+    --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock" \
+    --shutdown-method ctrl-alt-del
 c=$LAB_DIR/vsock.console
 if wait_file "$c" '^LAB-GUEST vsock ready' 300; then ok vsock.up; else fail vsock.up "guest never ready"; show vsock; fi
 expect vsock.get-protocol "$(guest "$c" vsock-protocol)" '{"Ok":{"HostOSVsockVersion":{"major":1,"minor":0,"patch":0}}}'
@@ -90,10 +94,21 @@ kill "$KEEL_PID"
 wait_keel 60
 
 start_keel vsock-allow --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
-    --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock,allow_host_connect=on"
+    --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock,allow_host_connect=on" \
+    --shutdown-method ctrl-alt-del
 c=$LAB_DIR/vsock-allow.console
 wait_file "$c" '^LAB-GUEST vsock ready' 300 || show vsock-allow
-out=$(printf 'CONNECT 5000\n' | "$socat" -t 5 - UNIX-CONNECT:"$LAB_DIR/vsock.sock" 2>&1)
+# The guest starts its listener in the background just before it says
+# ready: until socat listens, the guest answers the CONNECT with a reset
+# (and the host side reads nothing). Try for up to 30 s.
+n=0
+while :; do
+    out=$(printf 'CONNECT 5000\n' | "$socat" -t 5 - UNIX-CONNECT:"$LAB_DIR/vsock.sock" 2>&1)
+    case "$out" in OK*guest-listener-says-hi*) break ;; esac
+    n=$((n + 1))
+    [ "$n" -lt 30 ] || break
+    sleep 1
+done
 case "$out" in
     OK*guest-listener-says-hi*) ok vsock.host-connect-allowed ;;
     *) fail vsock.host-connect-allowed "answer: $(echo "$out" | tr '\n' ' ')" ;;
