@@ -51,8 +51,8 @@ struct Args {
     /// The machine: acpi=on|off (ACPI tables; on by default)[,transport=mmio|pci].
     #[arg(long, value_name = "OPTIONS")]
     machine: Option<String>,
-    /// Transport of the virtio devices: mmio (default) | pci (a PCI host
-    /// bridge; no virtio devices on it yet).
+    /// Transport of the virtio devices: pci (default: virtio-pci functions
+    /// on a PCI host bridge, with MSI-X) | mmio (virtio-mmio windows).
     #[arg(long, value_name = "mmio|pci")]
     transport: Option<String>,
     /// Boot monitor: on | off | timeout_s=N[,consoles=PATH:PATH] (watches
