@@ -184,7 +184,8 @@ fn run_scenario_with(scenario: &str, extra: &[(&str, PathBuf)], expected: &[&str
     // whole scenario runs once more (loudly; a second failure fails):
     // - L1 itself (QEMU's emulation) wedges before its scenario reports;
     // - an L2 guest dies before its `/init` (README, "Linux guests": the
-    //   emulated SVM's early-boot deaths, about 1 boot in 100).
+    //   emulated SVM's early-boot deaths, about 1 boot in 100), or
+    //   triple-faults later (seen once, 7 s into a 2-vCPU guest's fsck).
     // Any other failed check fails at once.
     let mut attempt = 1;
     let (out, console, problems) = loop {
@@ -200,13 +201,20 @@ fn run_scenario_with(scenario: &str, extra: &[(&str, PathBuf)], expected: &[&str
             "L1 did not finish the scenario".to_string()
         } else {
             let dead = runs_dead_before_init(&console);
-            if dead.is_empty() {
+            let faulted = runs_triple_faulted(&console);
+            if !dead.is_empty() {
+                format!(
+                    "the L2 guest of run(s) {} died before /init",
+                    dead.join(", ")
+                )
+            } else if !faulted.is_empty() {
+                format!(
+                    "the L2 guest of run(s) {} triple-faulted",
+                    faulted.join(", ")
+                )
+            } else {
                 break (out, console, problems);
             }
-            format!(
-                "the L2 guest of run(s) {} died before /init",
-                dead.join(", ")
-            )
         };
         let log = keep_log(&format!("{scenario}-attempt{attempt}"), &console);
         eprintln!(
@@ -305,6 +313,26 @@ fn runs_dead_before_init(console: &str) -> Vec<String> {
     }
     close(&mut current);
     dead
+}
+
+/// The runs of a failed scenario whose guest triple-faulted (no scenario
+/// makes its guest do so): the keel logs `finish` prints after a failed
+/// check, each under `===== <dir>/<run>.log =====`, that say so.
+fn runs_triple_faulted(console: &str) -> Vec<String> {
+    let mut faulted = Vec::new();
+    let mut current: Option<String> = None;
+    for line in console.lines().map(|l| l.trim_end_matches('\r')) {
+        if let Some(header) = line.strip_prefix("===== ") {
+            current = header
+                .strip_suffix(".log =====")
+                .map(|path| path.rsplit('/').next().unwrap_or(path).to_string());
+        } else if let Some(run) = &current {
+            if line.contains("VM ended: guest triple-faulted") && !faulted.contains(run) {
+                faulted.push(run.clone());
+            }
+        }
+    }
+    faulted
 }
 
 /// Saves a failed run's console under `target/lab-logs/`.
@@ -698,6 +726,22 @@ fn runs_dead_before_init_are_found_in_finish_output() {
         ===== end of the runs' logs =====\n";
     assert_eq!(runs_dead_before_init(console), ["second", "third"]);
     assert!(runs_dead_before_init("LAB-RESULT a FAIL x\n").is_empty());
+}
+
+#[test]
+fn runs_triple_faulted_are_found_in_finish_output() {
+    let console = "LAB-RESULT blk.reboot-files-vdb FAIL\n\
+        ===== /tmp/lab.x/check.console =====\n\
+        keel: INFO  VM ended: guest triple-faulted\n\
+        ===== /tmp/lab.x/check.log =====\n\
+        keel: ERROR vCPU 0 triple fault\r\n\
+        keel: INFO  VM ended: guest triple-faulted\n\
+        ===== /tmp/lab.x/kill.log =====\n\
+        keel: INFO  VM ended: guest requested a reset\n\
+        ===== end of the runs' logs =====\n\
+        keel: INFO  VM ended: guest triple-faulted\n";
+    assert_eq!(runs_triple_faulted(console), ["check"]);
+    assert!(runs_triple_faulted("LAB-RESULT a FAIL x\n").is_empty());
 }
 
 /// A scenario passes only with every expected check run and passed, none
