@@ -6,17 +6,20 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// One VMM under test.
-struct Vmm {
-    name: &'static str,
+pub(crate) struct Vmm {
+    /// The series name.
+    pub name: &'static str,
     /// Builds the command for one run; `workdir` is a scratch directory.
-    command: Box<dyn Fn(&Path) -> Command>,
+    pub command: Box<dyn Fn(&Path) -> Command>,
 }
 
 /// One run's measurements.
 #[derive(Clone, Copy, Debug)]
-struct Sample {
-    first_output: Duration,
-    last_line: Duration,
+pub(crate) struct Sample {
+    /// Exec to the guest's first console byte.
+    pub first_output: Duration,
+    /// Exec to the probe's summary line.
+    pub last_line: Duration,
     /// Peak RSS (VmHWM) minus resident guest memory, KiB.
     overhead_kib: u64,
     /// Peak RSS, KiB.
@@ -54,18 +57,20 @@ fn parse(args: &[String]) -> Options {
     o
 }
 
-fn target_release() -> PathBuf {
+/// Where keel-bench itself (and so keel and the probe) was built.
+pub(crate) fn target_release() -> PathBuf {
     let exe = std::env::current_exe().expect("own path");
     exe.parent().expect("target/<profile>").to_path_buf()
 }
 
 /// Kernel command line for every VMM: the probe stays up after its checks
 /// so its memory can be read before it is stopped.
-const PROBE_CMDLINE: &str = "console=ttyS0 probe.idle";
+pub(crate) const PROBE_CMDLINE: &str = "console=ttyS0 probe.idle";
 const LAST_LINE: &str = " failed";
 const IDLE_LINE: &str = "probe: idle";
 
-fn measure(vmm: &Vmm, workdir: &Path, guest_mib: u64) -> Result<Sample, String> {
+/// Runs `vmm` once until the probe idles, then stops it.
+pub(crate) fn measure(vmm: &Vmm, workdir: &Path, guest_mib: u64) -> Result<Sample, String> {
     let mut cmd = (vmm.command)(workdir);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -35,6 +35,7 @@ mod boot;
 mod net;
 mod record;
 mod report;
+mod startup;
 mod transport;
 mod vsock;
 
@@ -119,7 +120,7 @@ pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--mq]\n       keel-bench blk-guest [--runs N] [--qemu PATH|none] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--qemu PATH|none] [--firecracker PATH] [--transport mmio|pci|both]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N] [--transport mmio|pci|both]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--mq]\n       keel-bench blk-guest [--runs N] [--qemu PATH|none] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--qemu PATH|none] [--firecracker PATH] [--transport mmio|pci|both]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench startup [--runs N] [--sizes GIB,GIB,...] [--qemu PATH|none]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
     );
     std::process::exit(2)
 }
@@ -136,6 +137,7 @@ fn main() {
         "api" => api::main,
         "net" => net::main,
         "vsock" => vsock::main,
+        "startup" => startup::main,
         "report" => {
             if let Err(e) = report::main(&args[1..]) {
                 eprintln!("keel-bench report: {e}");
