@@ -59,7 +59,7 @@ fn meminfo(key: &str) -> Option<u64> {
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// The host's hugepage pool grown for the bench; shrunk back when dropped.
