@@ -63,6 +63,33 @@ pub(crate) fn target_release() -> PathBuf {
     exe.parent().expect("target/<profile>").to_path_buf()
 }
 
+/// keel and the probe guest next to keel-bench; exits when one is missing.
+pub(crate) fn binaries() -> (PathBuf, PathBuf) {
+    let dir = target_release();
+    let (keel, probe) = (dir.join("keel"), dir.join("probe-guest"));
+    for p in [&keel, &probe] {
+        if !p.is_file() {
+            eprintln!("{} missing: run `cargo build --release` first", p.display());
+            std::process::exit(1);
+        }
+    }
+    (keel, probe)
+}
+
+/// QEMU `-M microvm` booting the probe (`PROBE_CMDLINE`) with `memory`
+/// (QEMU's `-m` syntax) and `cpus` vCPUs, serial on stdout.
+pub(crate) fn qemu_microvm(qemu: &Path, probe: &Path, memory: &str, cpus: u32) -> Command {
+    let mut c = Command::new(qemu);
+    c.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
+        .args(["-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-m", memory, "-smp", &cpus.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .args(["-kernel", &probe.display().to_string()])
+        .args(["-append", PROBE_CMDLINE]);
+    c
+}
+
 /// Kernel command line for every VMM: the probe stays up after its checks
 /// so its memory can be read before it is stopped.
 pub(crate) const PROBE_CMDLINE: &str = "console=ttyS0 probe.idle";
@@ -157,15 +184,7 @@ fn memory_of(pid: u32, guest_mib: u64) -> Result<(u64, u64), String> {
 /// The `boot` subcommand; records into `run`.
 pub fn main(args: &[String], run: &mut super::record::Run) {
     let o = parse(args);
-    let dir = target_release();
-    let keel = dir.join("keel");
-    let probe = dir.join("probe-guest");
-    for p in [&keel, &probe] {
-        if !p.is_file() {
-            eprintln!("{} missing: run `cargo build --release` first", p.display());
-            std::process::exit(1);
-        }
-    }
+    let (keel, probe) = binaries();
     let workdir = std::env::temp_dir().join(format!("keel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&workdir).expect("scratch dir");
     let (mem, cpus) = (o.memory_mib, o.cpus);
@@ -211,15 +230,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 Vmm {
                     name: "QEMU microvm",
                     command: Box::new(move |_| {
-                        let mut c = Command::new(&qemu);
-                        c.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
-                            .args(["-enable-kvm", "-cpu", "host,-arch-capabilities"])
-                            .args(["-m", &format!("{mem}M"), "-smp", &cpus.to_string()])
-                            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-                            .args(["-serial", "stdio", "-monitor", "none"])
-                            .args(["-kernel", &probe.display().to_string()])
-                            .args(["-append", PROBE_CMDLINE]);
-                        c
+                        qemu_microvm(&qemu, &probe, &format!("{mem}M"), cpus)
                     }),
                 },
                 None,

@@ -180,15 +180,8 @@ fn qemu_vmm(qemu: &Path, probe: &Path, gib: u64, mem_path: &Path, prealloc: bool
             "QEMU"
         },
         command: Box::new(move |_| {
-            let mut c = Command::new(&qemu);
-            c.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
-                .args(["-enable-kvm", "-cpu", "host,-arch-capabilities"])
-                .args(["-m", &format!("{gib}G"), "-smp", "1"])
-                .args(["-mem-path", &mem_path.display().to_string()])
-                .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-                .args(["-serial", "stdio", "-monitor", "none"])
-                .args(["-kernel", &probe.display().to_string()])
-                .args(["-append", PROBE_CMDLINE]);
+            let mut c = boot::qemu_microvm(&qemu, &probe, &format!("{gib}G"), 1);
+            c.args(["-mem-path", &mem_path.display().to_string()]);
             if prealloc {
                 c.arg("-mem-prealloc");
             }
@@ -200,15 +193,7 @@ fn qemu_vmm(qemu: &Path, probe: &Path, gib: u64, mem_path: &Path, prealloc: bool
 /// The `startup` subcommand; records into `run`.
 pub fn main(args: &[String], run: &mut super::record::Run) {
     let o = parse(args);
-    let dir = boot::target_release();
-    let keel = dir.join("keel");
-    let probe = dir.join("probe-guest");
-    for p in [&keel, &probe] {
-        if !p.is_file() {
-            eprintln!("{} missing: run `cargo build --release` first", p.display());
-            std::process::exit(1);
-        }
-    }
+    let (keel, probe) = boot::binaries();
     run.found("Keel", Some(&keel));
     run.found("QEMU", o.qemu.as_deref());
     let largest = o.sizes_gib.iter().copied().max().unwrap_or(1);
