@@ -300,6 +300,18 @@ fn judge(console: &str, expected: &[&str], exited_ok: bool) -> Vec<String> {
     problems
 }
 
+/// The console's lines, with a `===== ` section header that a cut-off
+/// line (a guest hung mid-line) runs into split onto a line of its own.
+fn console_lines(console: &str) -> impl Iterator<Item = &str> {
+    console.lines().flat_map(|l| {
+        let l = l.trim_end_matches('\r');
+        match l.find("===== ") {
+            Some(at) if at > 0 => vec![&l[..at], &l[at..]],
+            _ => vec![l],
+        }
+    })
+}
+
 /// The runs of a failed scenario whose guest never reached `/init`: the
 /// consoles `finish` (tests/lab/lib.sh) prints after a failed check, each
 /// under `===== <dir>/<run>.console =====`, that lack the initramfs's
@@ -314,7 +326,7 @@ fn runs_dead_before_init(console: &str) -> Vec<String> {
             }
         }
     };
-    for line in console.lines().map(|l| l.trim_end_matches('\r')) {
+    for line in console_lines(console) {
         if let Some(header) = line.strip_prefix("===== ") {
             close(&mut current);
             if let Some(path) = header.strip_suffix(".console =====") {
@@ -335,7 +347,7 @@ fn runs_dead_before_init(console: &str) -> Vec<String> {
 fn runs_triple_faulted(console: &str) -> Vec<String> {
     let mut faulted = Vec::new();
     let mut current: Option<String> = None;
-    for line in console.lines().map(|l| l.trim_end_matches('\r')) {
+    for line in console_lines(console) {
         if let Some(header) = line.strip_prefix("===== ") {
             current = header
                 .strip_suffix(".log =====")
@@ -739,6 +751,13 @@ fn runs_dead_before_init_are_found_in_finish_output() {
         ===== /tmp/lab.x/third.console =====\n\
         ===== end of the runs' logs =====\n";
     assert_eq!(runs_dead_before_init(console), ["second", "third"]);
+    // A console cut off mid-line, the next header glued to it (seen in CI:
+    // a 2-socket guest hung in `smp: Bro`).
+    let glued = "===== /tmp/lab.x/sockets.console =====\n\
+        [    1.65] smp: Bro===== /tmp/lab.x/stock.console =====\n\
+        KEEL-LINUX-GUEST: init reached\n\
+        ===== end of the runs' logs =====\n";
+    assert_eq!(runs_dead_before_init(glued), ["sockets"]);
     assert!(runs_dead_before_init("LAB-RESULT a FAIL x\n").is_empty());
 }
 

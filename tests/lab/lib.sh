@@ -83,6 +83,7 @@ wait_keel() {
 show() {
     echo "----- $1: console -----"
     tr -d '\r' <"$LAB_DIR/$1.console" | tail -n 60
+    [ -z "$(tail -c 1 "$LAB_DIR/$1.console")" ] || echo
     echo "----- $1: keel log -----"
     tail -n 40 "$LAB_DIR/$1.log"
     echo "----- end of $1 -----"
@@ -102,6 +103,9 @@ finish() {
         [ -f "$f" ] || continue
         echo "===== $f ====="
         tr -d '\r' <"$f"
+        # A console cut off mid-line (a hung guest) must not glue the next
+        # header to its last line.
+        [ -z "$(tail -c 1 "$f")" ] || echo
     done
     echo "===== end of the runs' logs ====="
 }
