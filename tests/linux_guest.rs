@@ -149,11 +149,11 @@ fn parse_results(console: &str) -> Vec<Check> {
 }
 
 /// How many times a scenario spoilt by the emulation (see
-/// `run_scenario_with`) is run at most. In a CI-style run with the tier on,
-/// 2 of 7 scenarios were spoilt once (L1's own kernel panicked in its page
-/// fault handler; a 2-vCPU guest triple-faulted): about 15% a scenario, so
-/// with two attempts about one run in six would still fail on the
-/// emulation, with three about one in fifty.
+/// `run_scenario_with`) is run at most. In a CI-style run, 2 of 7
+/// scenarios were spoilt once (L1's own kernel panicked in its page fault
+/// handler; a 2-vCPU guest triple-faulted): at about 15% a scenario, three
+/// attempts leave about one whole run in fifty failing on the emulation.
+/// (The next run was spoilt far more often; README, "Linux guests".)
 const ATTEMPTS: u32 = 3;
 
 /// Runs `tests/lab/scenarios/<scenario>.sh` (in L1, or directly with
