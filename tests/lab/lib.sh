@@ -79,11 +79,18 @@ wait_keel() {
     return 0
 }
 
+# end_line FILE: after FILE was printed, a newline if FILE does not end in
+# one (a console cut off mid-line by a hung guest must not glue what comes
+# next to its last line).
+end_line() {
+    [ -z "$(tail -c 1 "$1")" ] || echo
+}
+
 # show NAME: prints a run's console and log (for a failed check's context).
 show() {
     echo "----- $1: console -----"
     tr -d '\r' <"$LAB_DIR/$1.console" | tail -n 60
-    [ -z "$(tail -c 1 "$LAB_DIR/$1.console")" ] || echo
+    end_line "$LAB_DIR/$1.console"
     echo "----- $1: keel log -----"
     tail -n 40 "$LAB_DIR/$1.log"
     echo "----- end of $1 -----"
@@ -103,9 +110,7 @@ finish() {
         [ -f "$f" ] || continue
         echo "===== $f ====="
         tr -d '\r' <"$f"
-        # A console cut off mid-line (a hung guest) must not glue the next
-        # header to its last line.
-        [ -z "$(tail -c 1 "$f")" ] || echo
+        end_line "$f"
     done
     echo "===== end of the runs' logs ====="
 }
