@@ -27,6 +27,8 @@
 #   LAB_L1_CPUS (default 2): L1's vCPUs.
 #   LAB_TCG_THREAD (multi or single, default multi): QEMU's TCG threading.
 #   LAB_L0_MONITOR: a Unix socket path for QEMU's monitor of L1 (diagnostics).
+#   LAB_L0_QEMU=system: emulate L1 with the host's QEMU even when it is older
+#   than 10 (by default an older one is replaced by the backports QEMU).
 #
 # Downloads and unpacked packages are cached in $KEEL_LAB_CACHE (default
 # /var/cache/keel/lab, outside the checkout so a fresh clone on the same
@@ -162,7 +164,7 @@ copy_with_libs() {
 : > "$ir/lab/env"
 while IFS='=' read -r name value; do
     case "$name" in
-        LAB_MODE | LAB_TIMEOUT | LAB_LIB | LAB_TCG_THREAD | LAB_L0_MONITOR | LAB_L1_CPUS) continue ;;
+        LAB_MODE | LAB_TIMEOUT | LAB_LIB | LAB_TCG_THREAD | LAB_L0_MONITOR | LAB_L0_QEMU | LAB_L1_CPUS) continue ;;
     esac
     if [ -f "$value" ]; then
         # Below /lab/files: L1 mounts a tmpfs on /tmp, which would hide
@@ -198,8 +200,57 @@ INIT
 chmod +x "$ir/init"
 (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/l1.cpio.gz"
 
+# L0's emulator. QEMU 7.2 (bookworm's) spoils about a third of the lab's
+# runs: its multi-threaded TCG lets an interrupt into L1 inside KVM's world
+# switch, where SVM's GIF must hold it off, and L1's kernel panics. QEMU 10
+# (bookworm-backports) ran the same scenarios without it. So unless the host's
+# own QEMU is 10 or newer, the lab fetches qemu-system-x86 and the packages
+# holding its modules, firmware and data from "<codename>-backports" with a
+# private apt list (the host's apt set-up is left alone), unpacks them into
+# the cache, and runs that QEMU in a private mount namespace where its own
+# modules replace the host's (QEMU loads modules only from its build).
+# LAB_L0_QEMU=system forces the host's qemu-system-x86_64.
+qemu_major() { "$@" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+l0_qemu=(qemu-system-x86_64)
+if [ "${LAB_L0_QEMU:-auto}" != system ] && [ "$(qemu_major qemu-system-x86_64)" -lt 10 ] 2>/dev/null; then
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    adir="$cache/apt-$codename-backports"
+    apto=(-o "Dir::Etc::SourceList=$adir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$adir/lists" -o "Dir::Cache=$adir/cache" -o Dir::State::status=/dev/null
+        -o Debug::NoLocking=1)
+    qpkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
+    qcand() { apt-cache "${apto[@]}" policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ {print $2}'; }
+    (
+        flock 9
+        mkdir -p "$adir/lists/partial" "$adir/cache"
+        echo "deb http://deb.debian.org/debian $codename-backports main" > "$adir/sources.list"
+        if [ -z "$(qcand)" ] || [ "$(qcand)" = "(none)" ]; then apt-get "${apto[@]}" update -qq >&2; fi
+        qver=$(qcand)
+        qdir="$cache/qemu-$qver"
+        if [ ! -f "$qdir/.done" ]; then
+            log "fetching QEMU $qver from $codename-backports"
+            rm -rf "$qdir" && mkdir -p "$qdir"
+            tmp=$(mktemp -d "$cache/dl.XXXXXX")
+            chmod 755 "$tmp" # apt's download user writes there
+            (cd "$tmp" && apt-get "${apto[@]}" download -qq "${qpkgs[@]}" >&2) ||
+                { log "cannot download ${qpkgs[*]} from $codename-backports"; exit 1; }
+            for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$qdir"; done
+            rm -rf "$tmp"
+            touch "$qdir/.done"
+        fi
+        echo "$qdir" > "$adir/current"
+    ) 9>"$cache/.lock"
+    qdir=$(cat "$adir/current")
+    [ -x "$qdir/usr/bin/qemu-system-x86_64" ] || { log "no QEMU in $qdir"; exit 1; }
+    # $0 is the unpacked tree; the bind is needed only where the host has
+    # modules of its own QEMU.
+    l0_qemu=(unshare -m sh -c 'm=/usr/lib/x86_64-linux-gnu/qemu
+        if [ -d $m ]; then mount --bind "$0$m" $m || exit 1; fi
+        exec "$0/usr/bin/qemu-system-x86_64" -L "$0/usr/share/qemu" -L "$0/usr/share/seabios" "$@"' "$qdir")
+fi
+
 out="$work/console.log"
-log "booting L1 ($pkg, QEMU TCG, EPYC with SVM)"
+log "booting L1 ($pkg, $(qemu_major "${l0_qemu[@]}" | sed 's/^/QEMU /') TCG, EPYC with SVM)"
 # L1's kernel now and then wedges (soft lockups) under QEMU's multi-threaded
 # TCG with nested SVM; single-threaded TCG avoids it but is several times
 # slower. So the console is watched, a wedged L1 stopped at once and
@@ -207,7 +258,7 @@ log "booting L1 ($pkg, QEMU TCG, EPYC with SVM)"
 : > "$out"
 monitor=()
 [ -n "${LAB_L0_MONITOR:-}" ] && monitor=(-monitor "unix:$LAB_L0_MONITOR,server,nowait")
-(timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -accel "tcg,thread=${LAB_TCG_THREAD:-multi}" \
+(timeout "${LAB_TIMEOUT:-900}" "${l0_qemu[@]}" -accel "tcg,thread=${LAB_TCG_THREAD:-multi}" \
     -cpu EPYC,+svm,+npt -smp "${LAB_L1_CPUS:-2}" -m 3072 "${monitor[@]}" \
     -nographic -no-reboot -nic none \
     -kernel "$vmlinuz" -initrd "$work/l1.cpio.gz" \
