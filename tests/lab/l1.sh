@@ -220,25 +220,38 @@ if [ "${LAB_L0_QEMU:-auto}" != system ] && [ "$(qemu_major qemu-system-x86_64)" 
         -o Debug::NoLocking=1)
     qpkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
     qcand() { apt-cache "${apto[@]}" policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ {print $2}'; }
-    (
-        flock 9
-        mkdir -p "$adir/lists/partial" "$adir/cache"
-        echo "deb http://deb.debian.org/debian $codename-backports main" > "$adir/sources.list"
-        if [ -z "$(qcand)" ] || [ "$(qcand)" = "(none)" ]; then apt-get "${apto[@]}" update -qq >&2; fi
+    # qfetch: unpack the candidate version into $cache/qemu-<version> unless
+    # it is there; say where in $adir/current.
+    qfetch() {
+        local qver qdir tmp
         qver=$(qcand)
+        case "$qver" in "" | "(none)") log "no qemu-system-x86 in $codename-backports"; return 1 ;; esac
         qdir="$cache/qemu-$qver"
         if [ ! -f "$qdir/.done" ]; then
             log "fetching QEMU $qver from $codename-backports"
             rm -rf "$qdir" && mkdir -p "$qdir"
             tmp=$(mktemp -d "$cache/dl.XXXXXX")
             chmod 755 "$tmp" # apt's download user writes there
-            (cd "$tmp" && apt-get "${apto[@]}" download -qq "${qpkgs[@]}" >&2) ||
-                { log "cannot download ${qpkgs[*]} from $codename-backports"; exit 1; }
+            if ! (cd "$tmp" && apt-get "${apto[@]}" download -qq "${qpkgs[@]}" >&2); then
+                rm -rf "$tmp"
+                return 1
+            fi
             for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$qdir"; done
             rm -rf "$tmp"
             touch "$qdir/.done"
         fi
         echo "$qdir" > "$adir/current"
+    }
+    (
+        flock 9
+        mkdir -p "$adir/lists/partial" "$adir/cache"
+        echo "deb http://deb.debian.org/debian $codename-backports main" > "$adir/sources.list"
+        # The index is read once and kept; it is read again only when what it
+        # names cannot be had (none yet, or a version the mirror has dropped).
+        qfetch 2>/dev/null || { apt-get "${apto[@]}" update -qq >&2 && qfetch; } || {
+            log "cannot fetch QEMU from $codename-backports (LAB_L0_QEMU=system uses the host's $(qemu_major qemu-system-x86_64 | sed 's/^/QEMU /'), which spoils many runs)"
+            exit 1
+        }
     ) 9>"$cache/.lock"
     qdir=$(cat "$adir/current")
     [ -x "$qdir/usr/bin/qemu-system-x86_64" ] || { log "no QEMU in $qdir"; exit 1; }
