@@ -577,6 +577,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut secs = 2.0f64;
     let mut dir = PathBuf::from("/var/tmp");
     let mut mq_only = false;
+    let mut only: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--mq" {
@@ -586,6 +587,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
         match (a.as_str(), it.next()) {
             ("--seconds", Some(v)) => secs = v.parse().unwrap_or_else(|_| super::usage()),
             ("--dir", Some(v)) => dir = v.into(),
+            ("--only", Some(v)) => only = Some(v.clone()),
             _ => super::usage(),
         }
     }
@@ -613,7 +615,12 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
         ("file", file.clone()),
     ];
     if !mq_only {
-        table(&backings, dur, secs, run);
+        table(&backings, dur, secs, only.as_deref(), run);
+    }
+    if only.is_some() {
+        drop(loop_dev);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
     }
     println!("virtio-blk multi-queue, in-process, O_DIRECT, {secs} s per cell: depth 32 over 1 queue, or over 2 queues each driven by its own thread (a vCPU) and interrupt vector");
     println!();
@@ -628,8 +635,16 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
 }
 
 /// The main table: every workload at depth 1 and 32 on each backing,
-/// Keel against raw io_uring.
-fn table(backings: &[(&str, PathBuf)], dur: Duration, secs: f64, run: &mut super::record::Run) {
+/// Keel against raw io_uring; with `only`, just the rows whose
+/// "<backing> <workload> <QD>" (e.g. "loop device 4K randread 32") starts
+/// with it, for profiling one row.
+fn table(
+    backings: &[(&str, PathBuf)],
+    dur: Duration,
+    secs: f64,
+    only: Option<&str>,
+    run: &mut super::record::Run,
+) {
     println!("virtio-blk request path, in-process, O_DIRECT, {secs} s per cell; ratio = Keel / raw io_uring on the same backing");
     println!();
     println!("| backing | workload | QD | raw io_uring | Keel device path | Keel / raw |");
@@ -637,6 +652,9 @@ fn table(backings: &[(&str, PathBuf)], dur: Duration, secs: f64, run: &mut super
     for (label, path) in backings {
         for w in WORKLOADS {
             for qd in [1usize, 32] {
+                if only.is_some_and(|o| !format!("{label} {} {qd}", w.name).starts_with(o)) {
+                    continue;
+                }
                 let r = raw(path, w, qd, dur);
                 let k = keel(path, w, qd, dur);
                 let show = |x: Rate| {

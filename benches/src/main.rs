@@ -8,7 +8,7 @@
 //! byte, exec to the probe's last report line, and peak RSS of the VMM
 //! process minus the guest memory it touched.
 //!
-//! `keel-bench blk [--seconds S] [--dir DIR] [--mq]` drives Keel's virtio-blk
+//! `keel-bench blk [--seconds S] [--dir DIR] [--mq] [--only ROW]` drives Keel's virtio-blk
 //! request path in-process (a host-side driver on real rings) against raw
 //! io_uring on the same backing (a file, and a loop block device over
 //! another file), 4 KiB random and 1 MiB sequential, at depth 1 and 32.
@@ -120,7 +120,7 @@ pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--mq]\n       keel-bench blk-guest [--runs N] [--qemu PATH|none] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--qemu PATH|none] [--firecracker PATH] [--transport mmio|pci|both]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench startup [--runs N] [--sizes GIB,GIB,...] [--qemu PATH|none]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--mq] [--only \"BACKING WORKLOAD QD\"]\n       keel-bench blk-guest [--runs N] [--qemu PATH|none] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--qemu PATH|none] [--firecracker PATH] [--transport mmio|pci|both]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench startup [--runs N] [--sizes GIB,GIB,...] [--qemu PATH|none]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
     );
     std::process::exit(2)
 }
