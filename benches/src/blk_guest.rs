@@ -4,7 +4,8 @@
 //! virtio transport (`--transport mmio|pci|both`, default both; see
 //! [`super::transport`]): Keel with `--transport`, QEMU `-M microvm` with
 //! `virtio-blk-device` (modern virtio-mmio like Keel's) or `-M q35` with
-//! `virtio-blk-pci` (modern only).
+//! `virtio-blk-pci` (modern only), and Firecracker over mmio when a binary built
+//! by hand is given (`--firecracker PATH`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -69,6 +70,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut qemu = super::which("qemu-system-x86_64");
     let mut poll_us = 0u32;
     let mut transports = vec![Transport::Mmio, Transport::Pci];
+    let mut fc: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
@@ -76,6 +78,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             ("--keel-poll-us", Some(v)) => poll_us = v.parse().unwrap_or_else(|_| super::usage()),
             ("--qemu", Some(v)) if v == "none" => qemu = None,
             ("--qemu", Some(v)) => qemu = Some(v.into()),
+            ("--firecracker", Some(v)) => fc = Some(v.into()),
             ("--transport", Some(v)) => {
                 transports = Transport::parse_list(v).unwrap_or_else(|| super::usage())
             }
@@ -86,16 +89,17 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let keel = dir.join("keel");
     run.found("Keel", Some(&keel));
     run.found("QEMU", qemu.as_deref());
+    let fc = super::firecracker_binary(fc, run);
     let probe = dir.join("probe-guest");
     let work = PathBuf::from("/var/tmp").join(format!("keel-bench-blkg-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
     let img = work.join("disk.img");
     super::blk::make_backing(&img);
     let lo = super::blk::LoopDev::attach(&img);
-    println!("virtio-blk full path: probe guest (CPL3, virtio-drivers) -> VMM -> loop device (O_DIRECT), guest-measured, median of {runs}; Keel's device thread polls {poll_us} µs; QEMU: `-M microvm` with virtio-blk-device over mmio, `-M q35` with virtio-blk-pci over pci");
+    println!("virtio-blk full path: probe guest (CPL3, virtio-drivers) -> VMM -> loop device (O_DIRECT), guest-measured, median of {runs}; Keel's device thread polls {poll_us} µs; QEMU: `-M microvm` with virtio-blk-device over mmio, `-M q35` with virtio-blk-pci over pci; Firecracker (mmio only): io_engine Async (io_uring), which opens the device without O_DIRECT");
     println!();
-    println!("| workload | QD | transport | Keel | QEMU | Keel / QEMU | Keel pci / mmio |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| workload | QD | transport | Keel | QEMU | Keel / QEMU | Firecracker | Keel / Firecracker | Keel pci / mmio |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for c in CASES {
         for qd in [1u32, 32] {
             let cmdline = format!(
@@ -128,6 +132,16 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 .args(["-device", &format!("{},drive=d0", t.qemu_device(Kind::Blk))]);
                 k
             };
+            let fc_cmd = |f: &Path| {
+                super::firecracker(
+                    f,
+                    &work,
+                    &probe,
+                    &cmdline,
+                    (1, 512),
+                    super::FcDevice::Drive(Path::new(&lo.0)),
+                )
+            };
             let show = |r: f64| {
                 if c.bs >= 1 << 20 {
                     format!("{r:.0} MiB/s")
@@ -146,6 +160,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             for &t in &transports {
                 let mut ks = Vec::new();
                 let mut qs = Vec::new();
+                let mut fs = Vec::new();
                 for _ in 0..runs {
                     match run_once(keel_cmd(t), Duration::from_secs(120)) {
                         Ok(r) => ks.push(r * scale),
@@ -156,6 +171,16 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                         match run_once(qemu_cmd(q, t), Duration::from_secs(180)) {
                             Ok(r) => qs.push(r * scale),
                             Err(e) => eprintln!("QEMU {} {} qd {qd}: {e}", t.name(), c.kind),
+                        }
+                    }
+                    // Firecracker has no PCI transport.
+                    if let (Some(f), Transport::Mmio) = (&fc, t) {
+                        match fc_cmd(f)
+                            .map_err(|e| e.to_string())
+                            .and_then(|cmd| run_once(cmd, Duration::from_secs(120)))
+                        {
+                            Ok(r) => fs.push(r * scale),
+                            Err(e) => eprintln!("Firecracker {} qd {qd}: {e}", c.kind),
                         }
                     }
                 }
@@ -175,13 +200,27 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                     unit,
                     &qs,
                 );
+                run.push_on(
+                    "virtio-blk full path",
+                    &row,
+                    "Firecracker",
+                    t.name(),
+                    unit,
+                    &fs,
+                );
                 let k = (!ks.is_empty()).then(|| super::median(ks));
                 let q = (!qs.is_empty()).then(|| super::median(qs));
+                let f = (!fs.is_empty()).then(|| super::median(fs));
                 if t == Transport::Mmio {
                     keel_mmio = k;
                 }
+                let fc_cell = match (&fc, t) {
+                    (_, Transport::Pci) => "- (no PCI)".to_string(),
+                    (None, _) => "not measured (no binary)".to_string(),
+                    (Some(_), _) => f.map_or("failed".into(), show),
+                };
                 println!(
-                    "| {name} | {qd} | {} | {} | {} | {} | {} |",
+                    "| {name} | {qd} | {} | {} | {} | {} | {fc_cell} | {} | {} |",
                     t.name(),
                     k.map_or("failed".into(), show),
                     q.map_or(
@@ -193,6 +232,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                         |q| format!("{} ({})", show(q), t.qemu_machine())
                     ),
                     super::transport::ratio(k, q),
+                    super::transport::ratio(k, f),
                     if t == Transport::Pci {
                         super::transport::ratio(k, keel_mmio)
                     } else {

@@ -247,7 +247,14 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 Vmm {
                     name: "Firecracker",
                     command: Box::new(move |work| {
-                        super::firecracker(&fc, work, &probe, PROBE_CMDLINE, (cpus, mem), None)
+                        super::firecracker(
+                            &fc,
+                            work,
+                            &probe,
+                            PROBE_CMDLINE,
+                            (cpus, mem),
+                            super::FcDevice::None,
+                        )
                             .expect("firecracker config")
                     }),
                 },

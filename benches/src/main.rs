@@ -13,7 +13,7 @@
 //! io_uring on the same backing (a file, and a loop block device over
 //! another file), 4 KiB random and 1 MiB sequential, at depth 1 and 32.
 //!
-//! `keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame B]` moves 64 B and 1500 B UDP
+//! `keel-bench net [--runs N] [--qemu PATH|none] [--firecracker PATH] [--dir tx|rx] [--frame B]` moves 64 B and 1500 B UDP
 //! frames both ways between the probe guest and a bridge in a namespace of
 //! its own, under Keel and QEMU, beside a raw tap loop.
 //!
@@ -64,34 +64,64 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The device a Firecracker run of the probe gets besides its console.
+#[derive(Clone, Copy, Debug)]
+pub enum FcDevice<'a> {
+    /// None.
+    None,
+    /// A vsock device for guest CID 3 on this Unix socket (Firecracker binds
+    /// it, so an old one is removed first).
+    Vsock(&'a std::path::Path),
+    /// A read-write virtio-blk drive on this file or block device, with
+    /// Firecracker's io_uring engine (`io_engine = "Async"`).
+    Drive(&'a std::path::Path),
+    /// A virtio-net device on the existing tap `tap`, guest MAC `mac`.
+    Net {
+        /// Name of the tap (made beforehand, with a virtio-net header).
+        tap: &'a str,
+        /// The guest's MAC address, `aa:bb:cc:dd:ee:ff`.
+        mac: &'a str,
+    },
+}
+
 /// The probe guest under Firecracker: writes `work/fc.json` (`kernel` with
-/// `cmdline`, `cpus` vCPUs, `mem_mib` MiB, and with `vsock` a vsock device
-/// for guest CID 3 on that Unix socket) and returns the command that boots
-/// it. A vsock socket must not exist yet (Firecracker binds it): it is
-/// removed first.
+/// `cmdline`, `cpus` vCPUs, `mem_mib` MiB and `device`) and returns the
+/// command that boots it.
 pub fn firecracker(
     fc: &std::path::Path,
     work: &std::path::Path,
     kernel: &std::path::Path,
     cmdline: &str,
     (cpus, mem_mib): (u32, u64),
-    vsock: Option<&std::path::Path>,
+    device: FcDevice,
 ) -> std::io::Result<std::process::Command> {
-    let vsock_json = match vsock {
-        Some(sock) => {
+    let device_json = match device {
+        FcDevice::None => String::new(),
+        FcDevice::Vsock(sock) => {
             let _ = std::fs::remove_file(sock);
             format!(
                 r#","vsock":{{"guest_cid":3,"uds_path":"{}"}}"#,
                 sock.display()
             )
         }
-        None => String::new(),
+        FcDevice::Drive(path) => format!(
+            r#","drives":[{{"drive_id":"d0","path_on_host":"{}","is_root_device":false,"is_read_only":false,"io_engine":"Async"}}]"#,
+            path.display()
+        ),
+        FcDevice::Net { tap, mac } => format!(
+            r#","network-interfaces":[{{"iface_id":"eth0","guest_mac":"{mac}","host_dev_name":"{tap}"}}]"#
+        ),
+    };
+    let drives = if matches!(device, FcDevice::Drive(_)) {
+        ""
+    } else {
+        r#""drives":[],"#
     };
     let cfg = work.join("fc.json");
     std::fs::write(
         &cfg,
         format!(
-            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{cmdline}"}},"drives":[],"machine-config":{{"vcpu_count":{cpus},"mem_size_mib":{mem_mib}}}{vsock_json}}}"#,
+            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{cmdline}"}},{drives}"machine-config":{{"vcpu_count":{cpus},"mem_size_mib":{mem_mib}}}{device_json}}}"#,
             kernel.display()
         ),
     )?;
@@ -99,6 +129,28 @@ pub fn firecracker(
     c.args(["--no-api", "--config-file", &cfg.display().to_string()])
         .args(["--level", "Error"]);
     Ok(c)
+}
+
+/// The Firecracker binary a bench was given (`--firecracker PATH` or
+/// `FIRECRACKER=PATH`), recorded in `run`; `None`, with the reason on
+/// stderr, when there is none or it is not a file. This project never
+/// builds Firecracker: build it by hand.
+pub fn firecracker_binary(
+    given: Option<std::path::PathBuf>,
+    run: &mut record::Run,
+) -> Option<std::path::PathBuf> {
+    let fc = given.or_else(|| std::env::var_os("FIRECRACKER").map(Into::into));
+    let fc = fc.filter(|f| {
+        f.is_file() || {
+            eprintln!("Firecracker: {} is not a file: not measured", f.display());
+            false
+        }
+    });
+    run.found("Firecracker", fc.as_deref());
+    if fc.is_none() {
+        eprintln!("Firecracker: not measured (no binary: pass --firecracker PATH or FIRECRACKER=PATH; build it by hand outside this project)");
+    }
+    fc
 }
 
 /// The number in field `key` (such as `ns=`) of a probe report line.
@@ -120,7 +172,7 @@ pub fn probe_rate(output: &str, prefix: &str) -> Result<f64, String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--mq] [--only \"BACKING WORKLOAD QD\"]\n       keel-bench blk-guest [--runs N] [--qemu PATH|none] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--qemu PATH|none] [--firecracker PATH] [--transport mmio|pci|both]\n       keel-bench net [--runs N] [--qemu PATH|none] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench startup [--runs N] [--sizes GIB,GIB,...] [--qemu PATH|none]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
+        "usage: keel-bench boot [--runs N] [--memory MIB] [--cpus N] [--qemu PATH] [--firecracker PATH]\n       keel-bench blk [--seconds S] [--dir DIR] [--mq] [--only \"BACKING WORKLOAD QD\"]\n       keel-bench blk-guest [--runs N] [--qemu PATH|none] [--firecracker PATH] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench api [--requests N]\n       keel-bench vsock [--runs N] [--qemu PATH|none] [--firecracker PATH] [--transport mmio|pci|both]\n       keel-bench net [--runs N] [--qemu PATH|none] [--firecracker PATH] [--dir tx|rx] [--frame BYTES] [--keel-poll-us N] [--transport mmio|pci|both]\n       keel-bench startup [--runs N] [--sizes GIB,GIB,...] [--qemu PATH|none]\n       (each also takes --json PATH or --json-dir DIR)\n       keel-bench report DIR|FILE [DIR|FILE...] --out OUT_DIR"
     );
     std::process::exit(2)
 }

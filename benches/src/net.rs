@@ -5,7 +5,9 @@
 //! (`--transport mmio|pci|both`, default both; QEMU `-M microvm` with
 //! `virtio-net-device` or `-M q35` with `virtio-net-pci`, see
 //! [`super::transport`]), against a raw tap read/write loop on the same
-//! bridge (the host limit), same run.
+//! bridge (the host limit), same run; and under Firecracker (mmio only, its
+//! userspace virtio-net) when a binary built by hand is given
+//! (`--firecracker PATH`).
 //!
 //! Everything runs in a network namespace the bench makes (and deletes):
 //! bridge `br6` at 10.66.0.1/24; the guest (or the raw loop) is 10.66.0.2
@@ -241,7 +243,8 @@ struct Rate {
 }
 
 /// CPU time (ns, from schedstat) of each thread of `pid` that is not a
-/// vCPU (Keel names them `vcpuN`, QEMU `CPU N/KVM`): the VMM's own work,
+/// vCPU (Keel names them `vcpuN`, QEMU `CPU N/KVM`, Firecracker
+/// `fc_vcpu N`): the VMM's own work,
 /// devices and event loops, as opposed to running the guest.
 fn vmm_thread_cpu(pid: u32, seen: &mut std::collections::HashMap<u32, u64>) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -253,7 +256,7 @@ fn vmm_thread_cpu(pid: u32, seen: &mut std::collections::HashMap<u32, u64>) {
         };
         let dir = t.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.starts_with("vcpu") || comm.starts_with("CPU ") {
+        if comm.starts_with("vcpu") || comm.starts_with("CPU ") || comm.starts_with("fc_vcpu") {
             continue;
         }
         let ns = std::fs::read_to_string(dir.join("schedstat"))
@@ -488,10 +491,12 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut poll_us = 0u32;
     let mut frames = vec![64usize, 1500];
     let mut transports = vec![Transport::Mmio, Transport::Pci];
+    let mut fc: Option<std::path::PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next().map(String::as_str)) {
             ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| super::usage()),
+            ("--firecracker", Some(v)) => fc = Some(v.into()),
             ("--qemu", Some("none")) => qemu = None,
             ("--qemu", Some(v)) => qemu = Some(v.into()),
             ("--keel-poll-us", Some(v)) => poll_us = v.parse().unwrap_or_else(|_| super::usage()),
@@ -514,6 +519,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let probe = bin.join("probe-guest");
     run.found("Keel", Some(&bin.join("keel")));
     run.found("QEMU", qemu.as_deref());
+    let fc = super::firecracker_binary(fc, run);
     let ns = match Netns::enter() {
         Ok(ns) => ns,
         Err(e) => {
@@ -529,17 +535,41 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             .map_err(|e| eprintln!("QEMU's tap: {e}"))
             .ok()
     });
+    // Firecracker too opens an existing tap.
+    let fc_work = std::env::temp_dir().join(format!("keel-bench-net-{}", std::process::id()));
+    let fc = fc.filter(|_| {
+        ip(&["tuntap", "add", "dev", "kbf0", "mode", "tap", "vnet_hdr"])
+            .and_then(|()| ip(&["link", "set", "kbf0", "master", BRIDGE, "up"]))
+            .and_then(|()| std::fs::create_dir_all(&fc_work).map_err(|e| e.to_string()))
+            .map_err(|e| eprintln!("Firecracker's tap: {e}"))
+            .is_ok()
+    });
+    let guest_mac = mac_text(&GUEST_MAC);
+    let fc_cmd = |f: &Path, cmdline: &str| {
+        super::firecracker(
+            f,
+            &fc_work,
+            &probe,
+            cmdline,
+            (1, 256),
+            super::FcDevice::Net {
+                tap: "kbf0",
+                mac: &guest_mac,
+            },
+        )
+        .map_err(|e| e.to_string())
+    };
     println!(
         "virtio-net throughput, UDP frames through a tap on a bridge, median of {runs}; \
          guest figures measured in the guest; (delivered %); Keel's device thread polls {poll_us} µs; \
          QEMU: `-M microvm` with virtio-net-device over mmio, `-M q35` with virtio-net-pci over pci \
-         (vhost off); the raw tap loop has no transport: the same figure on each row"
+         (vhost off); Firecracker: mmio only; the raw tap loop has no transport: the same figure on each row"
     );
     println!();
     println!(
-        "| direction | frame | transport | raw tap loop | Keel | QEMU | Keel / QEMU | Keel / raw | Keel pci / mmio |"
+        "| direction | frame | transport | raw tap loop | Keel | QEMU | Keel / QEMU | Firecracker | Keel / Firecracker | Keel / raw | Keel pci / mmio |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
     for &dir in &dirs {
         for &frame in &frames {
@@ -554,6 +584,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             // Per transport: Keel's and QEMU's samples.
             let mut ks: Vec<Vec<Rate>> = vec![Vec::new(); transports.len()];
             let mut qs: Vec<Vec<Rate>> = vec![Vec::new(); transports.len()];
+            let mut fs: Vec<Vec<Rate>> = vec![Vec::new(); transports.len()];
             for _ in 0..runs {
                 match raw(dir, frame, n) {
                     Ok(r) => rs.push(r),
@@ -568,6 +599,13 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                         match guest(qemu_cmd(q, &probe, &cmdline, t), dir, frame, n) {
                             Ok(r) => qs[i].push(r),
                             Err(e) => eprintln!("QEMU {} {dir} {frame}: {e}", t.name()),
+                        }
+                    }
+                    // Firecracker has no PCI transport.
+                    if let (Some(f), Transport::Mmio) = (&fc, t) {
+                        match fc_cmd(f, &cmdline).and_then(|c| guest(c, dir, frame, n)) {
+                            Ok(r) => fs[i].push(r),
+                            Err(e) => eprintln!("Firecracker {dir} {frame}: {e}"),
                         }
                     }
                 }
@@ -603,14 +641,16 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             for (i, &t) in transports.iter().enumerate() {
                 record(run, &t.keel_series(), Some(t), &ks[i]);
                 record(run, &t.qemu_series(), Some(t), &qs[i]);
+                record(run, "Firecracker", Some(t), &fs[i]);
                 let k = median_rate(std::mem::take(&mut ks[i]));
                 let q = median_rate(std::mem::take(&mut qs[i]));
+                let f = median_rate(std::mem::take(&mut fs[i]));
                 if t == Transport::Mmio {
                     keel_mmio = k;
                 }
                 let pps = |x: Option<Rate>| x.map(|x| x.pps);
                 println!(
-                    "| {direction} | {frame} B | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {direction} | {frame} B | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     t.name(),
                     show(r, frame),
                     show(k, frame),
@@ -619,6 +659,12 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                         (Some(_), q) => show(q, frame),
                     },
                     super::transport::ratio(pps(k), pps(q)),
+                    match (&fc, t) {
+                        (_, Transport::Pci) => "- (no PCI)".into(),
+                        (None, _) => "not measured (no binary)".into(),
+                        (Some(_), _) => show(f, frame),
+                    },
+                    super::transport::ratio(pps(k), pps(f)),
                     match (k, r) {
                         (Some(k), Some(r)) => format!("{:.0}%", 100.0 * k.pps / r.pps),
                         _ => "-".into(),
@@ -630,19 +676,19 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                     },
                 );
                 let cpu = |x: Option<Rate>| x.and_then(|x| x.vmm_ns_per_frame).map(|ns| ns / 1e3);
-                cpu_rows.push((dir, frame, t, cpu(k), cpu(q)));
+                cpu_rows.push((dir, frame, t, cpu(k), cpu(q), cpu(f)));
             }
         }
     }
     println!();
     println!("host CPU the VMM spent outside its vCPU threads, per frame (µs; device and event-loop threads; median)");
     println!();
-    println!("| direction | frame | transport | Keel | QEMU | Keel / QEMU |");
-    println!("|---|---|---|---|---|---|");
-    for (dir, frame, t, k, q) in cpu_rows {
+    println!("| direction | frame | transport | Keel | QEMU | Keel / QEMU | Firecracker | Keel / Firecracker |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (dir, frame, t, k, q, f) in cpu_rows {
         let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
         println!(
-            "| {} | {frame} B | {} | {} | {} | {} |",
+            "| {} | {frame} B | {} | {} | {} | {} | {} | {} |",
             if dir == "tx" {
                 "guest -> host"
             } else {
@@ -652,9 +698,12 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             us(k),
             us(q),
             super::transport::ratio(k, q),
+            us(f),
+            super::transport::ratio(k, f),
         );
     }
     drop(ns);
+    let _ = std::fs::remove_dir_all(&fc_work);
 }
 
 #[cfg(test)]

@@ -362,7 +362,15 @@ fn guest_round_trip(vmm: &dyn Fn() -> Option<Command>, sock: &Path, runs: usize)
 
 /// Firecracker booting the probe with `cmdline`, its vsock on `sock`.
 fn fc_cmd(fc: &Path, work: &Path, probe: &Path, cmdline: &str, sock: &Path) -> Option<Command> {
-    super::firecracker(fc, work, probe, cmdline, (1, 256), Some(sock)).ok()
+    super::firecracker(
+        fc,
+        work,
+        probe,
+        cmdline,
+        (1, 256),
+        super::FcDevice::Vsock(sock),
+    )
+    .ok()
 }
 
 /// QEMU's vsock over `t`: the probe with `cmdline`, a vhost-vsock device
@@ -389,7 +397,7 @@ fn keel_cmd(bin: &Path, cmdline: &str, sock: &Path, t: Transport) -> Command {
 
 /// The `vsock` subcommand; records into `run`.
 pub fn main(args: &[String], run: &mut super::record::Run) {
-    let mut fc: Option<PathBuf> = std::env::var_os("FIRECRACKER").map(PathBuf::from);
+    let mut fc: Option<PathBuf> = None;
     let mut qemu = super::which("qemu-system-x86_64");
     let mut runs = 3usize;
     let mut transports = vec![Transport::Mmio, Transport::Pci];
@@ -412,18 +420,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     std::fs::create_dir_all(&work).expect("work dir");
     let sock = work.join("v.sock");
     run.found("Keel", Some(&bin.join("keel")));
-    let fc = fc.filter(|f| {
-        f.is_file() || {
-            eprintln!("Firecracker: {} is not a file: not measured", f.display());
-            false
-        }
-    });
-    run.found("Firecracker", fc.as_deref());
-    if fc.is_none() {
-        eprintln!(
-            "Firecracker: not measured (no binary: pass --firecracker PATH or FIRECRACKER=PATH)"
-        );
-    }
+    let fc = super::firecracker_binary(fc, run);
     // QEMU's only vsock is vhost-vsock: the host kernel's device.
     let vhost = Path::new("/dev/vhost-vsock");
     let qemu_absent = match &qemu {
