@@ -156,6 +156,14 @@ fn parse_results(console: &str) -> Vec<Check> {
 /// (The next run was spoilt far more often; README, "Linux guests".)
 const ATTEMPTS: u32 = 3;
 
+/// Writes `line` to the test process's stderr itself, past libtest's output
+/// capture (which keeps `eprintln!` of a passing test out of CI's log): a
+/// retry and each scenario's summary must show in every run's log.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Runs `tests/lab/scenarios/<scenario>.sh` (in L1, or directly with
 /// vmx/svm) and asserts that exactly the `expected` checks ran and passed.
 fn run_scenario(scenario: &str, expected: &[&str]) {
@@ -227,14 +235,14 @@ fn run_scenario_with(scenario: &str, extra: &[(&str, PathBuf)], expected: &[&str
             }
         };
         let log = keep_log(&format!("{scenario}-attempt{attempt}"), &console);
-        eprintln!(
+        say(&format!(
             "lab {scenario}: RETRY: {why} (console kept at {}); running the scenario again",
             log.display()
-        );
+        ));
         attempt += 1;
     };
     let results = parse_results(&console);
-    eprintln!(
+    say(&format!(
         "lab {scenario}: {} checks in {:.0} s ({}{})",
         results.len(),
         started.elapsed().as_secs_f64(),
@@ -248,7 +256,7 @@ fn run_scenario_with(scenario: &str, extra: &[(&str, PathBuf)], expected: &[&str
         } else {
             String::new()
         }
-    );
+    ));
     for r in &results {
         eprintln!(
             "  {:<44} {}",

@@ -191,6 +191,11 @@ awk '
         printf "total: %d passed, %d failed, %d skipped\n", tp, tf, ti
     }
 ' "$log"
+retries=$(grep -c ': RETRY: ' "$log" || true)
+if [ "${retries:-0}" -gt 0 ]; then
+    echo "  Linux guest tier: $retries scenario attempt(s) spoilt and rerun:"
+    grep ': RETRY: ' "$log" | sed 's/^/    /'
+fi
 echo
 echo "== time per tier"
 for t in "${tiers[@]}"; do echo "  $t"; done
