@@ -41,6 +41,21 @@ wait_file() {
     done
 }
 
+# wait_console CONSOLE PATTERN SECONDS: wait_file for a line from the guest
+# of the keel started last, which gives up as soon as that keel has ended
+# (a guest that died does not print: no use waiting out the time).
+wait_console() {
+    local file=$1 pattern=$2 deadline=$(($(date +%s) + $3))
+    while ! grep -qE "$pattern" "$file" 2>/dev/null; do
+        if ! kill -0 "$KEEL_PID" 2>/dev/null; then
+            grep -qE "$pattern" "$file" 2>/dev/null
+            return
+        fi
+        [ "$(date +%s)" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
 # guest CONSOLE KEY: the value of the last `LAB-GUEST KEY value` line.
 guest() {
     tr -d '\r' <"$1" | sed -n "s/^LAB-GUEST $2 //p" | tail -n1

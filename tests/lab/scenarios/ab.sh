@@ -10,7 +10,7 @@ disk=$LAB_AB_DISK
 for step in 1 2 3; do
     start_keel "ab$step" --transport mmio --boot-slot guestos --disk "path=$disk" \
         --memory size=256M --cpus boot=1
-    if wait_file "$LAB_DIR/ab$step.console" '^LAB-GUEST ab-step' 300; then :; else show "ab$step"; fi
+    if wait_console "$LAB_DIR/ab$step.console" '^LAB-GUEST ab-step' 300; then :; else show "ab$step"; fi
     wait_keel 120
     expect "ab.boot$step-exit-is-reset" "$KEEL_RC" 3
 done

@@ -61,7 +61,7 @@ expect blk.reboot-files-vdb "$(guest "$c" verify-vdb)" ok
 # kill -9 right after the guest's sync loses nothing.
 blk_boot kill blk-kill
 c=$LAB_DIR/kill.console
-if wait_file "$c" '^LAB-GUEST synced' 300; then
+if wait_console "$c" '^LAB-GUEST synced' 300; then
     expect blk.kill-synced "$(guest "$c" synced)" yes
 else
     fail blk.kill-synced "the guest never synced"

@@ -97,7 +97,7 @@ start_keel life --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmd
     --memory size=256M --cpus boot=1 --api-socket "$sock" --shutdown-timeout 120 \
     --shutdown-method ctrl-alt-del
 c=$LAB_DIR/life.console
-if wait_file "$c" '^LAB-GUEST tick 2' 240; then ok lifecycle.up; else fail lifecycle.up "no heartbeat"; show life; fi
+if wait_console "$c" '^LAB-GUEST tick 2' 240; then ok lifecycle.up; else fail lifecycle.up "no heartbeat"; show life; fi
 expect lifecycle.info-running "$(state)" running
 check lifecycle.pause ctl pause
 expect lifecycle.info-paused "$(state)" paused
@@ -107,7 +107,7 @@ size2=$(wc -c <"$c")
 expect lifecycle.paused-guest-silent "$size2" "$size1"
 n=$(last_tick "$c")
 check lifecycle.resume ctl resume
-if wait_file "$c" "^LAB-GUEST tick $((n + 2))" 60; then ok lifecycle.runs-after-resume; else fail lifecycle.runs-after-resume "no tick after $n"; fi
+if wait_console "$c" "^LAB-GUEST tick $((n + 2))" 60; then ok lifecycle.runs-after-resume; else fail lifecycle.runs-after-resume "no tick after $n"; fi
 check lifecycle.shutdown-request ctl shutdown --timeout 120
 # graceful_end RUN CHECK: the run's guest saw Ctrl-Alt-Del, powered off by
 # itself (S5 through ACPI) before the timeout, and keel exited 0.
@@ -123,7 +123,7 @@ graceful_end life lifecycle.shutdown
 start_keel term --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
     --memory size=256M --cpus boot=1 --shutdown-timeout 120 --shutdown-method ctrl-alt-del
 c=$LAB_DIR/term.console
-wait_file "$c" '^LAB-GUEST tick 2' 240 || show term
+wait_console "$c" '^LAB-GUEST tick 2' 240 || show term
 kill -TERM "$KEEL_PID"
 graceful_end term lifecycle.sigterm
 
@@ -131,7 +131,7 @@ graceful_end term lifecycle.sigterm
 start_keel ignore --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle-ignore)" \
     --memory size=256M --cpus boot=1 --api-socket "$sock" --shutdown-method ctrl-alt-del
 c=$LAB_DIR/ignore.console
-wait_file "$c" '^LAB-GUEST tick 2' 240 || show ignore
+wait_console "$c" '^LAB-GUEST tick 2' 240 || show ignore
 check lifecycle.ignore-request ctl shutdown --timeout 5
 wait_keel 60
 if grep -q 'LAB-GUEST ctrlaltdel ignored' "$c"; then ok lifecycle.ignore-reaches-init; else fail lifecycle.ignore-reaches-init "init never saw Ctrl-Alt-Del"; fi

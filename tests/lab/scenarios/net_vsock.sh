@@ -16,7 +16,7 @@ start_keel net --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdl
     --memory size=256M --cpus boot=2 --net tap=labtap0,bridge=labbr0,mtu=1400 \
     --api-socket "$LAB_DIR/net-api.sock"
 c=$LAB_DIR/net.console
-if wait_file "$c" '^LAB-GUEST net ready' 300; then ok net.up; else fail net.up "guest network never ready"; show net; fi
+if wait_console "$c" '^LAB-GUEST net ready' 300; then ok net.up; else fail net.up "guest network never ready"; show net; fi
 expect net.mtu "$(guest "$c" mtu)" 1400
 case "$(guest "$c" net-irq)" in
     *IO-APIC*fasteoi*) ok net.irq-level-triggered ;;
@@ -38,7 +38,7 @@ until timeout 300 "$socat" -T 60 -u FILE:"$LAB_DIR/h2g" TCP:192.0.2.2:5001,conne
     [ "$n" -lt 30 ] || break
     sleep 1
 done
-if wait_file "$c" '^LAB-GUEST net done' 300; then :; else show net; fi
+if wait_console "$c" '^LAB-GUEST net done' 300; then :; else show net; fi
 # The listener ends once the guest's data is in (socat -T ends a stall).
 n=0
 while kill -0 "$listener" 2>/dev/null && [ "$n" -lt 300 ]; do
@@ -76,7 +76,7 @@ start_keel vsock --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cm
     --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock" \
     --shutdown-method ctrl-alt-del
 c=$LAB_DIR/vsock.console
-if wait_file "$c" '^LAB-GUEST vsock ready' 300; then ok vsock.up; else fail vsock.up "guest never ready"; show vsock; fi
+if wait_console "$c" '^LAB-GUEST vsock ready' 300; then ok vsock.up; else fail vsock.up "guest never ready"; show vsock; fi
 expect vsock.get-protocol "$(guest "$c" vsock-protocol)" '{"Ok":{"HostOSVsockVersion":{"major":1,"minor":0,"patch":0}}}'
 expect vsock.get-version "$(guest "$c" vsock-version)" '{"Ok":{"HostOSVersion":"lab-1.2.3"}}'
 expect vsock.notify "$(guest "$c" vsock-notify)" '{"Ok":"NoPayload"}'
@@ -97,7 +97,7 @@ start_keel vsock-allow --transport mmio --kernel "$K" --initrd "$I" --cmdline "$
     --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock,allow_host_connect=on" \
     --shutdown-method ctrl-alt-del
 c=$LAB_DIR/vsock-allow.console
-wait_file "$c" '^LAB-GUEST vsock ready' 300 || show vsock-allow
+wait_console "$c" '^LAB-GUEST vsock ready' 300 || show vsock-allow
 # The guest starts its listener in the background just before it says
 # ready: until socat listens, the guest answers the CONNECT with a reset
 # (and the host side reads nothing). Try for up to 30 s.

@@ -28,7 +28,7 @@ start_keel pci --transport pci --kernel "$LAB_STOCK_KERNEL" --initrd "$LAB_STOCK
     --vsock "cid=3,socket=$LAB_DIR/vsock.sock" --net tap=labtap0,bridge=labbr0 \
     --api-socket "$LAB_DIR/api.sock" --shutdown-timeout 120
 c=$LAB_DIR/pci.console
-if wait_file "$c" '^LAB-GUEST pci ready' 500; then ok pci.up; else fail pci.up "the guest never got ready"; show pci; fi
+if wait_console "$c" '^LAB-GUEST pci ready' 500; then ok pci.up; else fail pci.up "the guest never got ready"; show pci; fi
 expect pci.nic-name "$(guest "$c" nics)" enp0s4
 expect pci.disks "$(guest "$c" disks)" "vda vdb"
 expect pci.vda-is-disk-0 "$(guest "$c" vda-head)" keel-disk-zero--

@@ -67,7 +67,7 @@ start_keel upgrade --transport mmio --kernel "$LAB_L2_KERNEL" --initrd "$LAB_L2_
     --memory size=256M --cpus boot=1 --api-socket "$LAB_DIR/api.sock" \
     --vsock "cid=3,socket=$LAB_DIR/vsock.sock" --shutdown-method ctrl-alt-del
 c=$LAB_DIR/upgrade.console
-wait_file "$c" '^LAB-GUEST upgrade-answer' 300
+wait_console "$c" '^LAB-GUEST upgrade-answer' 300
 answer=$(guest "$c" upgrade-answer)
 expect upgrade.answer "$answer" '{"Ok":"NoPayload"}'
 # A refused upgrade shuts nothing down: do not wait for it.
