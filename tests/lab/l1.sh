@@ -202,8 +202,9 @@ chmod +x "$ir/init"
 
 # L0's emulator. QEMU 7.2 (bookworm's) spoils about a third of the lab's
 # runs: its multi-threaded TCG lets an interrupt into L1 inside KVM's world
-# switch, where SVM's GIF must hold it off, and L1's kernel panics. QEMU 10
-# (bookworm-backports) ran the same scenarios without it. So unless the host's
+# switch, where SVM's GIF must hold it off, and L1's kernel panics. Under
+# QEMU 10 (bookworm-backports) L1 has not panicked (README, "Linux guests").
+# So unless the host's
 # own QEMU is 10 or newer, the lab fetches qemu-system-x86 and the packages
 # holding its modules, firmware and data from "<codename>-backports" with a
 # private apt list (the host's apt set-up is left alone), unpacks them into
@@ -220,12 +221,17 @@ if [ "${LAB_L0_QEMU:-auto}" != system ] && [ "$(qemu_major qemu-system-x86_64)" 
         -o Debug::NoLocking=1)
     qpkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
     qcand() { apt-cache "${apto[@]}" policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ {print $2}'; }
-    # qfetch: unpack the candidate version into $cache/qemu-<version> unless
-    # it is there; say where in $adir/current.
+    # qfetch [last]: unpack the candidate version into $cache/qemu-<version>
+    # unless it is there; say where in $adir/current. "last": say why not.
     qfetch() {
         local qver qdir tmp
         qver=$(qcand)
-        case "$qver" in "" | "(none)") log "no qemu-system-x86 in $codename-backports"; return 1 ;; esac
+        case "$qver" in
+            "" | "(none)")
+                [ "${1:-}" != last ] || log "no qemu-system-x86 in $codename-backports"
+                return 1
+                ;;
+        esac
         qdir="$cache/qemu-$qver"
         if [ ! -f "$qdir/.done" ]; then
             log "fetching QEMU $qver from $codename-backports"
@@ -248,7 +254,7 @@ if [ "${LAB_L0_QEMU:-auto}" != system ] && [ "$(qemu_major qemu-system-x86_64)" 
         echo "deb http://deb.debian.org/debian $codename-backports main" > "$adir/sources.list"
         # The index is read once and kept; it is read again only when what it
         # names cannot be had (none yet, or a version the mirror has dropped).
-        qfetch 2>/dev/null || { apt-get "${apto[@]}" update -qq >&2 && qfetch; } || {
+        qfetch || { apt-get "${apto[@]}" update -qq >&2 && qfetch last; } || {
             log "cannot fetch QEMU from $codename-backports (LAB_L0_QEMU=system uses the host's $(qemu_major qemu-system-x86_64 | sed 's/^/QEMU /'), which spoils many runs)"
             exit 1
         }
