@@ -58,6 +58,27 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
 fi
 
+# unpack_debs DEST WHAT APT-GET-ARGS...: unless DEST/.done says it was done,
+# downloads what `apt-get APT-GET-ARGS` does (a `download`) and unpacks every
+# package into DEST, never installed. Returns 1 when the download fails,
+# leaving no download directory behind.
+unpack_debs() {
+    local dest=$1 what=$2 tmp d
+    shift 2
+    [ ! -f "$dest/.done" ] || return 0
+    log "fetching $what"
+    rm -rf "$dest" && mkdir -p "$dest"
+    tmp=$(mktemp -d "$cache/dl.XXXXXX")
+    chmod 755 "$tmp" # apt's download user writes there
+    if ! (cd "$tmp" && apt-get "$@" >&2); then
+        rm -rf "$tmp"
+        return 1
+    fi
+    for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$dest"; done
+    rm -rf "$tmp"
+    touch "$dest/.done"
+}
+
 # L1's kernel: the package linux-image-amd64 depends on, unpacked once.
 resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
 pkg=$(resolve)
@@ -70,15 +91,7 @@ ver=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
 kdir="$cache/$pkg-$ver"
 (
     flock 9
-    if [ ! -f "$kdir/.done" ]; then
-        log "fetching $pkg $ver"
-        rm -rf "$kdir" && mkdir -p "$kdir"
-        tmp=$(mktemp -d "$cache/dl.XXXXXX")
-        (cd "$tmp" && apt-get download -qq "$pkg=$ver" >&2)
-        dpkg-deb -x "$tmp/"*.deb "$kdir"
-        rm -rf "$tmp"
-        touch "$kdir/.done"
-    fi
+    unpack_debs "$kdir" "$pkg $ver" download -qq "$pkg=$ver" || { log "cannot download $pkg $ver"; exit 1; }
 ) 9>"$cache/.lock"
 kver=${pkg#linux-image-}
 vmlinuz="$kdir/boot/vmlinuz-$kver"
@@ -224,7 +237,7 @@ if [ "${LAB_L0_QEMU:-auto}" != system ] && [ "$(qemu_major qemu-system-x86_64)" 
     # qfetch [last]: unpack the candidate version into $cache/qemu-<version>
     # unless it is there; say where in $adir/current. "last": say why not.
     qfetch() {
-        local qver qdir tmp
+        local qver
         qver=$(qcand)
         case "$qver" in
             "" | "(none)")
@@ -232,21 +245,9 @@ if [ "${LAB_L0_QEMU:-auto}" != system ] && [ "$(qemu_major qemu-system-x86_64)" 
                 return 1
                 ;;
         esac
-        qdir="$cache/qemu-$qver"
-        if [ ! -f "$qdir/.done" ]; then
-            log "fetching QEMU $qver from $codename-backports"
-            rm -rf "$qdir" && mkdir -p "$qdir"
-            tmp=$(mktemp -d "$cache/dl.XXXXXX")
-            chmod 755 "$tmp" # apt's download user writes there
-            if ! (cd "$tmp" && apt-get "${apto[@]}" download -qq "${qpkgs[@]}" >&2); then
-                rm -rf "$tmp"
-                return 1
-            fi
-            for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$qdir"; done
-            rm -rf "$tmp"
-            touch "$qdir/.done"
-        fi
-        echo "$qdir" > "$adir/current"
+        unpack_debs "$cache/qemu-$qver" "QEMU $qver from $codename-backports" \
+            "${apto[@]}" download -qq "${qpkgs[@]}" || return 1
+        echo "$cache/qemu-$qver" > "$adir/current"
     }
     (
         flock 9

@@ -31,11 +31,16 @@ check() {
     fi
 }
 
-# wait_file FILE PATTERN SECONDS: waits until FILE has a line matching
-# PATTERN (grep -E); returns 1 on timeout.
+# wait_file FILE PATTERN SECONDS [PID]: waits until FILE has a line matching
+# PATTERN (grep -E); returns 1 on timeout. With PID, gives up as soon as
+# that process has ended (after one last look at FILE).
 wait_file() {
-    local file=$1 pattern=$2 deadline=$(($(date +%s) + $3))
+    local file=$1 pattern=$2 deadline=$(($(date +%s) + $3)) pid=${4:-}
     while ! grep -qE "$pattern" "$file" 2>/dev/null; do
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+            grep -qE "$pattern" "$file" 2>/dev/null
+            return
+        fi
         [ "$(date +%s)" -lt "$deadline" ] || return 1
         sleep 0.2
     done
@@ -45,15 +50,7 @@ wait_file() {
 # of the keel started last, which gives up as soon as that keel has ended
 # (a guest that died does not print: no use waiting out the time).
 wait_console() {
-    local file=$1 pattern=$2 deadline=$(($(date +%s) + $3))
-    while ! grep -qE "$pattern" "$file" 2>/dev/null; do
-        if ! kill -0 "$KEEL_PID" 2>/dev/null; then
-            grep -qE "$pattern" "$file" 2>/dev/null
-            return
-        fi
-        [ "$(date +%s)" -lt "$deadline" ] || return 1
-        sleep 0.2
-    done
+    wait_file "$1" "$2" "$3" "$KEEL_PID"
 }
 
 # guest CONSOLE KEY: the value of the last `LAB-GUEST KEY value` line.
