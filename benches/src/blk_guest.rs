@@ -214,11 +214,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 if t == Transport::Mmio {
                     keel_mmio = k;
                 }
-                let fc_cell = match (&fc, t) {
-                    (_, Transport::Pci) => "- (no PCI)".to_string(),
-                    (None, _) => "not measured (no binary)".to_string(),
-                    (Some(_), _) => f.map_or("failed".into(), show),
-                };
+                let fc_cell = super::transport::firecracker_cell(fc.is_some(), t, f.map(show));
                 println!(
                     "| {name} | {qd} | {} | {} | {} | {} | {fc_cell} | {} | {} |",
                     t.name(),

@@ -190,10 +190,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let (mem, cpus) = (o.memory_mib, o.cpus);
     run.found("Keel", Some(&keel));
     run.found("QEMU", o.qemu.as_deref());
-    run.found(
-        "Firecracker",
-        o.firecracker.as_deref().filter(|f| f.is_file()),
-    );
+    let fc = super::firecracker_binary(o.firecracker.clone(), run);
 
     let mut vmms: Vec<(Vmm, Option<String>)> = Vec::new();
     {
@@ -240,9 +237,9 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             "QEMU: not measured (qemu-system-x86_64 not found; apt-get install qemu-system-x86)"
         ),
     }
-    let fc_note = match &o.firecracker {
-        Some(fc) if fc.is_file() => {
-            let (fc, probe) = (fc.clone(), probe.clone());
+    let fc_note = match (fc, &o.firecracker) {
+        (Some(fc), _) => {
+            let probe = probe.clone();
             vmms.push((
                 Vmm {
                     name: "Firecracker",
@@ -262,8 +259,8 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             ));
             None
         }
-        Some(fc) => Some(format!("not measured ({} is not a file)", fc.display())),
-        None => Some("not measured (no binary: pass --firecracker PATH or FIRECRACKER=PATH; build it by hand outside this project)".to_string()),
+        (None, Some(fc)) => Some(format!("not measured ({} is not a file)", fc.display())),
+        (None, None) => Some("not measured (no binary: pass --firecracker PATH or FIRECRACKER=PATH; build it by hand outside this project)".to_string()),
     };
 
     println!(

@@ -139,17 +139,18 @@ pub fn firecracker_binary(
     given: Option<std::path::PathBuf>,
     run: &mut record::Run,
 ) -> Option<std::path::PathBuf> {
-    let fc = given.or_else(|| std::env::var_os("FIRECRACKER").map(Into::into));
-    let fc = fc.filter(|f| {
-        f.is_file() || {
+    let fc = match given.or_else(|| std::env::var_os("FIRECRACKER").map(Into::into)) {
+        Some(f) if f.is_file() => Some(f),
+        Some(f) => {
             eprintln!("Firecracker: {} is not a file: not measured", f.display());
-            false
+            None
         }
-    });
+        None => {
+            eprintln!("Firecracker: not measured (no binary: pass --firecracker PATH or FIRECRACKER=PATH; build it by hand outside this project)");
+            None
+        }
+    };
     run.found("Firecracker", fc.as_deref());
-    if fc.is_none() {
-        eprintln!("Firecracker: not measured (no binary: pass --firecracker PATH or FIRECRACKER=PATH; build it by hand outside this project)");
-    }
     fc
 }
 

@@ -659,11 +659,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                         (Some(_), q) => show(q, frame),
                     },
                     super::transport::ratio(pps(k), pps(q)),
-                    match (&fc, t) {
-                        (_, Transport::Pci) => "- (no PCI)".into(),
-                        (None, _) => "not measured (no binary)".into(),
-                        (Some(_), _) => show(f, frame),
-                    },
+                    super::transport::firecracker_cell(fc.is_some(), t, Some(show(f, frame))),
                     super::transport::ratio(pps(k), pps(f)),
                     match (k, r) {
                         (Some(k), Some(r)) => format!("{:.0}%", 100.0 * k.pps / r.pps),

@@ -110,6 +110,17 @@ impl Transport {
     }
 }
 
+/// The Firecracker cell of a row over `t`: `measured` (the shown median,
+/// `None` when every run failed) where Firecracker ran, else why not
+/// (it has no PCI transport; no binary was given).
+pub fn firecracker_cell(have_binary: bool, t: Transport, measured: Option<String>) -> String {
+    match (have_binary, t) {
+        (_, Transport::Pci) => "- (no PCI)".into(),
+        (false, _) => "not measured (no binary)".into(),
+        (true, _) => measured.unwrap_or_else(|| "failed".into()),
+    }
+}
+
 /// `a / b` as a table cell (`-` when either is missing).
 pub fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
