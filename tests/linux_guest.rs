@@ -211,12 +211,21 @@ fn run_scenario_with(scenario: &str, extra: &[(&str, PathBuf)], expected: &[&str
             .output()
             .unwrap_or_else(|e| panic!("cannot run the lab: {e}"));
         let console = String::from_utf8_lossy(&out.stdout).to_string();
+        for retry in run_retries(&console) {
+            say(&format!("lab {scenario}: RETRY: {retry} (in L1)"));
+        }
         let problems = judge(&console, expected, out.status.success());
         if problems.is_empty() || attempt == ATTEMPTS {
             break (out, console, problems);
         }
         let why = if !console.contains("lab: scenario exit") {
-            "L1 did not finish the scenario".to_string()
+            // What ended L1, and L1's last words: CI keeps only its log.
+            let mut why = format!("L1 did not finish the scenario ({})", l1_end(&console));
+            for l in last_lines(&console, 12) {
+                why.push_str("\n    | ");
+                why.push_str(l);
+            }
+            why
         } else {
             let dead = runs_dead_before_init(&console);
             let faulted = runs_triple_faulted(&console);
@@ -339,7 +348,9 @@ fn runs_dead_before_init(console: &str) -> Vec<String> {
             close(&mut current);
             if let Some(path) = header.strip_suffix(".console =====") {
                 let run = path.rsplit('/').next().unwrap_or(path).to_string();
-                current = Some((run, false));
+                if !is_spoilt_copy(&run) {
+                    current = Some((run, false));
+                }
             }
         } else if let Some((_, reached)) = current.as_mut() {
             *reached |= line.contains("KEEL-LINUX-GUEST: init reached");
@@ -359,7 +370,8 @@ fn runs_triple_faulted(console: &str) -> Vec<String> {
         if let Some(header) = line.strip_prefix("===== ") {
             current = header
                 .strip_suffix(".log =====")
-                .map(|path| path.rsplit('/').next().unwrap_or(path).to_string());
+                .map(|path| path.rsplit('/').next().unwrap_or(path).to_string())
+                .filter(|run| !is_spoilt_copy(run));
         } else if let Some(run) = &current {
             if line.contains("VM ended: guest triple-faulted") && !faulted.contains(run) {
                 faulted.push(run.clone());
@@ -367,6 +379,47 @@ fn runs_triple_faulted(console: &str) -> Vec<String> {
         }
     }
     faulted
+}
+
+/// Whether `run` is the kept copy of a boot that `boot_keel`
+/// (tests/lab/lib.sh) found spoilt and booted again (`<name>-spoilt<N>`):
+/// its fault was dealt with in L1, and says nothing of the attempt.
+fn is_spoilt_copy(run: &str) -> bool {
+    run.rsplit_once("-spoilt")
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What each of the scenario's `lab: RUN-RETRY` lines says: a boot that
+/// `boot_keel` found spoilt and booted again inside L1.
+fn run_retries(console: &str) -> Vec<&str> {
+    console_lines(console)
+        .filter_map(|l| l.strip_prefix("lab: RUN-RETRY "))
+        .collect()
+}
+
+/// Why L1 ended before its scenario reported: l1.sh's verdict on a wedged
+/// L1 or on QEMU's exit, or L1's kernel panic, from its console.
+fn l1_end(console: &str) -> String {
+    let lines: Vec<&str> = console_lines(console).collect();
+    let find = |pat: &str| lines.iter().find(|l| l.contains(pat)).map(|l| l.trim());
+    if let Some(l) = find("lab: L1 wedged") {
+        return l.trim_start_matches("lab: ").to_string();
+    }
+    if let Some(l) = find("Kernel panic") {
+        return format!("L1's kernel panicked: {l}");
+    }
+    match find("lab: L1 ended without") {
+        Some(l) => l.trim_start_matches("lab: ").to_string(),
+        None => "no word from l1.sh on why".to_string(),
+    }
+}
+
+/// The console's last `n` lines that are not empty.
+fn last_lines(console: &str, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = console_lines(console)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
 /// Saves a failed run's console under `target/lab-logs/`.
@@ -767,6 +820,51 @@ fn runs_dead_before_init_are_found_in_finish_output() {
         ===== end of the runs' logs =====\n";
     assert_eq!(runs_dead_before_init(glued), ["sockets"]);
     assert!(runs_dead_before_init("LAB-RESULT a FAIL x\n").is_empty());
+}
+
+#[test]
+fn boots_spoilt_and_retried_in_l1_do_not_spoil_the_attempt() {
+    assert!(is_spoilt_copy("write-spoilt1"));
+    assert!(is_spoilt_copy("vsock-allow-spoilt12"));
+    assert!(!is_spoilt_copy("write"));
+    assert!(!is_spoilt_copy("write-spoilt"));
+    assert!(!is_spoilt_copy("write-spoilt1x"));
+    let console = "lab: RUN-RETRY write: its L2 guest triple-faulted before /init, 4 s after start (kept as write-spoilt1); booting it again\n\
+        LAB-RESULT blk.x FAIL y\n\
+        ===== /tmp/lab.x/write-spoilt1.console =====\n\
+        [ 1.0] booting\n\
+        ===== /tmp/lab.x/write.console =====\n\
+        KEEL-LINUX-GUEST: init reached\n\
+        ===== /tmp/lab.x/write-spoilt1.log =====\n\
+        keel: INFO  VM ended: guest triple-faulted\n\
+        ===== /tmp/lab.x/write.log =====\n\
+        keel: INFO  VM ended: guest requested a reset\n\
+        ===== end of the runs' logs =====\n";
+    assert!(runs_dead_before_init(console).is_empty());
+    assert!(runs_triple_faulted(console).is_empty());
+    assert_eq!(
+        run_retries(console),
+        ["write: its L2 guest triple-faulted before /init, 4 s after start (kept as write-spoilt1); booting it again"]
+    );
+}
+
+#[test]
+fn why_l1_ended_is_read_from_its_console() {
+    let wedged = "[ 30.1] x\nlab: L1 wedged: no heartbeat for 120 s, 200 s after boot (1 soft lockup report(s) on its console): stopped\n";
+    assert!(l1_end(wedged).starts_with("L1 wedged: no heartbeat for 120 s"));
+    let panicked = "[ 9.0] Kernel panic - not syncing: Fatal exception\nlab: L1 ended without its scenario's result: QEMU exit status 0, 80 s after boot\n";
+    assert_eq!(
+        l1_end(panicked),
+        "L1's kernel panicked: [ 9.0] Kernel panic - not syncing: Fatal exception"
+    );
+    let ended = "lab: run a started\nlab: L1 ended without its scenario's result: QEMU exit status 124, 900 s after boot\n";
+    assert_eq!(
+        l1_end(ended),
+        "L1 ended without its scenario's result: QEMU exit status 124, 900 s after boot"
+    );
+    assert_eq!(l1_end("lab: run a started\n"), "no word from l1.sh on why");
+    assert_eq!(last_lines("a\n\nb\r\n \nc\n", 2), ["b", "c"]);
+    assert_eq!(last_lines("a\n", 5), ["a"]);
 }
 
 #[test]

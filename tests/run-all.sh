@@ -193,7 +193,7 @@ awk '
 ' "$log"
 retries=$(grep -c ': RETRY: ' "$log" || true)
 if [ "${retries:-0}" -gt 0 ]; then
-    echo "  Linux guest tier: $retries scenario attempt(s) spoilt and rerun:"
+    echo "  Linux guest tier: $retries spoilt scenario attempt(s) or L2 boot(s), run again:"
     grep ': RETRY: ' "$log" | sed 's/^/    /'
 fi
 echo

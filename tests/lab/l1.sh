@@ -24,6 +24,8 @@
 #   `l1.sh --stock-initrd BASE OUT` writes BASE plus that kernel's virtio
 #   modules to OUT: the initramfs the scenarios give it.
 #   LAB_TIMEOUT (seconds, default 900) bounds the whole L1 run.
+#   LAB_L1_SILENCE (seconds, default 120): L1 is stopped as wedged when its
+#   heartbeat has been silent that long.
 #   LAB_L1_CPUS (default 2): L1's vCPUs.
 #   LAB_TCG_THREAD (multi or single, default multi): QEMU's TCG threading.
 #   LAB_L0_MONITOR: a Unix socket path for QEMU's monitor of L1 (diagnostics).
@@ -177,7 +179,7 @@ copy_with_libs() {
 : > "$ir/lab/env"
 while IFS='=' read -r name value; do
     case "$name" in
-        LAB_MODE | LAB_TIMEOUT | LAB_LIB | LAB_TCG_THREAD | LAB_L0_MONITOR | LAB_L0_QEMU | LAB_L1_CPUS) continue ;;
+        LAB_MODE | LAB_TIMEOUT | LAB_LIB | LAB_TCG_THREAD | LAB_L0_MONITOR | LAB_L0_QEMU | LAB_L1_CPUS | LAB_L1_SILENCE) continue ;;
     esac
     if [ -f "$value" ]; then
         # Below /lab/files: L1 mounts a tmpfs on /tmp, which would hide
@@ -199,6 +201,9 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=1536m tmp /tmp; mkdir -p /run/keel
 for m in $(cat /lab/modules/order); do insmod /lab/modules/$m.ko || echo "lab: insmod $m failed"; done
 ip link set lo up
+# A heartbeat on L1's second serial port, which l1.sh watches: an L1 that
+# falls silent there is wedged.
+(while :; do cut -d' ' -f1 /proc/uptime >/dev/ttyS1; sleep 5; done) &
 if [ -c /dev/kvm ]; then
     echo "lab: L1 ready: /dev/kvm present"
     . /lab/env
@@ -270,26 +275,41 @@ if [ "${LAB_L0_QEMU:-auto}" != system ] && [ "$(qemu_major qemu-system-x86_64)" 
 fi
 
 out="$work/console.log"
+beat="$work/heartbeat.log"
 log "booting L1 ($pkg, $(qemu_major "${l0_qemu[@]}" | sed 's/^/QEMU /') TCG, EPYC with SVM)"
-# L1's kernel now and then wedges (soft lockups) under QEMU's multi-threaded
-# TCG with nested SVM; single-threaded TCG avoids it but is several times
-# slower. So the console is watched, a wedged L1 stopped at once and
-# reported (exit 98), and the harness runs the scenario once more.
+# L1's kernel now and then wedges under QEMU's multi-threaded TCG with nested
+# SVM (single-threaded TCG would avoid it but is several times slower). L1's
+# init writes a heartbeat to its second serial port every 5 s; when that has
+# been silent for LAB_L1_SILENCE seconds (default 120), L1 is stopped and
+# reported (exit 98), and the harness runs the scenario once more. A soft
+# lockup report alone is not a wedge: L1 may get over it.
 : > "$out"
-monitor=()
+: > "$beat"
+monitor=(-monitor none)
 [ -n "${LAB_L0_MONITOR:-}" ] && monitor=(-monitor "unix:$LAB_L0_MONITOR,server,nowait")
-(timeout "${LAB_TIMEOUT:-900}" "${l0_qemu[@]}" -accel "tcg,thread=${LAB_TCG_THREAD:-multi}" \
-    -cpu EPYC,+svm,+npt -smp "${LAB_L1_CPUS:-2}" -m 3072 "${monitor[@]}" \
-    -nographic -no-reboot -nic none \
-    -kernel "$vmlinuz" -initrd "$work/l1.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet" </dev/null \
-    2> >(grep --line-buffered -v "TCG doesn't support requested feature" >&2) | tee "$out" || true) &
+started=$(date +%s)
+(
+    set +e
+    timeout "${LAB_TIMEOUT:-900}" "${l0_qemu[@]}" -accel "tcg,thread=${LAB_TCG_THREAD:-multi}" \
+        -cpu EPYC,+svm,+npt -smp "${LAB_L1_CPUS:-2}" -m 3072 "${monitor[@]}" \
+        -display none -parallel none -serial stdio -serial "file:$beat" -no-reboot -nic none \
+        -kernel "$vmlinuz" -initrd "$work/l1.cpio.gz" \
+        -append "console=ttyS0 panic=-1 quiet" </dev/null \
+        2> >(grep --line-buffered -v "TCG doesn't support requested feature" >&2) | tee "$out"
+    echo "${PIPESTATUS[0]}" > "$work/qemu.rc"
+) &
 qemu_job=$!
-# A wedged L1 never finishes its scenario: stop it at its first soft lockup
-# (the harness may retry; exit 98 says L1 did not report).
+silence=${LAB_L1_SILENCE:-120}
+last_size=0
+last_change=$started
 while kill -0 "$qemu_job" 2>/dev/null; do
-    if grep -q 'soft lockup' "$out"; then
-        echo "lab: L1 wedged (soft lockup in L1's kernel): stopped"
+    now=$(date +%s)
+    size=$(stat -c %s "$beat" 2>/dev/null || echo 0)
+    if [ "$size" != "$last_size" ]; then
+        last_size=$size
+        last_change=$now
+    elif [ $((now - last_change)) -ge "$silence" ]; then
+        echo "lab: L1 wedged: no heartbeat for $silence s, $((now - started)) s after boot ($(grep -c 'soft lockup' "$out") soft lockup report(s) on its console): stopped"
         pkill -f "$work/l1.cpio.gz" || true
         break
     fi
@@ -297,4 +317,7 @@ while kill -0 "$qemu_job" 2>/dev/null; do
 done
 wait "$qemu_job" || true
 rc=$(sed -n 's/^lab: scenario exit \([0-9]*\).*/\1/p' "$out" | tail -1)
+if [ -z "$rc" ]; then
+    echo "lab: L1 ended without its scenario's result: QEMU exit status $(cat "$work/qemu.rc" 2>/dev/null || echo unknown), $(($(date +%s) - started)) s after boot"
+fi
 exit "${rc:-98}"

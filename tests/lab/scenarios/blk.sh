@@ -18,7 +18,7 @@ disks="--disk path=$LAB_DIR/file.img --disk path=$loopdev,direct=on --disk path=
 # blk_boot NAME SCENARIO [SECONDS]: boots the guest with the three disks.
 blk_boot() {
     # shellcheck disable=SC2086
-    start_keel "$1" --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline "$2")" \
+    boot_keel "$1" --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline "$2")" \
         --memory size=256M --cpus boot=2 $disks
 }
 

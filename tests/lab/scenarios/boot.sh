@@ -8,7 +8,7 @@ I=$LAB_L2_INITRD
 # boot_layout NAME CPUS: one boot of lab_boot; checks the common facts.
 boot_layout() {
     local name=$1 cpus=$2
-    start_keel "$name" --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline boot)" \
+    boot_keel "$name" --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline boot)" \
         --memory size=256M --cpus "$cpus"
     wait_keel 240
     local c=$LAB_DIR/$name.console
@@ -57,7 +57,7 @@ esac
 # the DSDT (it has no virtio_mmio command-line devices built in).
 if [ -n "${LAB_STOCK_KERNEL:-}" ]; then
     dd if=/dev/zero of="$LAB_DIR/stock.img" bs=1M count=8 2>/dev/null
-    start_keel stock --transport mmio --kernel "$LAB_STOCK_KERNEL" --initrd "${LAB_STOCK_INITRD:-$I}" \
+    boot_keel stock --transport mmio --kernel "$LAB_STOCK_KERNEL" --initrd "${LAB_STOCK_INITRD:-$I}" \
         --cmdline "console=ttyS0 reboot=k panic=1 lab=boot" --memory size=256M --cpus boot=1 \
         --disk "path=$LAB_DIR/stock.img,readonly=on"
     wait_keel 400
@@ -93,7 +93,7 @@ last_tick() { tr -d '\r' <"$1" | sed -n 's/^LAB-GUEST tick \([0-9]*\)$/\1/p' | t
 # The minimal kernel has no ACPI button driver: its busybox init acts on
 # Ctrl-Alt-Del, so these runs ask for that method (the default is the
 # ACPI power button).
-start_keel life --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
+boot_keel life --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
     --memory size=256M --cpus boot=1 --api-socket "$sock" --shutdown-timeout 120 \
     --shutdown-method ctrl-alt-del
 c=$LAB_DIR/life.console
@@ -120,7 +120,7 @@ graceful_end() {
 graceful_end life lifecycle.shutdown
 
 # SIGTERM: the same graceful path.
-start_keel term --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
+boot_keel term --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle)" \
     --memory size=256M --cpus boot=1 --shutdown-timeout 120 --shutdown-method ctrl-alt-del
 c=$LAB_DIR/term.console
 wait_console "$c" '^LAB-GUEST tick 2' 240 || show term
@@ -128,7 +128,7 @@ kill -TERM "$KEEL_PID"
 graceful_end term lifecycle.sigterm
 
 # A guest that ignores the request is stopped at the timeout.
-start_keel ignore --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle-ignore)" \
+boot_keel ignore --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline lifecycle-ignore)" \
     --memory size=256M --cpus boot=1 --api-socket "$sock" --shutdown-method ctrl-alt-del
 c=$LAB_DIR/ignore.console
 wait_console "$c" '^LAB-GUEST tick 2' 240 || show ignore
@@ -139,10 +139,10 @@ expect lifecycle.ignore-stopped-at-timeout "$KEEL_RC" 0
 if grep -q 'shutdown timeout; forced stop' "$LAB_DIR/ignore.log"; then ok lifecycle.ignore-forced-stop-logged; else fail lifecycle.ignore-forced-stop-logged "$(tail -n 3 "$LAB_DIR/ignore.log" | tr '\n' ' ')"; fi
 
 # The guest's reboot, and a guest panic (panic=1 reboots): exit 3.
-start_keel reboot --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline reboot)" --memory size=256M
+boot_keel reboot --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline reboot)" --memory size=256M
 wait_keel 240
 expect lifecycle.reboot-exit "$KEEL_RC" 3
-start_keel panic --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline panic)" --memory size=256M
+boot_keel panic --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline panic)" --memory size=256M
 wait_keel 240
 expect lifecycle.panic-exit "$KEEL_RC" 3
 if grep -q 'Kernel panic' "$LAB_DIR/panic.console"; then ok lifecycle.panic-logged; else fail lifecycle.panic-logged "no panic on the console"; fi

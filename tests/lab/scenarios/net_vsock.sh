@@ -12,7 +12,7 @@ ip link add labbr0 type bridge
 ip addr add 192.0.2.1/24 dev labbr0
 ip link set labbr0 up
 # Two vCPUs: the guest's interrupt handling moves between them.
-start_keel net --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline net)" \
+boot_keel net --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline net)" \
     --memory size=256M --cpus boot=2 --net tap=labtap0,bridge=labbr0,mtu=1400 \
     --api-socket "$LAB_DIR/net-api.sock"
 c=$LAB_DIR/net.console
@@ -72,7 +72,7 @@ start_agent "$LAB_DIR/agent.toml" vsock.agent-listening
 # (Ctrl-Alt-Del: the minimal kernel has no ACPI button driver, and without
 # an init that takes it over, the kernel reboots at once: the runs below end
 # quickly at their SIGTERM.)
-start_keel vsock --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
+boot_keel vsock --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
     --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock" \
     --shutdown-method ctrl-alt-del
 c=$LAB_DIR/vsock.console
@@ -93,7 +93,7 @@ esac
 kill "$KEEL_PID"
 wait_keel 60
 
-start_keel vsock-allow --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
+boot_keel vsock-allow --transport mmio --kernel "$K" --initrd "$I" --cmdline "$(l2_cmdline vsock)" \
     --memory size=256M --cpus boot=1 --vsock "cid=3,socket=$LAB_DIR/vsock.sock,allow_host_connect=on" \
     --shutdown-method ctrl-alt-del
 c=$LAB_DIR/vsock-allow.console

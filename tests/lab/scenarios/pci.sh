@@ -21,7 +21,7 @@ mkdir -p "$LAB_DIR/agent-state"
 start_agent "$LAB_DIR/agent.toml" pci.agent-listening
 
 # Slots in configuration order: the disks (1, 2), vsock (3), the NIC (4).
-start_keel pci --transport pci --kernel "$LAB_STOCK_KERNEL" --initrd "$LAB_STOCK_INITRD" \
+boot_keel pci --transport pci --kernel "$LAB_STOCK_KERNEL" --initrd "$LAB_STOCK_INITRD" \
     --cmdline "console=ttyS0 reboot=k panic=1 lab=pci" --memory size=256M,numa=on \
     --cpus boot=2,sockets=2,cores=1,threads=1 \
     --disk "path=$LAB_DIR/d0.img" --disk "path=$LAB_DIR/d1.img,readonly=on,num_queues=1" \

@@ -62,7 +62,7 @@ TOML
 start_agent "$LAB_DIR/agent.toml" upgrade.agent-listening
 
 hash=$(sha "$LAB_UPGRADE_IMG")
-start_keel upgrade --transport mmio --kernel "$LAB_L2_KERNEL" --initrd "$LAB_L2_INITRD" \
+boot_keel upgrade --transport mmio --kernel "$LAB_L2_KERNEL" --initrd "$LAB_L2_INITRD" \
     --cmdline "$(l2_cmdline upgrade) lab.url=https://127.0.0.1:8443/update-img.tar.zst lab.hash=$hash" \
     --memory size=256M --cpus boot=1 --api-socket "$LAB_DIR/api.sock" \
     --vsock "cid=3,socket=$LAB_DIR/vsock.sock" --shutdown-method ctrl-alt-del
