@@ -71,27 +71,40 @@ start_keel() {
     echo "lab: run $name started: keel $*"
 }
 
+# triple_faulted NAME: whether run NAME's guest triple-faulted (keel's log
+# says so). The emulated SVM now and then spoils a guest that way (README,
+# "Linux guests"); no scenario makes its guest triple-fault.
+triple_faulted() {
+    grep -q 'VM ended: guest triple-faulted' "$LAB_DIR/$1.log" 2>/dev/null
+}
+
+# keep_spoilt NAME WHEN: keeps run NAME's console and log as
+# NAME-spoilt<N>.* (the next free N; `finish` prints them, the harness does
+# not judge them) and says on a `lab: RUN-RETRY` line that its guest
+# triple-faulted WHEN and that the run goes again (the harness reports it).
+keep_spoilt() {
+    local n=1
+    while [ -e "$LAB_DIR/$1-spoilt$n.log" ]; do n=$((n + 1)); done
+    mv "$LAB_DIR/$1.console" "$LAB_DIR/$1-spoilt$n.console"
+    mv "$LAB_DIR/$1.log" "$LAB_DIR/$1-spoilt$n.log"
+    echo "lab: RUN-RETRY $1: its L2 guest triple-faulted $2 (kept as $1-spoilt$n); running it again"
+}
+
 # boot_keel NAME ARGS...: start_keel, then waits (up to 300 s) until the
 # guest's /init says it is there or keel has ended. A guest that
-# triple-faulted before its /init is booted again, up to 3 boots in all: the
-# emulated SVM now and then spoils a boot that way (README, "Linux guests";
-# no scenario makes its guest triple-fault), and before /init nothing of the
-# guest's has written to its disks. The spoilt boot's console and log are
-# kept as NAME-spoiltN.* and a `lab: RUN-RETRY` line says so (the harness
-# reports it). For runs whose VMM itself changes state before the boot
-# (`--boot-slot` advances grubenv), use start_keel.
+# triple-faulted before its /init is booted again, up to 3 boots in all:
+# before /init nothing of the guest's has written to its disks, so the run
+# starts from the same state. For runs whose VMM itself changes state before
+# the boot (`--boot-slot` advances grubenv), use start_keel.
 boot_keel() {
     local name=$1 n=1
     shift
     while :; do
         start_keel "$name" "$@"
         wait_console "$LAB_DIR/$name.console" 'KEEL-LINUX-GUEST: init reached' 300 && return 0
-        grep -q 'VM ended: guest triple-faulted' "$LAB_DIR/$name.log" 2>/dev/null || return 0
-        [ "$n" -lt 3 ] || return 0
+        triple_faulted "$name" && [ "$n" -lt 3 ] || return 0
         wait "$KEEL_PID" 2>/dev/null
-        mv "$LAB_DIR/$name.console" "$LAB_DIR/$name-spoilt$n.console"
-        mv "$LAB_DIR/$name.log" "$LAB_DIR/$name-spoilt$n.log"
-        echo "lab: RUN-RETRY $name: its L2 guest triple-faulted before /init, $(($(date +%s) - KEEL_START)) s after start (kept as $name-spoilt$n); booting it again"
+        keep_spoilt "$name" "before /init, $(($(date +%s) - KEEL_START)) s after start"
         n=$((n + 1))
     done
 }
