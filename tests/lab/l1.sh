@@ -24,7 +24,7 @@
 #   `l1.sh --stock-initrd BASE OUT` writes BASE plus that kernel's virtio
 #   modules to OUT: the initramfs the scenarios give it.
 #   LAB_TIMEOUT (seconds, default 900) bounds the whole L1 run.
-#   LAB_L1_SILENCE (seconds, default 120): L1 is stopped as wedged when its
+#   LAB_L1_SILENCE (seconds, default 90): L1 is stopped as wedged when its
 #   heartbeat has been silent that long.
 #   LAB_L1_CPUS (default 2): L1's vCPUs.
 #   LAB_TCG_THREAD (multi or single, default multi): QEMU's TCG threading.
@@ -280,7 +280,7 @@ log "booting L1 ($pkg, $(qemu_major "${l0_qemu[@]}" | sed 's/^/QEMU /') TCG, EPY
 # L1's kernel now and then wedges under QEMU's multi-threaded TCG with nested
 # SVM (single-threaded TCG would avoid it but is several times slower). L1's
 # init writes a heartbeat to its second serial port every 5 s; when that has
-# been silent for LAB_L1_SILENCE seconds (default 120), L1 is stopped and
+# been silent for LAB_L1_SILENCE seconds (default 90), L1 is stopped and
 # reported (exit 98), and the harness runs the scenario once more. A soft
 # lockup report alone is not a wedge: L1 may get over it.
 : > "$out"
@@ -299,7 +299,7 @@ started=$(date +%s)
     echo "${PIPESTATUS[0]}" > "$work/qemu.rc"
 ) &
 qemu_job=$!
-silence=${LAB_L1_SILENCE:-120}
+silence=${LAB_L1_SILENCE:-90}
 last_size=0
 last_change=$started
 while kill -0 "$qemu_job" 2>/dev/null; do
