@@ -182,6 +182,9 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                             Ok(r) => fs.push(r * scale),
                             Err(e) => eprintln!("Firecracker {} qd {qd}: {e}", c.kind),
                         }
+                        // Its writes went through the page cache: write
+                        // them back now, not during the next VMM's run.
+                        lo.drop_cache();
                     }
                 }
                 run.push_on(
