@@ -346,12 +346,7 @@ fn runs_dead_before_init(console: &str) -> Vec<String> {
     for line in console_lines(console) {
         if let Some(header) = line.strip_prefix("===== ") {
             close(&mut current);
-            if let Some(path) = header.strip_suffix(".console =====") {
-                let run = path.rsplit('/').next().unwrap_or(path).to_string();
-                if !is_spoilt_copy(&run) {
-                    current = Some((run, false));
-                }
-            }
+            current = section_run(header, ".console =====").map(|run| (run, false));
         } else if let Some((_, reached)) = current.as_mut() {
             *reached |= line.contains("KEEL-LINUX-GUEST: init reached");
         }
@@ -368,10 +363,7 @@ fn runs_triple_faulted(console: &str) -> Vec<String> {
     let mut current: Option<String> = None;
     for line in console_lines(console) {
         if let Some(header) = line.strip_prefix("===== ") {
-            current = header
-                .strip_suffix(".log =====")
-                .map(|path| path.rsplit('/').next().unwrap_or(path).to_string())
-                .filter(|run| !is_spoilt_copy(run));
+            current = section_run(header, ".log =====");
         } else if let Some(run) = &current {
             if line.contains("VM ended: guest triple-faulted") && !faulted.contains(run) {
                 faulted.push(run.clone());
@@ -379,6 +371,15 @@ fn runs_triple_faulted(console: &str) -> Vec<String> {
         }
     }
     faulted
+}
+
+/// The run a `finish` section header (`<dir>/<run><suffix>`, after its
+/// `===== `) is about; none for another kind of section or for the kept copy
+/// of a spoilt boot.
+fn section_run(header: &str, suffix: &str) -> Option<String> {
+    let path = header.strip_suffix(suffix)?;
+    let run = path.rsplit('/').next().unwrap_or(path);
+    (!is_spoilt_copy(run)).then(|| run.to_string())
 }
 
 /// Whether `run` is the kept copy of a boot that `boot_keel`
