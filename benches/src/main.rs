@@ -36,6 +36,7 @@ mod net;
 mod record;
 mod report;
 mod startup;
+mod threads;
 mod transport;
 mod vsock;
 

@@ -242,32 +242,6 @@ struct Rate {
     vmm_ns_per_frame: Option<f64>,
 }
 
-/// CPU time (ns, from schedstat) of each thread of `pid` that is not a
-/// vCPU (Keel names them `vcpuN`, QEMU `CPU N/KVM`, Firecracker
-/// `fc_vcpu N`): the VMM's own work,
-/// devices and event loops, as opposed to running the guest.
-fn vmm_thread_cpu(pid: u32, seen: &mut std::collections::HashMap<u32, u64>) {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return;
-    };
-    for t in tasks.flatten() {
-        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let dir = t.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.starts_with("vcpu") || comm.starts_with("CPU ") || comm.starts_with("fc_vcpu") {
-            continue;
-        }
-        let ns = std::fs::read_to_string(dir.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
-        if let Some(ns) = ns {
-            seen.insert(tid, ns);
-        }
-    }
-}
-
 /// The raw tap loop: writes `count` prebuilt frames to a tap on the bridge
 /// (tx) or reads the host's datagrams from it (rx).
 fn raw(dir: &str, frame: usize, count: u64) -> Result<Rate, String> {
@@ -367,9 +341,9 @@ fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, 
     // last sample before it exits counts: at most 20 ms missed).
     let watcher = std::thread::spawn(move || {
         let t = Instant::now();
-        let mut cpu = std::collections::HashMap::new();
+        let mut cpu = super::threads::Snapshot::default();
         while !d.load(Ordering::Relaxed) {
-            vmm_thread_cpu(pid, &mut cpu);
+            cpu.update(pid);
             if t.elapsed() > RUN_TIMEOUT {
                 // SAFETY: signalling a child we started.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -377,7 +351,7 @@ fn guest(mut cmd: Command, dir: &str, frame: usize, count: u64) -> Result<Rate, 
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        cpu.values().sum::<u64>()
+        cpu.total(false)
     });
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut text = String::new();

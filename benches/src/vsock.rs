@@ -12,10 +12,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::threads::Snapshot;
 use super::transport::{Kind, Transport};
 
 const PORT: u32 = 5000;
@@ -40,7 +41,7 @@ fn raw(work: &Path, size: usize, dir: &'static str) -> Result<f64, String> {
     let path = work.join(format!("raw_{PORT}"));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| e.to_string())?;
-    let host = host_side(Listener::Unix(listener), dir, size);
+    let host = host_side(Listener::Unix(listener), dir, size, Arc::default());
     let mut s = UnixStream::connect(&path).map_err(|e| e.to_string())?;
     let elapsed = if dir == "tx" {
         let data = vec![0x5au8; size];
@@ -172,34 +173,68 @@ impl Listener {
     }
 }
 
+/// Host CPU a VMM spent while a stream crossed it: from the host side's
+/// accept of the guest's connection to the last byte (guest -> host) or
+/// to the guest's close (host -> guest).
+#[derive(Clone, Copy, Debug)]
+struct Busy {
+    /// Wall time of that span (ns).
+    wall_ns: u64,
+    /// Run time of the VMM's vCPU threads in it (ns).
+    vcpu_ns: u64,
+    /// Run time of the VMM's other threads (devices, event loops) (ns).
+    vmm_ns: u64,
+}
+
 /// Host side of one run, a VMM's or the raw baseline's: sinks (tx) with
 /// [`HOST_READ`]-byte reads, or sources (rx) TOTAL bytes in `size`-byte
-/// writes, then half-closes and waits for the other end to close.
-fn host_side(listener: Listener, dir: &'static str, size: usize) -> std::thread::JoinHandle<()> {
+/// writes, then half-closes and waits for the other end to close. When
+/// `vmm` holds a process ID by the time the guest connects, it also
+/// returns that process's [`Busy`] over the stream.
+fn host_side(
+    listener: Listener,
+    dir: &'static str,
+    size: usize,
+    vmm: Arc<AtomicU32>,
+) -> std::thread::JoinHandle<Option<Busy>> {
     std::thread::spawn(move || {
-        let Some(mut s) = listener.accept() else {
-            return;
-        };
+        let mut s = listener.accept()?;
+        let pid = vmm.load(Ordering::Relaxed);
+        let start = (pid != 0).then(|| (Instant::now(), Snapshot::take(pid)));
+        let mut end = None;
         let mut buf = vec![0u8; HOST_READ];
         if dir == "tx" {
-            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            let mut got = 0u64;
+            while let Ok(n @ 1..) = s.read(&mut buf) {
+                got += n as u64;
+                if got >= TOTAL && end.is_none() {
+                    end = Some((Instant::now(), Snapshot::take(pid)));
+                }
+            }
         } else {
             let data = vec![0x5au8; size];
             let mut left = TOTAL as usize;
             while left > 0 {
                 let n = left.min(size);
-                if s.write_all(&data[..n]).is_err() {
-                    return;
-                }
+                s.write_all(&data[..n]).ok()?;
                 left -= n;
             }
             let _ = s.shutdown(std::net::Shutdown::Write);
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            end = Some((Instant::now(), Snapshot::take(pid)));
         }
+        let ((t0, s0), (t1, s1)) = (start?, end?);
+        let (vcpu_ns, vmm_ns) = s1.since(&s0);
+        Some(Busy {
+            wall_ns: t1.duration_since(t0).as_nanos() as u64,
+            vcpu_ns,
+            vmm_ns,
+        })
     })
 }
 
-/// MiB/s from the probe's `probe: bench vsock ... bytes=B ns=T` line.
+/// MiB/s from the probe's `probe: bench vsock ... bytes=B ns=T` line, and
+/// the VMM's [`Busy`] over the stream when it could be read.
 /// The host end listens on `<sock>_<PORT>` (Keel's and Firecracker's
 /// hybrid vsock) or, with `sock` `None`, on AF_VSOCK port [`PORT`]
 /// (QEMU's vhost-vsock).
@@ -208,7 +243,7 @@ fn guest_rate(
     sock: Option<&Path>,
     dir: &'static str,
     size: usize,
-) -> Result<f64, String> {
+) -> Result<(f64, Option<Busy>), String> {
     let listener = match sock {
         Some(sock) => {
             let path = format!("{}_{PORT}", sock.display());
@@ -221,12 +256,14 @@ fn guest_rate(
         Listener::Vsock { stop, .. } => Some(stop.clone()),
         Listener::Unix(_) => None,
     };
-    let host = host_side(listener, dir, size);
+    let vmm = Arc::new(AtomicU32::new(0));
+    let host = host_side(listener, dir, size, vmm.clone());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let child = cmd.spawn().map_err(|e| e.to_string())?;
     let pid = child.id();
+    vmm.store(pid, Ordering::Relaxed);
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(120));
         // SAFETY: signalling a child we started; harmless if it is gone.
@@ -250,14 +287,65 @@ fn guest_rate(
             }
         }
     }
-    let _ = host.join();
+    let busy = host.join().ok().flatten();
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
         .find(|l| l.starts_with("probe: bench vsock"))
         .ok_or_else(|| format!("no bench line:\n{text}"))?;
     let field = |k| super::probe_field(line, k);
-    Ok(field("bytes=")? / (field("ns=")? / 1e9) / (1 << 20) as f64)
+    let rate = field("bytes=")? / (field("ns=")? / 1e9) / (1 << 20) as f64;
+    Ok((rate, busy))
+}
+
+/// `runs` runs of `one`, each failure reported on stderr with `who`: the
+/// rates (MiB/s) and the [`Busy`] figures of the runs that had them.
+fn measure(
+    runs: usize,
+    who: &str,
+    mut one: impl FnMut() -> Result<(f64, Option<Busy>), String>,
+) -> (Vec<f64>, Vec<Busy>) {
+    let mut rates = Vec::new();
+    let mut busy = Vec::new();
+    for _ in 0..runs {
+        match one() {
+            Ok((r, b)) => {
+                rates.push(r);
+                busy.extend(b);
+            }
+            Err(e) => eprintln!("{who}: {e}"),
+        }
+    }
+    (rates, busy)
+}
+
+/// Prints (and records) where each VMM's host CPU went while the stream
+/// crossed it: how busy its vCPU threads were (the guest's share, 100% =
+/// one host CPU all the time) and its own threads' CPU per MiB moved.
+fn print_busy(run: &mut super::record::Run, rows: &[(&str, usize, Transport, String, Vec<Busy>)]) {
+    println!();
+    println!("host CPU while the stream crossed the VMM, median of the runs: vCPU threads' busy share of the wall time (the guest's side), and the VMM's other threads' (device, event loop) CPU per MiB moved");
+    println!();
+    println!("| direction | write size | transport | VMM | vCPU threads busy | VMM threads (µs per MiB) |");
+    println!("|---|---|---|---|---|---|");
+    let mib = (TOTAL >> 20) as f64;
+    for (direction, size, t, series, b) in rows {
+        let row = format!("{direction} {} KiB", size >> 10);
+        let vcpu: Vec<f64> = b
+            .iter()
+            .map(|b| 100.0 * b.vcpu_ns as f64 / b.wall_ns.max(1) as f64)
+            .collect();
+        let vmm: Vec<f64> = b.iter().map(|b| b.vmm_ns as f64 / 1e3 / mib).collect();
+        run.push_on("vsock vCPU busy", &row, series, t.name(), "%", &vcpu);
+        run.push_on("vsock VMM CPU", &row, series, t.name(), "µs/MiB", &vmm);
+        println!(
+            "| {direction} | {} KiB | {} | {series} | {:.0}% | {:.0} |",
+            size >> 10,
+            t.name(),
+            super::median(vcpu),
+            super::median(vmm),
+        );
+    }
 }
 
 const REQUEST: &[u8] = b"{\"sender_cid\": 3, \"message\": \"GetVsockProtocol\"}";
@@ -438,6 +526,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     println!("| direction | write size | transport | raw Unix socket | Keel | Keel / raw | QEMU | Keel / QEMU | Firecracker | Keel / Firecracker | Keel pci / mmio |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
+    let mut busy_rows = Vec::new();
     for dir in ["tx", "rx"] {
         for size in [4096usize, 64 << 10] {
             let cmdline = format!(
@@ -460,34 +549,32 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             let r = med(rs);
             let mut keel_mmio = None;
             for &t in &transports {
-                let k: Vec<f64> = (0..runs)
-                    .filter_map(|_| {
-                        guest_rate(keel_cmd(&bin, &cmdline, &sock, t), Some(&sock), dir, size)
-                            .map_err(|e| eprintln!("Keel {}: {e}", t.name()))
-                            .ok()
-                    })
-                    .collect();
-                let q: Vec<f64> = match &qemu {
-                    Some(qemu) => (0..runs)
-                        .filter_map(|_| {
-                            guest_rate(qemu_cmd(qemu, &probe, &cmdline, t), None, dir, size)
-                                .map_err(|e| eprintln!("QEMU {}: {e}", t.name()))
-                                .ok()
-                        })
-                        .collect(),
-                    None => Vec::new(),
+                let (k, kb) = measure(runs, &format!("Keel {}", t.name()), || {
+                    guest_rate(keel_cmd(&bin, &cmdline, &sock, t), Some(&sock), dir, size)
+                });
+                let (q, qb) = match &qemu {
+                    Some(qemu) => measure(runs, &format!("QEMU {}", t.name()), || {
+                        guest_rate(qemu_cmd(qemu, &probe, &cmdline, t), None, dir, size)
+                    }),
+                    None => Default::default(),
                 };
-                let f: Vec<f64> = match (&fc, t) {
-                    (Some(fc), Transport::Mmio) => (0..runs)
-                        .filter_map(|_| {
-                            let cmd = fc_cmd(fc, &work, &probe, &cmdline, &sock)?;
-                            guest_rate(cmd, Some(&sock), dir, size)
-                                .map_err(|e| eprintln!("Firecracker: {e}"))
-                                .ok()
-                        })
-                        .collect(),
-                    _ => Vec::new(),
+                let (f, fb) = match (&fc, t) {
+                    (Some(fc), Transport::Mmio) => measure(runs, "Firecracker", || {
+                        let cmd = fc_cmd(fc, &work, &probe, &cmdline, &sock)
+                            .ok_or("no Firecracker command")?;
+                        guest_rate(cmd, Some(&sock), dir, size)
+                    }),
+                    _ => Default::default(),
                 };
+                for (series, b) in [
+                    (t.keel_series(), kb),
+                    (t.qemu_series(), qb),
+                    ("Firecracker".into(), fb),
+                ] {
+                    if !b.is_empty() {
+                        busy_rows.push((direction, size, t, series, b));
+                    }
+                }
                 let table = "vsock throughput";
                 run.push_on(table, &row, &t.keel_series(), t.name(), "MiB/s", &k);
                 run.push_on(table, &row, &t.qemu_series(), t.name(), "MiB/s", &q);
@@ -528,6 +615,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             }
         }
     }
+    print_busy(run, &busy_rows);
     let raw_rts = raw_round_trip(&work, 200);
     let boots = runs.max(5);
     let rt_row = "connect-request-reply";
