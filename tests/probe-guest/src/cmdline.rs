@@ -17,6 +17,9 @@
 //!   `GUESTOS BOOT SUCCESS` or `GUESTOS BOOT FAILURE` marker.
 //! - `probe.bench.blk=<read|write|randread|randwrite>,<bs>,<qd>,<count>`:
 //!   a virtio-blk benchmark on disk 0 (check `bench.blk`).
+//! - `probe.bench.blkmq=<kind>,<bs>,<qd>,<count>`: the same over one
+//!   request queue on one vCPU, then over two queues on two vCPUs (check
+//!   `bench.blkmq`, see `checks::blkmq`).
 //! - `probe.vsock.cid=<n>`, `probe.vsock.transfer=<port>,<bytes>`,
 //!   `probe.vsock.closed_port=<port>`, `probe.vsock.listen=<port>[,refused]`,
 //!   `probe.vsock.flood=<packets>[,sync]`,
@@ -246,6 +249,9 @@ pub struct Options<'a> {
     pub blk: Option<u32>,
     /// `probe.bench.blk`: the block benchmark to run.
     pub bench_blk: Option<BlkBench>,
+    /// `probe.bench.blkmq`: the multi-queue block benchmark (1 queue on
+    /// one vCPU, then 2 queues on two), same fields as `probe.bench.blk`.
+    pub bench_blk_mq: Option<BlkBench>,
     /// `probe.cow=<inside sector>,<outside sector>`: the `blk.cow` check's
     /// sectors on disk 0 (in and out of its copy-on-write range).
     pub cow: Option<(u64, u64)>,
@@ -324,6 +330,7 @@ impl<'a> Options<'a> {
                     opts.blk = opts.number(token, v).and_then(|n| opts.u32(token, n))
                 }
                 ("probe.bench.blk", Some(v)) => opts.bench_blk = opts.blk_bench(token, v),
+                ("probe.bench.blkmq", Some(v)) => opts.bench_blk_mq = opts.blk_bench(token, v),
                 ("probe.cow", Some(v)) => {
                     opts.cow = match v.split_once(',') {
                         Some((a, b)) => opts.number(token, a).zip(opts.number(token, b)),

@@ -190,7 +190,7 @@ impl Bus {
     /// Where `at`'s virtio-pci common configuration and notification
     /// structures are (virtio 1.2, 4.1.4), when both are found in memory
     /// BARs with addresses.
-    fn notify_regs(&mut self, at: DeviceFunction) -> Option<PciNotifyRegs> {
+    pub fn notify_regs(&mut self, at: DeviceFunction) -> Option<PciNotifyRegs> {
         let caps: Vec<(u8, u8)> = self
             .root
             .capabilities(at)
@@ -218,6 +218,14 @@ impl Bus {
             notify,
             multiplier,
         })
+    }
+
+    /// The address of `at`'s memory BAR `bar` (0..=5), if it has one.
+    pub fn bar_address(&mut self, at: DeviceFunction, bar: u8) -> Option<u64> {
+        match self.root.bar_info(at, bar) {
+            Ok(Some(b @ BarInfo::Memory { .. })) => Some(b.memory_address_size()?.0),
+            _ => None,
+        }
     }
 
     /// ECAM's base.

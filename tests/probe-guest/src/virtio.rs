@@ -205,6 +205,15 @@ impl ProbeTransport {
         }
     }
 
+    /// The address queue `queue`'s notifications go to (virtio-pci, once
+    /// the queue is set up; `None` over virtio-mmio, whose one QueueNotify
+    /// register takes the queue index).
+    pub fn notify_addr(&self, queue: u16) -> Option<u64> {
+        self.notify
+            .as_ref()
+            .and_then(|c| c.at.get(usize::from(queue)).copied().flatten())
+    }
+
     /// Also acks `features` (which must all be offered) when the driver
     /// writes its own.
     pub fn ack_also(&mut self, features: u64) {

@@ -3,6 +3,7 @@
 
 mod acpi;
 mod blk;
+mod blkmq;
 mod boot;
 mod cpuid;
 mod net;
@@ -92,6 +93,7 @@ pub fn run_all(ctx: &Context<'_>, report: &mut Report<'_>) {
     if !bench_done {
         blk::bench(ctx, report);
     }
+    blkmq::bench(ctx, report);
     vsock::run(ctx, report);
     net::run(ctx, report);
     pci::run(ctx, report);

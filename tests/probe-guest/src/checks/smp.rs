@@ -106,7 +106,7 @@ const AP_ARRIVAL_TIMEOUT_MS: u64 = 1000;
 
 /// A page of RAM in [`TRAMPOLINE_WINDOW`] that holds none of what the VMM
 /// passed through start_info.
-fn free_low_page(ctx: &Context<'_>) -> Result<u64, String> {
+pub(crate) fn free_low_page(ctx: &Context<'_>) -> Result<u64, String> {
     let info = ctx.start_info()?;
     let map = info.memmap()?;
     let used = [
