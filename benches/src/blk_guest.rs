@@ -9,8 +9,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::threads::Snapshot;
 use super::transport::{Kind, Transport};
 
 struct Case {
@@ -44,7 +45,107 @@ const CASES: [Case; 4] = [
 
 /// Runs one VMM command line and returns the guest-measured rate
 /// (operations per second) from the probe's bench line.
-fn run_once(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
+fn run_once(cmd: Command, timeout: Duration) -> Result<f64, String> {
+    let text = probe_output(cmd, timeout)?;
+    super::probe_rate(&text, "probe: bench blk ")
+}
+
+/// One multi-queue phase as measured: guest IOPS, and how many host CPUs
+/// were busy meanwhile (from `/proc/stat`: every CPU's non-idle time over
+/// the wall time, so the VMM's threads, io_uring's workers and the loop
+/// device's kernel threads all count).
+#[derive(Clone, Copy, Debug)]
+struct MqPhase {
+    iops: f64,
+    busy_cpus: f64,
+    /// The VMM's vCPU threads' and its other threads' run time over the
+    /// phase, in CPUs (1.0 = one CPU all the time).
+    vcpus: f64,
+    others: f64,
+}
+
+/// Busy and total jiffies of all CPUs, from the first line of /proc/stat.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = f.get(3)? + f.get(4).copied().unwrap_or(0);
+    let total: u64 = f.iter().take(8).sum();
+    Some((total - idle, total))
+}
+
+/// Runs one VMM command line with the probe's multi-queue bench and
+/// returns the 1-queue (1 vCPU) and 2-queue (2 vCPUs) phases of the same
+/// boot. The host's load is sampled from each phase's `start` line to its
+/// result line.
+fn run_mq(mut cmd: Command, timeout: Duration) -> Result<(MqPhase, MqPhase), String> {
+    use std::io::BufRead;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        // SAFETY: signalling a child we started; harmless if it is gone.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mut text = String::new();
+    let mut start = None;
+    let mut threads = Snapshot::default();
+    let mut phases = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if line.starts_with("probe: bench blkmq start ") {
+            start = cpu_jiffies().map(|j| (j, Instant::now()));
+            threads = Snapshot::take(pid);
+        } else if line.starts_with("probe: bench blkmq ") && line.contains(" ns=") {
+            let end = cpu_jiffies();
+            let (vcpu_ns, other_ns) = Snapshot::take(pid).since(&threads);
+            let iops = super::probe_field(&line, "n=")? / (super::probe_field(&line, "ns=")? / 1e9);
+            let (busy_cpus, vcpus, others) = match (start.take(), end) {
+                (Some(((b0, t0), at)), Some((b1, t1))) if t1 > t0 => {
+                    let wall = at.elapsed().as_nanos() as f64;
+                    (
+                        cpus * (b1 - b0) as f64 / (t1 - t0) as f64,
+                        vcpu_ns as f64 / wall,
+                        other_ns as f64 / wall,
+                    )
+                }
+                _ => (f64::NAN, f64::NAN, f64::NAN),
+            };
+            phases.push(MqPhase {
+                iops,
+                busy_cpus,
+                vcpus,
+                others,
+            });
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let _ = child.wait();
+    drop(killer);
+    if text.contains("PROBE FAIL bench") {
+        return Err(format!("bench check failed:\n{text}"));
+    }
+    match phases[..] {
+        [one, two] => Ok((one, two)),
+        _ => Err(format!("want two bench blkmq lines; output:\n{text}")),
+    }
+}
+
+/// Runs one VMM command line to its end (killed after `timeout`) and
+/// returns the probe's console output, or why the bench failed.
+fn probe_output(mut cmd: Command, timeout: Duration) -> Result<String, String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -57,11 +158,11 @@ fn run_once(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
     });
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     drop(killer);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if text.contains("PROBE FAIL bench") {
         return Err(format!("bench check failed:\n{text}"));
     }
-    super::probe_rate(&text, "probe: bench blk")
+    Ok(text)
 }
 
 /// The `blk-guest` subcommand; records into `run`.
@@ -71,6 +172,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut poll_us = 0u32;
     let mut transports = vec![Transport::Mmio, Transport::Pci];
     let mut fc: Option<PathBuf> = None;
+    let (mut main_table, mut mq) = (true, true);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
@@ -81,6 +183,14 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             ("--firecracker", Some(v)) => fc = Some(v.into()),
             ("--transport", Some(v)) => {
                 transports = Transport::parse_list(v).unwrap_or_else(|| super::usage())
+            }
+            ("--tables", Some(v)) => {
+                (main_table, mq) = match v.as_str() {
+                    "main" => (true, false),
+                    "mq" => (false, true),
+                    "both" => (true, true),
+                    _ => super::usage(),
+                }
             }
             _ => super::usage(),
         }
@@ -96,6 +206,56 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let img = work.join("disk.img");
     super::blk::make_backing(&img);
     let lo = super::blk::LoopDev::attach(&img);
+    if main_table {
+        main_rows(
+            run,
+            &keel,
+            &probe,
+            qemu.as_deref(),
+            fc.as_deref(),
+            &work,
+            &lo,
+            runs,
+            poll_us,
+            &transports,
+        );
+    }
+    drop(lo);
+    let _ = std::fs::remove_dir_all(&work);
+    if mq {
+        // In memory, so that the disk under /var/tmp is not the limit.
+        let img = PathBuf::from(format!("/dev/shm/keel-bench-mq-{}.img", std::process::id()));
+        super::blk::make_backing(&img);
+        let lo = super::blk::LoopDev::attach(&img);
+        mq_table(
+            run,
+            &keel,
+            &probe,
+            qemu.as_deref(),
+            &lo.0,
+            runs,
+            &transports,
+        );
+        drop(lo);
+        let _ = std::fs::remove_file(&img);
+    }
+}
+
+/// The main table: every workload at depth 1 and 32 over each transport,
+/// Keel beside QEMU and (over mmio) Firecracker.
+#[allow(clippy::too_many_arguments)]
+fn main_rows(
+    run: &mut super::record::Run,
+    keel: &Path,
+    probe: &Path,
+    qemu: Option<&Path>,
+    fc: Option<&Path>,
+    work: &Path,
+    lo: &super::blk::LoopDev,
+    runs: usize,
+    poll_us: u32,
+    transports: &[Transport],
+) {
     println!("virtio-blk full path: probe guest (CPL3, virtio-drivers) -> VMM -> loop device (O_DIRECT), guest-measured, median of {runs}; Keel's device thread polls {poll_us} µs; QEMU: `-M microvm` with virtio-blk-device over mmio, `-M q35` with virtio-blk-pci over pci; Firecracker (mmio only): io_engine Async (io_uring), which opens the device without O_DIRECT");
     println!();
     println!("| workload | QD | transport | Keel | QEMU | Keel / QEMU | Firecracker | Keel / Firecracker | Keel pci / mmio |");
@@ -107,7 +267,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 c.kind, c.bs, c.count
             );
             let keel_cmd = |t: Transport| {
-                let mut k = Command::new(&keel);
+                let mut k = Command::new(keel);
                 k.args([
                     "--kernel",
                     &probe.display().to_string(),
@@ -121,7 +281,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
                 k
             };
             let qemu_cmd = |q: &Path, t: Transport| {
-                let mut k = t.qemu(q, &probe, &cmdline, "512M");
+                let mut k = t.qemu(q, probe, &cmdline, "512M");
                 k.args([
                     "-drive",
                     &format!(
@@ -135,8 +295,8 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             let fc_cmd = |f: &Path| {
                 super::firecracker(
                     f,
-                    &work,
-                    &probe,
+                    work,
+                    probe,
                     &cmdline,
                     (1, 512),
                     super::FcDevice::Drive(Path::new(&lo.0)),
@@ -157,7 +317,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             };
             let row = format!("{name} QD{qd}");
             let mut keel_mmio = None;
-            for &t in &transports {
+            for &t in transports {
                 let mut ks = Vec::new();
                 let mut qs = Vec::new();
                 let mut fs = Vec::new();
@@ -241,6 +401,120 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             }
         }
     }
-    drop(lo);
-    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Requests per multi-queue run (each boot runs 1 queue, then 2).
+const MQ_COUNT: u64 = 100_000;
+/// Requests in flight in the multi-queue rows: all on one queue, or half
+/// on each of two.
+const MQ_DEPTH: u32 = 32;
+
+/// The multi-queue rows, over virtio-pci only: 4K random reads at depth
+/// 32 over 1 queue driven by one vCPU, then over 2 queues driven by one
+/// vCPU each (16 in flight on each), in the same 2-vCPU guest, each vCPU
+/// halted until its queue's MSI-X vector; Keel and QEMU q35. Over
+/// virtio-mmio a device has one interrupt line, which the probe does not
+/// route, so its lanes would spin: two spinning vCPUs on a small host
+/// measure the spinning, not the queues.
+fn mq_table(
+    run: &mut super::record::Run,
+    keel: &Path,
+    probe: &Path,
+    qemu: Option<&Path>,
+    disk: &str,
+    runs: usize,
+    transports: &[Transport],
+) {
+    let t = Transport::Pci;
+    println!();
+    if !transports.contains(&t) {
+        println!("virtio-blk multi-queue: measured over pci only (per-queue MSI-X vectors); not measured");
+        return;
+    }
+    let cmdline = format!(
+        "console=ttyS0 probe.check=bench.blkmq probe.bench.blkmq=randread,4096,{MQ_DEPTH},{MQ_COUNT}"
+    );
+    println!("virtio-blk multi-queue, full path over pci: 4K random reads at depth {MQ_DEPTH} from the probe guest with 2 vCPUs and a disk of 2 request queues (loop device over a file in /dev/shm, O_DIRECT): 1 queue driven by one vCPU ({MQ_DEPTH} in flight), then 2 queues driven by one vCPU each ({} in flight on each), in the same boot, each vCPU halted until its queue's MSI-X vector; guest-measured IOPS; meanwhile the host CPUs busy (of {}, whatever ran: the VMM, the loop device's kernel work) and the VMM's vCPU threads and other threads (device, event loop) in CPUs; median of {runs}", MQ_DEPTH / 2, std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!();
+    println!("| VMM | queues | IOPS | host CPUs busy | VMM vCPU threads | VMM other threads | 2 queues / 1 |");
+    println!("|---|---|---|---|---|---|---|");
+    let table = "virtio-blk multi-queue";
+    let keel_cmd = || {
+        let mut k = Command::new(keel);
+        k.args(["--kernel", &probe.display().to_string()])
+            .args(["--memory", "size=512M", "--cpus", "boot=2"])
+            .args(t.keel_args())
+            .args(["--cmdline", &cmdline, "--log-level", "error"])
+            .args(["--disk", &format!("path={disk},direct=on,num_queues=2")]);
+        k
+    };
+    let qemu_cmd = |q: &Path| {
+        let mut k = t.qemu_smp(q, probe, &cmdline, "512M", 2);
+        k.args([
+            "-drive",
+            &format!("id=d0,file={disk},format=raw,if=none,cache.direct=on,aio=io_uring"),
+        ])
+        .args([
+            "-device",
+            &format!("{},drive=d0,num-queues=2", t.qemu_device(Kind::Blk)),
+        ]);
+        k
+    };
+    let mut vmms: Vec<(String, Vec<(MqPhase, MqPhase)>)> = vec![(t.keel_series(), Vec::new())];
+    if qemu.is_some() {
+        vmms.push((t.qemu_series(), Vec::new()));
+    }
+    for _ in 0..runs {
+        match run_mq(keel_cmd(), Duration::from_secs(120)) {
+            Ok(r) => vmms[0].1.push(r),
+            Err(e) => eprintln!("Keel {} multi-queue: {e}", t.name()),
+        }
+        if let Some(q) = qemu {
+            match run_mq(qemu_cmd(q), Duration::from_secs(180)) {
+                Ok(r) => vmms[1].1.push(r),
+                Err(e) => eprintln!("QEMU {} multi-queue: {e}", t.name()),
+            }
+        }
+    }
+    for (series, samples) in vmms {
+        let pick = |f: &dyn Fn(&(MqPhase, MqPhase)) -> f64| -> Vec<f64> {
+            samples.iter().map(f).filter(|v| v.is_finite()).collect()
+        };
+        let gain = pick(&|s| s.1.iops / s.0.iops);
+        let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
+        let cpus = |v: Option<f64>| v.map_or("failed".into(), |v| format!("{v:.2}"));
+        for queues in [1u8, 2] {
+            let phase = |s: &(MqPhase, MqPhase)| if queues == 1 { s.0 } else { s.1 };
+            let row = format!("4K randread QD{MQ_DEPTH}, {queues} queue(s)");
+            let iops = pick(&|s| phase(s).iops);
+            run.push_on(table, &row, &series, t.name(), "IOPS", &iops);
+            for (what, v) in [
+                ("host CPUs busy", pick(&|s| phase(s).busy_cpus)),
+                ("VMM vCPU threads", pick(&|s| phase(s).vcpus)),
+                ("VMM other threads", pick(&|s| phase(s).others)),
+            ] {
+                run.push_on(
+                    &format!("{table}: {what}"),
+                    &row,
+                    &series,
+                    t.name(),
+                    "CPUs",
+                    &v,
+                );
+            }
+            println!(
+                "| {series} | {queues} | {} | {} | {} | {} | {} |",
+                med(iops).map_or("failed".into(), |v| format!("{v:.0}")),
+                cpus(med(pick(&|s| phase(s).busy_cpus))),
+                cpus(med(pick(&|s| phase(s).vcpus))),
+                cpus(med(pick(&|s| phase(s).others))),
+                if queues == 2 {
+                    med(gain.clone()).map_or("failed".into(), |g| format!("{g:.2}x"))
+                } else {
+                    "-".into()
+                },
+            );
+        }
+        run.push_on(table, "2 queues / 1 queue", &series, t.name(), "x", &gain);
+    }
 }

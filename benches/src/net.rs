@@ -405,20 +405,18 @@ fn keel_cmd(bin: &Path, cmdline: &str, poll_us: u32, t: Transport) -> Command {
 
 fn qemu_cmd(qemu: &Path, probe: &Path, cmdline: &str, t: Transport) -> Command {
     let mut c = t.qemu(qemu, probe, cmdline, "256M");
-    // Names the vCPU threads `CPU N/KVM`, so their time can be told apart.
-    c.args(["-name", "probe,debug-threads=on"])
-        .args([
-            "-netdev",
-            "tap,id=n0,ifname=kbq0,script=no,downscript=no,vhost=off",
-        ])
-        .args([
-            "-device",
-            &format!(
-                "{},netdev=n0,mac={}",
-                t.qemu_device(Kind::Net),
-                mac_text(&GUEST_MAC)
-            ),
-        ]);
+    c.args([
+        "-netdev",
+        "tap,id=n0,ifname=kbq0,script=no,downscript=no,vhost=off",
+    ])
+    .args([
+        "-device",
+        &format!(
+            "{},netdev=n0,mac={}",
+            t.qemu_device(Kind::Net),
+            mac_text(&GUEST_MAC)
+        ),
+    ]);
     c
 }
 

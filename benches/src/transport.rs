@@ -93,6 +93,18 @@ impl Transport {
     /// one vCPU, serial on stdout, over this transport; the caller adds
     /// the devices (see [`Transport::qemu_device`]).
     pub fn qemu(self, qemu: &Path, probe: &Path, cmdline: &str, mem: &str) -> Command {
+        self.qemu_smp(qemu, probe, cmdline, mem, 1)
+    }
+
+    /// As [`Self::qemu`], with `cpus` vCPUs.
+    pub fn qemu_smp(
+        self,
+        qemu: &Path,
+        probe: &Path,
+        cmdline: &str,
+        mem: &str,
+        cpus: u32,
+    ) -> Command {
         let mut c = Command::new(qemu);
         match self {
             Transport::Mmio => c
@@ -102,7 +114,10 @@ impl Transport {
             Transport::Pci => c.args(["-M", "q35"]),
         };
         c.args(["-enable-kvm", "-cpu", "host,-arch-capabilities"])
-            .args(["-m", mem, "-smp", "1"])
+            .args(["-m", mem, "-smp", &cpus.to_string()])
+            // Names the vCPU threads `CPU N/KVM`, so that their time can be
+            // told apart from the VMM's own.
+            .args(["-name", "probe,debug-threads=on"])
             .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
             .args(["-serial", "stdio", "-monitor", "none"])
             .args(["-kernel", &probe.display().to_string(), "-append", cmdline]);
