@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -29,6 +29,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::connection::{connect_nonblocking, ConnState, Connection, CONN_TX_BUF};
 use super::control::{ControlQueue, Pushed};
 use super::packet::*;
+use super::segments::Segments;
 use crate::virtio::{
     chain_within, read_config_bytes, ActivateContext, ActivateError, Handoff, Interrupt,
     VirtioDevice, VIRTIO_F_VERSION_1,
@@ -204,7 +205,9 @@ struct Active {
     next_host_port: u32,
     buf: Vec<u8>,
     /// The device-readable buffers of the tx chain being handled.
-    tx_segs: Vec<(GuestAddress, usize)>,
+    tx_segs: Segments,
+    /// The device-writable buffers of the rx chain being filled.
+    rx_segs: Segments,
     rx_blocked: bool,
     /// The earliest `close_by` the close timer is armed for.
     timer_armed_for: Option<Instant>,
@@ -330,7 +333,8 @@ impl VirtioVsock {
             control: ControlQueue::new(),
             next_host_port: HOST_PORT_BASE,
             buf: vec![0u8; MAX_PKT],
-            tx_segs: Vec::with_capacity(MAX_CHAIN),
+            tx_segs: Segments::with_capacity(MAX_CHAIN),
+            rx_segs: Segments::with_capacity(MAX_CHAIN),
             rx_blocked: false,
             timer_armed_for: None,
         });
@@ -347,30 +351,14 @@ impl VirtioVsock {
         loop {
             while let Some(chain) = a.txq.pop_descriptor_chain(&mem) {
                 let head = chain.head_index();
-                let reader = if chain_within(&chain, MAX_CHAIN) {
-                    // Where the payload lies, to send it from guest memory.
-                    a.tx_segs.clear();
-                    a.tx_segs.extend(
-                        chain
-                            .clone()
-                            .take(MAX_CHAIN)
-                            .filter(|d| !d.is_write_only())
-                            .map(|d| (d.addr(), d.len() as usize)),
-                    );
-                    chain.reader(&mem).ok()
+                // Where the packet lies, read and sent from guest memory.
+                let ok = chain_within(&chain, MAX_CHAIN)
+                    && a.tx_segs.gather(&mem, chain, false, MAX_CHAIN);
+                if ok {
+                    self.handle_tx_packet(&mut a, ops);
                 } else {
-                    None
-                };
-                let mut reader = match reader {
-                    Some(r) => r,
-                    None => {
-                        bump(&self.counters.packets_dropped, 1);
-                        let _ = a.txq.add_used(&a.mem, head, 0);
-                        used_any = true;
-                        continue;
-                    }
-                };
-                self.handle_tx_packet(&mut a, &mut reader, ops);
+                    bump(&self.counters.packets_dropped, 1);
+                }
                 let _ = a.txq.add_used(&a.mem, head, 0);
                 used_any = true;
             }
@@ -385,21 +373,14 @@ impl VirtioVsock {
         self.active = Some(a);
     }
 
-    fn handle_tx_packet(
-        &mut self,
-        a: &mut Active,
-        reader: &mut virtio_queue::Reader<'_>,
-        ops: &mut EventOps,
-    ) {
+    fn handle_tx_packet(&mut self, a: &mut Active, ops: &mut EventOps) {
         let c = &self.counters;
-        if reader.available_bytes() < HDR_LEN {
+        let mut h = Header::default();
+        if !a.tx_segs.read_at(&a.mem, 0, h.as_mut_slice()) {
             bump(&c.packets_dropped, 1);
             return;
         }
-        let Ok(h) = reader.read_obj::<Header>() else {
-            bump(&c.packets_dropped, 1);
-            return;
-        };
+        let payload_room = a.tx_segs.bytes() - HDR_LEN;
         let (src_cid, dst_cid, len, op, type_) =
             (h.src_cid, h.dst_cid, h.len as usize, h.op, h.type_);
         let (src_port, dst_port) = (h.src_port, h.dst_port);
@@ -414,7 +395,7 @@ impl VirtioVsock {
         }
         // The RST below tells the guest that the connection (guest port
         // src_port, host port dst_port) is gone: forget it here too.
-        if len > MAX_PKT || len > reader.available_bytes() {
+        if len > MAX_PKT || len > payload_room {
             bump(&c.packets_dropped, 1);
             self.close(a, (dst_port, src_port), op != OP_RST, ops);
             return;
@@ -472,9 +453,7 @@ impl VirtioVsock {
                 };
                 // len <= MAX_PKT, the scratch buffer's size (checked above).
                 let rest = &mut a.buf[..len - sent];
-                let skipped =
-                    std::io::copy(&mut (&mut *reader).take(sent as u64), &mut std::io::sink());
-                if skipped.ok() != Some(sent as u64) || reader.read_exact(rest).is_err() {
+                if !a.tx_segs.read_at(&a.mem, HDR_LEN + sent, rest) {
                     bump(&c.packets_dropped, 1);
                     return;
                 }
@@ -628,29 +607,26 @@ impl VirtioVsock {
                 break;
             };
             let head = chain.head_index();
-            let writer = if chain_within(&chain, MAX_CHAIN) {
-                chain.writer(&a.mem).ok()
-            } else {
-                None
-            };
-            let Some(mut w) = writer else {
+            if !(chain_within(&chain, MAX_CHAIN)
+                && a.rx_segs.gather(&a.mem, chain, true, MAX_CHAIN))
+            {
                 bump(&self.counters.invalid_packets, 1);
                 let _ = a.rxq.add_used(&a.mem, head, 0);
                 used_any = true;
                 continue;
-            };
-            if w.available_bytes() < HDR_LEN {
+            }
+            if a.rx_segs.bytes() < HDR_LEN {
                 let _ = a.rxq.add_used(&a.mem, head, 0);
                 used_any = true;
                 continue;
             }
             if let Some(h) = a.control.pop() {
-                let _ = w.write_obj(h);
+                let _ = a.rx_segs.write_at(&a.mem, 0, h.as_slice());
                 let _ = a.rxq.add_used(&a.mem, head, HDR_LEN as u32);
                 used_any = true;
                 continue;
             }
-            let room = (w.available_bytes() - HDR_LEN).min(MAX_PKT);
+            let room = (a.rx_segs.bytes() - HDR_LEN).min(MAX_PKT);
             if room == 0 {
                 // A header-only buffer takes control packets only (there are
                 // none now): never read into an empty buffer, which would
@@ -675,7 +651,9 @@ impl VirtioVsock {
                     a.dirty.push(key);
                 }
                 let want = room.min(conn.peer_credit() as usize);
-                match conn.stream.read(&mut a.buf[..want]) {
+                // Straight from the socket into the guest's buffer, after
+                // the header's place.
+                match a.rx_segs.read_from(&a.mem, HDR_LEN, want, &mut conn.stream) {
                     Ok(0) => {
                         conn.host_eof = true;
                         // A host side gone altogether takes no more data.
@@ -691,8 +669,7 @@ impl VirtioVsock {
                         conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
                         conn.last_fwd_cnt_sent = conn.fwd_cnt;
                         let h = self.header(conn, OP_RW, n as u32, 0);
-                        let _ = w.write_obj(h);
-                        let _ = w.write_all(&a.buf[..n]);
+                        let _ = a.rx_segs.write_at(&a.mem, 0, h.as_slice());
                         let _ = a.rxq.add_used(&a.mem, head, (HDR_LEN + n) as u32);
                         bump(&self.counters.bytes_to_guest, n as u64);
                         used_any = true;
@@ -953,34 +930,17 @@ impl VirtioVsock {
 /// the socket took.
 fn send_from_guest(
     mem: &GuestMemoryMmap,
-    segs: &[(GuestAddress, usize)],
-    mut skip: usize,
+    segs: &Segments,
+    skip: usize,
     len: usize,
     conn: &mut Connection,
 ) -> std::io::Result<usize> {
     let mut sent = 0usize;
-    for &(addr, seg_len) in segs {
-        if sent == len {
-            break;
-        }
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let n = (seg_len - skip).min(len - sent);
-        let start = addr
-            .checked_add(skip as u64)
-            .ok_or_else(|| std::io::Error::from(ErrorKind::InvalidInput))?;
-        skip = 0;
-        for slice in mem.get_slices(start, n) {
-            let slice = slice.map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
-            let took = conn.send_guest_slice(&slice)?;
-            sent += took;
-            if took < slice.len() {
-                return Ok(sent);
-            }
-        }
-    }
+    segs.each_slice(mem, skip, len, |slice| {
+        let took = conn.send_guest_slice(slice)?;
+        sent += took;
+        Ok(took == slice.len())
+    })?;
     Ok(sent)
 }
 

@@ -9,6 +9,7 @@ mod connection;
 mod control;
 mod device;
 pub mod packet;
+mod segments;
 
 pub use connection::CONN_TX_BUF;
 pub use control::MAX_CONTROL;
