@@ -173,6 +173,7 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut transports = vec![Transport::Mmio, Transport::Pci];
     let mut fc: Option<PathBuf> = None;
     let (mut main_table, mut mq) = (true, true);
+    let mut mq_backing = MqBacking::ShmLoop;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
@@ -183,6 +184,13 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             ("--firecracker", Some(v)) => fc = Some(v.into()),
             ("--transport", Some(v)) => {
                 transports = Transport::parse_list(v).unwrap_or_else(|| super::usage())
+            }
+            ("--mq-backing", Some(v)) => {
+                mq_backing = match v.as_str() {
+                    "file" => MqBacking::File,
+                    "shm-loop" => MqBacking::ShmLoop,
+                    _ => super::usage(),
+                }
             }
             ("--tables", Some(v)) => {
                 (main_table, mq) = match v.as_str() {
@@ -223,22 +231,54 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     drop(lo);
     let _ = std::fs::remove_dir_all(&work);
     if mq {
-        // In memory, so that the disk under /var/tmp is not the limit.
-        let img = PathBuf::from(format!("/dev/shm/keel-bench-mq-{}.img", std::process::id()));
-        super::blk::make_backing(&img);
-        let lo = super::blk::LoopDev::attach(&img);
-        mq_table(
-            run,
-            &keel,
-            &probe,
-            qemu.as_deref(),
-            &lo.0,
-            runs,
-            &transports,
-        );
-        drop(lo);
-        let _ = std::fs::remove_file(&img);
+        let pid = std::process::id();
+        match mq_backing {
+            MqBacking::File => {
+                let img = PathBuf::from(format!("/var/tmp/keel-bench-mq-{pid}.img"));
+                super::blk::make_backing(&img);
+                let disk = img.display().to_string();
+                let what = "a file in /var/tmp, O_DIRECT";
+                mq_table(
+                    run,
+                    &keel,
+                    &probe,
+                    qemu.as_deref(),
+                    (&disk, what),
+                    runs,
+                    &transports,
+                );
+                let _ = std::fs::remove_file(&img);
+            }
+            MqBacking::ShmLoop => {
+                let img = PathBuf::from(format!("/dev/shm/keel-bench-mq-{pid}.img"));
+                super::blk::make_backing(&img);
+                let lo = super::blk::LoopDev::attach(&img);
+                let what = "a loop device over a file in /dev/shm";
+                mq_table(
+                    run,
+                    &keel,
+                    &probe,
+                    qemu.as_deref(),
+                    (&lo.0, what),
+                    runs,
+                    &transports,
+                );
+                drop(lo);
+                let _ = std::fs::remove_file(&img);
+            }
+        }
     }
+}
+
+/// The disk of the multi-queue rows (`--mq-backing`; default `shm-loop`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MqBacking {
+    /// A regular file on the host's disk, opened O_DIRECT by both VMMs:
+    /// each queue's io_uring reaches the filesystem directly.
+    File,
+    /// A loop device over a file in memory: one block device for every
+    /// queue.
+    ShmLoop,
 }
 
 /// The main table: every workload at depth 1 and 32 over each transport,
@@ -421,7 +461,7 @@ fn mq_table(
     keel: &Path,
     probe: &Path,
     qemu: Option<&Path>,
-    disk: &str,
+    (disk, what): (&str, &str),
     runs: usize,
     transports: &[Transport],
 ) {
@@ -434,7 +474,7 @@ fn mq_table(
     let cmdline = format!(
         "console=ttyS0 probe.check=bench.blkmq probe.bench.blkmq=randread,4096,{MQ_DEPTH},{MQ_COUNT}"
     );
-    println!("virtio-blk multi-queue, full path over pci: 4K random reads at depth {MQ_DEPTH} from the probe guest with 2 vCPUs and a disk of 2 request queues (loop device over a file in /dev/shm, O_DIRECT): 1 queue driven by one vCPU ({MQ_DEPTH} in flight), then 2 queues driven by one vCPU each ({} in flight on each), in the same boot, each vCPU halted until its queue's MSI-X vector; guest-measured IOPS; meanwhile the host CPUs busy (of {}, whatever ran: the VMM, the loop device's kernel work) and the VMM's vCPU threads and other threads (device, event loop) in CPUs; median of {runs}", MQ_DEPTH / 2, std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!("virtio-blk multi-queue, full path over pci: 4K random reads at depth {MQ_DEPTH} from the probe guest with 2 vCPUs and a disk of 2 request queues ({what}): 1 queue driven by one vCPU ({MQ_DEPTH} in flight), then 2 queues driven by one vCPU each ({} in flight on each), in the same boot, each vCPU halted until its queue's MSI-X vector; guest-measured IOPS; meanwhile the host CPUs busy (of {}, whatever ran: the VMM, the host's block and filesystem work) and the VMM's vCPU threads and other threads (device, event loop) in CPUs; median of {runs}", MQ_DEPTH / 2, std::thread::available_parallelism().map_or(1, |n| n.get()));
     println!();
     println!("| VMM | queues | IOPS | host CPUs busy | VMM vCPU threads | VMM other threads | 2 queues / 1 |");
     println!("|---|---|---|---|---|---|---|");
