@@ -197,13 +197,7 @@ impl RawBlk {
             );
         }
         t.finish_init();
-        let low: u32 = t
-            .read_config_space(0)
-            .map_err(|e| format!("config: {e:?}"))?;
-        let high: u32 = t
-            .read_config_space(4)
-            .map_err(|e| format!("config: {e:?}"))?;
-        self.capacity = u64::from(low) | u64::from(high) << 32;
+        self.capacity = t.config_u64(0)?;
         Ok(())
     }
 

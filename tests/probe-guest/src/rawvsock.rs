@@ -233,13 +233,7 @@ impl RawVsock {
                 desc + PAGE as u64,
             );
         }
-        let low: u32 = t
-            .read_config_space(0)
-            .map_err(|e| format!("config: {e:?}"))?;
-        let high: u32 = t
-            .read_config_space(4)
-            .map_err(|e| format!("config: {e:?}"))?;
-        self.cid = u64::from(low) | u64::from(high) << 32;
+        self.cid = t.config_u64(0)?;
         self.transport.finish_init();
         if rx {
             self.post_rx();

@@ -214,6 +214,17 @@ impl ProbeTransport {
             .and_then(|c| c.at.get(usize::from(queue)).copied().flatten())
     }
 
+    /// The u64 at `offset` of the device configuration, read as two u32
+    /// halves (low first), as virtio-blk's capacity and virtio-vsock's
+    /// guest CID are laid out.
+    pub fn config_u64(&self, offset: usize) -> Result<u64, alloc::string::String> {
+        let half = |at| {
+            self.read_config_space::<u32>(at)
+                .map_err(|e| alloc::format!("config: {e:?}"))
+        };
+        Ok(u64::from(half(offset)?) | u64::from(half(offset + 4)?) << 32)
+    }
+
     /// Also acks `features` (which must all be offered) when the driver
     /// writes its own.
     pub fn ack_also(&mut self, features: u64) {

@@ -553,13 +553,7 @@ fn setup(t: &mut ProbeTransport, queues: u16, rings: u64) -> Result<u64, String>
             base + 4096,
         );
     }
-    let low: u32 = t
-        .read_config_space(0)
-        .map_err(|e| format!("config: {e:?}"))?;
-    let high: u32 = t
-        .read_config_space(4)
-        .map_err(|e| format!("config: {e:?}"))?;
-    Ok(u64::from(low) | u64::from(high) << 32)
+    t.config_u64(0)
 }
 
 /// The ring size used: [`RING`], or the device's maximum when smaller.
