@@ -379,18 +379,21 @@ fn config_disk_is_labelled_read_only_and_has_no_serial() {
 /// driven by the boot vCPU, then over two, the second driven by an
 /// application processor the probe takes to CPL3. Each queue's requests
 /// must come back on its own used ring (a lane polls only its own), over
-/// virtio-mmio and virtio-pci; Keel counts every request.
+/// virtio-mmio and virtio-pci; Keel counts every request. Over pci the
+/// lanes also do the guest's work on every block they read
+/// (`probe.bench.blkmq.work`), which the probe times and reports.
 #[test]
 fn two_request_queues_from_two_vcpus() {
     const N: u64 = 2000;
     // Over pci each lane halts until its queue's MSI-X vector, sent to its
     // own CPU; virtio-mmio's one line is not routed, so there they poll.
-    for (transport, wait) in [("mmio", "poll"), ("pci", "msix")] {
+    for (transport, wait, work) in [("mmio", "poll", 0), ("pci", "msix", 2)] {
         let dir = scratch_dir(&format!("blk-mq-{transport}"));
         let disk = dir.join("disk.img");
         make_test_disk(&disk);
-        let cmdline =
-            format!("console=ttyS0 probe.check=bench.blkmq probe.bench.blkmq=randread,4096,8,{N}");
+        let cmdline = format!(
+            "console=ttyS0 probe.check=bench.blkmq probe.bench.blkmq=randread,4096,8,{N} probe.bench.blkmq.work={work}"
+        );
         let disk_arg = format!("path={},num_queues=2", disk.display());
         let kernel = probe_guest().display().to_string();
         let args = [
@@ -412,14 +415,32 @@ fn two_request_queues_from_two_vcpus() {
         assert_eq!(r.code(), 0, "{transport}: {}", r.stderr);
         for queues in [1, 2] {
             let want = format!(
-                "probe: bench blkmq randread bs=4096 qd=8 queues={queues} wait={wait} n={N} ns="
+                "probe: bench blkmq randread bs=4096 qd=8 queues={queues} wait={wait} work={work} work_ns="
             );
-            assert!(
-                r.stdout.contains(&want),
-                "{transport}: no {want:?} in\n{}",
-                r.stdout
-            );
+            let line = r
+                .stdout
+                .lines()
+                .find(|l| l.starts_with(&want))
+                .unwrap_or_else(|| panic!("{transport}: no {want:?} in\n{}", r.stdout));
+            let field = |key: &str| -> u64 {
+                line.split_whitespace()
+                    .find_map(|f| f.strip_prefix(key))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{transport}: no {key} in {line:?}"))
+            };
+            assert_eq!(field("n="), N, "{line}");
+            assert!(field("ns=") > 0, "{line}");
+            // Work costs time; none costs none.
+            assert_eq!(field("work_ns=") > 0, work > 0, "{line}");
         }
+        assert_eq!(
+            r.stdout
+                .matches("probe: bench info: blkmq work digest 0x")
+                .count(),
+            if work > 0 { 2 } else { 0 },
+            "{transport}: one digest per phase with work:\n{}",
+            r.stdout
+        );
         let want = format!("disk 0: {} reads ({} B)", 2 * N, 2 * N * 4096);
         assert!(
             r.stderr.contains(&want),

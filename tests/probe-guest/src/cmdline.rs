@@ -20,6 +20,9 @@
 //! - `probe.bench.blkmq=<kind>,<bs>,<qd>,<count>`: the same over one
 //!   request queue on one vCPU, then over two queues on two vCPUs (check
 //!   `bench.blkmq`, see `checks::blkmq`).
+//! - `probe.bench.blkmq.work=<passes>`: in bench.blkmq, each vCPU hashes
+//!   every block it read that many times before it reuses the slot: the
+//!   guest's own CPU work per request (default 0).
 //! - `probe.vsock.cid=<n>`, `probe.vsock.transfer=<port>,<bytes>`,
 //!   `probe.vsock.closed_port=<port>`, `probe.vsock.listen=<port>[,refused]`,
 //!   `probe.vsock.flood=<packets>[,sync]`,
@@ -252,6 +255,9 @@ pub struct Options<'a> {
     /// `probe.bench.blkmq`: the multi-queue block benchmark (1 queue on
     /// one vCPU, then 2 queues on two), same fields as `probe.bench.blk`.
     pub bench_blk_mq: Option<BlkBench>,
+    /// `probe.bench.blkmq.work`: hash passes over each block read in
+    /// bench.blkmq (0: none).
+    pub bench_blk_mq_work: u32,
     /// `probe.cow=<inside sector>,<outside sector>`: the `blk.cow` check's
     /// sectors on disk 0 (in and out of its copy-on-write range).
     pub cow: Option<(u64, u64)>,
@@ -331,6 +337,12 @@ impl<'a> Options<'a> {
                 }
                 ("probe.bench.blk", Some(v)) => opts.bench_blk = opts.blk_bench(token, v),
                 ("probe.bench.blkmq", Some(v)) => opts.bench_blk_mq = opts.blk_bench(token, v),
+                ("probe.bench.blkmq.work", Some(v)) => {
+                    opts.bench_blk_mq_work = opts
+                        .number(token, v)
+                        .and_then(|n| opts.u32(token, n))
+                        .unwrap_or(0)
+                }
                 ("probe.cow", Some(v)) => {
                     opts.cow = match v.split_once(',') {
                         Some((a, b)) => opts.number(token, a).zip(opts.number(token, b)),

@@ -2,17 +2,25 @@
 //! two request queues (VIRTIO_BLK_F_MQ) by two vCPUs, each keeping half
 //! the requests in flight on its own queue: the multi-queue gain as a guest
 //! sees it. `probe.bench.blkmq=<kind>,<block size>,<queue depth>,<count>`;
-//! the machine needs at least 2 vCPUs. Prints, for 1 and then 2 queues:
+//! the machine needs at least 2 vCPUs. With `probe.bench.blkmq.work=<passes>`
+//! each vCPU also hashes every block it read that many times before it
+//! reuses the request's slot: the guest's own CPU work per request, which
+//! a second queue on a second vCPU can share. Prints, for 1 and then 2
+//! queues (`work_ns`: what that work costs per request, timed on the BSP
+//! before the run):
 //!
 //! ```text
-//! probe: bench blkmq randread bs=4096 qd=32 queues=1 n=20000 ns=...
-//! probe: bench blkmq randread bs=4096 qd=32 queues=2 n=20000 ns=...
+//! probe: bench blkmq randread bs=4096 qd=32 queues=1 wait=msix work=0 work_ns=0 n=20000 ns=...
+//! probe: bench blkmq randread bs=4096 qd=32 queues=2 wait=msix work=0 work_ns=0 n=20000 ns=...
 //! ```
 //!
 //! The driver is its own (virtio-drivers' has one queue): per queue a
 //! split ring of up to [`RING`] descriptors, each request a fixed chain of
-//! three (header, data, status) so that a used entry's id names its slot;
-//! completions are polled, as in every probe bench. The second queue is
+//! three (header, data, status) so that a used entry's id names its slot.
+//! A lane reaps every completion that has arrived, does the work on each
+//! block, offers the freed slots again and rings once for the batch; it
+//! waits halted for its queue's MSI-X vector over virtio-pci, and polls
+//! over virtio-mmio (see [`route_msix`]). The second queue is
 //! driven by an application processor that [`Trampoline::launch`] brings
 //! to CPL3; it shares nothing with the BSP but its ring memory, its
 //! request count and two flags.
@@ -95,6 +103,8 @@ struct Lane {
     /// Wait for completions halted until the queue's MSI-X vector (sent
     /// to this CPU) instead of spinning on the used ring.
     halt: bool,
+    /// Hash passes over each block read before its slot is reused.
+    work: u32,
 }
 
 /// What a lane's run ended with.
@@ -103,6 +113,8 @@ struct Outcome {
     completed: u64,
     errors: u64,
     stalled: bool,
+    /// The hashes of the work, folded (so that the work is done).
+    digest: u64,
 }
 
 impl Lane {
@@ -120,6 +132,19 @@ impl Lane {
 
     fn status(&self, slot: u16) -> u64 {
         self.meta + 16 * u64::from(RING) + u64::from(slot)
+    }
+
+    /// The guest's work on slot `slot`'s block: [`Lane::work`] passes of
+    /// FNV-1a over its 64-bit words, read from memory each pass.
+    fn consume(&self, slot: u16) -> u64 {
+        let at = self.data + u64::from(slot) * self.bs;
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for _ in 0..self.work {
+            for w in (0..self.bs).step_by(8) {
+                h = (h ^ phys::read_u64(at + w)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        h
     }
 
     /// Writes slot `slot`'s chain (descriptors 3 * slot ..): it never
@@ -214,6 +239,8 @@ impl Lane {
                 let slot = head / CHAIN;
                 if phys::read_u8(self.status(slot)) != S_OK {
                     out.errors += 1;
+                } else if self.work != 0 {
+                    out.digest ^= self.consume(slot);
                 }
                 out.completed += 1;
                 if submitted < count {
@@ -244,6 +271,7 @@ struct ApJob {
     completed: AtomicU64,
     errors: AtomicU64,
     stalled: AtomicU32,
+    digest: AtomicU64,
     /// The AP's local APIC ID, written before it signals [`JOB_READY`].
     apic_id: AtomicU32,
 }
@@ -259,6 +287,7 @@ static AP_JOB: ApJob = ApJob {
     completed: AtomicU64::new(0),
     errors: AtomicU64::new(0),
     stalled: AtomicU32::new(0),
+    digest: AtomicU64::new(0),
     apic_id: AtomicU32::new(0),
 };
 
@@ -290,6 +319,7 @@ extern "C" fn ap_main(_arg: u64) -> ! {
         AP_JOB
             .stalled
             .store(u32::from(out.stalled), Ordering::Relaxed);
+        AP_JOB.digest.store(out.digest, Ordering::Relaxed);
     }
     AP_JOB.state.store(JOB_DONE, Ordering::Release);
     loop {
@@ -367,6 +397,7 @@ fn run(ctx: &Context<'_>, cfg: BlkBench) -> CheckResult {
                     kind: cfg,
                     seed: 0x9e37_79b9_7f4a_7c15 ^ (u64::from(q) << 32),
                     halt,
+                    work: ctx.options.bench_blk_mq_work,
                 };
                 for slot in 0..per {
                     lane.build_chain(slot);
@@ -374,6 +405,7 @@ fn run(ctx: &Context<'_>, cfg: BlkBench) -> CheckResult {
                 Ok(lane)
             })
             .collect::<Result<_, String>>()?;
+        let work_ns = work_cost(&lanes[0])?;
         // Untimed: the host may sample its own load from here to the result.
         println!("probe: bench blkmq start queues={queues}");
         let (ns, out) = match (&lanes[..], trampoline) {
@@ -395,10 +427,14 @@ fn run(ctx: &Context<'_>, cfg: BlkBench) -> CheckResult {
             );
         }
         println!(
-            "probe: bench blkmq {} bs={bs} qd={depth} queues={queues} wait={wait} n={} ns={ns}",
+            "probe: bench blkmq {} bs={bs} qd={depth} queues={queues} wait={wait} work={} work_ns={work_ns} n={} ns={ns}",
             cfg.kind.name(),
+            lanes[0].work,
             cfg.count
         );
+        if lanes[0].work != 0 {
+            println!("probe: bench info: blkmq work digest {:#x}", out.digest);
+        }
         if out.errors != 0 {
             fail!("{queues} queue(s): {} requests failed", out.errors);
         }
@@ -459,6 +495,7 @@ fn two_lanes(bsp: Lane, ap: Lane, count: u64) -> Result<(u64, Outcome), String> 
     out.completed += AP_JOB.completed.load(Ordering::Relaxed);
     out.errors += AP_JOB.errors.load(Ordering::Relaxed);
     out.stalled |= AP_JOB.stalled.load(Ordering::Relaxed) != 0;
+    out.digest ^= AP_JOB.digest.load(Ordering::Relaxed);
     Ok((ns, out))
 }
 
@@ -507,6 +544,23 @@ fn route_msix(dev: &VirtioDevice, cpus: &[u32]) -> Result<bool, String> {
     let ctrl = bus.read(f.at, cap);
     bus.write(f.at, cap, ctrl | (1 << 31));
     Ok(true)
+}
+
+/// What [`Lane::consume`] costs per request on this CPU, in ns: the mean
+/// of 64 passes over slot 0 (0 without work).
+fn work_cost(lane: &Lane) -> Result<u64, String> {
+    if lane.work == 0 {
+        return Ok(0);
+    }
+    const TIMES: u64 = 64;
+    let start = tsc::rdtsc();
+    let mut h = 0;
+    for _ in 0..TIMES {
+        h ^= lane.consume(0);
+    }
+    let ns = cycles_ns(tsc::rdtsc().wrapping_sub(start))? / TIMES;
+    core::hint::black_box(h);
+    Ok(ns)
 }
 
 fn cycles_ns(cycles: u64) -> Result<u64, String> {
