@@ -594,6 +594,57 @@ pub fn make_backing(path: &Path) {
     f.sync_all().expect("sync");
 }
 
+/// A zram device made for a bench (`/sys/class/zram-control/hot_add`),
+/// `DISK_SIZE` long and filled with incompressible data, so that every
+/// read copies a stored page; removed on drop.
+pub struct Zram(u32);
+
+impl Zram {
+    /// Adds, sizes and fills a new zram device, or says why it cannot.
+    pub fn create() -> Result<Self, String> {
+        let id: u32 = std::fs::read_to_string("/sys/class/zram-control/hot_add")
+            .map_err(|e| format!("no zram (CONFIG_ZRAM, root): {e}"))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("zram hot_add: {e}"))?;
+        let z = Zram(id);
+        let sys = format!("/sys/block/zram{id}");
+        std::fs::write(format!("{sys}/disksize"), DISK_SIZE.to_string())
+            .map_err(|e| format!("{sys}/disksize: {e}"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(z.path())
+            .map_err(|e| format!("{}: {e}", z.path()))?;
+        // xorshift64: incompressible, so zram keeps each page whole.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        use std::io::Write;
+        for _ in 0..DISK_SIZE >> 20 {
+            for w in chunk.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&chunk).map_err(|e| format!("fill zram: {e}"))?;
+        }
+        f.sync_all().map_err(|e| format!("fill zram: {e}"))?;
+        Ok(z)
+    }
+
+    /// The device node.
+    pub fn path(&self) -> String {
+        format!("/dev/zram{}", self.0)
+    }
+}
+
+impl Drop for Zram {
+    fn drop(&mut self) {
+        let _ = std::fs::write(format!("/sys/block/zram{}/reset", self.0), "1");
+        let _ = std::fs::write("/sys/class/zram-control/hot_remove", self.0.to_string());
+    }
+}
+
 /// The `blk` subcommand; records into `run`.
 pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut secs = 2.0f64;

@@ -62,6 +62,8 @@ struct MqPhase {
     /// phase, in CPUs (1.0 = one CPU all the time).
     vcpus: f64,
     others: f64,
+    /// The guest's own work per request (`work_ns=`), in ns.
+    work_ns: f64,
 }
 
 /// Busy and total jiffies of all CPUs, from the first line of /proc/stat.
@@ -111,6 +113,7 @@ fn run_mq(mut cmd: Command, timeout: Duration) -> Result<(MqPhase, MqPhase), Str
             let end = cpu_jiffies();
             let (vcpu_ns, other_ns) = Snapshot::take(pid).since(&threads);
             let iops = super::probe_field(&line, "n=")? / (super::probe_field(&line, "ns=")? / 1e9);
+            let work_ns = super::probe_field(&line, "work_ns=")?;
             let (busy_cpus, vcpus, others) = match (start.take(), end) {
                 (Some(((b0, t0), at)), Some((b1, t1))) if t1 > t0 => {
                     let wall = at.elapsed().as_nanos() as f64;
@@ -127,6 +130,7 @@ fn run_mq(mut cmd: Command, timeout: Duration) -> Result<(MqPhase, MqPhase), Str
                 busy_cpus,
                 vcpus,
                 others,
+                work_ns,
             });
         }
         text.push_str(&line);
@@ -173,7 +177,8 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     let mut transports = vec![Transport::Mmio, Transport::Pci];
     let mut fc: Option<PathBuf> = None;
     let (mut main_table, mut mq) = (true, true);
-    let mut mq_backing = MqBacking::ShmLoop;
+    let mut mq_backing = MqBacking::Zram;
+    let mut mq_work = MQ_WORK.to_vec();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
@@ -185,10 +190,17 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
             ("--transport", Some(v)) => {
                 transports = Transport::parse_list(v).unwrap_or_else(|| super::usage())
             }
+            ("--mq-work", Some(v)) => {
+                mq_work = v
+                    .split(',')
+                    .map(|w| w.parse().unwrap_or_else(|_| super::usage()))
+                    .collect()
+            }
             ("--mq-backing", Some(v)) => {
                 mq_backing = match v.as_str() {
                     "file" => MqBacking::File,
                     "shm-loop" => MqBacking::ShmLoop,
+                    "zram" => MqBacking::Zram,
                     _ => super::usage(),
                 }
             }
@@ -230,47 +242,21 @@ pub fn main(args: &[String], run: &mut super::record::Run) {
     }
     drop(lo);
     let _ = std::fs::remove_dir_all(&work);
-    if mq {
-        let pid = std::process::id();
-        match mq_backing {
-            MqBacking::File => {
-                let img = PathBuf::from(format!("/var/tmp/keel-bench-mq-{pid}.img"));
-                super::blk::make_backing(&img);
-                let disk = img.display().to_string();
-                let what = "a file in /var/tmp, O_DIRECT";
-                mq_table(
-                    run,
-                    &keel,
-                    &probe,
-                    qemu.as_deref(),
-                    (&disk, what),
-                    runs,
-                    &transports,
-                );
-                let _ = std::fs::remove_file(&img);
-            }
-            MqBacking::ShmLoop => {
-                let img = PathBuf::from(format!("/dev/shm/keel-bench-mq-{pid}.img"));
-                super::blk::make_backing(&img);
-                let lo = super::blk::LoopDev::attach(&img);
-                let what = "a loop device over a file in /dev/shm";
-                mq_table(
-                    run,
-                    &keel,
-                    &probe,
-                    qemu.as_deref(),
-                    (&lo.0, what),
-                    runs,
-                    &transports,
-                );
-                drop(lo);
-                let _ = std::fs::remove_file(&img);
-            }
-        }
+    if mq && !transports.contains(&Transport::Pci) {
+        println!("\nvirtio-blk multi-queue: measured over pci only (per-queue MSI-X vectors); not measured");
+    } else if mq {
+        let mq = MqRun {
+            keel: &keel,
+            probe: &probe,
+            qemu: qemu.as_deref(),
+            runs,
+            work: &mq_work,
+        };
+        mq_backing.with_disk(|disk, what| mq.table(run, disk, what));
     }
 }
 
-/// The disk of the multi-queue rows (`--mq-backing`; default `shm-loop`).
+/// The disk of the multi-queue rows (`--mq-backing`; default `zram`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum MqBacking {
     /// A regular file on the host's disk, opened O_DIRECT by both VMMs:
@@ -279,6 +265,44 @@ enum MqBacking {
     /// A loop device over a file in memory: one block device for every
     /// queue.
     ShmLoop,
+    /// A zram device (a RAM disk, holding incompressible data here): no
+    /// queue and no thread of its own, each request is served by the
+    /// thread that issues it (for the VMMs, io_uring's workers), so that
+    /// the disk adds no serial step of its own, as a multi-queue NVMe disk
+    /// with a queue per CPU would not.
+    Zram,
+}
+
+impl MqBacking {
+    /// Makes the disk, calls `f` with its path and a description, and
+    /// removes it. Without zram (no CONFIG_ZRAM, not root) it says so and
+    /// uses a loop device over /dev/shm.
+    fn with_disk(self, f: impl FnOnce(&str, &str)) {
+        let pid = std::process::id();
+        match self {
+            MqBacking::File => {
+                let img = PathBuf::from(format!("/var/tmp/keel-bench-mq-{pid}.img"));
+                super::blk::make_backing(&img);
+                f(&img.display().to_string(), "a file in /var/tmp, O_DIRECT");
+                let _ = std::fs::remove_file(&img);
+            }
+            MqBacking::ShmLoop => {
+                let img = PathBuf::from(format!("/dev/shm/keel-bench-mq-{pid}.img"));
+                super::blk::make_backing(&img);
+                let lo = super::blk::LoopDev::attach(&img);
+                f(&lo.0, "a loop device over a file in /dev/shm, O_DIRECT");
+                drop(lo);
+                let _ = std::fs::remove_file(&img);
+            }
+            MqBacking::Zram => match super::blk::Zram::create() {
+                Ok(z) => f(&z.path(), "a zram device of incompressible data, O_DIRECT"),
+                Err(e) => {
+                    println!("\nno zram device ({e}): the multi-queue rows use a loop device over /dev/shm");
+                    MqBacking::ShmLoop.with_disk(f)
+                }
+            },
+        }
+    }
 }
 
 /// The main table: every workload at depth 1 and 32 over each transport,
@@ -443,53 +467,54 @@ fn main_rows(
     }
 }
 
-/// Requests per multi-queue run (each boot runs 1 queue, then 2).
+/// Requests per multi-queue run without guest work (each boot runs 1
+/// queue, then 2); with work, fewer (see [`MqRun::count`]).
 const MQ_COUNT: u64 = 100_000;
 /// Requests in flight in the multi-queue rows: all on one queue, or half
 /// on each of two.
 const MQ_DEPTH: u32 = 32;
+/// The guest's work per request in the multi-queue rows (`--mq-work`):
+/// hash passes over each block read (`probe.bench.blkmq.work`), from none
+/// to several times the host's own cost of a request.
+const MQ_WORK: [u32; 4] = [0, 8, 24, 48];
 
 /// The multi-queue rows, over virtio-pci only: 4K random reads at depth
 /// 32 over 1 queue driven by one vCPU, then over 2 queues driven by one
 /// vCPU each (16 in flight on each), in the same 2-vCPU guest, each vCPU
-/// halted until its queue's MSI-X vector; Keel and QEMU q35. Over
-/// virtio-mmio a device has one interrupt line, which the probe does not
-/// route, so its lanes would spin: two spinning vCPUs on a small host
-/// measure the spinning, not the queues.
-fn mq_table(
-    run: &mut super::record::Run,
-    keel: &Path,
-    probe: &Path,
-    qemu: Option<&Path>,
-    (disk, what): (&str, &str),
+/// halted until its queue's MSI-X vector; Keel and QEMU q35; for each
+/// amount of guest work per request. Over virtio-mmio a device has one
+/// interrupt line, which the probe does not route, so its lanes would
+/// spin: two spinning vCPUs on a small host measure the spinning, not the
+/// queues.
+struct MqRun<'a> {
+    keel: &'a Path,
+    probe: &'a Path,
+    qemu: Option<&'a Path>,
     runs: usize,
-    transports: &[Transport],
-) {
-    let t = Transport::Pci;
-    println!();
-    if !transports.contains(&t) {
-        println!("virtio-blk multi-queue: measured over pci only (per-queue MSI-X vectors); not measured");
-        return;
+    /// Hash passes per request, one set of rows each.
+    work: &'a [u32],
+}
+
+impl MqRun<'_> {
+    /// Requests per phase for `work` passes: about as long a phase as
+    /// without work, at least 20000 requests.
+    fn count(work: u32) -> u64 {
+        (MQ_COUNT * 8 / (8 + u64::from(work))).max(20_000)
     }
-    let cmdline = format!(
-        "console=ttyS0 probe.check=bench.blkmq probe.bench.blkmq=randread,4096,{MQ_DEPTH},{MQ_COUNT}"
-    );
-    println!("virtio-blk multi-queue, full path over pci: 4K random reads at depth {MQ_DEPTH} from the probe guest with 2 vCPUs and a disk of 2 request queues ({what}): 1 queue driven by one vCPU ({MQ_DEPTH} in flight), then 2 queues driven by one vCPU each ({} in flight on each), in the same boot, each vCPU halted until its queue's MSI-X vector; guest-measured IOPS; meanwhile the host CPUs busy (of {}, whatever ran: the VMM, the host's block and filesystem work) and the VMM's vCPU threads and other threads (device, event loop) in CPUs; median of {runs}", MQ_DEPTH / 2, std::thread::available_parallelism().map_or(1, |n| n.get()));
-    println!();
-    println!("| VMM | queues | IOPS | host CPUs busy | VMM vCPU threads | VMM other threads | 2 queues / 1 |");
-    println!("|---|---|---|---|---|---|---|");
-    let table = "virtio-blk multi-queue";
-    let keel_cmd = || {
-        let mut k = Command::new(keel);
-        k.args(["--kernel", &probe.display().to_string()])
+
+    fn keel_cmd(&self, disk: &str, cmdline: &str) -> Command {
+        let mut k = Command::new(self.keel);
+        k.args(["--kernel", &self.probe.display().to_string()])
             .args(["--memory", "size=512M", "--cpus", "boot=2"])
-            .args(t.keel_args())
-            .args(["--cmdline", &cmdline, "--log-level", "error"])
+            .args(Transport::Pci.keel_args())
+            .args(["--cmdline", cmdline, "--log-level", "error"])
             .args(["--disk", &format!("path={disk},direct=on,num_queues=2")]);
         k
-    };
-    let qemu_cmd = |q: &Path| {
-        let mut k = t.qemu_smp(q, probe, &cmdline, "512M", 2);
+    }
+
+    fn qemu_cmd(&self, q: &Path, disk: &str, cmdline: &str) -> Command {
+        let t = Transport::Pci;
+        let mut k = t.qemu_smp(q, self.probe, cmdline, "512M", 2);
         k.args([
             "-drive",
             &format!("id=d0,file={disk},format=raw,if=none,cache.direct=on,aio=io_uring"),
@@ -499,62 +524,115 @@ fn mq_table(
             &format!("{},drive=d0,num-queues=2", t.qemu_device(Kind::Blk)),
         ]);
         k
-    };
-    let mut vmms: Vec<(String, Vec<(MqPhase, MqPhase)>)> = vec![(t.keel_series(), Vec::new())];
-    if qemu.is_some() {
-        vmms.push((t.qemu_series(), Vec::new()));
     }
-    for _ in 0..runs {
-        match run_mq(keel_cmd(), Duration::from_secs(120)) {
-            Ok(r) => vmms[0].1.push(r),
-            Err(e) => eprintln!("Keel {} multi-queue: {e}", t.name()),
+
+    /// Measures and prints the table over `disk` (described by `what`).
+    fn table(&self, run: &mut super::record::Run, disk: &str, what: &str) {
+        let t = Transport::Pci;
+        let runs = self.runs;
+        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!();
+        println!("virtio-blk multi-queue, full path over pci: 4K random reads at depth {MQ_DEPTH} from the probe guest with 2 vCPUs and a disk of 2 request queues ({what}): 1 queue driven by one vCPU ({MQ_DEPTH} in flight), then 2 queues driven by one vCPU each ({} in flight on each), in the same boot, each vCPU halted until its queue's MSI-X vector; the guest's own work per request: none, or hashing each block it read N times before it reuses the slot (its time per request measured in the guest); guest-measured IOPS; meanwhile the host CPUs busy (of {ncpu}, whatever ran: the VMM, the host's block work) and the VMM's vCPU threads and other threads (device, event loop, io_uring workers) in CPUs; median of {runs}", MQ_DEPTH / 2);
+        println!();
+        println!("| guest work per request | VMM | queues | IOPS | host CPUs busy | VMM vCPU threads | VMM other threads | 2 queues / 1 |");
+        println!("|---|---|---|---|---|---|---|---|");
+        let table = "virtio-blk multi-queue";
+        let mut series = vec![t.keel_series()];
+        if self.qemu.is_some() {
+            series.push(t.qemu_series());
         }
-        if let Some(q) = qemu {
-            match run_mq(qemu_cmd(q), Duration::from_secs(180)) {
-                Ok(r) => vmms[1].1.push(r),
-                Err(e) => eprintln!("QEMU {} multi-queue: {e}", t.name()),
+        // samples[work][vmm]: each boot's (1 queue, 2 queues).
+        let mut samples =
+            vec![vec![Vec::<(MqPhase, MqPhase)>::new(); series.len()]; self.work.len()];
+        for _ in 0..runs {
+            for (w, &work) in self.work.iter().enumerate() {
+                let cmdline = format!(
+                    "console=ttyS0 probe.check=bench.blkmq probe.bench.blkmq=randread,4096,{MQ_DEPTH},{} probe.bench.blkmq.work={work}",
+                    Self::count(work)
+                );
+                match run_mq(self.keel_cmd(disk, &cmdline), Duration::from_secs(120)) {
+                    Ok(r) => samples[w][0].push(r),
+                    Err(e) => eprintln!("Keel {} multi-queue, work {work}: {e}", t.name()),
+                }
+                if let Some(q) = self.qemu {
+                    match run_mq(self.qemu_cmd(q, disk, &cmdline), Duration::from_secs(180)) {
+                        Ok(r) => samples[w][1].push(r),
+                        Err(e) => eprintln!("QEMU {} multi-queue, work {work}: {e}", t.name()),
+                    }
+                }
             }
         }
-    }
-    for (series, samples) in vmms {
-        let pick = |f: &dyn Fn(&(MqPhase, MqPhase)) -> f64| -> Vec<f64> {
-            samples.iter().map(f).filter(|v| v.is_finite()).collect()
-        };
-        let gain = pick(&|s| s.1.iops / s.0.iops);
-        let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
-        let cpus = |v: Option<f64>| v.map_or("failed".into(), |v| format!("{v:.2}"));
-        for queues in [1u8, 2] {
-            let phase = |s: &(MqPhase, MqPhase)| if queues == 1 { s.0 } else { s.1 };
-            let row = format!("4K randread QD{MQ_DEPTH}, {queues} queue(s)");
-            let iops = pick(&|s| phase(s).iops);
-            run.push_on(table, &row, &series, t.name(), "IOPS", &iops);
-            for (what, v) in [
-                ("host CPUs busy", pick(&|s| phase(s).busy_cpus)),
-                ("VMM vCPU threads", pick(&|s| phase(s).vcpus)),
-                ("VMM other threads", pick(&|s| phase(s).others)),
-            ] {
+        for (w, &work) in self.work.iter().enumerate() {
+            for (series, samples) in series.iter().zip(&samples[w]) {
+                let pick = |f: &dyn Fn(&(MqPhase, MqPhase)) -> f64| -> Vec<f64> {
+                    samples.iter().map(f).filter(|v| v.is_finite()).collect()
+                };
+                let med = |v: Vec<f64>| (!v.is_empty()).then(|| super::median(v));
+                let cpus = |v: Option<f64>| v.map_or("failed".into(), |v| format!("{v:.2}"));
+                let gain = pick(&|s| s.1.iops / s.0.iops);
+                let work_ns = pick(&|s| s.0.work_ns);
+                let work_cell = match (work, med(work_ns.clone())) {
+                    (0, _) => "none".to_string(),
+                    (_, Some(ns)) => format!("{work} hash passes, {:.1} µs", ns / 1e3),
+                    (_, None) => format!("{work} hash passes"),
+                };
+                let suffix = if work == 0 {
+                    String::new()
+                } else {
+                    format!(", guest work {work} passes")
+                };
+                if work != 0 {
+                    let row = format!("guest work {work} passes");
+                    run.push_on(
+                        &format!("{table}: guest work per request"),
+                        &row,
+                        series,
+                        t.name(),
+                        "ns",
+                        &work_ns,
+                    );
+                }
+                for queues in [1u8, 2] {
+                    let phase = |s: &(MqPhase, MqPhase)| if queues == 1 { s.0 } else { s.1 };
+                    let row = format!("4K randread QD{MQ_DEPTH}, {queues} queue(s){suffix}");
+                    let iops = pick(&|s| phase(s).iops);
+                    run.push_on(table, &row, series, t.name(), "IOPS", &iops);
+                    for (what, v) in [
+                        ("host CPUs busy", pick(&|s| phase(s).busy_cpus)),
+                        ("VMM vCPU threads", pick(&|s| phase(s).vcpus)),
+                        ("VMM other threads", pick(&|s| phase(s).others)),
+                    ] {
+                        run.push_on(
+                            &format!("{table}: {what}"),
+                            &row,
+                            series,
+                            t.name(),
+                            "CPUs",
+                            &v,
+                        );
+                    }
+                    println!(
+                        "| {work_cell} | {series} | {queues} | {} | {} | {} | {} | {} |",
+                        med(iops).map_or("failed".into(), |v| format!("{v:.0}")),
+                        cpus(med(pick(&|s| phase(s).busy_cpus))),
+                        cpus(med(pick(&|s| phase(s).vcpus))),
+                        cpus(med(pick(&|s| phase(s).others))),
+                        if queues == 2 {
+                            med(gain.clone()).map_or("failed".into(), |g| format!("{g:.2}x"))
+                        } else {
+                            "-".into()
+                        },
+                    );
+                }
                 run.push_on(
-                    &format!("{table}: {what}"),
-                    &row,
-                    &series,
+                    table,
+                    &format!("2 queues / 1 queue{suffix}"),
+                    series,
                     t.name(),
-                    "CPUs",
-                    &v,
+                    "x",
+                    &gain,
                 );
             }
-            println!(
-                "| {series} | {queues} | {} | {} | {} | {} | {} |",
-                med(iops).map_or("failed".into(), |v| format!("{v:.0}")),
-                cpus(med(pick(&|s| phase(s).busy_cpus))),
-                cpus(med(pick(&|s| phase(s).vcpus))),
-                cpus(med(pick(&|s| phase(s).others))),
-                if queues == 2 {
-                    med(gain.clone()).map_or("failed".into(), |g| format!("{g:.2}x"))
-                } else {
-                    "-".into()
-                },
-            );
         }
-        run.push_on(table, "2 queues / 1 queue", &series, t.name(), "x", &gain);
     }
 }
