@@ -74,24 +74,15 @@ ap_protected_entry:
     mov %eax, %ds
     mov %eax, %es
     mov %eax, %ss
-    /* As the BSP: SSE (CR0.EM=0 TS=0 MP=1; CR4.OSFXSR, OSXMMEXCPT), PAE,
-       the BSP's page tables, EFER.LME, paging on. */
-    mov %cr0, %eax
-    and $~0x0c, %eax
-    or $0x02, %eax
-    mov %eax, %cr0
-    mov %cr4, %eax
-    or $0x620, %eax
-    mov %eax, %cr4
+    /* As the BSP: SSE and PAE, the BSP's page tables, long mode. */
+"#,
+    asm_sse_and_pae!(),
+    r#"
     mov $pml4_table, %eax
     mov %eax, %cr3
-    mov $0xc0000080, %ecx
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000000, %eax
-    mov %eax, %cr0
+"#,
+    asm_long_mode_on!(),
+    r#"
     ljmp ${KERNEL_CS}, $ap_long_entry
 
     .code64

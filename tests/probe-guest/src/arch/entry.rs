@@ -57,17 +57,9 @@ pvh_start32:
     mov $({MILESTONE_ENTRY}), %al
     outb %al, $({PORT})
     mov %ebx, %esi
-
-    /* SSE for compiled code: CR0.EM=0 CR0.TS=0 CR0.MP=1; CR4.OSFXSR,
-       CR4.OSXMMEXCPT, and CR4.PAE for long mode. */
-    mov %cr0, %eax
-    and $~0x0c, %eax
-    or $0x02, %eax
-    mov %eax, %cr0
-    mov %cr4, %eax
-    or $0x620, %eax
-    mov %eax, %cr4
-
+"#,
+    asm_sse_and_pae!(),
+    r#"
     /* pml4_table points at the 1 GiB-page PDPT; without pdpe1gb switch
        to the PDPT whose first GiB is mapped with 2 MiB pages. */
     mov $0x80000000, %eax
@@ -81,16 +73,9 @@ pvh_start32:
 1:  movl $(pdpt_2m + 7), pml4_table
 2:  mov $pml4_table, %eax
     mov %eax, %cr3
-
-    /* EFER.LME, then paging on: IA-32e mode. */
-    mov $0xc0000080, %ecx
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000000, %eax
-    mov %eax, %cr0
-
+"#,
+    asm_long_mode_on!(),
+    r#"
     /* 64-bit TSS descriptor (the TSS lies below 4 GiB, its limit below
        64 KiB): low dword is base[15:0] << 16 | limit[15:0]; high dword is
        base[31:24] | type (present, available 64-bit TSS) | base[23:16]. */
