@@ -161,24 +161,13 @@ impl RawBlk {
     /// Resets the device and sets it up again, with fresh rings.
     pub fn init(&mut self, want: u64) -> Result<(), String> {
         let t = &mut self.transport;
-        t.set_status(DeviceStatus::empty());
-        // SAFETY: the device is reset and no longer uses the rings; the
-        // small-buffer page is left as it is.
+        (self.offered, self.features) = t.negotiate(want | F_VERSION_1)?;
+        // SAFETY: the device was reset and no longer uses the rings (they
+        // are set up below); the small-buffer page is left as it is.
         unsafe { self.mem.as_ptr().write_bytes(0, BUF_OFFSET) };
         self.avail_idx = [0; MAX_QUEUES];
         self.last_used = [0; MAX_QUEUES];
         self.clean = true;
-        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-        self.offered = t.read_device_features();
-        self.features = self.offered & (want | F_VERSION_1);
-        t.write_driver_features(self.features);
-        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.is_modern() && !t.get_status().contains(DeviceStatus::FEATURES_OK) {
-            return Err(format!(
-                "device refused features {:#x} (FEATURES_OK not kept)",
-                self.features
-            ));
-        }
         t.set_guest_page_size(PAGE as u32);
         for q in 0..self.queues {
             let max = t.max_queue_size(q as u16);

@@ -201,21 +201,13 @@ impl RawVsock {
 
     fn setup(&mut self, rx: bool) -> Result<(), String> {
         let t = &mut self.transport;
-        t.set_status(DeviceStatus::empty());
-        // SAFETY: the device is reset and no longer uses the rings.
+        t.negotiate(F_VERSION_1)?;
+        // SAFETY: the device was reset and no longer uses the rings (they
+        // are set up below).
         unsafe { self.mem.as_ptr().write_bytes(0, TX_PAGE * PAGE) };
         self.avail_idx = [0; QUEUES];
         self.last_used = [0; QUEUES];
         self.clean = true;
-        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-        let features = t.read_device_features() & F_VERSION_1;
-        t.write_driver_features(features);
-        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-        if t.is_modern() && !t.get_status().contains(DeviceStatus::FEATURES_OK) {
-            return Err(format!(
-                "device refused features {features:#x} (FEATURES_OK not kept)"
-            ));
-        }
         t.set_guest_page_size(PAGE as u32);
         for q in 0..QUEUES as u16 {
             let max = t.max_queue_size(q);

@@ -225,6 +225,25 @@ impl ProbeTransport {
         Ok(u64::from(half(offset)?) | u64::from(half(offset + 4)?) << 32)
     }
 
+    /// Resets the device and negotiates its features: ACKNOWLEDGE and
+    /// DRIVER, acks what it offers of `want`, sets FEATURES_OK and, on a
+    /// virtio 1.x device, checks that the device kept it. Returns what
+    /// the device offered and what was acked; the queues are the caller's.
+    pub fn negotiate(&mut self, want: u64) -> Result<(u64, u64), alloc::string::String> {
+        self.set_status(DeviceStatus::empty());
+        self.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+        let offered = self.read_device_features();
+        let acked = offered & want;
+        self.write_driver_features(acked);
+        self.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
+        if self.is_modern() && !self.get_status().contains(DeviceStatus::FEATURES_OK) {
+            return Err(alloc::format!(
+                "device refused features {acked:#x} (FEATURES_OK not kept)"
+            ));
+        }
+        Ok((offered, acked))
+    }
+
     /// Also acks `features` (which must all be offered) when the driver
     /// writes its own.
     pub fn ack_also(&mut self, features: u64) {

@@ -113,7 +113,7 @@ struct Outcome {
     completed: u64,
     errors: u64,
     stalled: bool,
-    /// The hashes of the work, folded (so that the work is done).
+    /// The sum of the work's hashes (so that the work is done).
     digest: u64,
 }
 
@@ -240,7 +240,7 @@ impl Lane {
                 if phys::read_u8(self.status(slot)) != S_OK {
                     out.errors += 1;
                 } else if self.work != 0 {
-                    out.digest ^= self.consume(slot);
+                    out.digest = out.digest.wrapping_add(self.consume(slot));
                 }
                 out.completed += 1;
                 if submitted < count {
@@ -495,7 +495,7 @@ fn two_lanes(bsp: Lane, ap: Lane, count: u64) -> Result<(u64, Outcome), String> 
     out.completed += AP_JOB.completed.load(Ordering::Relaxed);
     out.errors += AP_JOB.errors.load(Ordering::Relaxed);
     out.stalled |= AP_JOB.stalled.load(Ordering::Relaxed) != 0;
-    out.digest ^= AP_JOB.digest.load(Ordering::Relaxed);
+    out.digest = out.digest.wrapping_add(AP_JOB.digest.load(Ordering::Relaxed));
     Ok((ns, out))
 }
 
@@ -574,17 +574,10 @@ fn cycles_ns(cycles: u64) -> Result<u64, String> {
 /// `rings` (two pages per queue), all but DRIVER_OK. Returns the capacity
 /// in sectors.
 fn setup(t: &mut ProbeTransport, queues: u16, rings: u64) -> Result<u64, String> {
-    t.set_status(DeviceStatus::empty());
-    t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-    let offered = t.read_device_features();
     let want = F_VERSION_1 | if queues > 1 { F_MQ } else { 0 };
-    if offered & want != want {
+    let (offered, acked) = t.negotiate(want)?;
+    if acked != want {
         fail!("device offers features {offered:#x}, the bench needs {want:#x}");
-    }
-    t.write_driver_features(want);
-    t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-    if !t.get_status().contains(DeviceStatus::FEATURES_OK) {
-        fail!("device refused features {want:#x}");
     }
     if queues > 1 {
         let n: u16 = t
